@@ -1,0 +1,245 @@
+"""Run the model in onnxruntime and stream per-tensor statistics for calibration.
+
+The requested intermediate tensors are made extra graph outputs of a copy of the model, then
+the data is fed batch by batch; each batch's outputs are folded into :class:`TensorStats` and
+dropped, so memory is one batch plus the statistics. Histogram methods need a single pass too:
+the histogram's range grows by exact bin merging (see :mod:`.methods`), so the result does not
+depend on how the data is batched.
+
+Graph optimizations stay enabled: onnxruntime never fuses away a tensor that is a graph
+output, so the values are the model's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from qdqsurgeon.calibration.methods import (
+    DEFAULT_METHOD,
+    HISTOGRAM_METHODS,
+    TensorStats,
+    compute_amax,
+)
+from qdqsurgeon.errors import DataError, ModelError, UsageError
+
+__all__ = [
+    "tensor_elem_types",
+    "expose_tensors",
+    "make_session",
+    "collect_stats",
+    "calibrate",
+    "progress_bar",
+]
+
+logger = logging.getLogger(__name__)
+
+# protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
+_PROTO_LIMIT = 2**31 - 2**24
+_FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+)
+
+
+def _too_big(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() >= _PROTO_LIMIT
+
+
+def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type (``onnx.TensorProto`` enum) of every tensor whose type is known after shape inference."""
+    if _too_big(model):
+        # The in-memory API serializes the model; big ones go through a file with external data.
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "model.onnx", Path(tmp) / "inferred.onnx"
+            onnx.save(model, src, save_as_external_data=True, location="weights.bin")
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+            inferred = onnx.load(dst, load_external_data=False)
+    else:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception as exc:  # onnx raises several unrelated types here
+            logger.warning("shape inference failed (%s); using only the types the model declares", exc)
+            inferred = model
+    types: dict[str, int] = {}
+    g = inferred.graph
+    for vi in [*g.input, *g.value_info, *g.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``names`` (node outputs) added as graph outputs.
+
+    Names that already are graph outputs are left as they are. Raises :class:`ModelError` for a
+    name no node produces.
+    """
+    produced = {out for node in model.graph.node for out in node.output if out}
+    missing = [n for n in names if n not in produced]
+    if missing:
+        raise ModelError(f"no node produces tensor(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+    existing = {o.name for o in model.graph.output}
+    wanted = [n for n in dict.fromkeys(names) if n not in existing]
+    types = tensor_elem_types(model) if wanted else {}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for name in wanted:
+        if name not in types:
+            raise ModelError(f"cannot infer the type of tensor {name!r}; run shape inference on the model first")
+        copy.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+    return copy
+
+
+def make_session(
+    model: onnx.ModelProto,
+    *,
+    optimize: bool = True,
+    threads: int = 0,
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session; ``optimize=False`` disables every graph optimization."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (one per core)
+    opts.log_severity_level = 3
+    try:
+        if _too_big(model):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                onnx.save(model, path, save_as_external_data=True, location="weights.bin")
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unexported exception types
+        raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def progress_bar(enabled: bool, description: str, total: int | None):
+    """A rich progress bar on stderr, silent when disabled or stderr is not a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(file=sys.stderr)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=True,
+    )
+    task = progress.add_task(description, total=total)
+    return progress, task
+
+
+def _feed_for(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise DataError(f"data lacks model input(s) {missing}; it provides {sorted(batch)}")
+    return {n: batch[n] for n in names}
+
+
+def _run(session: ort.InferenceSession, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return session.run(outputs, feed)
+    except Exception as exc:  # shape/dtype problems surface here as onnxruntime errors
+        raise DataError(f"onnxruntime rejected a batch: {str(exc).splitlines()[0]}") from None
+
+
+def collect_stats(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    data: Iterable[dict[str, np.ndarray]],
+    *,
+    histogram: bool,
+    num_bins: int = 2048,
+    progress: bool = True,
+) -> dict[str, TensorStats]:
+    """Stream ``data`` through ``model`` and accumulate statistics of ``tensors``.
+
+    Graph inputs and initializers among ``tensors`` are read from the feed / the model directly.
+    Tensors that are not floating point are skipped with a warning (absent from the result).
+    """
+    types = tensor_elem_types(model)
+    initializers = {t.name: t for t in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input} - set(initializers)
+    stats: dict[str, TensorStats] = {}
+    for name in dict.fromkeys(tensors):
+        elem = types.get(name)
+        if elem is None and name not in initializers:
+            raise ModelError(f"tensor {name!r} is not in the model")
+        if elem not in _FLOAT_TYPES:
+            logger.warning("skipping %s: %s is not a float tensor", name,
+                           onnx.TensorProto.DataType.Name(elem) if elem else "untyped")
+            continue
+        stats[name] = TensorStats(name, histogram=histogram, num_bins=num_bins)
+    if not stats:
+        return stats
+
+    for name in stats:
+        if name in initializers:
+            stats[name].update(onnx.numpy_helper.to_array(initializers[name]))
+    run_names = [n for n in stats if n not in initializers and n not in graph_inputs]
+    feed_names = [n for n in stats if n in graph_inputs]
+    session = make_session(expose_tensors(model, run_names)) if run_names else None
+
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    bar, task = progress_bar(progress, "calibrating", total)
+    batches = 0
+    with bar:
+        for batch in data:
+            for name in feed_names:
+                stats[name].update(batch[name])
+            if session is not None:
+                for name, value in zip(run_names, _run(session, run_names, _feed_for(session, batch))):
+                    stats[name].update(value)
+            batches += 1
+            bar.advance(task)
+    if batches == 0:
+        raise DataError("the calibration data yielded no batches")
+    for s in stats.values():
+        if s.nonfinite:
+            logger.warning("%s: ignored %d non-finite value(s)", s.name, s.nonfinite)
+    return stats
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    data: Iterable[dict[str, np.ndarray]],
+    method: str = DEFAULT_METHOD,
+    *,
+    percentile: float = 99.99,
+    num_bins: int = 2048,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Calibrated absolute max per tensor (``amax > 0``; scale = amax / 127).
+
+    One pass over ``data``. Non-float tensors are skipped with a warning and absent from the
+    result; an all-zero tensor gets a tiny positive amax.
+    """
+    if method not in ("max", *HISTOGRAM_METHODS):
+        raise UsageError(f"unknown calibration method {method!r}; choose from max, {', '.join(sorted(HISTOGRAM_METHODS))}")
+    if method == "percentile" and not 0.0 < percentile <= 100.0:
+        raise UsageError(f"percentile must be in (0, 100], got {percentile}")
+    stats = collect_stats(
+        model, tensors, data, histogram=method in HISTOGRAM_METHODS, num_bins=num_bins, progress=progress
+    )
+    return {name: compute_amax(s, method, percentile=percentile) for name, s in stats.items()}
