@@ -1,0 +1,128 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+``optimize`` runs a named pipeline (or explicit passes) over a model and returns the new model
+with its change log. Which pipeline runs by default depends on the input: an FP32 model takes the
+PTQ pipeline (insert and place Q/DQ, needs calibration ranges), a model that already carries Q/DQ
+takes the fix pipeline (repair and re-place, keeping learned scales).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import onnx
+
+from .config import Config
+from .errors import ModelError, UsageError
+from .graph import export_model, import_model
+from .inspection import has_qdq
+from .passes.base import Instrument, Pass, PassContext, PassManager, PassStat, RangeProvider, TimingInstrument, VerifyInstrument
+from .pipelines import PIPELINES
+from .registry import Registry
+from .rewriter import Change
+
+__all__ = ["OptimizeResult", "optimize", "detect_mode"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized model, every change made, and per-pass statistics."""
+
+    model: onnx.ModelProto
+    changes: list[Change]
+    mode: str
+    passes: list[str]
+    stats: dict[str, PassStat] = field(default_factory=dict)
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+    def by_pass(self) -> dict[str, dict[str, int]]:
+        """{pass: {rule: number of changes}}, in pipeline order."""
+        out: dict[str, Counter[str]] = defaultdict(Counter)
+        for name in self.passes:
+            out[name]
+        for c in self.changes:
+            out[c.pass_name][c.rule] += 1
+        return {k: dict(v) for k, v in out.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "passes": self.passes,
+            "summary": self.by_pass(),
+            "changes": [c.to_dict() for c in self.changes],
+            "timing_s": {k: round(v.seconds, 4) for k, v in self.stats.items()},
+            "analysis_before": self.before,
+            "analysis_after": self.after,
+        }
+
+
+def detect_mode(model: onnx.ModelProto) -> str:
+    """'fix' for a model that already carries Q/DQ, else 'ptq'."""
+    return "fix" if has_qdq(model) else "ptq"
+
+
+def _analysis(model_graph: Any) -> dict[str, Any] | None:
+    try:
+        from .analysis import predict
+    except ImportError:
+        return None
+    try:
+        return predict(model_graph).to_dict()
+    except Exception as exc:  # the analysis is a report, never a reason to fail an optimization
+        logger.warning("static TensorRT analysis failed: %s", exc)
+        return None
+
+
+def optimize(
+    model: onnx.ModelProto,
+    passes: Sequence[str | Pass] | None = None,
+    *,
+    config: Config | None = None,
+    registry: Registry | None = None,
+    ranges: RangeProvider | None = None,
+    mode: str | None = None,
+    extra_passes: Sequence[str | Pass] = (),
+    instruments: Sequence[Instrument] = (),
+    verify: bool = True,
+    analyze: bool = True,
+) -> OptimizeResult:
+    """Run qdqsurgeon's passes over ``model`` (which is not modified) and return the result.
+
+    ``passes``: names or Pass objects; None runs the pipeline for ``mode`` ("ptq", "fix",
+    "cleanup"; detected from the model when None). ``ranges`` supplies calibrated activation
+    ranges to passes that insert Q/DQ. ``extra_passes`` run after the pipeline (user patterns).
+    """
+    registry = registry or Registry.builtin()
+    config = config or Config()
+    if passes is None:
+        mode = mode or detect_mode(model)
+        if mode not in PIPELINES:
+            raise UsageError(f"unknown pipeline '{mode}' (known: {', '.join(PIPELINES)})")
+        names: list[str | Pass] = [n for n in PIPELINES[mode] if n in registry]
+    else:
+        mode = mode or "custom"
+        names = list(passes)
+    names += list(extra_passes)
+    pass_objs = [registry.create(p) if isinstance(p, str) else p for p in names]
+
+    graph = import_model(model)
+    before = _analysis(graph) if analyze else None
+    timing = TimingInstrument()
+    insts: list[Instrument] = [timing, *instruments]
+    if verify:
+        insts.append(VerifyInstrument())
+    ctx = PassContext(config=config, ranges=ranges)
+    result = PassManager(pass_objs, instruments=insts).run(graph, ctx)
+    out = export_model(result.graph, template=model)
+    try:
+        onnx.checker.check_model(out)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    after = _analysis(result.graph) if analyze else None
+    return OptimizeResult(out, result.changes, mode, [p.name for p in pass_objs], timing.stats, before, after)

@@ -1,0 +1,323 @@
+"""Command-line interface: a thin layer over the Python API (``qdqsurgeon.api``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import QdqError, UsageError
+
+__all__ = ["cli", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Group(click.Group):
+    """Turns expected failures into one line on stderr and an exit code; never a traceback unless --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QdqError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"error: internal error: {type(exc).__name__}: {msg} (run with --debug for a traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="qdqsurgeon")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Show info logging.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    """Place and repair Q/DQ nodes in ONNX models so TensorRT builds fast, accurate INT8 engines.
+
+    \b
+    Example:
+      qdqsurgeon optimize model.onnx model.int8.onnx --calib images/ --preprocess size=224
+      qdqsurgeon inspect model.int8.onnx --trt
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    # onnx-graphsurgeon logs through its own logger; keep it quiet unless debugging.
+    try:
+        import onnx_graphsurgeon as gs
+
+        gs.logger.severity = gs.logger.DEBUG if debug else gs.logger.ERROR
+    except Exception:
+        pass
+
+
+def main() -> None:
+    cli(prog_name="qdqsurgeon")
+
+
+def _split(values: tuple[str, ...] | str | None) -> list[str]:
+    if not values:
+        return []
+    if isinstance(values, str):
+        values = (values,)
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+# ------------------------------------------------------------------------------------------------
+# passes
+@cli.command("passes")
+@click.option("--patterns", "pattern_paths", multiple=True, type=click.Path(), help="User pattern file or folder to load.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def passes_cmd(pattern_paths: tuple[str, ...], as_json: bool) -> None:
+    """List passes and patterns with their summary and origin.
+
+    \b
+    Example:
+      qdqsurgeon passes --patterns patterns/
+    """
+    from .pipelines import PIPELINES
+    from .registry import Registry
+
+    reg = Registry.builtin()
+    reg.load_entry_points()
+    for p in pattern_paths:
+        reg.load_path(p)
+    entries = reg.entries()
+    if as_json:
+        click.echo(json.dumps({
+            "passes": [{"name": e.name, "kind": e.kind, "summary": e.summary, "origin": e.origin, "rules": list(e.rules)} for e in entries],
+            "pipelines": {k: list(v) for k, v in PIPELINES.items()},
+        }, indent=2))
+        return
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        rules = f" [{', '.join(e.rules)}]" if e.rules else ""
+        click.echo(f"{e.name:<{width}}  {e.summary}{rules}  ({e.origin})")
+    click.echo("")
+    for name, seq in PIPELINES.items():
+        click.echo(f"pipeline {name}: {' -> '.join(seq)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect
+@cli.command("inspect")
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--trt", is_flag=True, help="Add the static TensorRT analysis (predicted INT8 layers, standalone Q/DQ).")
+def inspect_cmd(model: str, as_json: bool, trt: bool) -> None:
+    """Q/DQ census of MODEL and its validity problems against TensorRT (rules V1-V6).
+
+    Exit code 0 whether or not problems are found; problems are listed.
+
+    \b
+    Example:
+      qdqsurgeon inspect model.onnx --json
+    """
+    from .inspection import inspect_model
+    from .io import load
+
+    result = inspect_model(load(model, infer_shapes=True), trt=trt)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    d = result.to_dict()
+    click.echo(f"{model}: opset {d['opset']}, {d['nodes']} nodes")
+    top = ", ".join(f"{k} {v}" for k, v in list(d["ops"].items())[:12])
+    click.echo(f"  ops: {top}{', ...' if len(d['ops']) > 12 else ''}")
+    click.echo(f"  Q/DQ: {d['qdq']['quantize']} QuantizeLinear, {d['qdq']['dequantize']} DequantizeLinear")
+    w = d["weighted_ops"]
+    click.echo(f"  weighted ops: {w['quantized']}/{w['total']} with quantized activation and weight")
+    if d["scale_dtypes"]:
+        click.echo(f"  scale dtypes: {d['scale_dtypes']}; zero-point dtypes: {d['zero_point_dtypes']}")
+    if d["per_channel"]:
+        axes = sorted({str(p['axis']) for p in d['per_channel']})
+        click.echo(f"  per-channel Q/DQ: {len(d['per_channel'])} (axes {', '.join(axes)})")
+    if trt and d.get("trt"):
+        t = d["trt"]
+        click.echo(f"  TensorRT (static prediction): {t['int8_weighted_ops']} INT8 weighted ops, "
+                   f"INT8 MAC fraction {t['int8_mac_fraction']:.3f}, {t['standalone_qdq_layers']} standalone Q/DQ layers, "
+                   f"{t['precision_transitions']} precision transitions")
+        for name in t["standalone_qdq"][:20]:
+            click.echo(f"    standalone: {name}")
+    probs = d["problems"]
+    click.echo(f"  problems: {len(probs)}")
+    for p in probs[:30]:
+        click.echo(f"    [{p['rule']}] {p['node']}: {p['message']}")
+    if len(probs) > 30:
+        click.echo(f"    ... {len(probs) - 30} more (use --json)")
+
+
+# ------------------------------------------------------------------------------------------------
+# optimize
+def _example_paths() -> tuple[Path, Path]:
+    from .examples import example_calibration, example_model
+
+    return example_model(), example_calibration()
+
+
+def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
+    n = len([c for c in res.changes if c.kind != "note"])
+    click.echo(f"qdqsurgeon optimize: {src} -> {dst}")
+    label = {"ptq": "PTQ (float model: insert and place Q/DQ)",
+             "fix": "fix (model already has Q/DQ: repair and re-place, keeping learned scales)"}.get(res.mode, res.mode)
+    click.echo(f"  pipeline: {label}; {len(res.passes)} passes, {n} changes, {seconds:.2f} s")
+    summary = res.by_pass()
+    width = max([len(p) for p in summary] + [4])
+    for name, rules in summary.items():
+        total = sum(rules.values())
+        detail = ", ".join(f"{r}:{c}" for r, c in sorted(rules.items(), key=lambda kv: -kv[1]))
+        click.echo(f"  {name:<{width}}  {total:5d}  {detail}")
+    if res.before is not None and res.after is not None:
+        b, a = res.before, res.after
+        click.echo("  static TensorRT analysis         before   after")
+        click.echo(f"    standalone Q/DQ layers        {b['standalone_qdq_layers']:6d}  {a['standalone_qdq_layers']:6d}")
+        click.echo(f"    INT8 weighted ops             {b['int8_weighted_ops']:6d}  {a['int8_weighted_ops']:6d}")
+        click.echo(f"    INT8 MAC fraction             {b['int8_mac_fraction']:6.3f}  {a['int8_mac_fraction']:6.3f}")
+
+
+@cli.command("optimize")
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--example", is_flag=True, help="Use the bundled example model and calibration data as input.")
+@click.option("--passes", "pass_names", default=None, help="Comma-separated pass names to run instead of the default pipeline.")
+@click.option("--patterns", "pattern_paths", multiple=True, type=click.Path(), help="User pattern file or folder (PATTERNS/PASSES); run after the pipeline.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the full change log as JSON.")
+@click.option("--opset", type=int, default=None, help="Upgrade the model to this opset first.")
+@click.option("--calib", type=click.Path(), help="Calibration data: .npz, folder of .npz/.npy, or folder of images.")
+@click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default=None, help="Calibration method.")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --method percentile.")
+@click.option("--preprocess", default=None, help="Image preprocessing, e.g. 'size=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,scale=1/255'.")
+@click.option("--calib-random", type=int, default=None, help="Smoke test only: calibrate on N random inputs.")
+@click.option("--calib-cache", type=click.Path(), help="Import activation scales from a TensorRT calibration cache.")
+@click.option("--weights", type=click.Choice(["float", "int8"]), default="float", show_default=True, help="Weights as float+Q/DQ or int8 initializer+DQ.")
+@click.option("--exclude", multiple=True, help="Regex over node names to leave unquantized (repeatable).")
+@click.option("--exclude-op", multiple=True, help="Op type to leave unquantized (repeatable).")
+@click.option("--quantize-bmm", is_flag=True, help="Quantize MatMul between two activations (attention).")
+@click.option("--align", type=click.Choice(["max", "output"]), default="max", show_default=True, help="Scale unification policy (P4-P6).")
+@click.option("--keep-output-layers", is_flag=True, help="Also quantize weighted ops that feed graph outputs (P9).")
+@click.option("--float16", is_flag=True, help="Convert float regions to FP16 for strongly typed TensorRT builds (P10).")
+@click.option("--io-float16", is_flag=True, help="With --float16: make graph inputs/outputs FP16 too.")
+@click.option("--requantize", is_flag=True, help="Model already has Q/DQ: drop it and calibrate afresh (needs --calib).")
+@click.option("--check", "run_check", is_flag=True, help="Compare the result with the input in onnxruntime (SQNR).")
+@click.option("--eval", "eval_path", type=click.Path(), help="Data for --check (default: the calibration data).")
+@click.option("--build", "engine_path", type=click.Path(), help="Build a TensorRT engine from the result (needs TensorRT).")
+@click.option("--no-analysis", is_flag=True, help="Skip the before/after static TensorRT analysis.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, pattern_paths: tuple[str, ...],
+                 report_path: str | None, opset: int | None, calib: str | None, method: str | None, percentile: float,
+                 preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str,
+                 exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool, align: str,
+                 keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, run_check: bool,
+                 eval_path: str | None, engine_path: str | None, no_analysis: bool, quiet: bool) -> None:
+    """Optimize IN into OUT: insert (FP32 input) or repair (Q/DQ input) Q/DQ for TensorRT.
+
+    An FP32 model takes the PTQ pipeline and needs calibration data (--calib, --calib-cache or
+    --calib-random). A model that already has Q/DQ takes the fix pipeline and keeps its scales.
+
+    \b
+    Examples:
+      qdqsurgeon optimize --example out.onnx
+      qdqsurgeon optimize resnet.onnx resnet.int8.onnx --calib photos/ --preprocess size=224,scale=1/255
+      qdqsurgeon optimize qat.onnx fixed.onnx --report changes.json
+    """
+    from .api import detect_mode, optimize
+    from .config import Config
+    from .io import load, save
+    from .ranges import build_ranges
+    from .registry import Registry
+
+    if example:
+        if len(paths) != 1:
+            raise UsageError("with --example give only the output path: qdqsurgeon optimize --example OUT.onnx")
+        model_path, example_calib = _example_paths()
+        src, dst = str(model_path), paths[0]
+        if calib is None and calib_cache is None and not calib_random:
+            calib = str(example_calib)
+    else:
+        if len(paths) != 2:
+            raise UsageError("expected IN and OUT paths: qdqsurgeon optimize IN.onnx OUT.onnx")
+        src, dst = paths
+    if Path(dst).suffix.lower() != ".onnx":
+        logger.warning("output %s does not end in .onnx", dst)
+    if float16 is False and io_float16:
+        raise UsageError("--io-float16 needs --float16")
+    t0 = time.perf_counter()
+    # Validate the output location before any expensive work.
+    from .io import same_file
+
+    if same_file(Path(dst), Path(src)):
+        raise UsageError("output path is the input path; qdqsurgeon never overwrites its input", path=dst)
+    out_dir = Path(dst).parent if str(Path(dst).parent) else Path(".")
+    if not out_dir.is_dir():
+        raise UsageError("output folder does not exist", path=dst)
+
+    model = load(src, opset=opset)
+    registry = Registry.builtin()
+    registry.load_entry_points()
+    user = [e.name for p in pattern_paths for e in registry.load_path(p)]
+    config = Config(weights=weights, exclude=list(exclude), exclude_ops=_split(exclude_op), quantize_bmm=quantize_bmm,
+                    align=align, keep_output_layers=keep_output_layers, float16=float16, io_float16=io_float16)
+    mode = detect_mode(model)
+    ranges = None
+    if requantize:
+        if mode != "fix":
+            raise UsageError("--requantize is for models that already have Q/DQ")
+        if calib is None and calib_cache is None and not calib_random:
+            raise UsageError("--requantize needs calibration data: --calib PATH (or --calib-cache/--calib-random)")
+        mode = "requantize"
+    passes = _split(pass_names) or None
+    if mode in ("ptq", "requantize") or calib or calib_cache or calib_random:
+        ranges = build_ranges(model, calib=calib, method=method, percentile=percentile, preprocess=preprocess,
+                              calib_random=calib_random, calib_cache=calib_cache, progress=not quiet)
+        if ranges is None and passes is None:
+            raise UsageError(f"{src} is a float model: PTQ needs calibration data (--calib PATH, --calib-cache FILE, "
+                             f"or --calib-random N for a smoke test)")
+    res = optimize(model, passes, config=config, registry=registry, ranges=ranges,
+                   mode=None if passes else mode, extra_passes=user, analyze=not no_analysis)
+    save(res.model, dst, input_path=src)
+    if report_path:
+        payload = res.to_dict()
+        payload.update({"input": src, "output": dst})
+        missing = sorted(getattr(ranges, "missing", set()) or [])
+        if missing:
+            payload["uncalibrated_tensors"] = missing
+        Path(report_path).write_text(json.dumps(payload, indent=2))
+    if not quiet:
+        _print_summary(res, src, dst, time.perf_counter() - t0)
+    if run_check:
+        from .calibration import Preprocess, open_data
+        from .check import compare
+
+        data_path = eval_path or calib
+        if data_path is None:
+            raise UsageError("--check needs --eval PATH or --calib PATH")
+        pre = Preprocess.parse(preprocess) if preprocess else None
+        report = compare(model, res.model, open_data(data_path, model, pre))
+        for name, o in report.to_dict()["outputs"].items():
+            click.echo(f"  check {name}: SQNR {o['sqnr_db']} dB, cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
+        if report.top1_agreement is not None:
+            click.echo(f"  check top-1 agreement: {report.top1_agreement:.3f}")
+    if engine_path:
+        from .trt.build import build_engine
+
+        build_engine(dst, engine_path)
+        if not quiet:
+            click.echo(f"  engine written to {engine_path}")

@@ -1,0 +1,33 @@
+"""Typed configuration for passes. The CLI maps its flags onto a :class:`Config`; no pass reads globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Config"]
+
+
+@dataclass
+class Config:
+    """Options shared by the passes (each pass reads only the fields it documents)."""
+
+    # insert-qdq (P1, F1, V3)
+    weights: str = "float"  # "float": W -> Q -> DQ;  "int8": int8 initializer -> DQ
+    exclude: list[str] = field(default_factory=list)  # regexes over node names
+    exclude_ops: list[str] = field(default_factory=list)
+    quantize_bmm: bool = False  # MatMul between two activations (attention)
+    convtranspose_axis: int | None = 1  # None: per-tensor weights (target TRT unknown)
+    # placement
+    align: str = "max"  # "max" (union of ranges) or "output" (the consumer's scale), P4-P6
+    keep_output_layers: bool = False  # P9
+    float16: bool = False  # P10
+    io_float16: bool = False
+    sensitive_ops: list[str] = field(default_factory=lambda: ["LayerNormalization", "Softmax"])
+    # fix path
+    weights_fix: str = "keep"  # "keep" int8 weights as they are, or "float"
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("float", "int8"):
+            raise ValueError(f"weights must be 'float' or 'int8', not {self.weights!r}")
+        if self.align not in ("max", "output"):
+            raise ValueError(f"align must be 'max' or 'output', not {self.align!r}")

@@ -1,0 +1,259 @@
+"""Everything that touches onnx-graphsurgeon internals, so the rest of the package reads as domain code.
+
+The graph type throughout qdqsurgeon is ``onnx_graphsurgeon.Graph``. This module converts to and from
+``onnx.ModelProto`` (keeping metadata the gs exporter drops), and answers the questions passes ask
+about Q/DQ nodes: is this a Q or a DQ, what are its scale, zero point and axis, what constant sits
+behind a tensor (looking through Constant/Identity/Cast), who produces and who consumes a tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+__all__ = [
+    "Graph",
+    "Node",
+    "Tensor",
+    "Q_OP",
+    "DQ_OP",
+    "WEIGHTED_OPS",
+    "import_model",
+    "export_model",
+    "is_q",
+    "is_dq",
+    "is_qdq",
+    "producer",
+    "consumers",
+    "const_value",
+    "is_constant",
+    "QParams",
+    "qparams",
+    "same_qparams",
+    "graph_output_names",
+    "is_graph_output",
+    "weight_input_index",
+    "weighted_weight",
+    "opset_version",
+    "iter_qdq_pairs",
+]
+
+logger = logging.getLogger(__name__)
+
+Graph = gs.Graph
+Node = gs.Node
+Tensor = gs.Tensor
+
+Q_OP = "QuantizeLinear"
+DQ_OP = "DequantizeLinear"
+# Ops that carry a weight operand and have INT8 kernels in TensorRT (rule F1).
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops a constant may hide behind in exported graphs (e.g. PyTorch's Identity on shared weights).
+_TRANSPARENT_CONST_OPS = ("Identity", "Cast")
+
+
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    """Build a gs graph from a model; the model proto itself is not modified."""
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export ``graph`` to a model, carrying over what gs drops from ``template``.
+
+    gs keeps nodes, tensors, opsets and producer fields; model-level metadata, doc strings and
+    the model version live only in the original proto, so they are copied from there.
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    if template is not None:
+        model.ir_version = template.ir_version
+        model.doc_string = template.doc_string
+        model.model_version = template.model_version
+        model.domain = template.domain
+        del model.metadata_props[:]
+        model.metadata_props.extend(template.metadata_props)
+        if not model.producer_name:
+            model.producer_name = template.producer_name
+            model.producer_version = template.producer_version
+        if template.graph.doc_string and not model.graph.doc_string:
+            model.graph.doc_string = template.graph.doc_string
+    return model
+
+
+def opset_version(graph_or_model: gs.Graph | onnx.ModelProto) -> int:
+    """The default-domain opset of a graph or model."""
+    if isinstance(graph_or_model, onnx.ModelProto):
+        for imp in graph_or_model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return int(imp.version)
+        return 0
+    return int(graph_or_model.opset or 0)
+
+
+def is_q(node: gs.Node | None) -> bool:
+    return node is not None and node.op == Q_OP
+
+
+def is_dq(node: gs.Node | None) -> bool:
+    return node is not None and node.op == DQ_OP
+
+
+def is_qdq(node: gs.Node | None) -> bool:
+    return is_q(node) or is_dq(node)
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node writing ``tensor``, or None for graph inputs and initializers."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The constant value behind ``tensor``, looking through Constant, Identity and Cast nodes.
+
+    Returns None when the tensor is computed at run time.
+    """
+    seen = 0
+    casts: list[int] = []
+    while tensor is not None and seen < 16:
+        seen += 1
+        if isinstance(tensor, gs.Constant):
+            value = np.asarray(tensor.values)
+            for to in reversed(casts):
+                value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+            return value
+        node = producer(tensor)
+        if node is None:
+            return None
+        if node.op == "Constant":
+            value = node.attrs.get("value")
+            if isinstance(value, gs.Constant):
+                out = np.asarray(value.values)
+            elif "value_float" in node.attrs:
+                out = np.asarray(node.attrs["value_float"], dtype=np.float32)
+            elif "value_floats" in node.attrs:
+                out = np.asarray(node.attrs["value_floats"], dtype=np.float32)
+            elif "value_int" in node.attrs:
+                out = np.asarray(node.attrs["value_int"], dtype=np.int64)
+            elif "value_ints" in node.attrs:
+                out = np.asarray(node.attrs["value_ints"], dtype=np.int64)
+            else:
+                return None
+            for to in reversed(casts):
+                out = out.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+            return out
+        if node.op in _TRANSPARENT_CONST_OPS and node.inputs:
+            if node.op == "Cast":
+                casts.append(int(node.attrs["to"]))
+            tensor = node.inputs[0]
+            continue
+        return None
+    return None
+
+
+def is_constant(tensor: gs.Tensor | None) -> bool:
+    return const_value(tensor) is not None
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Quantization parameters of one Q or DQ node."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    axis: int | None  # None when per-tensor
+    axis_written: bool  # whether the node carries an explicit ``axis`` attribute (rule V3)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.size > 1
+
+    @property
+    def qdtype(self) -> np.dtype:
+        return self.zero_point.dtype if self.zero_point is not None else np.dtype(np.uint8)
+
+
+def qparams(node: gs.Node) -> QParams | None:
+    """Scale, zero point and axis of a Q/DQ node; None when the scale is not constant (V1)."""
+    scale = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if scale is None:
+        return None
+    zp = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        zp = const_value(node.inputs[2])
+    elif node.op == Q_OP and "output_dtype" in node.attrs and node.attrs["output_dtype"]:
+        zp = np.zeros((), dtype=onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["output_dtype"])))
+    written = "axis" in node.attrs
+    axis = int(node.attrs.get("axis", 1)) if np.asarray(scale).size > 1 else None
+    return QParams(np.asarray(scale), None if zp is None else np.asarray(zp), axis, written)
+
+
+def same_qparams(a: gs.Node, b: gs.Node) -> bool:
+    """Bit-exact equality of scale, zero point (value and dtype) and axis of two Q/DQ nodes."""
+    pa, pb = qparams(a), qparams(b)
+    if pa is None or pb is None:
+        return False
+    if pa.scale.shape != pb.scale.shape or pa.scale.dtype != pb.scale.dtype:
+        return False
+    if not np.array_equal(pa.scale, pb.scale):
+        return False
+    if pa.qdtype != pb.qdtype:
+        return False
+    za = pa.zero_point if pa.zero_point is not None else np.zeros_like(pa.scale, dtype=pa.qdtype)
+    zb = pb.zero_point if pb.zero_point is not None else np.zeros_like(pb.scale, dtype=pb.qdtype)
+    if not np.array_equal(np.broadcast_to(za, pa.scale.shape), np.broadcast_to(zb, pb.scale.shape)):
+        return False
+    if pa.per_channel and pa.axis != pb.axis:
+        return False
+    return True
+
+
+def graph_output_names(graph: gs.Graph) -> set[str]:
+    return {t.name for t in graph.outputs}
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def weight_input_index(node: gs.Node) -> int | None:
+    """Which input of a weighted op holds the weight (rule F1), or None if no constant operand."""
+    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+        return 1 if len(node.inputs) > 1 else None
+    if node.op == "MatMul":
+        for idx in (1, 0):
+            if _behind_qdq_constant(node.inputs[idx]):
+                return idx
+        return None
+    return None
+
+
+def _behind_qdq_constant(tensor: gs.Tensor) -> bool:
+    """True if ``tensor`` is a constant, or a (Q→)DQ of a constant (a weight already quantized)."""
+    node = producer(tensor)
+    while node is not None and node.op in (DQ_OP, Q_OP, "Transpose", "Identity", "Cast"):
+        tensor = node.inputs[0]
+        node = producer(tensor)
+    return const_value(tensor) is not None
+
+
+def weighted_weight(node: gs.Node) -> gs.Tensor | None:
+    """The weight input tensor of a weighted op, or None."""
+    idx = weight_input_index(node)
+    return None if idx is None else node.inputs[idx]
+
+
+def iter_qdq_pairs(graph: gs.Graph) -> Iterator[tuple[gs.Node, gs.Node]]:
+    """Every (Q, DQ) pair where the DQ reads the Q's output directly."""
+    for node in graph.nodes:
+        if is_q(node):
+            for cons in node.outputs[0].outputs:
+                if is_dq(cons):
+                    yield node, cons

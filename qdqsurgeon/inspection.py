@@ -1,0 +1,229 @@
+"""``qdqsurgeon inspect``: a census of a model's Q/DQ and its validity against TensorRT (rules V1–V6).
+
+Pure reading: nothing here edits the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import (
+    DQ_OP,
+    Q_OP,
+    WEIGHTED_OPS,
+    const_value,
+    import_model,
+    is_dq,
+    is_graph_output,
+    is_q,
+    opset_version,
+    producer,
+    qparams,
+    weight_input_index,
+)
+
+__all__ = ["Problem", "Inspection", "inspect_model", "validity_problems", "OPERATOR_QUANT_OPS", "has_qdq"]
+
+logger = logging.getLogger(__name__)
+
+# Operator-oriented and dynamic quantization ops that TensorRT's parser does not import (V4).
+OPERATOR_QUANT_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul",
+                      "QLinearGlobalAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid",
+                      "DynamicQuantizeLinear")
+_TRT_QTYPES = (np.dtype(np.int8),)
+
+
+@dataclass(frozen=True)
+class Problem:
+    rule: str
+    node: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"rule": self.rule, "node": self.node, "message": self.message}
+
+
+@dataclass
+class Inspection:
+    opset: int
+    nodes: int
+    ops: dict[str, int]
+    quantize: int
+    dequantize: int
+    weighted: list[dict[str, Any]]
+    scale_dtypes: dict[str, int]
+    zero_point_dtypes: dict[str, int]
+    per_channel: list[dict[str, Any]]
+    problems: list[Problem] = field(default_factory=list)
+    trt: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "opset": self.opset,
+            "nodes": self.nodes,
+            "ops": dict(sorted(self.ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "qdq": {"quantize": self.quantize, "dequantize": self.dequantize},
+            "weighted_ops": {
+                "total": len(self.weighted),
+                "quantized": sum(1 for w in self.weighted if w["activation_quantized"] and w["weight_quantized"]),
+                "details": self.weighted,
+            },
+            "scale_dtypes": self.scale_dtypes,
+            "zero_point_dtypes": self.zero_point_dtypes,
+            "per_channel": self.per_channel,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+        if self.trt is not None:
+            out["trt"] = self.trt
+        return out
+
+
+def has_qdq(model: onnx.ModelProto) -> bool:
+    """Whether the model already carries quantization (Q/DQ or operator-oriented ops)."""
+    return any(n.op_type in (Q_OP, DQ_OP) or n.op_type in OPERATOR_QUANT_OPS for n in model.graph.node)
+
+
+def _from_dq(tensor: gs.Tensor) -> bool:
+    node = producer(tensor)
+    # Transposed weights (TF exports) keep their quantization through the Transpose.
+    while node is not None and node.op in ("Transpose", "Reshape", "Identity", "Cast"):
+        node = producer(node.inputs[0])
+    return is_dq(node)
+
+
+def _is_constant_path(tensor: gs.Tensor) -> bool:
+    node = producer(tensor)
+    while node is not None and node.op in (Q_OP, DQ_OP, "Identity", "Cast", "Transpose"):
+        tensor = node.inputs[0]
+        node = producer(tensor)
+    return const_value(tensor) is not None
+
+
+def _weighted_ops(graph: gs.Graph) -> list[dict[str, Any]]:
+    out = []
+    for node in graph.nodes:
+        if node.op not in WEIGHTED_OPS:
+            continue
+        widx = weight_input_index(node)
+        if widx is None:
+            continue
+        aidx = 1 - widx if node.op == "MatMul" else 0
+        out.append({
+            "node": node.name,
+            "op": node.op,
+            "activation_quantized": _from_dq(node.inputs[aidx]),
+            "weight_quantized": _from_dq(node.inputs[widx]),
+        })
+    return out
+
+
+def _output_channel_axis(node: gs.Node, weight_rank: int) -> tuple[int, ...]:
+    """Axes TensorRT accepts for per-channel weights of ``node`` (V3 table)."""
+    if node.op == "Conv":
+        return (0,)
+    if node.op == "ConvTranspose":
+        return (0, 1)  # conflict across TensorRT versions, see V3
+    if node.op == "Gemm":
+        return (0,) if node.attrs.get("transB", 0) else (1,)
+    if node.op == "MatMul":
+        return (weight_rank - 1,)
+    return tuple(range(weight_rank))
+
+
+def validity_problems(graph: gs.Graph) -> list[Problem]:
+    """Everything in ``graph`` that TensorRT refuses or misreads (V1–V5), plus Q/DQ on graph outputs (P9)."""
+    problems: list[Problem] = []
+    opset = opset_version(graph)
+    for node in graph.nodes:
+        if node.op in OPERATOR_QUANT_OPS:
+            problems.append(Problem("V4", node.name, f"{node.op} does not import into TensorRT; export in QDQ format"))
+            continue
+        if node.op not in (Q_OP, DQ_OP):
+            continue
+        qp = qparams(node)
+        if qp is None:
+            problems.append(Problem("V1", node.name, "scale is computed at run time; TensorRT needs a constant scale"))
+            continue
+        scale = qp.scale.astype(np.float64)
+        if not np.all(np.isfinite(scale)):
+            problems.append(Problem("V1", node.name, "scale has NaN or infinite values"))
+        elif np.any(scale <= 0):
+            bad = int(np.sum(scale <= 0))
+            problems.append(Problem("V1", node.name, f"{bad} scale value(s) are zero or negative"))
+        if qp.zero_point is not None:
+            if qp.zero_point.dtype == np.uint8:
+                problems.append(Problem("V2", node.name, "uint8 zero point: TensorRT reads it as int8 and quantizes symmetrically"))
+            if np.any(qp.zero_point.astype(np.int64) != 0):
+                problems.append(Problem("V2", node.name, "non-zero zero point: TensorRT supports symmetric quantization only"))
+            if qp.zero_point.dtype == np.int32 or (is_dq(node) and qp.zero_point.dtype not in (np.int8, np.uint8)):
+                problems.append(Problem("V4", node.name, f"{qp.zero_point.dtype} dequantization (bias?) is not importable"))
+        elif is_dq(node):
+            src = node.inputs[0]
+            if src.dtype is not None and np.dtype(src.dtype) == np.int32:
+                problems.append(Problem("V4", node.name, "int32 dequantization (bias?) is not importable"))
+        if qp.per_channel:
+            if opset < 13:
+                problems.append(Problem("V3", node.name, f"per-channel Q/DQ needs opset 13, model has {opset}"))
+            if not qp.axis_written:
+                problems.append(Problem("V3", node.name, "per-channel scale without explicit axis (TensorRT assumes 0, ONNX 1)"))
+            if not _is_constant_path(node.inputs[0]):
+                problems.append(Problem("V3", node.name, "per-channel quantization of an activation; TensorRT allows it on constant weights only"))
+        if is_dq(node):
+            for cons in node.outputs[0].outputs:
+                if cons.op in ("Conv", "ConvTranspose", "Gemm") and len(cons.inputs) > 2 and cons.inputs[2] is node.outputs[0]:
+                    problems.append(Problem("V4", node.name, f"Q/DQ on the bias of {cons.name}; keep biases float"))
+                elif qp.per_channel and cons.op in WEIGHTED_OPS and weight_input_index(cons) is not None \
+                        and cons.inputs[weight_input_index(cons)] is node.outputs[0]:
+                    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 2
+                    axis = qp.axis if qp.axis is not None and qp.axis >= 0 else (qp.axis or 0) + rank
+                    if axis not in _output_channel_axis(cons, rank):
+                        problems.append(Problem("V3", node.name, f"per-channel axis {qp.axis} is not the output-channel axis of {cons.op} {cons.name}"))
+            if is_graph_output(graph, node.outputs[0]):
+                problems.append(Problem("P9", node.name, "Q/DQ on a graph output only adds a Quantize+Dequantize pair"))
+        src = node.inputs[0]
+        if is_q(node) and src.dtype is not None and np.dtype(src.dtype).kind in "iub":
+            problems.append(Problem("V4", node.name, f"quantizes an integer/bool tensor {src.name}"))
+    return problems
+
+
+def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False) -> Inspection:
+    """Census and validity problems of a model; with ``trt`` also the static TensorRT prediction."""
+    graph = import_model(model) if isinstance(model, onnx.ModelProto) else model
+    ops = Counter(n.op for n in graph.nodes)
+    scale_dtypes: Counter[str] = Counter()
+    zp_dtypes: Counter[str] = Counter()
+    per_channel = []
+    for node in graph.nodes:
+        if node.op in (Q_OP, DQ_OP):
+            qp = qparams(node)
+            if qp is None:
+                continue
+            scale_dtypes[str(qp.scale.dtype)] += 1
+            zp_dtypes[str(qp.zero_point.dtype) if qp.zero_point is not None else "none"] += 1
+            if qp.per_channel:
+                per_channel.append({"node": node.name, "axis": qp.axis, "channels": int(qp.scale.size),
+                                    "axis_written": qp.axis_written})
+    result = Inspection(
+        opset=opset_version(graph),
+        nodes=len(graph.nodes),
+        ops=dict(ops),
+        quantize=ops.get(Q_OP, 0),
+        dequantize=ops.get(DQ_OP, 0),
+        weighted=_weighted_ops(graph),
+        scale_dtypes=dict(scale_dtypes),
+        zero_point_dtypes=dict(zp_dtypes),
+        per_channel=per_channel,
+        problems=validity_problems(graph),
+    )
+    if trt:
+        from .analysis import predict
+
+        result.trt = predict(graph).to_dict()
+    return result

@@ -1,0 +1,203 @@
+"""Loading and saving ONNX models: the only place qdqsurgeon touches model files.
+
+``load`` never writes, so the input file is never modified. ``save`` writes atomically (a
+temporary file in the destination folder, then a rename), and switches to external data when
+the model would not fit in one 2 GB protobuf.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import shape_inference, version_converter
+
+from .errors import ModelError, UsageError
+
+__all__ = ["load", "save", "same_file", "check_opset", "PROTOBUF_LIMIT", "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS"]
+
+logger = logging.getLogger(__name__)
+
+# protobuf refuses to serialize messages of 2 GiB or more.
+PROTOBUF_LIMIT = 2**31 - 1
+# Per-channel Q/DQ (the ``axis`` attribute) arrived in opset 13 (trt-rules.md §1).
+MIN_PER_CHANNEL_OPSET = 13
+# TensorRT's parser reads opsets 9..25 (11.x); below 10 there is no QuantizeLinear at all.
+MIN_OPSET, MAX_OPSET = 10, 25
+# Operator domains TensorRT or onnxruntime can make sense of.
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "trt", "com.nvidia", "ai.onnx.preview.training"})
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)
+    )
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    infer_shapes: bool = True,
+    check: bool = True,
+) -> onnx.ModelProto:
+    """Read a model (with its external data), validate it and optionally upgrade its opset.
+
+    Raises :class:`UsageError` for a missing path and :class:`ModelError` for anything that is
+    not a valid ONNX model. Shape inference failures only warn: passes work without shapes.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UsageError("no such file", path=str(p))
+    if p.is_dir():
+        raise UsageError("is a folder, expected an .onnx file", path=str(p))
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, or onnx's own wrapper of it
+        raise ModelError(f"not an ONNX model (cannot parse protobuf: {type(exc).__name__})", path=str(p)) from exc
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelError("not an ONNX model (no IR version, graph or opset import)", path=str(p))
+    if _has_external_data(model):
+        try:
+            onnx.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read external data: {exc}", path=str(p)) from exc
+    _check_domains(model, str(p))
+    if check:
+        _check_model(model, p)
+    if opset is not None:
+        model = _convert_opset(model, opset, str(p))
+    else:
+        version = _default_opset(model)
+        if not MIN_OPSET <= version <= MAX_OPSET:
+            raise ModelError(
+                f"opset {version} is outside the range TensorRT reads ({MIN_OPSET}..{MAX_OPSET}); "
+                f"use --opset N to convert",
+                path=str(p),
+            )
+    if infer_shapes:
+        model = _infer_shapes(model, str(p))
+    return model
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def _check_domains(model: onnx.ModelProto, where: str) -> None:
+    local_functions = {(f.domain, f.name) for f in model.functions}
+    used = {n.domain for n in model.graph.node if (n.domain, n.op_type) not in local_functions}
+    for domain in sorted(used - KNOWN_DOMAINS):
+        if not any(f.domain == domain for f in model.functions):
+            raise ModelError(f"unknown opset domain '{domain}' (neither ONNX nor TensorRT defines it)", path=where)
+
+
+def _check_model(model: onnx.ModelProto, path: Path) -> None:
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"fails onnx.checker: {first}", path=str(path)) from exc
+
+
+def check_opset(model: onnx.ModelProto, minimum: int, why: str, path: str | None = None) -> None:
+    """Raise a clear error when the model's opset is below ``minimum``."""
+    version = _default_opset(model)
+    if version < minimum:
+        raise ModelError(f"opset {version} is too old: {why} needs opset >= {minimum}; pass --opset {minimum} to upgrade", path=path)
+
+
+def _convert_opset(model: onnx.ModelProto, target: int, where: str) -> onnx.ModelProto:
+    if not MIN_OPSET <= target <= MAX_OPSET:
+        raise UsageError(f"--opset {target} is outside {MIN_OPSET}..{MAX_OPSET}")
+    current = _default_opset(model)
+    if current == target:
+        return model
+    if target < current:
+        raise UsageError(f"--opset {target} is lower than the model's opset {current}; only upgrades are supported")
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception as exc:
+        raise ModelError(f"cannot convert opset {current} -> {target}: {str(exc).splitlines()[0] if str(exc) else exc}", path=where) from exc
+    logger.info("converted %s from opset %d to %d", where, current, target)
+    return converted
+
+
+def _infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        logger.warning("%s: skipping shape inference on a model over 2 GB", where)
+        return model
+    try:
+        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        logger.warning("%s: shape inference failed, continuing without it (%s)", where, str(exc).splitlines()[0] if str(exc) else exc)
+        return model
+
+
+def save(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    input_path: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    ``external_data``: None chooses external data only when the model exceeds the protobuf
+    limit; True forces it (weights go to ``<name>.data`` beside the model). Refuses to write
+    over ``input_path``.
+    """
+    out = Path(path)
+    if input_path is not None and same_file(out, Path(input_path)):
+        raise UsageError("output path is the input path; qdqsurgeon never overwrites its input", path=str(out))
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError("output folder does not exist", path=str(out))
+    if not os.access(folder, os.W_OK):
+        raise UsageError("output folder is not writable", path=str(out))
+    if out.is_dir():
+        raise UsageError("output path is a folder", path=str(out))
+    if external_data is None:
+        external_data = model.ByteSize() > PROTOBUF_LIMIT
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=folder))
+    except OSError as exc:
+        raise UsageError(f"cannot write output: {exc.strerror}", path=str(out)) from exc
+    try:
+        tmp_model = tmpdir / out.name
+        if external_data:
+            data_name = out.name + ".data"
+            # save_model moves tensor bytes out of the proto: keep the caller's model intact.
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            if (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, folder / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, out)
+    except OSError as exc:
+        raise UsageError(f"cannot write output: {exc.strerror or exc}", path=str(out)) from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()

@@ -1,0 +1,187 @@
+"""Pass contract and pass manager (in the manner of onnx-ir passes and torch.fx).
+
+A pass transforms a graph through a :class:`~qdqsurgeon.rewriter.Rewriter` and returns a
+:class:`PassResult`. Observation (timing, verification) lives in instruments plugged into the
+:class:`PassManager`, so passes only transform.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Mapping, Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..config import Config
+from ..errors import ModelError
+from ..rewriter import Change, Rewriter
+
+__all__ = [
+    "Pass",
+    "PassResult",
+    "PassContext",
+    "PassManager",
+    "PipelineResult",
+    "PassStat",
+    "Instrument",
+    "TimingInstrument",
+    "VerifyInstrument",
+    "RangeProvider",
+]
+
+logger = logging.getLogger(__name__)
+
+# Given tensor names, return their calibrated absolute maxima (amax); missing names are omitted.
+RangeProvider = Callable[[Sequence[str]], Mapping[str, float]]
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: configuration and activation ranges."""
+
+    config: Config = field(default_factory=Config)
+    ranges: RangeProvider | None = None
+    model_path: str | None = None
+
+    def amax(self, names: Sequence[str]) -> dict[str, float]:
+        """Calibrated ranges for ``names`` (empty when no calibration source is set)."""
+        if self.ranges is None or not names:
+            return {}
+        return dict(self.ranges(list(names)))
+
+
+@dataclass
+class PassResult:
+    graph: gs.Graph
+    modified: bool
+    changes: list[Change]
+
+
+class Pass(ABC):
+    """A graph transformation with a kebab-case ``name``, a one-line ``summary`` and its rule IDs."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    rules: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        self.requires(graph, ctx)
+        rw = Rewriter(graph, self.name)
+        self.run(graph, rw, ctx)
+        rw.cleanup()
+        self.ensures(graph, ctx)
+        return PassResult(graph, bool(rw.changes) and any(c.kind != "note" for c in rw.changes), rw.changes)
+
+    @abstractmethod
+    def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
+        """Transform ``graph`` in place, editing only through ``rw``."""
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Precondition check; raise :class:`ModelError` when the pass cannot run."""
+
+    def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Postcondition check; raise :class:`AssertionError` on a broken invariant."""
+
+
+class Instrument:
+    """Hook into the pass manager (timing, verification, dumping)."""
+
+    def before_pass(self, pass_: Pass, graph: gs.Graph, ctx: PassContext) -> None:
+        pass
+
+    def after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
+        pass
+
+
+@dataclass
+class PassStat:
+    name: str
+    seconds: float = 0.0
+    runs: int = 0
+    changes: int = 0
+
+
+class TimingInstrument(Instrument):
+    """Wall time per pass, summed over fixpoint iterations."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, PassStat] = {}
+        self._start = 0.0
+
+    def before_pass(self, pass_: Pass, graph: gs.Graph, ctx: PassContext) -> None:
+        self._start = time.perf_counter()
+
+    def after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
+        stat = self.stats.setdefault(pass_.name, PassStat(pass_.name))
+        stat.seconds += time.perf_counter() - self._start
+        stat.runs += 1
+        stat.changes += len(result.changes)
+
+
+class VerifyInstrument(Instrument):
+    """Run onnx.checker after every pass that changed the graph; name the pass that broke it."""
+
+    def after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
+        if not result.modified:
+            return
+        from ..graph import export_model
+
+        model = export_model(result.graph)
+        try:
+            onnx.checker.check_model(model, full_check=False)
+        except onnx.checker.ValidationError as exc:
+            raise ModelError(f"pass {pass_.name} produced an invalid model: {str(exc).splitlines()[0]}") from exc
+
+
+@dataclass
+class PipelineResult:
+    graph: gs.Graph
+    modified: bool
+    changes: list[Change]
+    iterations: int
+
+
+class PassManager:
+    """Runs passes in order; with ``fixpoint`` it repeats the sequence until nothing changes."""
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        *,
+        instruments: Sequence[Instrument] = (),
+        fixpoint: bool = False,
+        max_iterations: int = 8,
+    ) -> None:
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+        self.fixpoint = fixpoint
+        self.max_iterations = max_iterations
+
+    def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> PipelineResult:
+        ctx = ctx or PassContext()
+        changes: list[Change] = []
+        modified = False
+        iterations = 0
+        while True:
+            iterations += 1
+            step_modified = False
+            for pass_ in self.passes:
+                for inst in self.instruments:
+                    inst.before_pass(pass_, graph, ctx)
+                result = pass_(graph, ctx)
+                graph = result.graph
+                for inst in self.instruments:
+                    inst.after_pass(pass_, result, ctx)
+                changes.extend(result.changes)
+                step_modified |= result.modified
+            modified |= step_modified
+            if not self.fixpoint or not step_modified:
+                break
+            if iterations >= self.max_iterations:
+                logger.warning("pipeline did not reach a fixpoint after %d iterations", iterations)
+                break
+        return PipelineResult(graph, modified, changes, iterations)
