@@ -53,8 +53,8 @@ def _too_big(model: onnx.ModelProto) -> bool:
     return model.ByteSize() >= _PROTO_LIMIT
 
 
-def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type (``onnx.TensorProto`` enum) of every tensor whose type is known after shape inference."""
+def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Type (with shape where known) of every tensor after shape inference."""
     if _too_big(model):
         # The in-memory API serializes the model; big ones go through a file with external data.
         with tempfile.TemporaryDirectory() as tmp:
@@ -68,26 +68,33 @@ def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
         except Exception as exc:  # onnx raises several unrelated types here
             logger.warning("shape inference failed (%s); using only the types the model declares", exc)
             inferred = model
-    types: dict[str, int] = {}
+    types: dict[str, onnx.TypeProto] = {}
     g = inferred.graph
     for vi in [*g.input, *g.value_info, *g.output]:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
+            types[vi.name] = vi.type
     for init in g.initializer:
-        types[init.name] = init.data_type
+        types[init.name] = helper.make_tensor_type_proto(init.data_type, list(init.dims))
     for node in g.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for attr in node.attribute:
                 if attr.name == "value":
-                    types[node.output[0]] = attr.t.data_type
+                    types[node.output[0]] = helper.make_tensor_type_proto(attr.t.data_type, list(attr.t.dims))
     return types
 
 
-def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type (``onnx.TensorProto`` enum) of every tensor whose type is known after shape inference."""
+    return {name: t.tensor_type.elem_type for name, t in _inferred_types(model).items()}
+
+
+def expose_tensors(
+    model: onnx.ModelProto, names: Sequence[str], types: dict[str, onnx.TypeProto] | None = None
+) -> onnx.ModelProto:
     """A copy of ``model`` with ``names`` (node outputs) added as graph outputs.
 
     Names that already are graph outputs are left as they are. Raises :class:`ModelError` for a
-    name no node produces.
+    name no node produces. ``types`` (from an earlier shape inference) saves running it again.
     """
     produced = {out for node in model.graph.node for out in node.output if out}
     missing = [n for n in names if n not in produced]
@@ -95,13 +102,16 @@ def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
         raise ModelError(f"no node produces tensor(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
     existing = {o.name for o in model.graph.output}
     wanted = [n for n in dict.fromkeys(names) if n not in existing]
-    types = tensor_elem_types(model) if wanted else {}
+    if types is None:
+        types = _inferred_types(model) if wanted else {}
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for name in wanted:
         if name not in types:
             raise ModelError(f"cannot infer the type of tensor {name!r}; run shape inference on the model first")
-        copy.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+        vi = copy.graph.output.add()
+        vi.name = name
+        vi.type.CopyFrom(types[name])
     return copy
 
 
@@ -177,7 +187,8 @@ def collect_stats(
     Graph inputs and initializers among ``tensors`` are read from the feed / the model directly.
     Tensors that are not floating point are skipped with a warning (absent from the result).
     """
-    types = tensor_elem_types(model)
+    full_types = _inferred_types(model)
+    types = {name: t.tensor_type.elem_type for name, t in full_types.items()}
     initializers = {t.name: t for t in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input} - set(initializers)
     stats: dict[str, TensorStats] = {}
@@ -198,7 +209,7 @@ def collect_stats(
             stats[name].update(onnx.numpy_helper.to_array(initializers[name]))
     run_names = [n for n in stats if n not in initializers and n not in graph_inputs]
     feed_names = [n for n in stats if n in graph_inputs]
-    session = make_session(expose_tensors(model, run_names)) if run_names else None
+    session = make_session(expose_tensors(model, run_names, full_types)) if run_names else None
 
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     bar, task = progress_bar(progress, "calibrating", total)
