@@ -1,0 +1,610 @@
+"""Engine report: what a built engine did with the model's Q/DQ, and which pass would fix it.
+
+Counts (E1), per-layer precision and time, standalone Q/DQ and reformat layers with their
+time share, INT8 vs float compute time, and findings for the verification rules of
+``trt-rules.md`` §3:
+
+* **E2**: a compute layer reading Int8 and writing float whose output is then quantized
+  again (missing output fusion), and every Reformat/Q/DQ layer that changes precision;
+* **E3**: a Q/DQ-origin layer with Int8 on both sides (a requantize: scale mismatch);
+* **E4**: every layer and finding is mapped back to ONNX node names.
+
+Each finding names the placement pass that would remove it: ``quantize-residual`` (P3),
+``align-scales`` (P4–P6), ``quantize-pooling`` (P7) or ``move-qdq`` (C1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qdqsurgeon.errors import ModelError, UsageError
+from qdqsurgeon.trt.engine import (
+    FLOAT_PRECISIONS,
+    EngineInfo,
+    Layer,
+    Profile,
+    any_float,
+    load_layer_info,
+    load_profile,
+)
+
+__all__ = [
+    "FIX_PASSES",
+    "Finding",
+    "LayerRow",
+    "PredictionComparison",
+    "EngineReport",
+    "build_report",
+    "engine_report",
+    "find_issues",
+    "map_to_onnx",
+    "load_onnx_node_names",
+]
+
+logger = logging.getLogger(__name__)
+
+# Placement rule → the qdqsurgeon pass that applies it. One table so the names stay in sync.
+FIX_PASSES: dict[str, str] = {
+    "P3": "quantize-residual",
+    "P4": "align-scales",
+    "P5": "align-scales",
+    "P6": "align-scales",
+    "P7": "quantize-pooling",
+    "C1": "move-qdq",
+}
+
+# Layers that only move or copy data: a float tensor passing through them is still "the same"
+# float tensor for the purpose of finding who quantizes it next.
+_PASS_THROUGH_KINDS = frozenset({"NoOp", "Shuffle", "Slice", "Padding", "Reformat"})
+_MAX_HOPS = 4
+
+
+@dataclass
+class Finding:
+    """One problem in the engine, attached to the layer and the ONNX nodes it came from."""
+
+    rule: str
+    layer: str
+    message: str
+    fix_pass: str | None
+    onnx_nodes: list[str] = field(default_factory=list)
+    severity: str = "warning"  # "info" when expected and not fixable by placement (P10)
+    layer_index: int = -1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "layer": self.layer,
+            "onnx_nodes": list(self.onnx_nodes),
+            "message": self.message,
+            "fix_pass": self.fix_pass,
+            "severity": self.severity,
+        }
+
+
+@dataclass
+class LayerRow:
+    """Per-layer line of the report."""
+
+    index: int
+    name: str
+    kind: str
+    category: str  # "qdq", "reformat", "int8", "float", "other"
+    in_precisions: list[str | None]
+    out_precisions: list[str | None]
+    time_ms: float | None
+    onnx_nodes: list[str]
+    inputs: list[str]
+    outputs: list[str]
+    origin: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PredictionComparison:
+    """Static prediction (qdqsurgeon.analysis) against the engine's standalone Q/DQ layers."""
+
+    predicted: int
+    actual: int
+    predicted_nodes: list[str]
+    actual_nodes: list[str]
+
+    @property
+    def matched(self) -> list[str]:
+        return sorted(set(self.predicted_nodes) & set(self.actual_nodes))
+
+    @property
+    def only_predicted(self) -> list[str]:
+        return sorted(set(self.predicted_nodes) - set(self.actual_nodes))
+
+    @property
+    def only_actual(self) -> list[str]:
+        return sorted(set(self.actual_nodes) - set(self.predicted_nodes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "predicted_standalone_qdq_layers": self.predicted,
+            "actual_standalone_qdq_layers": self.actual,
+            "matched": self.matched,
+            "only_predicted": self.only_predicted,
+            "only_actual": self.only_actual,
+        }
+
+
+@dataclass
+class EngineReport:
+    """Summary of one engine; :meth:`to_dict` is the ``--json`` output."""
+
+    source: str | None
+    detailed: bool
+    layers: int
+    layer_types: dict[str, int]
+    standalone_qdq_layers: int
+    reformat_layers: int
+    reformat_layers_by_origin: dict[str, int]
+    total_time_ms: float | None
+    qdq_time_ms: float | None
+    reformat_time_ms: float | None
+    int8_compute_time_ms: float | None
+    float_compute_time_ms: float | None
+    profile_records: int | None
+    unmatched_profile_records: int | None
+    rows: list[LayerRow]
+    findings: list[Finding]
+    io_tensors: list[str] = field(default_factory=list)
+    onnx_model: str | None = None
+    onnx_nodes_mapped: int | None = None
+    onnx_nodes_total: int | None = None
+    prediction: PredictionComparison | None = None
+
+    def share(self, value: float | None) -> float | None:
+        """Percentage of the total per-layer time."""
+        if value is None or not self.total_time_ms:
+            return None
+        return 100.0 * value / self.total_time_ms
+
+    def to_dict(self, *, include_layers: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "source": self.source,
+            "detailed": self.detailed,
+            "layers": self.layers,
+            "layer_types": dict(self.layer_types),
+            "standalone_qdq_layers": self.standalone_qdq_layers,
+            "reformat_layers": self.reformat_layers,
+            "reformat_layers_by_origin": dict(self.reformat_layers_by_origin),
+            "total_time_ms": self.total_time_ms,
+            "qdq_time_ms": self.qdq_time_ms,
+            "qdq_time_percent": self.share(self.qdq_time_ms),
+            "reformat_time_ms": self.reformat_time_ms,
+            "reformat_time_percent": self.share(self.reformat_time_ms),
+            "int8_compute_time_ms": self.int8_compute_time_ms,
+            "float_compute_time_ms": self.float_compute_time_ms,
+            "profile_records": self.profile_records,
+            "unmatched_profile_records": self.unmatched_profile_records,
+            "io_tensors": list(self.io_tensors),
+            "onnx_model": self.onnx_model,
+            "onnx_nodes_mapped": self.onnx_nodes_mapped,
+            "onnx_nodes_total": self.onnx_nodes_total,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+        if self.prediction is not None:
+            out["prediction"] = self.prediction.to_dict()
+        if include_layers:
+            out["layer_details"] = [r.to_dict() for r in self.rows]
+        return out
+
+    def to_text(self, *, show_layers: bool = False) -> str:
+        """A plain, greppable summary (no colour codes)."""
+        lines: list[str] = []
+        kind = "detailed" if self.detailed else "names-only (rebuild with --profilingVerbosity=detailed)"
+        lines.append(f"engine: {self.source or '-'} ({kind})")
+        lines.append(f"layers: {self.layers}")
+        if self.layer_types:
+            types = ", ".join(f"{k} {v}" for k, v in sorted(self.layer_types.items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"layer types: {types}")
+        lines.append(f"standalone Q/DQ layers: {self.standalone_qdq_layers}{_time_note(self, self.qdq_time_ms)}")
+        lines.append(f"reformat layers: {self.reformat_layers}{_time_note(self, self.reformat_time_ms)}")
+        if self.reformat_layers_by_origin:
+            by = ", ".join(f"{k} {v}" for k, v in sorted(self.reformat_layers_by_origin.items()))
+            lines.append(f"Reformat layers by Origin: {by}")
+        if self.total_time_ms is None:
+            lines.append("total time: n/a (no --profile)")
+        else:
+            lines.append(
+                f"total time: {self.total_time_ms:.4f} ms (sum of per-layer averageMs, {self.profile_records} records"
+                + (f", {self.unmatched_profile_records} not matched to a layer" if self.unmatched_profile_records else "")
+                + ")"
+            )
+            if self.int8_compute_time_ms is not None and self.float_compute_time_ms is not None:
+                lines.append(
+                    f"INT8 compute: {self.int8_compute_time_ms:.4f} ms, float compute: {self.float_compute_time_ms:.4f} ms"
+                )
+        if self.onnx_model:
+            lines.append(f"ONNX: {self.onnx_model} ({self.onnx_nodes_mapped}/{self.onnx_nodes_total} nodes mapped to layers)")
+        if self.prediction is not None:
+            p = self.prediction
+            lines.append(
+                f"standalone Q/DQ layers predicted vs actual: {p.predicted} vs {p.actual}"
+                f" ({len(p.matched)} matched, {len(p.only_predicted)} only predicted, {len(p.only_actual)} only in the engine)"
+            )
+        if show_layers and self.rows:
+            lines.append("")
+            lines.append("  #  type            in -> out            time ms  name")
+            for r in self.rows:
+                prec = f"{_fmt_prec(r.in_precisions)} -> {_fmt_prec(r.out_precisions)}"
+                t = f"{r.time_ms:.4f}" if r.time_ms is not None else "-"
+                lines.append(f"{r.index:>3}  {r.kind[:14]:<14}  {prec:<20} {t:>8}  {r.name}")
+        lines.append("")
+        lines.append(f"findings: {len(self.findings)}")
+        for f in self.findings:
+            nodes = f" [onnx: {', '.join(f.onnx_nodes)}]" if f.onnx_nodes else ""
+            fix = f" -> fix: {f.fix_pass}" if f.fix_pass else ""
+            lines.append(f"  {f.rule} {f.layer}{nodes}: {f.message}{fix}")
+        return "\n".join(lines)
+
+
+def _fmt_prec(values: list[str | None]) -> str:
+    return ",".join(v or "?" for v in values) or "-"
+
+
+def _time_note(report: EngineReport, value: float | None) -> str:
+    share = report.share(value)
+    if value is None or share is None:
+        return ""
+    return f" ({value:.4f} ms, {share:.1f} % of the time)"
+
+
+# --------------------------------------------------------------------------- ONNX mapping (E4)
+
+
+def load_onnx_node_names(path: str | Path) -> tuple[set[str], Any]:
+    """Node names of the ONNX model's main graph, plus the model (weights not loaded)."""
+    import onnx  # local: the parser must work without touching onnx
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError("file not found", path=str(p))
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a bad file
+        raise ModelError(f"cannot read ONNX model: {exc}", path=str(p)) from exc
+    names = {n.name for n in model.graph.node if n.name}
+    return names, model
+
+
+def _heuristic_names(layer: Layer) -> list[str]:
+    """Without a model, drop parts that are obviously weights (``*.weight``, TF variable reads)."""
+    names = layer.onnx_names()
+    if layer.metadata:
+        return names
+    return [
+        n
+        for n in names
+        if not n.endswith((".weight", ".bias")) and "ReadVariableOp" not in n and not n.startswith("onnx::")
+    ]
+
+
+def map_to_onnx(engine: EngineInfo, node_names: set[str] | None) -> dict[int, list[str]]:
+    """Layer index → ONNX node names (E4), keeping only names that are nodes of the model."""
+    out: dict[int, list[str]] = {}
+    for layer in engine.layers:
+        if node_names is None:
+            out[layer.index] = _heuristic_names(layer)
+        else:
+            out[layer.index] = [n for n in layer.onnx_names() if n in node_names]
+    return out
+
+
+# --------------------------------------------------------------------------- findings (E2, E3)
+
+
+class _Graph:
+    """Producer/consumer view of the engine, rebuilt from tensor names (§4 rule 3)."""
+
+    def __init__(self, engine: EngineInfo) -> None:
+        self.engine = engine
+        self.layers = engine.layers
+        self.producers = engine.producers()
+        self.consumers = engine.consumers()
+        self.network_inputs = {t.name for t in engine.io_tensors if t.mode in (None, "input")}
+
+    def _pass_through(self, layer: Layer) -> bool:
+        return not layer.is_compute and not layer.is_standalone_qdq
+
+    def source_of(self, tensor: str) -> Layer | None:
+        """The compute (or Q/DQ) layer behind ``tensor``, skipping layout copies; None = network input."""
+        seen = 0
+        while seen < _MAX_HOPS:
+            idx = self.producers.get(tensor)
+            if idx is None:
+                return None
+            layer = self.layers[idx]
+            if not self._pass_through(layer) or not layer.inputs:
+                return layer
+            tensor = layer.inputs[0].name
+            seen += 1
+        return self.layers[self.producers[tensor]] if tensor in self.producers else None
+
+    def quantizer_after(self, layer: Layer) -> tuple[Layer | None, list[Layer]]:
+        """The first layer that turns this layer's float output back into Int8, and the path to it.
+
+        Walks through layout copies and float pooling (P7's case: Conv → GAP → Quantize).
+        """
+        frontier = [(t.name, []) for t in layer.outputs if t.precision in FLOAT_PRECISIONS]
+        for _ in range(_MAX_HOPS):
+            nxt: list[tuple[str, list[Layer]]] = []
+            for tensor, path in frontier:
+                for cidx, pos in self.consumers.get(tensor, []):
+                    c = self.layers[cidx]
+                    reads = c.inputs[pos].precision if pos < len(c.inputs) else None
+                    if reads in FLOAT_PRECISIONS and "int8" in c.out_precisions:
+                        return c, path
+                    float_pool = c.kind == "Pooling" and c.activation_precision in FLOAT_PRECISIONS
+                    if self._pass_through(c) or float_pool:
+                        nxt.extend((t.name, [*path, c]) for t in c.outputs)
+            frontier = nxt
+            if not frontier:
+                break
+        return None, []
+
+    def float_residual_reader(self, tensor: str) -> Layer | None:
+        """A compute layer reading ``tensor`` as a non-first (residual) operand in float."""
+        for cidx, pos in self.consumers.get(tensor, []):
+            c = self.layers[cidx]
+            if pos >= 1 and c.is_compute and c.inputs[pos].precision in FLOAT_PRECISIONS:
+                return c
+        return None
+
+    def float_readers(self, tensor: str, exclude: int) -> list[Layer]:
+        out = []
+        for cidx, pos in self.consumers.get(tensor, []):
+            c = self.layers[cidx]
+            if cidx != exclude and c.inputs[pos].precision in FLOAT_PRECISIONS and "int8" not in c.out_precisions:
+                out.append(c)
+        return out
+
+
+def _has_float_residual(layer: Layer) -> bool:
+    return layer.is_compute and len(layer.inputs) > 1 and any_float(t.precision for t in layer.inputs[1:])
+
+
+def _diagnose_quantize(graph: _Graph, tensor: str, src: Layer | None, path: list[Layer], quantizer_index: int) -> tuple[str | None, str]:
+    """Which rule explains a float tensor that is quantized by a separate kernel."""
+    if src is None:
+        return None, "quantizes the float network input; expected unless the input itself is INT8 (P10)"
+    if any(l.kind == "Pooling" for l in path) or (src.kind == "Pooling" and src.activation_precision in FLOAT_PRECISIONS):
+        return FIX_PASSES["P7"], "pooling runs in float between INT8 layers; quantize its input too (P7)"
+    if _has_float_residual(src):
+        return FIX_PASSES["P3"], "the fused residual Add has a float skip operand, so its output is float (F5); quantize the skip input (P3)"
+    if graph.float_residual_reader(tensor) is not None:
+        reader = graph.float_residual_reader(tensor)
+        assert reader is not None
+        return FIX_PASSES["P3"], f"the tensor is also the float skip operand of '{reader.name}'; quantize the residual input (P3)"
+    others = graph.float_readers(tensor, exclude=quantizer_index)
+    if others:
+        return FIX_PASSES["C1"], f"the tensor also feeds float consumer '{others[0].name}', so the producer writes float (C1)"
+    return FIX_PASSES["C1"], "the Quantize did not fuse into its producer; move it next to the producer output (C1)"
+
+
+def find_issues(engine: EngineInfo, onnx_map: dict[int, list[str]]) -> list[Finding]:
+    """E2 and E3 findings, in execution order."""
+    if not engine.detailed:
+        return []
+    graph = _Graph(engine)
+    findings: list[Finding] = []
+
+    def add(rule: str, layer: Layer, message: str, fix: str | None, severity: str = "warning") -> None:
+        findings.append(
+            Finding(rule, layer.name, message, fix, list(onnx_map.get(layer.index, [])), severity, layer.index)
+        )
+
+    for layer in engine.layers:
+        ins = [p for p in layer.in_precisions if p]
+        outs = [p for p in layer.out_precisions if p]
+        if layer.is_standalone_qdq and ins and outs and set(ins) == {"int8"} and set(outs) == {"int8"}:
+            # E3: a Q/DQ layer left with Int8 on both sides is a requantize → scales differ.
+            add("E3", layer, "requantize Int8 -> Int8: the scales around a Concat, MaxPool or fan-out differ (P4-P6)", FIX_PASSES["P4"])
+            continue
+        if (layer.is_standalone_qdq or layer.is_reformat) and layer.changes_precision:
+            step = f"{_fmt_prec(layer.in_precisions)} -> {_fmt_prec(layer.out_precisions)}"
+            if "int8" in outs and "int8" not in ins:
+                tensor = layer.inputs[0].name
+                src = graph.source_of(tensor)
+                path = []
+                if src is not None and src.kind == "Pooling":
+                    path = [src]
+                fix, why = _diagnose_quantize(graph, tensor, src, path, layer.index)
+                add("E2", layer, f"standalone Quantize {step}: {why}", fix, "info" if fix is None else "warning")
+            elif "int8" in ins and "int8" not in outs:
+                fix, why = _diagnose_dequantize(graph, layer)
+                add("E2", layer, f"standalone Dequantize {step}: {why}", fix)
+            else:
+                add("E2", layer, f"reformat changes float precision {step}: keep the float region in one type (P10)", None, "info")
+            continue
+        if layer.is_compute and layer.activation_precision == "int8" and any_float(outs):
+            quantizer, path = graph.quantizer_after(layer)
+            if quantizer is None:
+                continue  # float output consumed in float (e.g. the final layer, P9): fine
+            tensor = next(t.name for t in layer.outputs if t.precision in FLOAT_PRECISIONS)
+            fix, why = _diagnose_quantize(graph, tensor, layer, path, quantizer.index)
+            step = f"{_fmt_prec(layer.in_precisions)} -> {_fmt_prec(layer.out_precisions)}"
+            add(
+                "E2",
+                layer,
+                f"INT8 layer writes float ({step}) and '{quantizer.name}' quantizes it again: {why}",
+                fix,
+            )
+    return findings
+
+
+def _diagnose_dequantize(graph: _Graph, layer: Layer) -> tuple[str | None, str]:
+    frontier = [t.name for t in layer.outputs]
+    for _ in range(_MAX_HOPS):
+        nxt: list[str] = []
+        for tensor in frontier:
+            for cidx, pos in graph.consumers.get(tensor, []):
+                c = graph.layers[cidx]
+                if c.kind == "Pooling":
+                    return FIX_PASSES["P7"], f"feeds float pooling '{c.name}'; quantize the pooling input (P7)"
+                if pos >= 1 and c.is_compute:
+                    return FIX_PASSES["P3"], f"float skip operand of '{c.name}'; quantize the residual input (P3)"
+                nxt.extend(t.name for t in c.outputs)
+        frontier = nxt
+    return FIX_PASSES["C1"], "an INT8 tensor is read in float; quantize its consumer or move the DQ (C1)"
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _names_only_qdq(name: str) -> bool:
+    if " + " in name or " || " in name:
+        return False
+    low = name.lower()
+    return any(k in low for k in ("quantizelinear", "quantlinearnode", "dequantlinearnode"))
+
+
+def build_report(
+    engine: EngineInfo,
+    profile: Profile | None = None,
+    *,
+    onnx_node_names: set[str] | None = None,
+    onnx_model_path: str | None = None,
+    prediction: PredictionComparison | None = None,
+) -> EngineReport:
+    """Summarise ``engine`` (and ``profile`` when given); see the module docstring."""
+    onnx_map = map_to_onnx(engine, onnx_node_names)
+    times: dict[str, float] = {}
+    unmatched: int | None = None
+    if profile is not None:
+        by_name = profile.by_name()
+        names = {l.name for l in engine.layers}
+        for layer in engine.layers:
+            rec = by_name.get(layer.name)
+            if rec is not None:
+                times[layer.name] = rec.average_ms
+        unmatched = sum(1 for r in profile.records if r.name not in names)
+
+    rows: list[LayerRow] = []
+    qdq = reformat = 0
+    sums = Counter()
+    for layer in engine.layers:
+        if engine.detailed:
+            if layer.is_standalone_qdq:
+                cat = "qdq"
+            elif layer.is_reformat:
+                cat = "reformat"
+            elif layer.is_compute and layer.activation_precision == "int8":
+                cat = "int8"
+            elif layer.is_compute and layer.activation_precision in FLOAT_PRECISIONS:
+                cat = "float"
+            else:
+                cat = "other"
+        else:
+            cat = "qdq" if _names_only_qdq(layer.name) else "reformat" if layer.name.startswith("Reformatting CopyNode") else "other"
+        qdq += cat == "qdq"
+        reformat += cat == "reformat"
+        t = times.get(layer.name)
+        if t is not None:
+            sums[cat] += t
+        rows.append(
+            LayerRow(
+                index=layer.index,
+                name=layer.name,
+                kind=layer.kind if engine.detailed else "Unknown",
+                category=cat,
+                in_precisions=layer.in_precisions,
+                out_precisions=layer.out_precisions,
+                time_ms=t,
+                onnx_nodes=list(onnx_map.get(layer.index, [])),
+                inputs=[x.name for x in layer.inputs],
+                outputs=[x.name for x in layer.outputs],
+                origin=layer.origin,
+            )
+        )
+
+    layer_types = Counter(l.kind for l in engine.layers) if engine.detailed else Counter()
+    by_origin = Counter(
+        (l.origin or "none") for l in engine.layers if l.is_reformat_type or l.origin is not None
+    )
+    have_profile = profile is not None
+    mapped = None
+    if onnx_node_names is not None:
+        mapped = len({n for names in onnx_map.values() for n in names})
+    return EngineReport(
+        source=engine.source,
+        detailed=engine.detailed,
+        layers=len(engine.layers),
+        layer_types=dict(layer_types),
+        standalone_qdq_layers=qdq,
+        reformat_layers=reformat,
+        reformat_layers_by_origin=dict(by_origin),
+        total_time_ms=profile.total_average_ms if have_profile else None,
+        qdq_time_ms=sums["qdq"] if have_profile else None,
+        reformat_time_ms=sums["reformat"] if have_profile else None,
+        # Names-only dumps carry no precisions, so the INT8/float split is unknown there.
+        int8_compute_time_ms=sums["int8"] if have_profile and engine.detailed else None,
+        float_compute_time_ms=sums["float"] if have_profile and engine.detailed else None,
+        profile_records=len(profile.records) if have_profile else None,
+        unmatched_profile_records=unmatched,
+        rows=rows,
+        findings=find_issues(engine, onnx_map),
+        io_tensors=[t.name for t in engine.io_tensors],
+        onnx_model=onnx_model_path,
+        onnx_nodes_mapped=mapped,
+        onnx_nodes_total=len(onnx_node_names) if onnx_node_names is not None else None,
+        prediction=prediction,
+    )
+
+
+def _compare_prediction(model: Any, report_rows: list[LayerRow]) -> PredictionComparison | None:
+    """Predicted vs actual standalone Q/DQ, when qdqsurgeon.analysis exists (optional module)."""
+    try:
+        from qdqsurgeon.analysis import predict  # type: ignore[attr-defined]
+    except Exception:  # not written yet, or broken: the report simply leaves it out
+        logger.debug("qdqsurgeon.analysis.predict not available; no prediction in the report")
+        return None
+    try:
+        pred = predict(model)
+    except Exception as exc:  # a prediction bug must not take the engine report down
+        logger.warning("static prediction failed: %s", exc)
+        return None
+    nodes = [str(n) for n in (getattr(pred, "standalone_qdq", None) or [])]
+    count = getattr(pred, "standalone_qdq_layers", None)
+    actual_nodes = sorted({n for r in report_rows if r.category == "qdq" for n in r.onnx_nodes})
+    actual = sum(1 for r in report_rows if r.category == "qdq")
+    return PredictionComparison(
+        predicted=int(count) if isinstance(count, int) else len(nodes),
+        actual=actual,
+        predicted_nodes=nodes,
+        actual_nodes=actual_nodes,
+    )
+
+
+def engine_report(
+    layer_info: str | Path,
+    *,
+    profile: str | Path | None = None,
+    onnx_model: str | Path | None = None,
+) -> EngineReport:
+    """Read the dumps (and the ONNX model) and build the report: the ``engine-report`` API."""
+    engine = load_layer_info(layer_info)
+    prof = load_profile(profile) if profile is not None else None
+    node_names: set[str] | None = None
+    model = None
+    if onnx_model is not None:
+        node_names, model = load_onnx_node_names(onnx_model)
+    report = build_report(
+        engine,
+        prof,
+        onnx_node_names=node_names,
+        onnx_model_path=str(onnx_model) if onnx_model is not None else None,
+    )
+    if model is not None:
+        report.prediction = _compare_prediction(model, report.rows)
+    return report
