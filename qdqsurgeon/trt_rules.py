@@ -1,0 +1,446 @@
+"""TensorRT's treatment of each ONNX op under explicit (Q/DQ) quantization, as data.
+
+This module is the single source of truth for "what TensorRT does with Q/DQ around op X": the
+placement passes ask it where a Q/DQ may move and what fuses into a conv epilogue, and the static
+analysis (:mod:`qdqsurgeon.analysis`) reads the same table to predict the engine. Change a rule
+here and both follow.
+
+Every entry cites rule IDs from ``trt-rules.md`` (C1, F1–F11, P1–P11, V1–V6, E1–E4) and carries
+that document's confidence tags: ``documented``, ``seen in real engines``, ``inferred, unverified``.
+
+Roles (``OpRule.role``):
+
+* ``weighted``  – Conv/ConvTranspose/Gemm/MatMul: INT8 when activation *and* weight come from DQs (F1).
+* ``commuting`` – pure data movement or order-preserving ops: Q/DQ slide through (§3 table, P5, P8).
+* ``epilogue``  – fuses into a preceding weighted op's kernel (F3, F5): BN, ReLU, Clip, LeakyReLU...
+* ``wrapped``   – INT8 only fully wrapped: DQ on every data input, Q on the output (P7).
+* ``float``     – no INT8 kernel worth using; keep float (P9, V6).
+* ``shape``     – integer / shape computations; never quantized (V4).
+
+Some ops have two faces: Add is ``wrapped`` on its own but an epilogue as a bias Add or residual
+Add after a conv (F5); Sigmoid and Mul are epilogues only as the two halves of SiLU (F10). The
+node-level query functions (:func:`is_epilogue`, :func:`commutes`, ...) resolve this.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import const_value, is_dq, is_q, producer, weight_input_index
+
+__all__ = [
+    "ALL",
+    "ROLES",
+    "CONFIDENCES",
+    "OpRule",
+    "RULES",
+    "DEFAULT_SENSITIVE_OPS",
+    "rule_for",
+    "ops_with_role",
+    "data_input_indices",
+    "commutes",
+    "is_epilogue",
+    "is_bias_add",
+    "is_residual_add",
+    "is_silu_mul",
+    "is_silu_sigmoid",
+    "is_weighted",
+    "weight_axis",
+    "is_quantizable_wrapped",
+    "is_float_only",
+    "is_shape_op",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Sentinel for ``OpRule.data_inputs``: every input carries data (Concat).
+ALL: tuple[int, ...] = (-1,)
+
+ROLES = ("weighted", "commuting", "epilogue", "wrapped", "float", "shape")
+CONFIDENCES = ("documented", "seen in real engines", "inferred, unverified")
+
+_DOC = "documented"
+_SEEN = "seen in real engines"
+_INF = "inferred, unverified"
+
+_WEIGHTED_HEADS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How TensorRT treats one ONNX op type around Q/DQ.
+
+    ``data_inputs`` lists the inputs a Q/DQ moves across (or that must carry a DQ for a wrapped
+    op); ``ALL`` means every input. ``equal_scales`` marks ops that commute only when input and
+    output scales are equal (P4, P5); otherwise TensorRT inserts a requantize (E3).
+    ``int8_wrapped`` says the op has an INT8 kernel when fully wrapped in Q/DQ (P7), which also
+    holds for epilogue ops met outside a conv chain. ``fuses_after`` names the weighted ops an
+    epilogue fuses into (F9: no BN fusion after ConvTranspose).
+    """
+
+    op: str
+    role: str
+    commutes: bool = False
+    data_inputs: tuple[int, ...] = (0,)
+    equal_scales: bool = False
+    epilogue: bool = False
+    int8_wrapped: bool = False
+    fuses_after: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()
+    confidence: tuple[str, ...] = (_INF,)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"{self.op}: unknown role {self.role!r}")
+        bad = [c for c in self.confidence if c not in CONFIDENCES]
+        if bad:
+            raise ValueError(f"{self.op}: unknown confidence {bad}")
+
+
+def _commuting(op: str, rules: tuple[str, ...], confidence: tuple[str, ...], *, data_inputs: tuple[int, ...] = (0,),
+               equal_scales: bool = False, note: str = "") -> OpRule:
+    return OpRule(op, "commuting", commutes=True, data_inputs=data_inputs, equal_scales=equal_scales,
+                  rules=rules, confidence=confidence, note=note)
+
+
+def _epilogue(op: str, rules: tuple[str, ...], confidence: tuple[str, ...], *, role: str = "epilogue",
+              data_inputs: tuple[int, ...] = (0,), fuses_after: tuple[str, ...] = _WEIGHTED_HEADS,
+              note: str = "") -> OpRule:
+    return OpRule(op, role, epilogue=True, int8_wrapped=True, data_inputs=data_inputs, fuses_after=fuses_after,
+                  rules=rules, confidence=confidence, note=note)
+
+
+def _wrapped(op: str, rules: tuple[str, ...], confidence: tuple[str, ...], *, data_inputs: tuple[int, ...] = (0,),
+             note: str = "") -> OpRule:
+    return OpRule(op, "wrapped", int8_wrapped=True, data_inputs=data_inputs, rules=rules, confidence=confidence,
+                  note=note)
+
+
+def _float(op: str, note: str = "", rules: tuple[str, ...] = ("P9",)) -> OpRule:
+    return OpRule(op, "float", data_inputs=ALL, rules=rules, confidence=(_DOC,) if op in ("Softmax", "LayerNormalization")
+                  else (_INF,), note=note)
+
+
+def _shape(op: str, note: str = "") -> OpRule:
+    return OpRule(op, "shape", data_inputs=(), rules=("V4",), confidence=(_DOC,), note=note or "integer/shape tensor")
+
+
+_TABLE: tuple[OpRule, ...] = (
+    # --- weighted (F1, P1; axes V3) -------------------------------------------------------------
+    OpRule("Conv", "weighted", rules=("F1", "F2", "P1", "V3", "P11"), confidence=(_DOC, _SEEN),
+           note="weight axis 0; grouped/depthwise included"),
+    OpRule("ConvTranspose", "weighted", rules=("F1", "F9", "V3"), confidence=(_DOC,),
+           note="weight axis 1 on TRT>=10.2 (inferred), 0 on 8.x; per-tensor when group>1; no BN fusion (F9)"),
+    OpRule("Gemm", "weighted", rules=("F1", "F2", "P1", "V3"), confidence=(_DOC, _SEEN),
+           note="weight axis 0 if transB else 1"),
+    OpRule("MatMul", "weighted", data_inputs=(0, 1), rules=("F1", "P1", "V3"), confidence=(_DOC,),
+           note="weighted only with a constant operand; rank>2 constant B per-tensor (V3, inferred)"),
+    # --- commuting (§3 table; C1 for backward Q moves) ------------------------------------------
+    _commuting("MaxPool", ("P5", "F11", "C1"), (_DOC, _SEEN), equal_scales=True,
+               note="runs INT8; input and output share one scale"),
+    _commuting("GlobalMaxPool", ("P5",), (_DOC,), equal_scales=True),
+    _commuting("Concat", ("P4", "C1"), (_SEEN,), data_inputs=ALL, equal_scales=True,
+               note="output Q moves back onto every input; equal scales make it a copy"),
+    _commuting("Reshape", ("C1",), (_INF,)),
+    _commuting("Flatten", ("C1",), (_INF,)),
+    _commuting("Squeeze", ("C1",), (_INF,)),
+    _commuting("Unsqueeze", ("C1",), (_INF,)),
+    _commuting("Transpose", ("C1",), (_INF,)),
+    _commuting("Slice", ("C1", "P4"), (_INF,)),
+    _commuting("Split", ("C1", "P4"), (_INF,)),
+    _commuting("Gather", ("C1",), (_INF,), note="data input only; a Gather on a shape tensor is a shape op"),
+    _commuting("Expand", ("C1",), (_INF,)),
+    _commuting("Tile", ("C1",), (_INF,)),
+    _commuting("Pad", ("P8",), (_DOC,), note="only constant mode with pad value 0 (zero point 0 commutes)"),
+    _commuting("Identity", ("C1",), (_INF,), note="removed by the parser"),
+    _commuting("Dropout", ("C1",), (_INF,), note="inference no-op"),
+    _commuting("Cast", ("P10",), (_INF,), note="float-to-float only (FP16 I/O casts); the DQ scale type sets precision"),
+    # --- epilogues (F3, F5, F10) ------------------------------------------------------------------
+    _epilogue("BatchNormalization", ("F3",), (_DOC,), fuses_after=("Conv", "Gemm", "MatMul"),
+              note="not after ConvTranspose (F9)"),
+    _epilogue("Relu", ("F3", "F11"), (_DOC, _SEEN)),
+    _epilogue("Clip", ("F3",), (_DOC, _SEEN), note="ReLU6; min/max inputs are constants"),
+    _epilogue("LeakyRelu", ("F3",), (_DOC,)),
+    _epilogue("HardSigmoid", ("F3",), (_INF,)),
+    _epilogue("HardSwish", ("F3",), (_INF,)),
+    _epilogue("Add", ("F3", "F5", "F6", "F7", "P3", "P7"), (_DOC, _SEEN), role="wrapped", data_inputs=ALL,
+              note="bias Add (one constant operand) or residual Add after a conv; else INT8 only fully wrapped"),
+    _epilogue("Sigmoid", ("F10", "F8", "P7"), (_INF,), role="wrapped",
+              note="epilogue only as the Sigmoid of SiLU = Mul(x, Sigmoid(x))"),
+    _epilogue("Mul", ("F10", "P7"), (_INF,), role="wrapped", data_inputs=ALL,
+              note="epilogue only as the Mul of SiLU; else INT8 only fully wrapped"),
+    # --- wrapped (P7) ---------------------------------------------------------------------------
+    _wrapped("AveragePool", ("P7",), (_DOC, _SEEN)),
+    _wrapped("GlobalAveragePool", ("P7",), (_DOC, _SEEN)),
+    _wrapped("ReduceMean", ("P7",), (_SEEN, _INF),
+             note="a spatial mean becomes a pooling layer (TF ResNet-50 QAT engine: CudaPooling Int8)"),
+    _wrapped("Sub", ("P7",), (_DOC,), data_inputs=ALL),
+    _wrapped("Div", ("P7",), (_INF,), data_inputs=ALL),
+    _wrapped("Resize", ("P7",), (_INF,), note="data input 0; roi/scales/sizes are constants"),
+    _wrapped("Tanh", ("P7",), (_INF,)),
+    _wrapped("Abs", ("P7",), (_INF,)),
+    _wrapped("Neg", ("P7",), (_INF,)),
+    _wrapped("Elu", ("P7",), (_INF,)),
+    _wrapped("Selu", ("P7",), (_INF,)),
+    _wrapped("Softplus", ("P7",), (_INF,)),
+    _wrapped("PRelu", ("P7",), (_INF,)),
+    _wrapped("Max", ("P7",), (_INF,), data_inputs=ALL),
+    _wrapped("Min", ("P7",), (_INF,), data_inputs=ALL),
+    # --- float only (P9, V6) --------------------------------------------------------------------
+    _float("Softmax", "normalization; keep FP16/FP32 (NVIDIA/TensorRT#4084)"),
+    _float("LogSoftmax"),
+    _float("LayerNormalization", "normalization; keep FP16/FP32"),
+    _float("InstanceNormalization"),
+    _float("GroupNormalization"),
+    _float("Erf", "GELU part"),
+    _float("Gelu"),
+    _float("Exp"),
+    _float("Log"),
+    _float("Pow"),
+    _float("Sqrt"),
+    _float("Reciprocal"),
+    _float("ReduceSum"),
+    _float("ReduceMax"),
+    _float("ReduceMin"),
+    _float("ReduceProd"),
+    _float("ReduceL2"),
+    _float("TopK"),
+    _float("NonMaxSuppression"),
+    _float("ArgMax"),
+    _float("Einsum"),
+    _float("CumSum"),
+    # --- shape / integer ops (V4) ---------------------------------------------------------------
+    _shape("Shape"),
+    _shape("Size"),
+    _shape("ConstantOfShape"),
+    _shape("Range"),
+    _shape("NonZero"),
+    _shape("Constant", "constant producer"),
+    _shape("Equal"),
+    _shape("Where"),
+)
+
+#: op type -> rule. Read-only by convention; the passes and the analysis share it.
+RULES: Mapping[str, OpRule] = {r.op: r for r in _TABLE}
+
+#: Ops kept float by default even though TensorRT might run them INT8 (P9).
+DEFAULT_SENSITIVE_OPS: tuple[str, ...] = ()
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def rule_for(op: str) -> OpRule | None:
+    """The rule for an op type, or None for ops the table does not know (treated as float)."""
+    return RULES.get(op)
+
+
+def ops_with_role(role: str) -> tuple[str, ...]:
+    """All op types with a given role, in table order."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    return tuple(r.op for r in _TABLE if r.role == role)
+
+
+def data_input_indices(node: gs.Node) -> tuple[int, ...]:
+    """Indices of ``node``'s inputs that carry data (Q/DQ move across these, P7 wraps these).
+
+    For SiLU's Mul the data input is the Sigmoid's input only; for Add/Mul/Concat every
+    non-constant input.
+    """
+    rule = rule_for(node.op)
+    n = len(node.inputs)
+    if rule is None or rule.data_inputs == ALL:
+        idx = tuple(i for i in range(n) if node.inputs[i] is not None and node.inputs[i].name
+                    and const_value(node.inputs[i]) is None)
+        return idx if rule is not None else tuple(range(n))
+    return tuple(i for i in rule.data_inputs if i < n)
+
+
+def _is_integer_tensor(tensor: gs.Tensor | None) -> bool:
+    dtype = getattr(tensor, "dtype", None)
+    if dtype is None:
+        return False
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError:
+        try:
+            np_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(dtype)))
+        except Exception:  # an onnx enum gs could not map: unknown, assume float
+            return False
+    return np_dtype.kind in "iub"
+
+
+def commutes(node: gs.Node) -> bool:
+    """Whether Q/DQ slide through ``node`` (§3 table).
+
+    Pad only in constant mode with pad value 0 (P8); Cast only float-to-float (P10, inferred);
+    nothing commutes on integer/bool data (a Gather on a shape tensor is a shape op, V4).
+    """
+    rule = rule_for(node.op)
+    if rule is None or not rule.commutes:
+        return False
+    if node.inputs and _is_integer_tensor(node.inputs[0]):
+        return False
+    if node.op == "Pad":
+        mode = node.attrs.get("mode", "constant")
+        if (mode.decode() if isinstance(mode, bytes) else str(mode)) != "constant":
+            return False
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            value = const_value(node.inputs[2])
+            if value is None or np.any(np.asarray(value) != 0):
+                return False
+        elif float(node.attrs.get("value", 0.0)) != 0.0:  # opset < 11 keeps the value in an attribute
+            return False
+        return True
+    if node.op == "Cast":
+        return int(node.attrs.get("to", 0)) in _FLOAT_TYPES
+    if node.op == "Gather" and len(node.inputs) > 0 and const_value(node.inputs[0]) is not None:
+        return False  # an embedding/table lookup on a constant, not data movement of an activation
+    return True
+
+
+def _non_const_inputs(node: gs.Node) -> list[gs.Tensor]:
+    return [t for t in node.inputs if t is not None and t.name and const_value(t) is None]
+
+
+def is_bias_add(node: gs.Node) -> bool:
+    """An Add with exactly one constant operand (F3: folds into the conv bias)."""
+    if node.op != "Add" or len(node.inputs) != 2:
+        return False
+    consts = [const_value(t) is not None for t in node.inputs]
+    return consts.count(True) == 1
+
+
+def is_residual_add(node: gs.Node) -> bool:
+    """An Add of two run-time tensors (a residual/skip connection; F5, F6, P3)."""
+    return node.op == "Add" and len(node.inputs) == 2 and len(_non_const_inputs(node)) == 2
+
+
+def _sigmoid_of(tensor: gs.Tensor) -> gs.Node | None:
+    p = producer(tensor)
+    return p if p is not None and p.op == "Sigmoid" else None
+
+
+def is_silu_mul(node: gs.Node) -> bool:
+    """True for Mul(x, Sigmoid(x)) (either operand order) and for the Sigmoid feeding such a Mul (F10)."""
+    if node.op == "Sigmoid":
+        return is_silu_sigmoid(node)
+    if node.op != "Mul" or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    for x, s in ((a, b), (b, a)):
+        sig = _sigmoid_of(s)
+        if sig is not None and sig.inputs and sig.inputs[0] is x:
+            return True
+    return False
+
+
+def is_silu_sigmoid(node: gs.Node) -> bool:
+    """The Sigmoid half of a SiLU: Sigmoid(x) consumed by Mul(x, Sigmoid(x))."""
+    if node.op != "Sigmoid" or not node.outputs:
+        return False
+    return any(c.op == "Mul" and is_silu_mul(c) for c in node.outputs[0].outputs)
+
+
+def is_epilogue(node: gs.Node) -> bool:
+    """Whether ``node`` can fuse into a preceding weighted op's epilogue (F3, F5, F10).
+
+    Add only as a bias Add (one constant operand) or a residual Add (two run-time operands);
+    Sigmoid and Mul only as the halves of SiLU.
+    """
+    rule = rule_for(node.op)
+    if rule is None or not rule.epilogue:
+        return False
+    if node.op == "Add":
+        return is_bias_add(node) or is_residual_add(node)
+    if node.op in ("Mul", "Sigmoid"):
+        return is_silu_mul(node)
+    return True
+
+
+def is_weighted(node: gs.Node) -> bool:
+    """Conv/ConvTranspose/Gemm, or MatMul with a constant operand (F1)."""
+    rule = rule_for(node.op)
+    if rule is None or rule.role != "weighted":
+        return False
+    return weight_input_index(node) is not None
+
+
+def _weight_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """Shape of a weight, from the tensor itself or the constant behind its Q/DQ/Cast chain."""
+    shape = getattr(tensor, "shape", None)
+    if shape is not None and all(isinstance(d, (int, np.integer)) for d in shape):
+        return tuple(int(d) for d in shape)
+    seen = 0
+    while tensor is not None and seen < 8:
+        seen += 1
+        value = const_value(tensor)
+        if value is not None:
+            return tuple(np.shape(value))
+        node = producer(tensor)
+        if node is None or not (is_q(node) or is_dq(node) or node.op in ("Identity", "Cast")):
+            return None
+        tensor = node.inputs[0]
+    return None
+
+
+def weight_axis(node: gs.Node, *, convtranspose_axis: int | None = 1) -> int | None:
+    """The per-channel axis for ``node``'s weight per V3, or None for per-tensor.
+
+    Conv: 0. ConvTranspose: ``convtranspose_axis`` (1 for TRT>=10.2, 0 for 8.x), None when
+    ``group > 1`` or the target is unknown. Gemm: 0 when ``transB`` else 1. MatMul with a
+    constant 2-D B: 1 (the last axis); B of rank > 2 or a constant A: None (unverified, V3).
+    """
+    if not is_weighted(node):
+        return None
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        if int(node.attrs.get("group", 1)) > 1:
+            return None
+        return convtranspose_axis
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    if node.op == "MatMul":
+        idx = weight_input_index(node)
+        if idx != 1:
+            return None
+        shape = _weight_shape(node.inputs[1])
+        if shape is None or len(shape) != 2:
+            return None
+        return 1
+    return None
+
+
+def is_quantizable_wrapped(node: gs.Node) -> bool:
+    """Whether ``node`` runs INT8 when fully wrapped: DQ on every data input, Q on the output (P7).
+
+    True for wrapped ops and for epilogue ops met outside a conv chain (a standalone ReLU or Add).
+    """
+    rule = rule_for(node.op)
+    if rule is None or not rule.int8_wrapped:
+        return False
+    if node.op == "Resize" and any(_is_integer_tensor(t) for t in node.inputs[:1]):
+        return False
+    return True
+
+
+def is_float_only(node: gs.Node, sensitive_ops: Iterable[str] = DEFAULT_SENSITIVE_OPS) -> bool:
+    """Whether ``node`` should stay float: role ``float``, listed in ``sensitive_ops`` (P9), or unknown to the table."""
+    if node.op in set(sensitive_ops):
+        return True
+    rule = rule_for(node.op)
+    return rule is None or rule.role == "float"
+
+
+def is_shape_op(node: gs.Node) -> bool:
+    """Integer/shape computations that never carry Q/DQ (V4)."""
+    rule = rule_for(node.op)
+    return rule is not None and rule.role == "shape"
