@@ -48,6 +48,7 @@ class EngineDiff:
             "layers": r.layers,
             "standalone_qdq_layers": r.standalone_qdq_layers,
             "reformat_layers": r.reformat_layers,
+            "reformat_type_layers": r.reformat_type_layers,
             "total_time_ms": r.total_time_ms,
             "findings": len(r.findings),
         }
@@ -62,6 +63,7 @@ class EngineDiff:
             "layers": b.layers - a.layers,
             "standalone_qdq_layers": b.standalone_qdq_layers - a.standalone_qdq_layers,
             "reformat_layers": b.reformat_layers - a.reformat_layers,
+            "reformat_type_layers": b.reformat_type_layers - a.reformat_type_layers,
             "total_time_ms": time,
             "total_time_percent": (100.0 * time / a.total_time_ms) if time is not None and a.total_time_ms else None,
             "findings": len(b.findings) - len(a.findings),
@@ -97,6 +99,9 @@ class EngineDiff:
         lines.append(row("layers", a.layers, b.layers, d["layers"]))
         lines.append(row("standalone Q/DQ layers", a.standalone_qdq_layers, b.standalone_qdq_layers, d["standalone_qdq_layers"]))
         lines.append(row("reformat layers", a.reformat_layers, b.reformat_layers, d["reformat_layers"]))
+        lines.append(
+            row("Reformat-type layers", a.reformat_type_layers, b.reformat_type_layers, d["reformat_type_layers"])
+        )
         lines.append(row("total time ms", a.total_time_ms, b.total_time_ms, d["total_time_ms"], "{:.4f}"))
         lines.append(row("findings", len(a.findings), len(b.findings), d["findings"]))
         for kind, (na, nb) in self.layer_types().items():

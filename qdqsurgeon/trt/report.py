@@ -148,6 +148,7 @@ class EngineReport:
     standalone_qdq_layers: int
     reformat_layers: int
     reformat_layers_by_origin: dict[str, int]
+    reformat_type_layers: int  # every layer of type Reformat, Q/DQ origin included (E1's count)
     total_time_ms: float | None
     qdq_time_ms: float | None
     reformat_time_ms: float | None
@@ -178,6 +179,7 @@ class EngineReport:
             "standalone_qdq_layers": self.standalone_qdq_layers,
             "reformat_layers": self.reformat_layers,
             "reformat_layers_by_origin": dict(self.reformat_layers_by_origin),
+            "reformat_type_layers": self.reformat_type_layers,
             "total_time_ms": self.total_time_ms,
             "qdq_time_ms": self.qdq_time_ms,
             "qdq_time_percent": self.share(self.qdq_time_ms),
@@ -212,7 +214,7 @@ class EngineReport:
         lines.append(f"reformat layers: {self.reformat_layers}{_time_note(self, self.reformat_time_ms)}")
         if self.reformat_layers_by_origin:
             by = ", ".join(f"{k} {v}" for k, v in sorted(self.reformat_layers_by_origin.items()))
-            lines.append(f"Reformat layers by Origin: {by}")
+            lines.append(f"Reformat-type layers: {self.reformat_type_layers} (by Origin: {by})")
         if self.total_time_ms is None:
             lines.append("total time: n/a (no --profile)")
         else:
@@ -544,6 +546,7 @@ def build_report(
         standalone_qdq_layers=qdq,
         reformat_layers=reformat,
         reformat_layers_by_origin=dict(by_origin),
+        reformat_type_layers=sum(1 for l in engine.layers if l.is_reformat_type),
         total_time_ms=profile.total_average_ms if have_profile else None,
         qdq_time_ms=sums["qdq"] if have_profile else None,
         reformat_time_ms=sums["reformat"] if have_profile else None,
