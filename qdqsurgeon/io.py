@@ -64,8 +64,8 @@ def load(
     if _has_external_data(model):
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read external data: {exc}", path=str(p)) from exc
+        except Exception as exc:  # OSError, or onnx's ValidationError for a missing/irregular file
+            raise ModelError(f"cannot read external data: {str(exc).splitlines()[0]}", path=str(p)) from exc
     _check_domains(model, str(p))
     if check:
         _check_model(model, p)

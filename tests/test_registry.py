@@ -1,0 +1,124 @@
+"""Registry: built-ins, user pattern files (--patterns) and entry points (issue 2)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+import qdqsurgeon
+from qdqsurgeon.cli import cli
+from qdqsurgeon.errors import UsageError
+from qdqsurgeon.passes import BUILTIN_PASSES
+from qdqsurgeon.registry import Registry
+
+from .helpers import REPO, F, make_model, ops
+
+USER_PATTERNS = REPO / "patterns"
+
+
+def _identity_model():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Identity", ["a"], ["b"], name="ident"),
+             helper.make_node("Sigmoid", ["b"], ["y"], name="sig")]
+    return make_model(nodes, [("x", F, [1, 4])], [("y", F, [1, 4])])
+
+
+def test_builtin_registry_lists_every_builtin_pass():
+    reg = Registry.builtin()
+    assert [reg.entry(p.name).origin for p in BUILTIN_PASSES] == ["builtin"] * len(BUILTIN_PASSES)
+    with pytest.raises(UsageError, match="unknown pass"):
+        reg.create("nope")
+
+
+def test_fresh_registries_are_independent():
+    a, b = Registry.builtin(), Registry.builtin()
+    a.load_path(USER_PATTERNS)
+    assert "drop-identity" in a and "drop-identity" not in b
+
+
+def test_user_pattern_file_runs_and_is_logged(tmp_path):
+    src = tmp_path / "in.onnx"
+    qdqsurgeon.save(_identity_model(), src)
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(cli, ["optimize", str(src), str(tmp_path / "out.onnx"), "--passes", "dedupe-qdq",
+                                      "--patterns", str(USER_PATTERNS / "drop_identity.py"), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    out = qdqsurgeon.load(tmp_path / "out.onnx")
+    assert ops(out) == ["Relu", "Sigmoid"]
+    log = json.loads(report.read_text())
+    assert "drop-identity" in log["passes"]
+    assert any(c["pass"] == "drop-identity" and c["node"] == "ident" and c["kind"] == "remove" for c in log["changes"])
+    assert "drop-identity" in result.output
+
+
+def test_user_patterns_listed_with_origin():
+    result = CliRunner().invoke(cli, ["passes", "--patterns", str(USER_PATTERNS), "--json"])
+    assert result.exit_code == 0
+    entries = {e["name"]: e for e in json.loads(result.output)["passes"]}
+    assert entries["drop-identity"]["origin"].endswith("drop_identity.py")
+    assert entries["fold-qdq-pairs"]["origin"] == "builtin"
+    text = CliRunner().invoke(cli, ["passes", "--patterns", str(USER_PATTERNS)]).output
+    assert "drop-identity" in text and "example user pattern" in text
+
+
+def test_bad_pattern_files(tmp_path):
+    empty = tmp_path / "nothing.py"
+    empty.write_text("X = 1\n")
+    with pytest.raises(UsageError, match="neither PATTERNS nor PASSES"):
+        Registry().load_path(empty)
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('oops')\n")
+    with pytest.raises(UsageError, match="oops"):
+        Registry().load_path(broken)
+    result = CliRunner().invoke(cli, ["passes", "--patterns", str(broken)])
+    assert result.exit_code == 2 and "oops" in result.stderr
+
+
+def test_name_clash_is_an_error():
+    reg = Registry.builtin()
+    with pytest.raises(UsageError, match="already taken"):
+        reg.add_pass(BUILTIN_PASSES[0], origin="file:x.py")
+
+
+@pytest.fixture(autouse=True)
+def _fake_module(monkeypatch):
+    """A module importable by name, as an installed plugin package would be."""
+    import sys
+    import types
+
+    mod = types.ModuleType("patterns_module_for_test")
+    from qdqsurgeon import Match, Pattern
+
+    class DropIdentityEP(Pattern):
+        name = "ep-drop-identity"
+        summary = "entry point pattern"
+        root_ops = ("Identity",)
+
+        def match(self, node, ctx):
+            return Match(node)
+
+        def rewrite(self, match, rw):
+            rw.bypass(match.node)
+
+    mod.DropIdentityEP = DropIdentityEP
+    mod.PATTERNS = [DropIdentityEP]
+    monkeypatch.setitem(sys.modules, "patterns_module_for_test", mod)
+    yield
+
+
+def test_entry_point_group(monkeypatch):
+    import importlib.metadata as md
+    import sys
+
+    ep = SimpleNamespace(name="demo", load=lambda: sys.modules["patterns_module_for_test"])
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [ep] if group == "qdqsurgeon.patterns" else [])
+    reg = Registry.builtin()
+    added = reg.load_entry_points()
+    assert [e.name for e in added] == ["ep-drop-identity"]
+    assert reg.entry("ep-drop-identity").origin == "entry-point:demo"
+    res = qdqsurgeon.optimize(_identity_model(), passes=["ep-drop-identity"], registry=reg, analyze=False)
+    assert ops(res.model) == ["Relu", "Sigmoid"]
