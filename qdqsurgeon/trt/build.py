@@ -32,6 +32,7 @@ __all__ = [
     "BuildResult",
     "parse_shapes",
     "shape_ranges",
+    "normalise_shapes",
     "profile_records",
     "build_engine",
 ]
@@ -145,6 +146,23 @@ def profile_records(times: Mapping[str, Sequence[float]], order: Sequence[str] |
             }
         )
     return records
+
+
+def normalise_shapes(shapes: Mapping[str, Any] | str | None) -> dict[str, ShapeRange]:
+    """Accept ``{name: ShapeRange}``, ``{name: (1, 3, 224, 224)}`` (fixed shape) or trtexec text."""
+    if shapes is None:
+        return {}
+    if isinstance(shapes, str):
+        return shape_ranges({}, parse_shapes(shapes), {})
+    out: dict[str, ShapeRange] = {}
+    for name, value in shapes.items():
+        if isinstance(value, ShapeRange):
+            out[name] = value
+        elif isinstance(value, (tuple, list)) and all(isinstance(d, int) for d in value):
+            out[name] = ShapeRange(tuple(value), tuple(value), tuple(value))
+        else:
+            raise UsageError(f"shape for '{name}' must be a ShapeRange or a tuple of ints, got {value!r}")
+    return out
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -354,14 +372,15 @@ def build_engine(
     layer_info: str | Path | None = None,
     profile: str | Path | None = None,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
-    shapes: Mapping[str, ShapeRange] | None = None,
+    shapes: Mapping[str, ShapeRange | Sequence[int]] | str | None = None,
     profile_iterations: int = DEFAULT_PROFILE_ITERATIONS,
 ) -> BuildResult:
     """Build ``onnx_path`` into a serialized engine at ``engine_path``.
 
     ``layer_info`` receives the inspector JSON (detailed verbosity), ``profile`` the per-layer
     times in the ``--exportProfile`` format. ``shapes`` (see :func:`shape_ranges`) defines the
-    optimization profile for dynamic inputs. Raises :class:`TensorRTMissingError` without
+    optimization profile for dynamic inputs (a plain tuple per input, or trtexec text such as
+    ``"input:1x3x224x224"``, fixes min = opt = max). Raises :class:`TensorRTMissingError` without
     TensorRT, :class:`UsageError` for bad arguments, :class:`ModelError` when TensorRT refuses
     the model (parser errors name the ONNX node).
     """
@@ -370,7 +389,7 @@ def build_engine(
         raise UsageError("file not found", path=str(src))
     if workspace_mb <= 0:
         raise UsageError(f"--workspace must be a positive number of MB, got {workspace_mb}")
-    shapes = dict(shapes or {})
+    ranges = normalise_shapes(shapes)
     trt = _import_tensorrt()
     version = str(getattr(trt, "__version__", "0"))
     major = _major(version)
@@ -392,7 +411,7 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     # Without DETAILED the inspector lists names only and the report cannot see precisions.
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    _set_profile(trt, builder, network, config, shapes)
+    _set_profile(trt, builder, network, config, ranges)
     # No precision flags: under strong typing the Q/DQ and the ONNX float types decide (§1).
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -426,7 +445,7 @@ def build_engine(
         result.layer_info_path = Path(layer_info)
         _atomic_write(result.layer_info_path, info.encode("utf-8"))
     if profile is not None:
-        outcome = _run_profile(trt, engine, shapes, max(int(profile_iterations), 1))
+        outcome = _run_profile(trt, engine, ranges, max(int(profile_iterations), 1))
         if isinstance(outcome, str):
             logger.warning("%s; %s not written", outcome, profile)
             result.notes.append(f"{outcome}; {profile} not written")

@@ -99,7 +99,7 @@ def _colour(row: LayerRow) -> str:
 
 
 def _edge_colour(precision: str | None) -> str:
-    return COLOURS.get(precision or "other", COLOURS["other"]) if precision in ("int8", "fp16", "bf16", "fp32") else "#888"
+    return COLOURS[precision] if precision in ("int8", "fp16", "bf16", "fp32") else "#888"
 
 
 def _svg(report: EngineReport) -> str:

@@ -384,9 +384,8 @@ def _diagnose_quantize(graph: _Graph, tensor: str, src: Layer | None, path: list
         return FIX_PASSES["P7"], "pooling runs in float between INT8 layers; quantize its input too (P7)"
     if _has_float_residual(src):
         return FIX_PASSES["P3"], "the fused residual Add has a float skip operand, so its output is float (F5); quantize the skip input (P3)"
-    if graph.float_residual_reader(tensor) is not None:
-        reader = graph.float_residual_reader(tensor)
-        assert reader is not None
+    reader = graph.float_residual_reader(tensor)
+    if reader is not None:
         return FIX_PASSES["P3"], f"the tensor is also the float skip operand of '{reader.name}'; quantize the residual input (P3)"
     others = graph.float_readers(tensor, exclude=quantizer_index)
     if others:

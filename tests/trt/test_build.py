@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from trt_helpers import qdq_conv_model
 
 from qdqsurgeon.errors import TensorRTMissingError, UsageError
-from qdqsurgeon.trt.build import ShapeRange, build_engine, parse_shapes, profile_records, shape_ranges
+from qdqsurgeon.trt.build import ShapeRange, build_engine, normalise_shapes, parse_shapes, profile_records, shape_ranges
 from qdqsurgeon.trt.commands import build_command
 from qdqsurgeon.trt.engine import load_layer_info, parse_profile
 
@@ -44,6 +44,16 @@ def test_shape_ranges() -> None:
         shape_ranges({"x": (4, 3)}, {"x": (2, 3)}, {})
     with pytest.raises(UsageError, match="rank"):
         shape_ranges({"x": (1, 3, 3)}, {"x": (2, 3)}, {})
+
+
+def test_normalise_shapes_for_the_python_api() -> None:
+    fixed = ShapeRange((1, 3, 8, 8), (1, 3, 8, 8), (1, 3, 8, 8))
+    assert normalise_shapes({"x": (1, 3, 8, 8)}) == {"x": fixed}
+    assert normalise_shapes("x:1x3x8x8") == {"x": fixed}
+    assert normalise_shapes({"x": fixed}) == {"x": fixed}
+    assert normalise_shapes(None) == {}
+    with pytest.raises(UsageError):
+        normalise_shapes({"x": "1x3"})
 
 
 def test_profile_records_are_trtexec_export_profile_format() -> None:
