@@ -348,7 +348,10 @@ def _run_profile(trt: Any, engine: Any, shapes: Mapping[str, ShapeRange], iterat
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             shape = tuple(context.get_tensor_shape(name))
-            itemsize = trt.nptype(engine.get_tensor_dtype(name))().itemsize
+            try:
+                itemsize = trt.nptype(engine.get_tensor_dtype(name))().itemsize
+            except Exception:  # types without a numpy twin (bf16, fp8, int4): over-allocate
+                itemsize = 4
             count = 1
             for d in shape:
                 count *= max(int(d), 1)

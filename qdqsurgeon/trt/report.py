@@ -401,9 +401,13 @@ def find_issues(engine: EngineInfo, onnx_map: dict[int, list[str]]) -> list[Find
     findings: list[Finding] = []
 
     def add(rule: str, layer: Layer, message: str, fix: str | None, severity: str = "warning") -> None:
-        findings.append(
-            Finding(rule, layer.name, message, fix, list(onnx_map.get(layer.index, [])), severity, layer.index)
-        )
+        nodes = list(onnx_map.get(layer.index, []))
+        if not nodes and layer.is_reformat:
+            # A reformat has no ONNX node of its own (E4): point at the layer it feeds.
+            for t in layer.outputs:
+                for cidx, _ in graph.consumers.get(t.name, []):
+                    nodes.extend(n for n in onnx_map.get(cidx, []) if n not in nodes)
+        findings.append(Finding(rule, layer.name, message, fix, nodes, severity, layer.index))
 
     for layer in engine.layers:
         ins = [p for p in layer.in_precisions if p]

@@ -64,10 +64,14 @@ def test_e2_standalone_dequantize_before_float_pooling() -> None:
 
 def test_e2_float_precision_reformat_is_info_without_a_pass() -> None:
     rep = _report(
-        [layer("Reformatting CopyNode for Input Tensor 0 to Softmax_1", "Reformat", [tensor("a", F16)], [tensor("b", F32)], Origin="REFORMAT")]
+        [
+            layer("Reformatting CopyNode for Input Tensor 0 to Softmax_1", "Reformat", [tensor("a", F16)], [tensor("b", F32)], Origin="REFORMAT"),
+            layer("Softmax_1", "CudaSoftMax", [tensor("b", F32)], [tensor("c", F32)], ParameterType="SoftMax"),
+        ]
     )
     (f,) = rep.findings
     assert (f.rule, f.fix_pass, f.severity) == ("E2", None, "info")
+    assert f.onnx_nodes == ["Softmax_1"]  # E4: a reformat is attributed to the layer it feeds
     assert rep.reformat_layers == 1 and rep.standalone_qdq_layers == 0
 
 
