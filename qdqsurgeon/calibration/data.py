@@ -583,13 +583,16 @@ def open_data(
             )
         from PIL import Image, UnidentifiedImageError
 
+        pre = preprocess or Preprocess.from_model(model)
+        h, w = pre.size
+        _check_shape(specs[0], (1, 3, h, w) if pre.layout == "NCHW" else (1, h, w, 3), label, f"preprocess {pre.layout} size {h}x{w}: ")
         for p in images:
             try:
                 with Image.open(p):  # reads the header only: fail early on a non-image
                     pass
             except (OSError, UnidentifiedImageError, SyntaxError) as exc:
                 raise DataError(f"cannot read image: {exc}", path=str(p)) from None
-        source = _ImageSource(images, specs[0], preprocess or Preprocess.from_model(model), size, drop_last, label)
+        source = _ImageSource(images, specs[0], pre, size, drop_last, label)
     if len(source) == 0:
         raise DataError(
             f"{source.num_samples} sample(s) is fewer than one batch of {size} (the model's fixed batch size)",

@@ -234,6 +234,10 @@ CALIBRATION_METHODS: dict[str, Callable[..., float]] = {
     "mse": amax_mse,
 }
 HISTOGRAM_METHODS = frozenset({"percentile", "entropy", "mse"})
+# Measured by fake-quantizing every Conv/Gemm input (weights per-channel max) of
+# resnet18_cifar10, mobilenetv2_bottleneck and efficientnet_lite0, calibrating on 8 photos and
+# scoring output SQNR on 8 others: percentile 99.99 had the best mean SQNR; entropy the worst,
+# as it clips ReLU6 outputs that saturate at 6.
 DEFAULT_METHOD = "percentile"
 
 

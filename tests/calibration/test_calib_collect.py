@@ -144,3 +144,16 @@ def test_resnet18_on_shared_photos():
     assert set(amax) == set(relus) and all(v > 0 for v in amax.values())
     maxes = calibrate(model, relus, src, "max", progress=False)
     assert all(amax[n] <= maxes[n] for n in relus)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "fp32").is_dir(), reason=f"shared models not found at {SHARED}")
+def test_minilm_int64_inputs_from_npz(tmp_path):
+    model = onnx.load(SHARED / "fp32" / "all_minilm_l6_v2.onnx")
+    ids = np.array([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]], dtype=np.int64)
+    np.savez(tmp_path / "tok.npz", input_ids=ids, attention_mask=(ids != 0).astype(np.int64),
+             token_type_ids=np.zeros_like(ids))
+    src = open_data(tmp_path / "tok.npz", model)
+    matmuls = [n.output[0] for n in model.graph.node if n.op_type == "MatMul"][:3]
+    amax = calibrate(model, matmuls, src, "percentile", progress=False)
+    assert set(amax) == set(matmuls) and all(v > 0 for v in amax.values())

@@ -243,3 +243,9 @@ def test_images_need_an_image_model(tmp_path):
     write_images(tmp_path / "imgs", [(8, 8)])
     with pytest.raises(DataError, match="one float rank-4 input"):
         open_data(tmp_path / "imgs", token_model())
+
+
+def test_preprocess_size_must_fit_the_model(tmp_path):
+    write_images(tmp_path / "imgs", [(8, 8)])
+    with pytest.raises(DataError, match="preprocess NCHW size 16x16"):
+        open_data(tmp_path / "imgs", image_model(hw=(8, 8)), Preprocess(size=(16, 16)))
