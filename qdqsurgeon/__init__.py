@@ -20,7 +20,7 @@ from .io import load, save
 from .passes.base import Instrument, Pass, PassContext, PassManager, PassResult, TimingInstrument, VerifyInstrument
 from .patterns.base import Match, NoMatch, Pattern, PatternPass
 from .pipelines import PIPELINES
-from .ranges import StaticRanges
+from .ranges import StaticRanges, build_ranges
 from .registry import Registry
 from .rewriter import Change, Rewriter
 
@@ -53,5 +53,6 @@ __all__ = [
     "inspect_model",
     "load",
     "optimize",
+    "build_ranges",
     "save",
 ]

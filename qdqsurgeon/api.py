@@ -47,7 +47,8 @@ class OptimizeResult:
         for name in self.passes:
             out[name]
         for c in self.changes:
-            out[c.pass_name][c.rule] += 1
+            if c.kind != "note":  # notes are findings, not edits; the JSON report keeps them
+                out[c.pass_name][c.rule] += 1
         return {k: dict(v) for k, v in out.items()}
 
     def to_dict(self) -> dict[str, Any]:

@@ -312,7 +312,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         pre = Preprocess.parse(preprocess) if preprocess else None
         report = compare(model, res.model, open_data(data_path, model, pre))
         for name, o in report.to_dict()["outputs"].items():
-            click.echo(f"  check {name}: SQNR {o['sqnr_db']} dB, cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
+            click.echo(f"  check {name}: SQNR {float(o['sqnr_db']):.2f} dB, cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
         if report.top1_agreement is not None:
             click.echo(f"  check top-1 agreement: {report.top1_agreement:.3f}")
     if engine_path:
@@ -321,3 +321,16 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         build_engine(dst, engine_path)
         if not quiet:
             click.echo(f"  engine written to {engine_path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# commands defined beside their features
+def _add_feature_commands() -> None:
+    from .cli_check import check_command
+    from .trt.commands import COMMANDS
+
+    for command in (check_command, *COMMANDS):
+        cli.add_command(command)
+
+
+_add_feature_commands()

@@ -9,6 +9,6 @@ CLEANUP: tuple[str, ...] = ("fold-qdq-pairs", "dedupe-qdq")
 
 PIPELINES: dict[str, tuple[str, ...]] = {
     "cleanup": CLEANUP,
-    "ptq": CLEANUP,
+    "ptq": ("insert-qdq", *CLEANUP),
     "fix": CLEANUP,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import Instrument, Pass, PassContext, PassManager, PassResult, PipelineResult, TimingInstrument, VerifyInstrument
 from .fold_qdq_pairs import FoldQdqPairs
 from .dedupe_qdq import DedupeQdq
+from .insert_qdq import InsertQdq
 
 __all__ = [
     "BUILTIN_PASSES",
@@ -19,6 +20,7 @@ __all__ = [
 ]
 
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
+    InsertQdq,
     FoldQdqPairs,
     DedupeQdq,
 )

@@ -1,0 +1,180 @@
+"""insert-qdq: put symmetric INT8 Q/DQ on the inputs of every weighted op (the PTQ path).
+
+Before → after::
+
+    x ─ Conv(W, b)          →   x ─ Q(s_x) ─ DQ(s_x) ─ Conv(W~, b)
+                                W ─ Q(s_w, axis=0) ─ DQ(s_w, axis=0) ─┘     (or int8 W → DQ)
+
+Rules served: P1/F1 (both operands of Conv/ConvTranspose/Gemm/MatMul from DQs), V1 (scales
+positive), V2 (zero point int8 0), V3 (per-channel weights on the output-channel axis with
+``axis`` written; activations per-tensor), V4 (biases stay float), P6 (one Q/DQ pair per tensor,
+shared by every weighted consumer). Error bound: activations round to within half a step of
+``amax/127`` inside the calibrated range and clip outside it; weights within half a step of
+their channel's ``max|w|/127``. Needs opset ≥ 13 (per-channel ``axis``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import ModelError
+from ..graph import DQ_OP, Q_OP, const_value, is_dq, opset_version, producer
+from ..io import MIN_PER_CHANNEL_OPSET
+from ..quant import quantize_int8, scale_from_amax, weight_scales
+from ..rewriter import Rewriter
+from ..trt_rules import is_weighted, weight_axis
+from .base import Pass, PassContext
+
+__all__ = ["InsertQdq", "is_excluded"]
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_VIEW_OPS = ("Identity", "Cast", "Transpose")
+
+
+def is_excluded(node: gs.Node, ctx: PassContext) -> str | None:
+    """Why ``node`` must stay float by user configuration, or None."""
+    cfg = ctx.config
+    if node.op in cfg.exclude_ops:
+        return f"op type {node.op} excluded (--exclude-op)"
+    for pattern in cfg.exclude:
+        if re.search(pattern, node.name):
+            return f"name matches --exclude {pattern!r}"
+    hook = getattr(cfg, "exclude_hook", None)
+    if hook is not None and hook(node):
+        return "excluded by the exclude hook"
+    return None
+
+
+def _folded_weight(tensor: gs.Tensor) -> np.ndarray | None:
+    """The weight's value, folding Identity/Cast/Transpose applied to an initializer."""
+    value = const_value(tensor)
+    if value is not None:
+        return value
+    node = producer(tensor)
+    if node is not None and node.op == "Transpose":
+        inner = _folded_weight(node.inputs[0])
+        if inner is not None:
+            perm = node.attrs.get("perm")
+            return np.transpose(inner, perm) if perm is not None else np.transpose(inner)
+    return None
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is None or np.dtype(tensor.dtype).kind == "f"
+
+
+class InsertQdq(Pass):
+    """Insert per-tensor Q/DQ on activations and per-channel Q/DQ on weights of weighted ops."""
+
+    name = "insert-qdq"
+    summary = "Insert symmetric INT8 Q/DQ on weighted-op inputs (per-tensor activations, per-channel weights)"
+    rules = ("P1", "F1", "V1", "V2", "V3", "V4", "P6")
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if opset_version(graph) < MIN_PER_CHANNEL_OPSET:
+            raise ModelError(f"insert-qdq needs opset >= {MIN_PER_CHANNEL_OPSET} for per-channel weights "
+                             f"(model has {opset_version(graph)}); pass --opset {MIN_PER_CHANNEL_OPSET} to upgrade")
+
+    def _targets(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> tuple[list[tuple[gs.Node, int, int | None]], list[tuple[gs.Node, int]]]:
+        """(weighted op, weight index, axis) to quantize, and (op, input index) activations."""
+        weighted: list[tuple[gs.Node, int, int | None]] = []
+        acts: list[tuple[gs.Node, int]] = []
+        for node in graph.nodes:
+            if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                continue
+            why = is_excluded(node, ctx)
+            if why:
+                rw.note(node, f"left float: {why}", rule="P1")
+                continue
+            if is_weighted(node):
+                widx = 1 if node.op != "MatMul" or _folded_weight(node.inputs[1]) is not None or is_dq(producer(node.inputs[1])) else 0
+                aidx = 0 if widx == 1 else 1
+                weighted.append((node, widx, weight_axis(node, convtranspose_axis=ctx.config.convtranspose_axis)))
+                acts.append((node, aidx))
+            elif node.op == "MatMul" and ctx.config.quantize_bmm:
+                acts.extend([(node, 0), (node, 1)])
+        return weighted, acts
+
+    def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
+        weighted, acts = self._targets(graph, rw, ctx)
+        self._quantize_activations(graph, rw, ctx, acts)
+        self._quantize_weights(rw, ctx, weighted)
+
+    def _quantize_activations(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext, acts: list[tuple[gs.Node, int]]) -> None:
+        # One shared pair per tensor (P6): group the consumers that want each tensor quantized.
+        wanted: dict[str, list[gs.Node]] = defaultdict(list)
+        tensors: dict[str, gs.Tensor] = {}
+        for node, idx in acts:
+            t = node.inputs[idx]
+            if is_dq(producer(t)):
+                continue  # already quantized: keeps the pass idempotent
+            if not _is_float(t) or isinstance(t, gs.Constant):
+                continue
+            tensors[t.name] = t
+            if node not in wanted[t.name]:
+                wanted[t.name].append(node)
+        if not wanted:
+            return
+        amax = ctx.amax(list(wanted))
+        for name, nodes in wanted.items():
+            if name not in amax:
+                for n in nodes:
+                    rw.note(n, f"activation {name} has no calibrated range; left float", rule="P1")
+                continue
+            scale = scale_from_amax(amax[name]).reshape(())
+            detail = f"amax {amax[name]:.6g} -> scale {float(scale):.6g}, shared by {len(nodes)} consumer(s)"
+            rw.insert_qdq(tensors[name], scale, np.zeros((), np.int8), consumers=nodes, detail=detail, rule="P1")
+            if len(nodes) > 1:
+                rw.note(name, f"one Q/DQ shared by {', '.join(n.name for n in nodes)}", rule="P6")
+
+    def _quantize_weights(self, rw: Rewriter, ctx: PassContext, weighted: list[tuple[gs.Node, int, int | None]]) -> None:
+        shared: dict[tuple[int, int | None], gs.Tensor] = {}
+        for node, widx, axis in weighted:
+            src = node.inputs[widx]
+            if is_dq(producer(src)):
+                continue
+            value = _folded_weight(src)
+            if value is None or value.dtype.kind != "f":
+                rw.note(node, "weight is not a float constant; left as is", rule="F1")
+                continue
+            key = (id(src), axis)
+            if key in shared:
+                rw.set_input(node, widx, shared[key], detail=f"share weight Q/DQ of {src.name}", rule="P6")
+                continue
+            if not isinstance(src, gs.Constant) or src.values.dtype != np.float32:
+                # Fold Transpose/Identity/Cast (and fp16) into a float32 initializer so the Q reads a constant (V1).
+                src = rw.constant(f"{node.name}_weight", value.astype(np.float32))
+                rw.log("constant", node.name, f"weight folded into initializer {src.name}", rule="F1")
+            scales = weight_scales(value, axis)
+            zero = np.zeros(scales.shape, np.int8)
+            dead = int(np.sum(scales <= 1e-8)) if axis is not None else 0
+            detail = (f"per-channel axis {axis} ({scales.size} channels)" if axis is not None else "per-tensor") + \
+                     (f", {dead} zero-range channel(s) given the minimum scale" if dead else "")
+            dq_out = self._weight_qdq(rw, ctx, src, value, scales, zero, axis, detail)
+            rw.set_input(node, widx, dq_out, detail=f"weight {src.name} quantized", rule="F1")
+            shared[(id(node.inputs[widx]), axis)] = dq_out
+            shared[key] = dq_out
+
+    def _weight_qdq(self, rw: Rewriter, ctx: PassContext, src: gs.Tensor, value: np.ndarray, scales: np.ndarray,
+                    zero: np.ndarray, axis: int | None, detail: str) -> gs.Tensor:
+        attrs = {} if axis is None else {"axis": int(axis)}
+        scale_c = rw.constant(f"{src.name}_scale", scales)
+        zp_c = rw.constant(f"{src.name}_zero_point", zero)
+        dq_out = gs.Variable(rw.fresh_name(f"{src.name}_dequantized"), dtype=np.float32, shape=list(value.shape))
+        if ctx.config.weights == "int8":
+            q = rw.constant(f"{src.name}_int8", quantize_int8(value, scales, axis))
+            rw.add_node(DQ_OP, [q, scale_c, zp_c], name=f"{src.name}_DequantizeLinear", attrs=attrs, outputs=[dq_out],
+                        detail=f"int8 weight + DQ, {detail}", rule="V3")
+            return dq_out
+        q_out = gs.Variable(rw.fresh_name(f"{src.name}_quantized"), dtype=np.int8, shape=list(value.shape))
+        rw.add_node(Q_OP, [src, scale_c, zp_c], name=f"{src.name}_QuantizeLinear", attrs=attrs, outputs=[q_out],
+                    detail=f"weight Q, {detail}", rule="V3")
+        rw.add_node(DQ_OP, [q_out, scale_c, zp_c], name=f"{src.name}_DequantizeLinear", attrs=attrs, outputs=[dq_out],
+                    detail=f"weight DQ, {detail}", rule="V3")
+        return dq_out

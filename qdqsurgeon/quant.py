@@ -1,0 +1,59 @@
+"""Symmetric INT8 arithmetic shared by the passes: scales from ranges, weight scales, quantization.
+
+TensorRT quantizes symmetrically with zero point 0 (rule V2). Scales are never zero (V1): a
+dead channel or an all-zero tensor gets :data:`MIN_SCALE`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["MIN_SCALE", "QMAX", "scale_from_amax", "weight_scales", "quantize_int8", "dequantize", "fake_quant"]
+
+QMAX = 127.0
+# The smallest scale emitted. Far above float32's denormal range, so that TensorRT's
+# requantization factor s_out / (s_in * s_w) stays finite even for a dead weight channel.
+MIN_SCALE = 1e-8
+
+
+def scale_from_amax(amax: float | np.ndarray) -> np.ndarray:
+    """Symmetric INT8 scale covering [-amax, amax], as float32, never below MIN_SCALE."""
+    s = np.asarray(amax, dtype=np.float64) / QMAX
+    s = np.where(np.isfinite(s) & (s > MIN_SCALE), s, MIN_SCALE)
+    return s.astype(np.float32)
+
+
+def weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """Per-channel (along ``axis``) or per-tensor (``axis`` None) symmetric scales of a weight."""
+    w = np.asarray(w, dtype=np.float32)
+    if axis is None:
+        return scale_from_amax(np.max(np.abs(w)) if w.size else 0.0).reshape(())
+    axis = axis % w.ndim
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    return scale_from_amax(np.max(np.abs(w), axis=reduce) if reduce else np.abs(w))
+
+
+def _bshape(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    if scale.ndim == 0 or axis is None:
+        return scale
+    shape = [1] * ndim
+    shape[axis % ndim] = scale.size
+    return scale.reshape(shape)
+
+
+def quantize_int8(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """round-half-to-even(x / scale) saturated to int8, exactly as ONNX QuantizeLinear does."""
+    x = np.asarray(x, dtype=np.float32)
+    q = np.rint(x / _bshape(np.asarray(scale, dtype=np.float32), x.ndim, axis))
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None = None, zero_point: np.ndarray | None = None) -> np.ndarray:
+    q = np.asarray(q).astype(np.float32)
+    if zero_point is not None:
+        q = q - _bshape(np.asarray(zero_point).astype(np.float32), q.ndim, axis)
+    return (q * _bshape(np.asarray(scale, dtype=np.float32), q.ndim, axis)).astype(np.float32)
+
+
+def fake_quant(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
+    return dequantize(quantize_int8(x, scale, axis), scale, axis)
