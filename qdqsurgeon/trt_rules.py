@@ -55,6 +55,8 @@ __all__ = [
     "is_quantizable_wrapped",
     "is_float_only",
     "is_shape_op",
+    "WEIGHT_PASSTHROUGH_OPS",
+    "fuses_with_conv_act",
 ]
 
 logger = logging.getLogger(__name__)
@@ -232,6 +234,10 @@ RULES: Mapping[str, OpRule] = {r.op: r for r in _TABLE}
 
 #: Ops kept float by default even though TensorRT might run them INT8 (P9).
 DEFAULT_SENSITIVE_OPS: tuple[str, ...] = ()
+
+#: Ops a weight may sit behind between its constant (or Q/DQ) and the weighted op: TensorRT
+#: constant-folds them (TF exports transpose weights; PyTorch adds Identity for shared weights).
+WEIGHT_PASSTHROUGH_OPS: tuple[str, ...] = ("Identity", "Cast", "Transpose", "Reshape")
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
@@ -444,3 +450,9 @@ def is_shape_op(node: gs.Node) -> bool:
     """Integer/shape computations that never carry Q/DQ (V4)."""
     rule = rule_for(node.op)
     return rule is not None and rule.role == "shape"
+
+
+def fuses_with_conv_act(node: gs.Node) -> bool:
+    """A commuting op that joins a preceding INT8 Conv+activation kernel (F11: ConvActPool)."""
+    rule = rule_for(node.op)
+    return rule is not None and rule.commutes and "F11" in rule.rules
