@@ -23,14 +23,10 @@ _LAYERS_SHOWN = 20
 
 
 def _load(path: str | Path) -> onnx.ModelProto:
-    """Read a model; missing or unreadable files become :class:`ModelError`."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError("no such model file", path=str(p))
-    try:
-        return onnx.load(str(p))
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise ModelError(f"not a readable ONNX model ({type(exc).__name__})", path=str(p)) from None
+    """Read and validate a model through the package's one I/O module."""
+    from .io import load
+
+    return load(path, infer_shapes=False)
 
 
 def _fmt(value: float, digits: int = 2) -> str:

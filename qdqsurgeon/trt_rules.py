@@ -391,6 +391,12 @@ def _weight_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
         if value is not None:
             return tuple(np.shape(value))
         node = producer(tensor)
+        if node is not None and node.op == "Transpose":
+            inner = _weight_shape(node.inputs[0])
+            if inner is None:
+                return None
+            perm = node.attrs.get("perm") or list(reversed(range(len(inner))))
+            return tuple(inner[p] for p in perm)
         if node is None or not (is_q(node) or is_dq(node) or node.op in ("Identity", "Cast")):
             return None
         tensor = node.inputs[0]

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qdqsurgeon.check import compare, sqnr_db
 from qdqsurgeon.cli_check import check_command
-from qdqsurgeon.errors import DataError, ModelError, QdqError
+from qdqsurgeon.errors import UsageError, DataError, ModelError, QdqError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "models"
 
@@ -198,7 +198,8 @@ def test_cli_table_and_min_sqnr_exit_code(files):
 
 def test_cli_errors(files):
     missing = run(files / "nope.onnx", files / "qdq.onnx", "--data", files / "data.npz")
-    assert isinstance(missing.exception, ModelError) and "nope.onnx" in str(missing.exception)
+    # a missing file is a usage error (exit 2), as in every other command
+    assert isinstance(missing.exception, UsageError) and "nope.onnx" in str(missing.exception)
     (files / "junk.onnx").write_bytes(b"\x00\x01garbage")
     junk = run(files / "fp32.onnx", files / "junk.onnx", "--data", files / "data.npz")
     assert isinstance(junk.exception, ModelError)
