@@ -292,7 +292,9 @@ def commutes(node: gs.Node) -> bool:
     rule = rule_for(node.op)
     if rule is None or not rule.commutes:
         return False
-    if node.inputs and _is_integer_tensor(node.inputs[0]):
+    if node.inputs and (_is_integer_tensor(node.inputs[0]) or is_shape_op(producer(node.inputs[0]))):
+        return False
+    if node.outputs and _is_integer_tensor(node.outputs[0]):
         return False
     if node.op == "Pad":
         mode = node.attrs.get("mode", "constant")
@@ -452,8 +454,10 @@ def is_float_only(node: gs.Node, sensitive_ops: Iterable[str] = DEFAULT_SENSITIV
     return rule is None or rule.role == "float"
 
 
-def is_shape_op(node: gs.Node) -> bool:
+def is_shape_op(node: gs.Node | None) -> bool:
     """Integer/shape computations that never carry Q/DQ (V4)."""
+    if node is None:
+        return False
     rule = rule_for(node.op)
     return rule is not None and rule.role == "shape"
 
