@@ -404,3 +404,50 @@ def test_pytorch_qat_export_matches_the_naive_engine_pattern():
     # Same placement as the TREx naive engine minus its classifier: input + 15 block outputs.
     assert pred.standalone_qdq_layers == 16
     assert sorted(set(rules_of(pred))) == ["C1", "F5", "P10"]
+
+
+def _engine_qdq_sites(path: Path) -> list[str]:
+    """Where each standalone Q/DQ of a dump sits: 'input', 'features.N' (its producer's block) or 'head'."""
+    import re
+
+    layers = engine_layers(path)
+    writer = {t["Name"]: layer["Name"] for layer in layers for t in layer.get("Outputs", [])}
+    sites = []
+    for layer in layers:
+        if layer.get("Origin") != "QDQ":
+            continue
+        src = writer.get(layer["Inputs"][0]["Name"])
+        block = re.search(r"features\.(\d+)\.", src or "")
+        sites.append("input" if src is None else f"features.{block.group(1)}" if block else "head")
+    return sorted(sites)
+
+
+def _predicted_sites(pred: TrtPrediction) -> list[str]:
+    import re
+
+    sites = []
+    for s in pred.standalone_layers:
+        block = re.search(r"features\.(\d+)/", s.tensor)
+        sites.append("input" if s.tensor == "input" else f"features.{block.group(1)}" if block else "head")
+    return sorted(sites)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("residual", [False, True], ids=["naive", "residual"])
+def test_mobilenet_v2_standalone_qdq_sit_where_the_engine_has_them(residual):
+    path = RESIDUAL_JSON if residual else NAIVE_JSON
+    need(path)
+    need(SHARED / "models" / "fp32" / "mobilenetv2_bottleneck.onnx")
+    pred = predict(mobilenet_v2_from_shared(residual=residual))
+    assert _predicted_sites(pred) == _engine_qdq_sites(path)
+
+
+def test_float_model_has_no_int8_and_no_standalone_qdq():
+    b = Builder()
+    x = b.input("x", [1, 8, 16, 16])
+    y = b.conv(x, 8, qx=False, qw=False, act="relu", name="conv")
+    b.output(b.conv(y, 8, qx=False, qw=False, name="conv_b"))
+    pred = predict(b.build())
+    assert pred.standalone_qdq_layers == 0 and pred.precision_transitions == 0
+    assert pred.int8_weighted_ops == 0 and pred.int8_mac_fraction == 0.0
+    assert {w["precision"] for w in pred.weighted_ops} == {FLOAT}
