@@ -30,14 +30,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from . import trt_rules as R
-from .graph import DQ_OP, Q_OP, const_value, is_dq, is_q, producer, qparams, weight_input_index
+from .graph import const_value, is_dq, is_q, producer, qparams, weight_input_index
 
 __all__ = ["StandaloneLayer", "WeightedOpPrediction", "TrtPrediction", "predict", "weighted_op_macs"]
 
@@ -311,7 +311,7 @@ class _Sim:
                 if t is old:
                     c.inputs[i] = new
 
-    def _const_path(self, t: gs.Tensor | None) -> bool:
+    def const_path(self, t: gs.Tensor | None) -> bool:
         # A weight may sit behind Q, DQ, Identity, Cast or Transpose (TF exports transpose weights).
         for _ in range(8):
             if t is None:
@@ -342,7 +342,7 @@ class _Sim:
 
     def mark_weights(self) -> None:
         for n in self.nodes:
-            if (is_q(n) or is_dq(n)) and n.inputs and self._const_path(n.inputs[0]):
+            if (is_q(n) or is_dq(n)) and n.inputs and self.const_path(n.inputs[0]):
                 self.weight_qdq.add(id(n))
 
     def dedupe(self) -> bool:
@@ -606,7 +606,7 @@ def _fuse(sim: _Sim):
             unit = [sig, n]
         elif R.is_quantizable_wrapped(n) and not R.is_float_only(n):
             # Constant operands (also DQ'd constants, e.g. ORT's quantized anchors) need no DQ of their own.
-            data = [n.inputs[i] for i in R.data_input_indices(n) if not sim._const_path(n.inputs[i])]
+            data = [n.inputs[i] for i in R.data_input_indices(n) if not sim.const_path(n.inputs[i])]
         else:
             why = ("P9", f"{n.name} ({n.op}) has no INT8 kernel; runs float") if rule is not None else \
                 ("P9", f"{n.name} ({n.op}) is not in the TensorRT rules table; assumed float")

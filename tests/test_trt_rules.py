@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto
