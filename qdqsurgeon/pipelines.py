@@ -1,14 +1,46 @@
-"""Named pipelines: ordered lists of pass names (the order is part of the design, see comments)."""
+"""Named pipelines: ordered lists of pass names.
+
+Why the PTQ order is what it is:
+
+1. ``insert-qdq`` puts Q/DQ on every weighted op's inputs (P1): the starting point.
+2. ``exclude-output-layers`` runs next so that every later pass sees the final set of quantized
+   consumers; run later, the residual and pooling passes would add Q/DQ feeding layers that end
+   up float, leaving half-quantized ops behind (P9, P7).
+3. ``quantize-residual`` adds the skip-input pairs (P3); they join fan-out groups, so it runs
+   before scales are aligned.
+4. ``align-scales`` makes tied tensors agree (P4-P6); only then do all readers of a commuting
+   op agree, which ...
+5. ... ``move-qdq`` needs to carry pairs back to the producers (C1), so conv outputs become INT8.
+6. ``quantize-pooling`` wraps GAP/Resize/pointwise ops whose outputs the moves made quantized,
+   and unwraps half-quantized ones (P7). The pairs it adds can join tied groups, so
+   ``align-scales`` and ``move-qdq`` run once more after it (both are idempotent).
+7. ``remove-misplaced-qdq`` fixes Pad/bias/output placements any earlier pass may have left (P8, V4).
+8. Cleanup: ``fold-qdq-pairs`` removes DQ->Q round trips that moves created, ``dedupe-qdq``
+   merges identical pairs (C1, P6).
+
+The fix pipeline is the same without insertion: the model's own Q/DQ are normalized first.
+"""
 
 from __future__ import annotations
 
-__all__ = ["PIPELINES", "CLEANUP"]
+__all__ = ["PIPELINES", "CLEANUP", "PLACEMENT"]
 
-# Cleanup runs last in every pipeline: earlier passes leave shareable or cancelling pairs behind.
 CLEANUP: tuple[str, ...] = ("fold-qdq-pairs", "dedupe-qdq")
+PLACEMENT: tuple[str, ...] = (
+    "exclude-output-layers",
+    "quantize-residual",
+    "align-scales",
+    "move-qdq",
+    "quantize-pooling",
+    "align-scales",
+    "move-qdq",
+    "remove-misplaced-qdq",
+)
 
 PIPELINES: dict[str, tuple[str, ...]] = {
     "cleanup": CLEANUP,
-    "ptq": ("insert-qdq", *CLEANUP),
-    "fix": CLEANUP,
+    "ptq": ("insert-qdq", *PLACEMENT, *CLEANUP),
+    "fix": ("normalize-qdq", *PLACEMENT, *CLEANUP),
+    "requantize": ("remove-qdq", "insert-qdq", *PLACEMENT, *CLEANUP),
+    "insert-only": ("insert-qdq", *CLEANUP),
 }

@@ -6,6 +6,12 @@ from .base import Instrument, Pass, PassContext, PassManager, PassResult, Pipeli
 from .fold_qdq_pairs import FoldQdqPairs
 from .dedupe_qdq import DedupeQdq
 from .insert_qdq import InsertQdq
+from .exclude_output_layers import ExcludeOutputLayers
+from .quantize_residual import QuantizeResidual
+from .align_scales import AlignScales
+from .move_qdq import MoveQdq
+from .quantize_pooling import QuantizePooling
+from .remove_misplaced_qdq import RemoveMisplacedQdq
 
 __all__ = [
     "BUILTIN_PASSES",
@@ -21,6 +27,12 @@ __all__ = [
 
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
     InsertQdq,
+    ExcludeOutputLayers,
+    QuantizeResidual,
+    AlignScales,
+    MoveQdq,
+    QuantizePooling,
+    RemoveMisplacedQdq,
     FoldQdqPairs,
     DedupeQdq,
 )

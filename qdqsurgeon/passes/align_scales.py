@@ -1,0 +1,125 @@
+"""align-scales: tensors TensorRT treats as one INT8 buffer share one scale (P4, P5, P6).
+
+Before → after::
+
+    a ─ qdq(s1) ─┐                               a ─ qdq(s) ─┐
+    b ───────────Concat ─ qdq(s3) ─ Conv    →    b ─ qdq(s) ─Concat ─ qdq(s) ─ Conv
+    t ─ qdq(s1) ─ Conv_a, t ─ qdq(s2) ─ Conv_b  →  t ─ qdq(s) ─ {Conv_a, Conv_b}
+
+Tensors are tied when a commuting op joins them (every input and output of a Concat or Split,
+input and output of MaxPool, reshapes, slices, zero Pad), and every Q reading a tied tensor
+gets one scale: ``--align max`` takes the largest (the union of the ranges: nothing that was
+representable clips), ``--align output`` the scale of the Q furthest downstream (the consumer's).
+A Concat whose output is quantized gets the pair on every input that lacks one. Error bound:
+a re-scaled tensor moves by at most one step of the new scale (half a step of the old grid plus
+half a step of the new). Per-tensor int8 Q/DQ with zero point 0 only; others are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import is_dq, is_q, qparams
+from ..qdq import source_of
+from ..rewriter import Rewriter
+from ..trt_rules import commutes, data_input_indices
+from .base import Pass, PassContext
+from .move_qdq import copy_pair_backward
+
+__all__ = ["AlignScales", "tied_groups"]
+
+logger = logging.getLogger(__name__)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, a: int) -> int:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def _plain_int8(q: gs.Node) -> bool:
+    qp = qparams(q)
+    return qp is not None and not qp.per_channel and qp.scale.dtype == np.float32 and \
+        (qp.zero_point is None or (qp.zero_point.dtype == np.int8 and not qp.zero_point.any()))
+
+
+def tied_groups(graph: gs.Graph) -> list[list[gs.Tensor]]:
+    """Groups of float tensors that must share one INT8 scale, in graph order."""
+    uf = _UnionFind()
+    tensors: dict[int, gs.Tensor] = {}
+    order: dict[int, int] = {}
+    for pos, node in enumerate(graph.nodes):
+        for t in node.outputs:
+            order.setdefault(id(t), pos)
+        if not commutes(node) or node.op == "Cast":
+            continue
+        members = [source_of(node.inputs[i]) for i in data_input_indices(node) if node.inputs[i] is not None]
+        members += list(node.outputs)
+        members = [m for m in members if m.dtype is None or np.dtype(m.dtype).kind == "f"]
+        for m in members:
+            tensors[id(m)] = m
+        for m in members[1:]:
+            uf.union(id(members[0]), id(m))
+    for node in graph.nodes:  # every quantized tensor is at least its own group (fan-out, P6)
+        if is_q(node):
+            tensors.setdefault(id(node.inputs[0]), node.inputs[0])
+    groups: dict[int, list[gs.Tensor]] = {}
+    for key, t in tensors.items():
+        groups.setdefault(uf.find(key), []).append(t)
+    out = [sorted(g, key=lambda t: order.get(id(t), -1)) for g in groups.values()]
+    return sorted(out, key=lambda g: order.get(id(g[0]), -1))
+
+
+class AlignScales(Pass):
+    """Give every Q on tied tensors (Concat/Split/MaxPool/reshape neighbours, fan-out) one scale."""
+
+    name = "align-scales"
+    summary = "One scale for tensors TensorRT shares as one INT8 buffer (Concat, MaxPool, fan-out); missing Concat-input Q/DQ inserted"
+    rules = ("P4", "P5", "P6")
+
+    def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
+        # A quantized Concat output wants every input quantized (P4); insert first, so the new
+        # pairs are unified with the rest of their group below.
+        for node in list(graph.nodes):
+            if node.op == "Concat" and not rw.is_removed(node):
+                copy_pair_backward(graph, node, rw, rule="P4")
+        for group in tied_groups(graph):
+            qs = [n for t in group for n in t.outputs if is_q(n)]
+            if not qs or not all(_plain_int8(q) for q in qs):
+                continue
+            scales = [float(qparams(q).scale) for q in qs]
+            if len(set(scales)) > 1:
+                target = self._target(group, qs, ctx.config.align)
+                names = ", ".join(t.name for t in group[:4]) + (" ..." if len(group) > 4 else "")
+                for q in qs:
+                    old = float(qparams(q).scale)
+                    if old == target:
+                        continue
+                    why = f"{ctx.config.align} policy over tied tensors [{names}] (max requantization error 1 step)"
+                    rw.set_constant(q, 1, np.float32(target), base=f"{q.name}_scale", detail=f"scale of {q.inputs[0].name}: {why}", rule="P4")
+                    for dq in q.outputs[0].outputs:
+                        if is_dq(dq):
+                            rw.set_constant(dq, 1, np.float32(target), base=f"{dq.name}_scale", detail="follows its Q", rule="P4")
+
+    @staticmethod
+    def _target(group: list[gs.Tensor], qs: list[gs.Node], policy: str) -> float:
+        scales = [float(qparams(q).scale) for q in qs]
+        if policy == "output":
+            last = [float(qparams(q).scale) for q in qs if q.inputs[0] is group[-1]]
+            if last:
+                return max(last)
+        return max(scales)

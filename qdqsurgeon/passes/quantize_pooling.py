@@ -1,0 +1,93 @@
+"""quantize-pooling: non-weighted quantizable ops are fully wrapped or left float, never half (P7).
+
+Before → after (output read quantized by an INT8 layer)::
+
+    Conv ─ GAP ─ qdq ─ Gemm(W~)          →   Conv ─ qdq ─ GAP ─ qdq ─ Gemm(W~)
+    ⇒ Conv [i8→i8], GAP [i8→i8], Gemm reads INT8 directly
+
+Before → after (output read in float)::
+
+    qdq(x) ─ AveragePool ─ float consumer  →   x ─ AveragePool ─ float consumer
+
+Applies to AveragePool/GlobalAveragePool, ReduceMean, Resize, and Add/Mul/Sub/Sigmoid/... that
+are not a conv epilogue (residual Adds belong to quantize-residual, SiLU to the conv chain).
+When the output is quantized by every reader, each unquantized data input gets a pair from its
+calibrated range (a nearest Resize reuses the output scale: it only copies values). When the
+output stays float, the op reads its inputs in float. Error bound: a new input pair rounds
+within half a step of its scale; unwrapping makes the op exact float.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import qparams
+from ..qdq import dequantized_input, ensure_pair, pair_reading, pairs_on
+from ..quant import scale_from_amax
+from ..rewriter import Rewriter
+from ..trt_rules import data_input_indices, is_epilogue, is_quantizable_wrapped, is_silu_mul, is_silu_sigmoid
+from .base import Pass, PassContext
+from .move_qdq import agreed_output_scale
+from .quantize_residual import residual_sides
+
+__all__ = ["QuantizePooling"]
+
+logger = logging.getLogger(__name__)
+
+
+def _mode(node: gs.Node) -> str:
+    mode = node.attrs.get("mode", "nearest")
+    return mode.decode() if isinstance(mode, bytes) else str(mode)
+
+
+class QuantizePooling(Pass):
+    """Fully wrap (DQ on every input, Q on the output) or fully unwrap non-weighted quantizable ops."""
+
+    name = "quantize-pooling"
+    summary = "Pooling/Resize/standalone pointwise ops: fully wrapped in Q/DQ when their readers are INT8, else float"
+    rules = ("P7",)
+
+    def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
+        for node in list(graph.nodes):
+            if rw.is_removed(node) or not is_quantizable_wrapped(node):
+                continue
+            if residual_sides(node) is not None or is_silu_mul(node) or is_silu_sigmoid(node):
+                continue
+            if node.op in ("Relu", "Clip", "LeakyRelu", "BatchNormalization") and is_epilogue(node):
+                continue
+            data = [i for i in data_input_indices(node) if node.inputs[i] is not None]
+            if not data:
+                continue
+            quantized = [pair_reading(node.inputs[i]) is not None for i in data]
+            out_scale = agreed_output_scale(graph, node)
+            if out_scale is not None and all(quantized):
+                continue
+            if out_scale is None:
+                if any(quantized):
+                    for i, q in zip(data, quantized):
+                        if q:
+                            dequantized_input(rw, node, i, detail=f"{node.op} {node.name} output is read in float: no half-quantized op",
+                                              rule="P7")
+                continue
+            self._wrap(node, data, quantized, out_scale, rw, ctx)
+
+    def _wrap(self, node: gs.Node, data: list[int], quantized: list[bool], out_scale: np.ndarray, rw: Rewriter,
+              ctx: PassContext) -> None:
+        missing = [node.inputs[i] for i, q in zip(data, quantized) if not q]
+        amax = ctx.amax([t.name for t in missing])
+        for t in missing:
+            shared = [qparams(q) for q, _ in pairs_on(t)]
+            shared = [qp for qp in shared if qp is not None and not qp.per_channel]
+            if shared:  # another reader already quantizes it: share that pair (P6)
+                scale, how = shared[0].scale, "shares the pair already on the input"
+            elif t.name in amax:
+                scale, how = scale_from_amax(amax[t.name]), "calibrated range"
+            elif node.op == "Resize" and _mode(node) == "nearest":
+                scale, how = out_scale, "nearest Resize copies values: output scale"
+            else:
+                rw.note(node, f"input {t.name} has no calibrated range; {node.op} left half-quantized", rule="P7")
+                continue
+            ensure_pair(rw, t, [node], scale, detail=f"{node.op} {node.name} fully wrapped ({how})", rule="P7")

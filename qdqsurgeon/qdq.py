@@ -1,0 +1,153 @@
+"""Q/DQ-level queries and edits shared by the placement passes.
+
+Terms: a *pair* on tensor ``t`` is ``t ─ Q ─ DQ``; a consumer *reads t quantized* when its input
+is the output of such a DQ. A tensor is *uniformly quantized* when every consumer of it is a Q
+with identical parameters (rule C1: only then may TensorRT move the Q into the producer).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import const_value, is_dq, is_graph_output, is_q, producer, qparams, same_qparams
+from .rewriter import Rewriter
+from .trt_rules import is_epilogue, is_silu_mul, is_weighted
+
+__all__ = [
+    "pair_reading",
+    "pairs_on",
+    "source_of",
+    "uniform_q",
+    "scale_of",
+    "ensure_pair",
+    "dequantized_input",
+    "conv_chain_head",
+    "chain_is_exclusive",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def pair_reading(tensor: gs.Tensor) -> tuple[gs.Node, gs.Node] | None:
+    """If ``tensor`` is the output of DQ(Q(x)), the (Q, DQ) pair; else None."""
+    dq = producer(tensor)
+    if not is_dq(dq):
+        return None
+    q = producer(dq.inputs[0])
+    if not is_q(q):
+        return None
+    return q, dq
+
+
+def source_of(tensor: gs.Tensor) -> gs.Tensor:
+    """The float tensor a DQ(Q(x)) output stands for (``x``), or ``tensor`` itself."""
+    pair = pair_reading(tensor)
+    return pair[0].inputs[0] if pair else tensor
+
+
+def pairs_on(tensor: gs.Tensor) -> list[tuple[gs.Node, gs.Node]]:
+    """Every (Q, DQ) pair whose Q reads ``tensor``."""
+    out = []
+    for q in tensor.outputs:
+        if is_q(q):
+            out.extend((q, dq) for dq in q.outputs[0].outputs if is_dq(dq))
+    return out
+
+
+def uniform_q(graph: gs.Graph, tensor: gs.Tensor) -> list[gs.Node] | None:
+    """The Q consumers of ``tensor`` when every consumer is a Q with identical parameters (C1)."""
+    readers = list(tensor.outputs)
+    if not readers or is_graph_output(graph, tensor):
+        return None
+    if not all(is_q(n) for n in readers):
+        return None
+    first = readers[0]
+    if not all(same_qparams(first, n) for n in readers[1:]):
+        return None
+    return readers
+
+
+def scale_of(node: gs.Node) -> np.ndarray | None:
+    qp = qparams(node)
+    return None if qp is None else qp.scale
+
+
+def ensure_pair(rw: Rewriter, tensor: gs.Tensor, consumers: Iterable[gs.Node], scale: np.ndarray, *,
+                detail: str, rule: str) -> gs.Tensor:
+    """Make ``consumers`` read ``tensor`` through a per-tensor pair with ``scale``.
+
+    Reuses an existing pair on ``tensor`` with that exact scale (P6) before inserting a new one.
+    Returns the DQ output the consumers now read.
+    """
+    scale = np.asarray(scale, dtype=np.float32).reshape(())
+    consumers = [c for c in consumers]
+    for q, dq in pairs_on(tensor):
+        qp = qparams(q)
+        if qp is not None and not qp.per_channel and qp.scale.dtype == np.float32 and np.array_equal(qp.scale.reshape(()), scale) \
+                and (qp.zero_point is None or (qp.zero_point.dtype == np.int8 and not np.any(qp.zero_point))):
+            out = dq.outputs[0]
+            for c in consumers:
+                for i, t in enumerate(c.inputs):
+                    if t is tensor:
+                        rw.set_input(c, i, out, detail=f"share {q.name}: {detail}", rule=rule)
+            return out
+    _, _, out = rw.insert_qdq(tensor, scale, np.zeros((), np.int8), consumers=consumers, detail=detail, rule=rule)
+    return out
+
+
+def dequantized_input(rw: Rewriter, node: gs.Node, index: int, *, detail: str, rule: str) -> bool:
+    """Make ``node`` read the float source of its quantized input ``index``; the pair stays for others."""
+    t = node.inputs[index]
+    pair = pair_reading(t)
+    if pair is None:
+        return False
+    rw.set_input(node, index, pair[0].inputs[0], detail=detail, rule=rule)
+    return True
+
+
+def conv_chain_head(tensor: gs.Tensor, *, exclusive: bool = True) -> gs.Node | None:
+    """The weighted op whose fused chain (F3 epilogues) produces ``tensor``, or None.
+
+    Walks back through BN, ReLU/Clip/LeakyReLU, bias Add and SiLU (Sigmoid·Mul). With
+    ``exclusive`` every intermediate tensor must feed only the chain (otherwise TensorRT cannot
+    fuse it into one kernel with a residual Add).
+    """
+    t = tensor
+    for _ in range(16):
+        node = producer(t)
+        if node is None:
+            return None
+        if is_weighted(node):
+            if exclusive and len(t.outputs) > 1 and not _silu_fanout_ok(t):
+                return None
+            return node
+        if not is_epilogue(node) or node.op == "Add" and _is_residual(node):
+            return None
+        if exclusive and len(t.outputs) > 1 and not _silu_fanout_ok(t):
+            return None
+        if is_silu_mul(node):
+            t = next((i for i in node.inputs if not (producer(i) is not None and producer(i).op == "Sigmoid")), node.inputs[0])
+        else:
+            data = [i for i in node.inputs if const_value(i) is None]
+            if len(data) != 1:
+                return None
+            t = data[0]
+    return None
+
+
+def _is_residual(node: gs.Node) -> bool:
+    return node.op == "Add" and all(const_value(i) is None for i in node.inputs)
+
+
+def _silu_fanout_ok(t: gs.Tensor) -> bool:
+    """x feeding exactly Sigmoid(x) and Mul(x, Sigmoid(x)) is still one fusible SiLU."""
+    readers = t.outputs
+    return len(readers) == 2 and {n.op for n in readers} == {"Sigmoid", "Mul"} and any(is_silu_mul(n) for n in readers)
+
+
+def chain_is_exclusive(head: gs.Node, tensor: gs.Tensor) -> bool:
+    return conv_chain_head(tensor, exclusive=True) is head
