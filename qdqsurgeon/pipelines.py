@@ -18,7 +18,9 @@ Why the PTQ order is what it is:
 8. Cleanup: ``fold-qdq-pairs`` removes DQ->Q round trips that moves created, ``dedupe-qdq``
    merges identical pairs (C1, P6).
 
-The fix pipeline is the same without insertion: the model's own Q/DQ are normalized first.
+The fix pipeline is the same without insertion: the model's own Q/DQ are normalized first, and
+``remove-misplaced-qdq`` also runs right after normalization, so that Q/DQ splitting conv
+epilogue chains (onnxruntime's placement) is gone before residuals and scales are examined.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ PLACEMENT: tuple[str, ...] = (
 PIPELINES: dict[str, tuple[str, ...]] = {
     "cleanup": CLEANUP,
     "ptq": ("insert-qdq", *PLACEMENT, *CLEANUP),
-    "fix": ("normalize-qdq", *PLACEMENT, *CLEANUP),
+    "fix": ("normalize-qdq", "remove-misplaced-qdq", *PLACEMENT, *CLEANUP),
     "requantize": ("remove-qdq", "insert-qdq", *PLACEMENT, *CLEANUP),
     "insert-only": ("insert-qdq", *CLEANUP),
 }

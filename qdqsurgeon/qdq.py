@@ -27,6 +27,8 @@ __all__ = [
     "dequantized_input",
     "conv_chain_head",
     "chain_is_exclusive",
+    "int8_readers",
+    "drop_float_only_pairs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,3 +153,57 @@ def _silu_fanout_ok(t: gs.Tensor) -> bool:
 
 def chain_is_exclusive(head: gs.Node, tensor: gs.Tensor) -> bool:
     return conv_chain_head(tensor, exclusive=True) is head
+
+
+def int8_readers(graph: gs.Graph, tensor: gs.Tensor, depth: int = 0) -> bool:
+    """Whether any reader of ``tensor`` (a DQ output) can take it as INT8 in TensorRT.
+
+    INT8 readers: a weighted op's activation, a Q (requantize or a shared pair), an Add or other
+    op that quantize-residual/quantize-pooling may keep quantized, or a commuting op whose own
+    output has such a reader. Anything else (epilogues, float-only ops, graph outputs, a weighted
+    op that was excluded and reads its weight in float) takes float.
+    """
+    from .trt_rules import commutes, is_quantizable_wrapped, weight_input_index
+
+    if depth > 16:
+        return True  # be conservative on very long commuting chains
+    for n in tensor.outputs:
+        if is_q(n):
+            if any(n.outputs[0].outputs) or is_graph_output(graph, n.outputs[0]):
+                return True
+            continue  # an orphaned Q (its DQ was just removed) reads nothing for anyone
+        if is_weighted(n):
+            widx = weight_input_index(n)
+            if widx is not None and n.inputs[widx] is not tensor and is_dq(producer(n.inputs[widx])):
+                return True
+            continue
+        if commutes(n):
+            if any(int8_readers(graph, o, depth + 1) for o in n.outputs):
+                return True
+            continue
+        if is_quantizable_wrapped(n) and not is_epilogue(n):
+            return True
+        if n.op == "Add" and _is_residual(n):
+            return True
+    return False
+
+
+def drop_float_only_pairs(graph: gs.Graph, rw: Rewriter, *, rule: str) -> None:
+    """Remove activation Q/DQ pairs no reader can use in INT8 (they would be a Quantize + Dequantize kernel).
+
+    Walks from the outputs back, so a pair that only fed another float-only pair goes too.
+    Exact in the other direction: the readers get the float value the pair approximated.
+    """
+    for node in reversed(list(graph.nodes)):
+        if rw.is_removed(node) or not is_dq(node):
+            continue
+        q = producer(node.inputs[0])
+        if not is_q(q) or const_value(q.inputs[0]) is not None:
+            continue  # weights are quantized for their op, not for readers downstream
+        out = node.outputs[0]
+        if is_graph_output(graph, out) or int8_readers(graph, out):
+            continue
+        rw.replace_uses(out, q.inputs[0], detail=f"{node.name} only feeds float layers", rule=rule)
+        rw.remove_node(node, detail="Q/DQ pair read only in float: it would run as standalone kernels (P2)", rule=rule)
+        if not q.outputs[0].outputs:
+            rw.remove_node(q, detail="its only DQ was removed", rule=rule)

@@ -6,6 +6,8 @@ from .base import Instrument, Pass, PassContext, PassManager, PassResult, Pipeli
 from .fold_qdq_pairs import FoldQdqPairs
 from .dedupe_qdq import DedupeQdq
 from .insert_qdq import InsertQdq
+from .normalize_qdq import NormalizeQdq
+from .strip_qdq import RemoveQdq
 from .exclude_output_layers import ExcludeOutputLayers
 from .quantize_residual import QuantizeResidual
 from .align_scales import AlignScales
@@ -27,6 +29,8 @@ __all__ = [
 
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
     InsertQdq,
+    NormalizeQdq,
+    RemoveQdq,
     ExcludeOutputLayers,
     QuantizeResidual,
     AlignScales,

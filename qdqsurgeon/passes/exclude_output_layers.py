@@ -9,7 +9,9 @@ An *output layer* is a weighted op from which a graph output is reachable withou
 through another weighted op or a residual Add (so detection heads, DFL and classifier layers
 count, but the residual stream of a transformer or ResNet does not). Removing its Q/DQ makes its
 output exact float again: numerics move towards the float model. ``--keep-output-layers`` keeps
-them quantized. Q/DQ on graph outputs is removed in every case (P9).
+them quantized. Q/DQ in the float head after those layers (box decoding, DFL, sigmoids) goes too.
+Q/DQ on graph outputs is removed in every case (P9), and so are pairs that,
+once the output layers are float, no reader takes in INT8 (they would be standalone kernels).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import const_value, is_dq, is_graph_output, is_q, producer, qparams
-from ..qdq import conv_chain_head, dequantized_input, pair_reading
+from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading
 from ..quant import dequantize
 from ..rewriter import Rewriter
 from ..trt_rules import is_weighted, weight_input_index
@@ -96,6 +98,21 @@ def restore_float_weight(rw: Rewriter, node: gs.Node, *, rule: str, detail: str)
     return True
 
 
+def _head_region(excluded: list[gs.Node]) -> list[gs.Tensor]:
+    """Tensors computed from the excluded layers' outputs (the detection/classifier head), in order."""
+    seen: dict[int, gs.Tensor] = {}
+    stack = [t for n in excluded for t in n.outputs]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen[id(t)] = t
+        for reader in t.outputs:
+            if not is_weighted(reader):
+                stack.extend(reader.outputs)
+    return list(seen.values())
+
+
 class ExcludeOutputLayers(Pass):
     """Keep weighted ops feeding graph outputs float, and never leave Q/DQ on a graph output (P9)."""
 
@@ -105,11 +122,26 @@ class ExcludeOutputLayers(Pass):
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         if not ctx.config.keep_output_layers:
-            for node in output_layers(graph):
+            excluded = output_layers(graph)
+            for node in excluded:
                 widx = weight_input_index(node)
                 aidx = 1 - widx if node.op == "MatMul" and widx is not None else 0
                 act = dequantized_input(rw, node, aidx, detail=f"{node.name} feeds a graph output: activation stays float", rule="P9")
                 wgt = restore_float_weight(rw, node, rule="P9", detail=f"{node.name} feeds a graph output: weight stays float")
                 if act or wgt:
                     rw.note(node, "output layer kept float (use --keep-output-layers to quantize it)", rule="P9")
+            self._float_head(graph, rw, excluded)
+            # Pairs that fed only the excluded layers (possibly through reshapes) now feed float.
+            drop_float_only_pairs(graph, rw, rule="P9")
         drop_output_qdq(graph, rw)
+
+    @staticmethod
+    def _float_head(graph: gs.Graph, rw: Rewriter, excluded: list[gs.Node]) -> None:
+        """Post-processing after the float output layers (box decoding, DFL, sigmoid) stays float too."""
+        for t in _head_region(excluded):
+            for q in [n for n in t.outputs if is_q(n)]:
+                for dq in [n for n in q.outputs[0].outputs if is_dq(n)]:
+                    rw.replace_uses(dq.outputs[0], t, detail=f"{t.name} is computed by the float head", rule="P9")
+                    rw.remove_node(dq, detail="Q/DQ inside the float head (after the output layers)", rule="P9")
+                if not q.outputs[0].outputs:
+                    rw.remove_node(q, detail="Q/DQ inside the float head (after the output layers)", rule="P9")

@@ -230,6 +230,10 @@ def _fmt(x: float) -> str:
     return f"{float(x):.6g}"
 
 
+# Ops after which onnxruntime's quantizer removes a Relu/Clip into the next Q's one-sided range.
+_FOLDS_ACTIVATION = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add"})
+
+
 def reinsert_folded_activation(graph: gs.Graph, rw: Rewriter, q: gs.Node, memo: dict[int, bool]) -> bool:
     """Put back the Relu / Clip(0, 6) a tool folded into ``q``'s one-sided range (V2); True if it did.
 
@@ -253,6 +257,10 @@ def reinsert_folded_activation(graph: gs.Graph, rw: Rewriter, q: gs.Node, memo: 
     if prod is None:
         rw.note(q, f"one-sided range [0, {_fmt(hi)}] on graph input {src.name}: negative inputs were clipped by the Q "
                    f"and will no longer be (inputs assumed inside the calibrated range)", rule="V2")
+        return False
+    if prod.op not in _FOLDS_ACTIVATION:
+        # e.g. SiLU's Mul or a pooling: a one-sided range there is the calibrated minimum rounding to
+        # the zero point (|min| < half a step), not a removed activation.
         return False
     relu6 = abs(hi - 6.0) <= 0.02 * 6.0
     act = "Clip(0, 6)" if relu6 else "Relu"
@@ -287,6 +295,7 @@ class NormalizeQdq(Pass):
         refuse_operator_quantization(graph)
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
+        self._drop_noop_casts(graph, rw)
         self._fold_bias_dq(graph, rw)
         self._remove_integer_qdq(graph, rw)
         self._remove_output_qdq(graph, rw)
@@ -300,6 +309,23 @@ class NormalizeQdq(Pass):
     @staticmethod
     def _live(graph: gs.Graph, rw: Rewriter, op: str) -> list[gs.Node]:
         return [n for n in graph.nodes if n.op == op and not rw.is_removed(n)]
+
+    # C1: no-op casts -----------------------------------------------------------------------------
+    def _drop_noop_casts(self, graph: gs.Graph, rw: Rewriter) -> None:
+        """float→same-float Casts (PyTorch quantizer exports) hide a tensor's Q/DQ from its other readers.
+
+        ``x ─ Cast(to=float) ─ y`` with x already float is the identity, so readers of y read x
+        (exact); TensorRT drops such casts too, so the placement passes must see through them.
+        """
+        for node in self._live(graph, rw, "Cast"):
+            src = node.inputs[0]
+            if src.dtype is None or not src.outputs:
+                continue
+            if onnx.helper.np_dtype_to_tensor_dtype(np.dtype(src.dtype)) != int(node.attrs.get("to", 0)):
+                continue
+            if not (src.inputs or any(t is src for t in graph.inputs)):
+                continue  # a Cast of a constant is folded elsewhere
+            rw.bypass(node, detail=f"Cast to the type {np.dtype(src.dtype)} it already has", rule="C1")
 
     # V4: int32 bias DQ ---------------------------------------------------------------------------
     def _fold_bias_dq(self, graph: gs.Graph, rw: Rewriter) -> None:
