@@ -85,11 +85,16 @@ def ensure_pair(rw: Rewriter, tensor: gs.Tensor, consumers: Iterable[gs.Node], s
     Reuses an existing pair on ``tensor`` with that exact scale (P6) before inserting a new one.
     Returns the DQ output the consumers now read.
     """
-    scale = np.asarray(scale, dtype=np.float32).reshape(())
+    scale = np.asarray(scale)
+    if tensor.dtype is not None and np.dtype(tensor.dtype) == np.float16:
+        scale = scale.astype(np.float16)  # a Q's scale has its input's type (opset 19)
+    elif scale.dtype != np.float16:
+        scale = scale.astype(np.float32)
+    scale = scale.reshape(())
     consumers = [c for c in consumers]
     for q, dq in pairs_on(tensor):
         qp = qparams(q)
-        if qp is not None and not qp.per_channel and qp.scale.dtype == np.float32 and np.array_equal(qp.scale.reshape(()), scale) \
+        if qp is not None and not qp.per_channel and qp.scale.dtype == scale.dtype and np.array_equal(qp.scale.reshape(()), scale) \
                 and (qp.zero_point is None or (qp.zero_point.dtype == np.int8 and not np.any(qp.zero_point))):
             out = dq.outputs[0]
             for c in consumers:

@@ -130,7 +130,9 @@ class Rewriter:
         """
         base = name or tensor.name
         attrs = {} if axis is None else {"axis": int(axis)}
-        scale_c = self.constant(f"{base}_scale", np.asarray(scale, dtype=np.float32))
+        scale = np.asarray(scale)
+        # The scale type is the precision of the DQ output (trt-rules section 1): float16 data keeps float16 scales.
+        scale_c = self.constant(f"{base}_scale", scale if scale.dtype in (np.float16, np.float32) else scale.astype(np.float32))
         zp_c = self.constant(f"{base}_zero_point", np.asarray(zero_point))
         q_out = gs.Variable(self.fresh_name(f"{base}_quantized"), dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
         dq_out = gs.Variable(self.fresh_name(f"{base}_dequantized"), dtype=tensor.dtype or np.float32, shape=tensor.shape)

@@ -53,7 +53,7 @@ class _UnionFind:
 
 def _plain_int8(q: gs.Node) -> bool:
     qp = qparams(q)
-    return qp is not None and not qp.per_channel and qp.scale.dtype == np.float32 and \
+    return qp is not None and not qp.per_channel and qp.scale.dtype in (np.float32, np.float16) and \
         (qp.zero_point is None or (qp.zero_point.dtype == np.int8 and not qp.zero_point.any()))
 
 
@@ -110,10 +110,11 @@ class AlignScales(Pass):
                     if old == target:
                         continue
                     why = f"{ctx.config.align} policy over tied tensors [{names}] (max requantization error 1 step)"
-                    rw.set_constant(q, 1, np.float32(target), base=f"{q.name}_scale", detail=f"scale of {q.inputs[0].name}: {why}", rule="P4")
+                    new = np.asarray(target, dtype=qparams(q).scale.dtype)  # float16 scales stay float16
+                    rw.set_constant(q, 1, new, base=f"{q.name}_scale", detail=f"scale of {q.inputs[0].name}: {why}", rule="P4")
                     for dq in q.outputs[0].outputs:
                         if is_dq(dq):
-                            rw.set_constant(dq, 1, np.float32(target), base=f"{dq.name}_scale", detail="follows its Q", rule="P4")
+                            rw.set_constant(dq, 1, new, base=f"{dq.name}_scale", detail="follows its Q", rule="P4")
 
     @staticmethod
     def _target(group: list[gs.Tensor], qs: list[gs.Node], policy: str) -> float:
