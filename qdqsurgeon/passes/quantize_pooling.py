@@ -51,6 +51,7 @@ class QuantizePooling(Pass):
     rules = ("P7",)
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
+        to_wrap: list[tuple[gs.Node, list[gs.Tensor], np.ndarray]] = []
         for node in list(graph.nodes):
             if rw.is_removed(node) or not is_quantizable_wrapped(node):
                 continue
@@ -72,12 +73,14 @@ class QuantizePooling(Pass):
                             dequantized_input(rw, node, i, detail=f"{node.op} {node.name} output is read in float: no half-quantized op",
                                               rule="P7")
                 continue
-            self._wrap(node, data, quantized, out_scale, rw, ctx)
+            to_wrap.append((node, [node.inputs[i] for i, q in zip(data, quantized) if not q], out_scale))
+        # One calibration request for every input to wrap: each request is a pass over the data.
+        amax = ctx.amax(list(dict.fromkeys(t.name for _, missing, _ in to_wrap for t in missing)))
+        for node, missing, out_scale in to_wrap:
+            self._wrap(node, missing, out_scale, amax, rw)
 
-    def _wrap(self, node: gs.Node, data: list[int], quantized: list[bool], out_scale: np.ndarray, rw: Rewriter,
-              ctx: PassContext) -> None:
-        missing = [node.inputs[i] for i, q in zip(data, quantized) if not q]
-        amax = ctx.amax([t.name for t in missing])
+    def _wrap(self, node: gs.Node, missing: list[gs.Tensor], out_scale: np.ndarray, amax: dict[str, float],
+              rw: Rewriter) -> None:
         for t in missing:
             shared = [qparams(q) for q, _ in pairs_on(t)]
             shared = [qp for qp in shared if qp is not None and not qp.per_channel]
