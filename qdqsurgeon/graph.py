@@ -39,6 +39,7 @@ __all__ = [
     "is_graph_output",
     "weight_input_index",
     "weighted_weight",
+    "behind_constant",
     "opset_version",
     "iter_qdq_pairs",
 ]
@@ -229,13 +230,13 @@ def weight_input_index(node: gs.Node) -> int | None:
         return 1 if len(node.inputs) > 1 else None
     if node.op == "MatMul":
         for idx in (1, 0):
-            if _behind_qdq_constant(node.inputs[idx]):
+            if behind_constant(node.inputs[idx]):
                 return idx
         return None
     return None
 
 
-def _behind_qdq_constant(tensor: gs.Tensor) -> bool:
+def behind_constant(tensor: gs.Tensor) -> bool:
     """True if ``tensor`` is a constant, or a (Q→)DQ of a constant (a weight already quantized)."""
     node = producer(tensor)
     while node is not None and node.op in (DQ_OP, Q_OP, "Transpose", "Identity", "Cast"):

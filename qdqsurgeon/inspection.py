@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import (
+    behind_constant,
     DQ_OP,
     Q_OP,
     WEIGHTED_OPS,
@@ -98,14 +99,6 @@ def _from_dq(tensor: gs.Tensor) -> bool:
     return is_dq(node)
 
 
-def _is_constant_path(tensor: gs.Tensor) -> bool:
-    node = producer(tensor)
-    while node is not None and node.op in (Q_OP, DQ_OP, "Identity", "Cast", "Transpose"):
-        tensor = node.inputs[0]
-        node = producer(tensor)
-    return const_value(tensor) is not None
-
-
 def _weighted_ops(graph: gs.Graph) -> list[dict[str, Any]]:
     out = []
     for node in graph.nodes:
@@ -173,7 +166,7 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
                 problems.append(Problem("V3", node.name, f"per-channel Q/DQ needs opset 13, model has {opset}"))
             if not qp.axis_written:
                 problems.append(Problem("V3", node.name, "per-channel scale without explicit axis (TensorRT assumes 0, ONNX 1)"))
-            if not _is_constant_path(node.inputs[0]):
+            if not behind_constant(node.inputs[0]):
                 problems.append(Problem("V3", node.name, "per-channel quantization of an activation; TensorRT allows it on constant weights only"))
         if is_dq(node):
             for cons in node.outputs[0].outputs:
