@@ -94,9 +94,7 @@ class AlignScales(Pass):
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         # A quantized Concat output wants every input quantized (P4); insert first, so the new
         # pairs are unified with the rest of their group below.
-        for node in list(graph.nodes):
-            if node.op == "Concat" and not rw.is_removed(node):
-                copy_pair_backward(graph, node, rw, rule="P4")
+        self._fill_concat_inputs(graph, rw)
         for group in tied_groups(graph):
             qs = [n for t in group for n in t.outputs if is_q(n)]
             if not qs or not all(_plain_int8(q) for q in qs):
@@ -115,6 +113,18 @@ class AlignScales(Pass):
                     for dq in q.outputs[0].outputs:
                         if is_dq(dq):
                             rw.set_constant(dq, 1, new, base=f"{dq.name}_scale", detail="follows its Q", rule="P4")
+
+        # Concats whose output readers agreed only once aligned (one quantizer per consumer, with
+        # different scales) get their missing input pairs now, at the unified scale; without this
+        # a second run would still insert them (the pass would not be idempotent).
+        self._fill_concat_inputs(graph, rw)
+
+    @staticmethod
+    def _fill_concat_inputs(graph: gs.Graph, rw: Rewriter) -> None:
+        # From the outputs back, so a Concat feeding another Concat sees the pair just given to its output.
+        for node in reversed(list(graph.nodes)):
+            if node.op == "Concat" and not rw.is_removed(node):
+                copy_pair_backward(graph, node, rw, rule="P4")
 
     @staticmethod
     def _target(group: list[gs.Tensor], qs: list[gs.Node], policy: str) -> float:

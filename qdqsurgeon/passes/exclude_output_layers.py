@@ -113,6 +113,20 @@ def _head_region(excluded: list[gs.Node]) -> list[gs.Tensor]:
     return list(seen.values())
 
 
+def _feeds_quantized_weighted(tensor: gs.Tensor, excluded: set[int], depth: int = 0) -> bool:
+    """Whether a weighted op that is not excluded and has a quantized weight reads ``tensor`` (through commuting ops)."""
+    from ..trt_rules import commutes
+
+    for n in tensor.outputs:
+        if is_weighted(n) and id(n) not in excluded:
+            widx = weight_input_index(n)
+            if widx is not None and n.inputs[widx] is not tensor and is_dq(producer(n.inputs[widx])):
+                return True
+        elif depth < 16 and commutes(n) and any(_feeds_quantized_weighted(o, excluded, depth + 1) for o in n.outputs):
+            return True
+    return False
+
+
 class ExcludeOutputLayers(Pass):
     """Keep weighted ops feeding graph outputs float, and never leave Q/DQ on a graph output (P9)."""
 
@@ -138,9 +152,14 @@ class ExcludeOutputLayers(Pass):
     @staticmethod
     def _float_head(graph: gs.Graph, rw: Rewriter, excluded: list[gs.Node]) -> None:
         """Post-processing after the float output layers (box decoding, DFL, sigmoid) stays float too."""
+        head = {id(n) for n in excluded}
         for t in _head_region(excluded):
             for q in [n for n in t.outputs if is_q(n)]:
                 for dq in [n for n in q.outputs[0].outputs if is_dq(n)]:
+                    if _feeds_quantized_weighted(dq.outputs[0], head):
+                        # The region stops at weighted readers: a quantized one outside the head
+                        # (the backbone continuing from a tapped output) keeps its input pair (C1).
+                        continue
                     rw.replace_uses(dq.outputs[0], t, detail=f"{t.name} is computed by the float head", rule="P9")
                     rw.remove_node(dq, detail="Q/DQ inside the float head (after the output layers)", rule="P9")
                 if not q.outputs[0].outputs:
