@@ -76,7 +76,13 @@ def tied_groups(graph: gs.Graph) -> list[list[gs.Tensor]]:
             uf.union(id(members[0]), id(m))
     for node in graph.nodes:  # every quantized tensor is at least its own group (fan-out, P6)
         if is_q(node):
-            tensors.setdefault(id(node.inputs[0]), node.inputs[0])
+            t = node.inputs[0]
+            tensors.setdefault(id(t), t)
+            src = source_of(t)
+            if src is not t:
+                # Q(s2) reading DQ(Q(s1)(x)): one buffer re-quantized (E3); one scale lets fold-qdq-pairs drop it.
+                tensors.setdefault(id(src), src)
+                uf.union(id(src), id(t))
     groups: dict[int, list[gs.Tensor]] = {}
     for key, t in tensors.items():
         groups.setdefault(uf.find(key), []).append(t)

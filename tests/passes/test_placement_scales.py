@@ -290,8 +290,6 @@ def test_property_commuting_chain_align_then_move(kinds, data, s_last):
     assert count_ops(res.model, "Conv") == 2
 
 
-@pytest.mark.xfail(strict=True, reason="align-scales does not tie a Q reading a DQ output to the DQ's source: "
-                   "back-to-back pairs with two scales stay a requantize (E3), which fold-qdq-pairs cannot fold")
 def test_align_stacked_pairs_with_two_scales():
     model = _chain_model(["maxpool"], (0, float(np.float32(2 * _AMAX / 127))), float(np.float32(_AMAX / 127)))
     res = optimize(model, ["align-scales", "move-qdq", "fold-qdq-pairs", "dedupe-qdq"])
