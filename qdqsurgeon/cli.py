@@ -282,9 +282,11 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
             raise UsageError("--requantize is for models that already have Q/DQ")
         if calib is None and calib_cache is None and not calib_random:
             raise UsageError("--requantize needs calibration data: --calib PATH (or --calib-cache/--calib-random)")
-        mode = "requantize"
+        # Strip the old quantization first, so calibration runs on the float model it stood for.
+        model = optimize(model, ["remove-qdq"], registry=registry, analyze=False).model
+        mode = "ptq"
     passes = _split(pass_names) or None
-    if mode in ("ptq", "requantize") or calib or calib_cache or calib_random:
+    if mode == "ptq" or calib or calib_cache or calib_random:
         ranges = build_ranges(model, calib=calib, method=method, percentile=percentile, preprocess=preprocess,
                               calib_random=calib_random, calib_cache=calib_cache, progress=not quiet)
         if ranges is None and passes is None:

@@ -17,8 +17,11 @@ Why the PTQ order is what it is:
 7. ``remove-misplaced-qdq`` fixes Pad/bias/output placements any earlier pass may have left (P8, V4).
 8. Cleanup: ``fold-qdq-pairs`` removes DQ->Q round trips that moves created, ``dedupe-qdq``
    merges identical pairs (C1, P6).
+9. ``float16-regions`` (only with ``--float16``) runs last, on the final placement: it decides
+   which DQs emit FP16 from where the Q/DQ ended up (P10); a no-op otherwise.
 
-The fix pipeline is the same without insertion: the model's own Q/DQ are normalized first, and
+``--requantize`` runs ``remove-qdq`` alone first, calibrates the float model it recovers, then
+the PTQ pipeline. The fix pipeline is the same as PTQ without insertion: the model's own Q/DQ are normalized first, and
 ``remove-misplaced-qdq`` also runs right after normalization, so that Q/DQ splitting conv
 epilogue chains (onnxruntime's placement) is gone before residuals and scales are examined.
 """
@@ -41,8 +44,7 @@ PLACEMENT: tuple[str, ...] = (
 
 PIPELINES: dict[str, tuple[str, ...]] = {
     "cleanup": CLEANUP,
-    "ptq": ("insert-qdq", *PLACEMENT, *CLEANUP),
-    "fix": ("normalize-qdq", "remove-misplaced-qdq", *PLACEMENT, *CLEANUP),
-    "requantize": ("remove-qdq", "insert-qdq", *PLACEMENT, *CLEANUP),
+    "ptq": ("insert-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
+    "fix": ("normalize-qdq", "remove-misplaced-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
     "insert-only": ("insert-qdq", *CLEANUP),
 }

@@ -14,6 +14,7 @@ from .align_scales import AlignScales
 from .move_qdq import MoveQdq
 from .quantize_pooling import QuantizePooling
 from .remove_misplaced_qdq import RemoveMisplacedQdq
+from .float16_regions import Float16Regions
 
 __all__ = [
     "BUILTIN_PASSES",
@@ -37,6 +38,7 @@ BUILTIN_PASSES: tuple[type[Pass], ...] = (
     MoveQdq,
     QuantizePooling,
     RemoveMisplacedQdq,
+    Float16Regions,
     FoldQdqPairs,
     DedupeQdq,
 )
