@@ -293,6 +293,17 @@ class NormalizeQdq(Pass):
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         refuse_operator_quantization(graph)
+        for node in graph.nodes:
+            if node.op not in (Q_OP, DQ_OP):
+                continue
+            qp = qparams(node)
+            if qp is None:
+                continue
+            scale = qp.scale.astype(np.float64)
+            if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+                # A negative scale flips signs and a NaN poisons everything: no faithful repair exists (V1).
+                raise ModelError(f"{node.op} {node.name} has a negative, NaN or infinite scale; "
+                                 f"re-export or re-quantize the model (--requantize --calib DATA)")
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         self._drop_noop_casts(graph, rw)
@@ -300,6 +311,7 @@ class NormalizeQdq(Pass):
         self._remove_integer_qdq(graph, rw)
         self._remove_output_qdq(graph, rw)
         self._constant_qparams(graph, rw)
+        self._zero_scales(graph, rw)
         self._constant_dqs(graph, rw, ctx)
         self._float_weight_qs(graph, rw, ctx)
         self._activations(graph, rw)
@@ -419,6 +431,21 @@ class NormalizeQdq(Pass):
                 how = "held in a Constant/Identity/Cast chain" if not isinstance(tensor, gs.Constant) else "1-element 1-D"
                 rw.set_constant(node, idx, value.reshape(()) if reshape else value, base=f"{node.name}_{what.replace(' ', '_')}",
                                 rule="V1", detail=f"{what} {how} -> {'0-D ' if reshape else ''}initializer (exact)")
+
+    # V1: zero scales -----------------------------------------------------------------------------
+    def _zero_scales(self, graph: gs.Graph, rw: Rewriter) -> None:
+        """A zero scale (a dead channel after calibration) fails TensorRT's parse: give it MIN_SCALE.
+
+        Bound: a zero scale dequantizes every value to 0; with MIN_SCALE a value dequantizes to at
+        most 128·MIN_SCALE (1.3e-6) away from 0, so the outputs move by no more than that.
+        """
+        for node in [n for n in graph.nodes if n.op in (Q_OP, DQ_OP) and not rw.is_removed(n)]:
+            qp = qparams(node)
+            if qp is None or not np.any(qp.scale == 0):
+                continue
+            fixed = np.where(qp.scale == 0, np.asarray(MIN_SCALE, qp.scale.dtype), qp.scale).astype(qp.scale.dtype)
+            rw.set_constant(node, 1, fixed, base=f"{node.name}_scale", rule="V1",
+                            detail=f"{int(np.sum(qp.scale == 0))} zero scale value(s) -> {MIN_SCALE:g}")
 
     # V2/V3: DQ of a constant (int8/uint8 weights, quantized constants) ----------------------------
     def _constant_dqs(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:

@@ -426,3 +426,53 @@ def test_fix_everything_at_once_then_idempotent():
     res = contract(model, exact=False, atol=1.0)
     assert problems(res.model) == set()
     assert rules(res.changes).keys() >= {"V2", "V4"}
+
+
+# --- V1: zero and negative scales ----------------------------------------------------------------
+def _scaled_conv(scale_w):
+    from onnx import helper
+
+    from ..helpers import F, init, make_model, qdq_nodes
+
+    w = np.random.default_rng(0).standard_normal((3, 2, 1, 1)).astype(np.float32)
+    w[1] = 0.0
+    nodes = qdq_nodes("x", "xd", "sx", "zx", "act")
+    nodes += qdq_nodes("w", "wd", "sw", "zw", "wgt", axis=0)
+    nodes.append(helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv"))
+    inits = [init("w", w), init("sx", np.float32(0.05)), init("zx", np.int8(0)),
+             init("sw", np.asarray(scale_w, np.float32)), init("zw", np.zeros(3, np.int8))]
+    return make_model(nodes, [("x", F, [1, 2, 2, 2])], [("y", F, [1, 3, 2, 2])], inits)
+
+
+def test_zero_scale_gets_minimum_scale():
+    import qdqsurgeon
+    from qdqsurgeon.inspection import inspect_model
+    from qdqsurgeon.quant import MIN_SCALE
+
+    from ..helpers import random_feeds, run
+
+    model = _scaled_conv([0.01, 0.0, 0.02])
+    assert any(p.rule == "V1" for p in inspect_model(model).problems)
+    res = qdqsurgeon.optimize(model, passes=["normalize-qdq"], analyze=False)
+    assert inspect_model(res.model).problems == []
+    changed = [c for c in res.changes if c.rule == "V1" and c.kind == "constant"]
+    assert len(changed) == 2 and all("1 zero scale" in c.detail for c in changed)
+    feeds = random_feeds(model)
+    np.testing.assert_allclose(run(res.model, feeds)[0], run(model, feeds)[0], atol=128 * MIN_SCALE * 10)
+    again = qdqsurgeon.optimize(res.model, passes=["normalize-qdq"], analyze=False)
+    assert [c for c in again.changes if c.kind != "note"] == []
+
+
+def test_negative_scale_is_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    import qdqsurgeon
+    from qdqsurgeon.cli import cli
+
+    src = tmp_path / "neg.onnx"
+    qdqsurgeon.save(_scaled_conv([0.01, -0.02, 0.02]), src)
+    result = CliRunner().invoke(cli, ["optimize", str(src), str(tmp_path / "out.onnx")])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "negative, NaN or infinite scale" in lines[0]
+    assert not (tmp_path / "out.onnx").exists()
