@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 __all__ = ["Config"]
 
@@ -15,6 +16,7 @@ class Config:
     weights: str = "float"  # "float": W -> Q -> DQ;  "int8": int8 initializer -> DQ
     exclude: list[str] = field(default_factory=list)  # regexes over node names
     exclude_ops: list[str] = field(default_factory=list)
+    exclude_hook: Callable[[Any], bool] | None = None  # API only: called with each weighted gs.Node; True keeps it float
     quantize_bmm: bool = False  # MatMul between two activations (attention)
     convtranspose_axis: int | None = 1  # None: per-tensor weights (target TRT unknown)
     # placement

@@ -45,8 +45,7 @@ def is_excluded(node: gs.Node, ctx: PassContext) -> str | None:
     for pattern in cfg.exclude:
         if re.search(pattern, node.name):
             return f"name matches --exclude {pattern!r}"
-    hook = getattr(cfg, "exclude_hook", None)
-    if hook is not None and hook(node):
+    if cfg.exclude_hook is not None and cfg.exclude_hook(node):
         return "excluded by the exclude hook"
     return None
 

@@ -177,8 +177,7 @@ def test_exclusions_by_name_op_and_hook():
     assert any(c.node == "conv_a" and "--exclude" in c.detail for c in res.changes)
     res = _insert(model, exclude_ops=["Conv"])
     assert not any(n.op_type == "QuantizeLinear" for n in res.model.graph.node)
-    cfg = Config()
-    cfg.exclude_hook = lambda node: node.name == "conv_b"  # type: ignore[attr-defined]
+    cfg = Config(exclude_hook=lambda node: node.name == "conv_b")
     res = qdqsurgeon.optimize(model, passes=["insert-qdq"], ranges=_ranges(model), config=cfg, analyze=False)
     convs = {n.name: n for n in res.model.graph.node if n.op_type == "Conv"}
     assert convs["conv_b"].input[1] == "wb" and convs["conv_a"].input[1] != "wa"
