@@ -18,7 +18,7 @@ from onnx import shape_inference, version_converter
 
 from .errors import ModelError, UsageError
 
-__all__ = ["load", "save", "same_file", "check_opset", "PROTOBUF_LIMIT", "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS"]
+__all__ = ["load", "save", "same_file", "is_large", "check_opset", "PROTOBUF_LIMIT", "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,14 @@ MIN_PER_CHANNEL_OPSET = 13
 MIN_OPSET, MAX_OPSET = 10, 25
 # Operator domains TensorRT or onnxruntime can make sense of.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "trt", "com.nvidia", "ai.onnx.preview.training"})
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether the model is too big for one protobuf message (2 GB): it must go through files."""
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT
+    except Exception:  # the upb backend refuses to even size a message over the limit
+        return True
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
@@ -101,7 +109,7 @@ def _check_domains(model: onnx.ModelProto, where: str) -> None:
 
 def _check_model(model: onnx.ModelProto, path: Path) -> None:
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
+        if is_large(model):
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)
@@ -134,7 +142,7 @@ def _convert_opset(model: onnx.ModelProto, target: int, where: str) -> onnx.Mode
 
 
 def _infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    if is_large(model):
         logger.warning("%s: skipping shape inference on a model over 2 GB", where)
         return model
     try:
@@ -168,7 +176,7 @@ def save(
     if out.is_dir():
         raise UsageError("output path is a folder", path=str(out))
     if external_data is None:
-        external_data = model.ByteSize() > PROTOBUF_LIMIT
+        external_data = is_large(model)
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=folder))
     except OSError as exc:
@@ -182,6 +190,12 @@ def save(
             copy.CopyFrom(model)
             onnx.save_model(copy, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
+            if is_large(model):
+                # Too big for the in-memory checker during optimization: check the files instead.
+                try:
+                    onnx.checker.check_model(str(tmp_model))
+                except onnx.checker.ValidationError as exc:
+                    raise ModelError(f"fails onnx.checker: {str(exc).strip().splitlines()[0]}", path=str(out)) from exc
             if (tmpdir / data_name).exists():
                 os.replace(tmpdir / data_name, folder / data_name)
         else:

@@ -50,7 +50,10 @@ _FLOAT_TYPES = frozenset(
 
 
 def _too_big(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() >= _PROTO_LIMIT
+    try:
+        return model.ByteSize() >= _PROTO_LIMIT
+    except Exception:  # upb refuses to size a message over 2 GB at all
+        return True
 
 
 def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
