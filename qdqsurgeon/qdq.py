@@ -29,6 +29,7 @@ __all__ = [
     "chain_is_exclusive",
     "int8_readers",
     "drop_float_only_pairs",
+    "unquantize_graph_output",
 ]
 
 logger = logging.getLogger(__name__)
@@ -212,3 +213,19 @@ def drop_float_only_pairs(graph: gs.Graph, rw: Rewriter, *, rule: str) -> None:
         rw.remove_node(node, detail="Q/DQ pair read only in float: it would run as standalone kernels (P2)", rule=rule)
         if not q.outputs[0].outputs:
             rw.remove_node(q, detail="its only DQ was removed", rule=rule)
+
+
+def unquantize_graph_output(graph: gs.Graph, rw: Rewriter, q: gs.Node, dq: gs.Node, *, detail: str, rule: str) -> None:
+    """The graph output written by ``dq`` comes from the Q's float input instead (P9).
+
+    Interior readers of the DQ keep reading it (they may be INT8 layers); the pair is removed only
+    when the graph output was its last reader.
+    """
+    out = dq.outputs[0]
+    if any(not rw.is_removed(n) for n in out.outputs):
+        rw.redirect_output(out, q.inputs[0], detail=f"graph output {out.name} reads the float tensor", rule=rule)
+        return
+    rw.replace_uses(out, q.inputs[0], detail=f"graph output {out.name} reads the float tensor", rule=rule)
+    rw.remove_node(dq, detail=detail, rule=rule)
+    if not q.outputs[0].outputs:
+        rw.remove_node(q, detail="its only DQ was removed", rule=rule)

@@ -135,7 +135,8 @@ class Rewriter:
         scale_c = self.constant(f"{base}_scale", scale if scale.dtype in (np.float16, np.float32) else scale.astype(np.float32))
         zp_c = self.constant(f"{base}_zero_point", np.asarray(zero_point))
         q_out = gs.Variable(self.fresh_name(f"{base}_quantized"), dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
-        dq_out = gs.Variable(self.fresh_name(f"{base}_dequantized"), dtype=tensor.dtype or np.float32, shape=tensor.shape)
+        # Without a known type, the DQ's output type is its scale's type (opset 19 semantics, V1).
+        dq_out = gs.Variable(self.fresh_name(f"{base}_dequantized"), dtype=tensor.dtype or scale_c.values.dtype, shape=tensor.shape)
         targets = list(tensor.outputs) if consumers is None else list(consumers)
         q = self.add_node(Q_OP, [tensor, scale_c, zp_c], name=f"{base}_QuantizeLinear", attrs=attrs,
                           outputs=[q_out], detail=detail or f"quantize {tensor.name}", rule=rule)
@@ -185,6 +186,10 @@ class Rewriter:
             self._redirect_output(old, new, detail, rule)
             moved += 1
         return moved
+
+    def redirect_output(self, old: gs.Tensor, new: gs.Tensor, *, detail: str = "", rule: str | None = None) -> None:
+        """Make the graph output ``old`` come from ``new`` (keeping the output's name); other readers of ``old`` stay."""
+        self._redirect_output(old, new, detail, rule)
 
     def _redirect_output(self, old: gs.Tensor, new: gs.Tensor, detail: str, rule: str | None) -> None:
         idx = next(i for i, t in enumerate(self.graph.outputs) if t is old)

@@ -9,10 +9,13 @@ Before → after::
 Tensors are tied when a commuting op joins them (every input and output of a Concat or Split,
 input and output of MaxPool, reshapes, slices, zero Pad), and every Q reading a tied tensor
 gets one scale: ``--align max`` takes the largest (the union of the ranges: nothing that was
-representable clips), ``--align output`` the scale of the Q furthest downstream (the consumer's).
+representable clips), ``--align output`` the scale of the Q furthest downstream (the consumer's),
+raised to that of any pair a layer outside the tied ops also reads.
 A Concat whose output is quantized gets the pair on every input that lacks one. Error bound:
-a re-scaled tensor moves by at most one step of the new scale (half a step of the old grid plus
-half a step of the new). Per-tensor int8 Q/DQ with zero point 0 only; others are left alone.
+inside the range the old scale represented, a re-scaled tensor moves by at most one step of the
+new scale (half a step of the old grid plus half a step of the new); values an old, smaller scale
+clipped are clipped less or not at all (they move towards the float value), and under ``output``
+values beyond the consumer's range clip as the consumer's Q already clipped them. Per-tensor int8 Q/DQ with zero point 0 only; others are left alone.
 """
 
 from __future__ import annotations
@@ -138,5 +141,23 @@ class AlignScales(Pass):
         if policy == "output":
             last = [float(qparams(q).scale) for q in qs if q.inputs[0] is group[-1]]
             if last:
-                return max(last)
+                # The consumer's scale, but never below a pair that a layer outside the tied ops
+                # reads: shrinking that one would clip its values for a reader the Concat never sees.
+                members = {id(t) for t in group}
+                outside = [float(qparams(q).scale) for q in qs if _read_outside(q, members)]
+                return max(last + outside)
         return max(scales)
+
+
+def _read_outside(q: gs.Node, members: set[int]) -> bool:
+    """Whether a DQ of ``q`` feeds a reader other than a Q or a commuting op of the tied group."""
+    for dq in q.outputs[0].outputs:
+        if not is_dq(dq):
+            continue
+        for reader in dq.outputs[0].outputs:
+            if is_q(reader):
+                continue
+            if commutes(reader) and any(id(o) in members for o in reader.outputs):
+                continue
+            return True
+    return False

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import const_value, is_dq, is_graph_output, is_q, producer, qparams
-from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading
+from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading, unquantize_graph_output
 from ..quant import dequantize
 from ..rewriter import Rewriter
 from ..trt_rules import is_weighted, weight_input_index
@@ -71,9 +71,7 @@ def drop_output_qdq(graph: gs.Graph, rw: Rewriter) -> None:
         if pair is None:
             continue
         q, dq = pair
-        rw.replace_uses(dq.outputs[0], q.inputs[0], detail=f"graph output {t.name} no longer quantized", rule="P9")
-        if not any(not rw.is_removed(n) for n in dq.outputs[0].outputs):
-            rw.remove_node(dq, detail="Q/DQ on a graph output only adds a Quantize+Dequantize pair", rule="P9")
+        unquantize_graph_output(graph, rw, q, dq, detail="Q/DQ on a graph output only adds a Quantize+Dequantize pair", rule="P9")
 
 
 def restore_float_weight(rw: Rewriter, node: gs.Node, *, rule: str, detail: str) -> bool:

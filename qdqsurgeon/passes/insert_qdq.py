@@ -27,7 +27,7 @@ from ..graph import DQ_OP, Q_OP, const_value, is_dq, opset_version, producer
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..quant import quantize_int8, scale_from_amax, weight_scales
 from ..rewriter import Rewriter
-from ..trt_rules import is_weighted, weight_axis
+from ..trt_rules import commutes, is_weighted, weight_axis
 from .base import Pass, PassContext
 
 __all__ = ["InsertQdq", "is_excluded"]
@@ -62,6 +62,14 @@ def _folded_weight(tensor: gs.Tensor) -> np.ndarray | None:
             perm = node.attrs.get("perm")
             return np.transpose(inner, perm) if perm is not None else np.transpose(inner)
     return None
+
+
+def _reads_quantized(tensor: gs.Tensor) -> bool:
+    """A DQ output, or a zero Pad of one (the pair moved above the Pad, P8)."""
+    node = producer(tensor)
+    if node is not None and node.op == "Pad" and commutes(node):
+        node = producer(node.inputs[0])
+    return is_dq(node)
 
 
 def _is_float(tensor: gs.Tensor) -> bool:
@@ -111,7 +119,7 @@ class InsertQdq(Pass):
         tensors: dict[str, gs.Tensor] = {}
         for node, idx in acts:
             t = node.inputs[idx]
-            if is_dq(producer(t)):
+            if _reads_quantized(t):
                 continue  # already quantized: keeps the pass idempotent
             if not _is_float(t) or isinstance(t, gs.Constant):
                 continue

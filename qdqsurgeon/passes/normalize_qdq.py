@@ -51,6 +51,7 @@ from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_dq, is_
                      weight_input_index)
 from ..inspection import OPERATOR_QUANT_OPS
 from ..quant import MIN_SCALE, QMAX, weight_scales
+from ..qdq import unquantize_graph_output
 from ..rewriter import Rewriter
 from ..trt_rules import commutes, weight_axis
 from .base import Pass, PassContext
@@ -400,11 +401,8 @@ class NormalizeQdq(Pass):
                     s = float(qp.scale.ravel()[0])
                     bound = (f"; the output now differs by at most s/2 = {_fmt(s / 2)} inside the old range "
                              f"[{_fmt((qmin - zp) * s)}, {_fmt((qmax - zp) * s)}] and is no longer clipped outside it")
-                name = out.name
-                rw.replace_uses(dq.outputs[0], q.inputs[0], rule="P9", detail=f"graph output {name} reads the float tensor")
-                rw.remove_node(dq, rule="P9", detail=f"Q/DQ on graph output {name} only adds a Quantize+Dequantize pair{bound}")
-                if not q.outputs[0].outputs:
-                    rw.remove_node(q, rule="P9", detail=f"Q feeding only the removed output DQ of {name}")
+                unquantize_graph_output(graph, rw, q, dq, rule="P9",
+                                        detail=f"Q/DQ on graph output {out.name} only adds a Quantize+Dequantize pair{bound}")
                 found = True
             if not found:
                 return

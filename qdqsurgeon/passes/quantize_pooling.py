@@ -25,10 +25,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import qparams
-from ..qdq import dequantized_input, ensure_pair, pair_reading, pairs_on
+from ..qdq import conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on
 from ..quant import scale_from_amax
 from ..rewriter import Rewriter
-from ..trt_rules import data_input_indices, is_epilogue, is_quantizable_wrapped, is_silu_mul, is_silu_sigmoid
+from ..trt_rules import commutes, data_input_indices, is_epilogue, is_quantizable_wrapped, is_silu_mul, is_silu_sigmoid
 from .base import Pass, PassContext
 from .move_qdq import agreed_output_scale
 from .quantize_residual import residual_sides
@@ -36,6 +36,23 @@ from .quantize_residual import residual_sides
 __all__ = ["QuantizePooling"]
 
 logger = logging.getLogger(__name__)
+
+
+def _int8_source(t: gs.Tensor, depth: int = 0) -> bool:
+    """Whether TensorRT can produce ``t`` in INT8: a conv chain, or wrappable/commuting ops over such."""
+    node = t.inputs[0] if t.inputs else None
+    if node is None or depth > 8:
+        return False
+    if conv_chain_head(t, exclusive=False) is not None:
+        return True
+    if node.op == "Add" and residual_sides(node) is not None:
+        return True  # Conv + residual Add fuse into one kernel (F5)
+    if node.op in ("Relu", "Clip", "LeakyRelu") and node.inputs and _int8_source(node.inputs[0], depth + 1):
+        return True  # the activation after a fused residual Add
+    if commutes(node) or (is_quantizable_wrapped(node) and not is_epilogue(node)):
+        data = [node.inputs[i] for i in data_input_indices(node) if node.inputs[i] is not None]
+        return bool(data) and all(pair_reading(d) is not None or _int8_source(d, depth + 1) for d in data)
+    return False
 
 
 def _mode(node: gs.Node) -> str:
@@ -51,8 +68,21 @@ class QuantizePooling(Pass):
     rules = ("P7",)
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
+        noted: set[int] = set()
+        # Wrapping an op quantizes its inputs, which can make its producer's output quantized too (a
+        # chain of pools): repeat until nothing more wraps, one calibration request per round.
+        for _ in range(16):
+            to_wrap = self._decide(graph, rw)
+            if not to_wrap:
+                return
+            amax = ctx.amax(list(dict.fromkeys(t.name for _, missing, _ in to_wrap for t in missing)))
+            if not any([self._wrap(node, missing, out_scale, amax, rw, noted) for node, missing, out_scale in to_wrap]):
+                return
+
+    def _decide(self, graph: gs.Graph, rw: Rewriter) -> list[tuple[gs.Node, list[gs.Tensor], np.ndarray]]:
+        """Unwrap half-quantized ops read in float; return the ops to wrap with their unquantized inputs."""
         to_wrap: list[tuple[gs.Node, list[gs.Tensor], np.ndarray]] = []
-        for node in list(graph.nodes):
+        for node in reversed(list(graph.nodes)):
             if rw.is_removed(node) or not is_quantizable_wrapped(node):
                 continue
             if residual_sides(node) is not None or is_silu_mul(node) or is_silu_sigmoid(node):
@@ -67,20 +97,23 @@ class QuantizePooling(Pass):
             if out_scale is not None and all(quantized):
                 continue
             if out_scale is None:
-                if any(quantized):
-                    for i, q in zip(data, quantized):
-                        if q:
-                            dequantized_input(rw, node, i, detail=f"{node.op} {node.name} output is read in float: no half-quantized op",
-                                              rule="P7")
+                for i, q in zip(data, quantized):
+                    if q:
+                        dequantized_input(rw, node, i, detail=f"{node.op} {node.name} output is read in float: no half-quantized op",
+                                          rule="P7")
                 continue
-            to_wrap.append((node, [node.inputs[i] for i, q in zip(data, quantized) if not q], out_scale))
-        # One calibration request for every input to wrap: each request is a pass over the data.
-        amax = ctx.amax(list(dict.fromkeys(t.name for _, missing, _ in to_wrap for t in missing)))
-        for node, missing, out_scale in to_wrap:
-            self._wrap(node, missing, out_scale, amax, rw)
+            missing = [node.inputs[i] for i, q in zip(data, quantized) if not q]
+            if not all(_int8_source(t) for t in missing):
+                # Wrapping would only move the Quantize kernel upstream of a float producer (a graph
+                # input, LayerNorm, Erf, ...): no INT8 gained, one more rounding. Leave it.
+                continue
+            to_wrap.append((node, missing, out_scale))
+        return to_wrap
 
     def _wrap(self, node: gs.Node, missing: list[gs.Tensor], out_scale: np.ndarray, amax: dict[str, float],
-              rw: Rewriter) -> None:
+              rw: Rewriter, noted: set[int]) -> bool:
+        """Pairs on ``missing`` inputs of ``node``; True if any was added."""
+        added = False
         for t in missing:
             shared = [qparams(q) for q, _ in pairs_on(t)]
             shared = [qp for qp in shared if qp is not None and not qp.per_channel]
@@ -91,6 +124,10 @@ class QuantizePooling(Pass):
             elif node.op == "Resize" and _mode(node) == "nearest":
                 scale, how = out_scale, "nearest Resize copies values: output scale"
             else:
-                rw.note(node, f"input {t.name} has no calibrated range; {node.op} left half-quantized", rule="P7")
+                if id(node) not in noted:
+                    noted.add(id(node))
+                    rw.note(node, f"input {t.name} has no calibrated range; {node.op} left half-quantized", rule="P7")
                 continue
             ensure_pair(rw, t, [node], scale, detail=f"{node.op} {node.name} fully wrapped ({how})", rule="P7")
+            added = True
+        return added

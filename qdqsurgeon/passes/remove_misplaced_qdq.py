@@ -72,7 +72,7 @@ class RemoveMisplacedQdq(Pass):
         qp = qparams(q)
         if qp is None or qp.per_channel or (qp.zero_point is not None and qp.zero_point.any()):
             return
-        if len(pad.outputs[0].outputs) != 1 or len(dq.outputs[0].outputs) != 1:
+        if len(pad.outputs[0].outputs) != 1 or len(q.outputs[0].outputs) != 1 or len(dq.outputs[0].outputs) != 1:
             return  # the padded tensor (or its DQ) has other readers: moving would change them
         src = pad.inputs[0]
         new_q = rw.add_node("QuantizeLinear", [src, *q.inputs[1:]], name=f"{q.name}_above_pad", attrs=dict(q.attrs),

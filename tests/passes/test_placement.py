@@ -189,10 +189,9 @@ def test_output_qdq_removed_and_output_name_kept():
         assert [o.name for o in res.model.graph.output] == ["y"]
         assert [n.op_type for n in res.model.graph.node] == ["Conv", "Relu"]
         assert nodes_by_name(res.model)["relu"].output[0] == "y"
-        # Without the flag the pair lies in the float head after the output layer conv (both
-        # nodes removed by the pass); with it, only the graph-output rule fires (DQ removed, Q orphaned).
-        expected = {("rewire", "P9"): 1, ("remove", "P9"): 1, ("cleanup", "cleanup"): 1} if keep else \
-            {("rewire", "P9"): 1, ("remove", "P9"): 2}
+        # Without the flag the pair lies in the float head after the output layer conv; with it,
+        # only the graph-output rule fires. Either way the pass removes both nodes itself.
+        expected = {("rewire", "P9"): 1, ("remove", "P9"): 2}
         assert by_kind_rule(res.changes) == expected
         full_check(res.model)
         _idempotent(res.model, ["exclude-output-layers"], keep_output_layers=keep)
