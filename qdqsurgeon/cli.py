@@ -62,16 +62,39 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
     # onnx-graphsurgeon logs through its own logger; keep it quiet unless debugging.
-    try:
-        import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.logger import G_LOGGER
 
-        gs.logger.severity = gs.logger.DEBUG if debug else gs.logger.ERROR
-    except Exception:
-        pass
+    G_LOGGER.severity = G_LOGGER.DEBUG if debug else G_LOGGER.ERROR
 
 
 def main() -> None:
     cli(prog_name="qdqsurgeon")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a small text file through a temporary file and a rename, like the models."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"cannot write: {exc.strerror or exc}", path=str(path)) from exc
+
+
+def _checked_regexes(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    import re
+
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise UsageError(f"--exclude {p!r} is not a valid regular expression: {exc}") from None
+    return patterns
 
 
 def _split(values: tuple[str, ...] | str | None) -> list[str]:
@@ -269,6 +292,14 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     if not out_dir.is_dir():
         raise UsageError("output folder does not exist", path=dst)
 
+    if report_path:
+        rep = Path(report_path)
+        if same_file(rep, Path(src)) or same_file(rep, Path(dst)):
+            raise UsageError("--report path is the input or output model; give the change log its own file", path=report_path)
+        if rep.is_dir() or not (rep.parent if str(rep.parent) else Path(".")).is_dir():
+            raise UsageError("--report folder does not exist (or the path is a folder)", path=report_path)
+    exclude = _checked_regexes(exclude)
+
     model = load(src, opset=opset)
     registry = Registry.builtin()
     registry.load_entry_points()
@@ -301,7 +332,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         missing = sorted(getattr(ranges, "missing", set()) or [])
         if missing:
             payload["uncalibrated_tensors"] = missing
-        Path(report_path).write_text(json.dumps(payload, indent=2))
+        _write_atomic(Path(report_path), json.dumps(payload, indent=2))
     if not quiet:
         _print_summary(res, src, dst, time.perf_counter() - t0)
     if run_check:

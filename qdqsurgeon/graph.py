@@ -59,8 +59,26 @@ _TRANSPARENT_CONST_OPS = ("Identity", "Cast")
 
 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
-    """Build a gs graph from a model; the model proto itself is not modified."""
-    return gs.import_onnx(model)
+    """Build a gs graph from a model; the model proto itself is not modified.
+
+    ONNX allows empty and repeated node names; the change log and TensorRT's layer names need
+    distinct ones, so those (and only those) get ``<op>_<index>`` style names.
+    """
+    graph = gs.import_onnx(model)
+    seen: set[str] = set()
+    renamed = 0
+    for i, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op}_{i}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+            renamed += 1
+        seen.add(node.name)
+    if renamed:
+        logger.info("named %d unnamed or duplicately named node(s)", renamed)
+    return graph
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:

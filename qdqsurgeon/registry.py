@@ -80,7 +80,10 @@ class Registry:
         return entry
 
     def add_pattern(self, obj: type[Pattern] | Pattern, *, origin: str = "builtin", replace: bool = False) -> Entry:
-        pattern = obj() if inspect.isclass(obj) else obj
+        try:
+            pattern = obj() if inspect.isclass(obj) else obj
+        except TypeError as exc:  # e.g. an abstract Pattern without match/rewrite
+            raise UsageError(f"{origin}: cannot create pattern {obj!r}: {exc}") from None
         if not isinstance(pattern, Pattern):
             raise UsageError(f"{obj!r} from {origin} is not a qdqsurgeon Pattern")
         entry = Entry(pattern.name, pattern.summary, origin, "pattern", (pattern.rule,) if pattern.rule else (),
@@ -166,7 +169,7 @@ def _import_file(path: Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a user file calling sys.exit must not pick our exit code
         raise UsageError(f"error while importing pattern file: {type(exc).__name__}: {exc}", path=str(path)) from exc
     sys.modules[mod_name] = module
     return module

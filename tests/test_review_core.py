@@ -1,4 +1,4 @@
-"""Defects found by the core review: each test fails today and is marked xfail(strict=True)."""
+"""Regression tests for defects a review of the core and CLI found (all fixed)."""
 
 from __future__ import annotations
 
@@ -62,14 +62,12 @@ def fp32(tmp_path):
 # CLI: --report
 
 
-@pytest.mark.xfail(strict=True, reason="optimize --report IN.onnx overwrites the input model with JSON (cli.py Path(report_path).write_text, no same_file check)")
 def test_report_path_equal_to_input_never_touches_input(fp32, tmp_path):
     before = _sha(fp32)
     _invoke("optimize", str(fp32), str(tmp_path / "out.onnx"), "--calib-random", "1", "-q", "--report", str(fp32))
     assert _sha(fp32) == before
 
 
-@pytest.mark.xfail(strict=True, reason="optimize --report OUT.onnx silently replaces the written model with JSON, exit 0")
 def test_report_path_equal_to_output_is_refused(fp32, tmp_path):
     out = tmp_path / "out.onnx"
     r = _invoke("optimize", str(fp32), str(out), "--calib-random", "1", "-q", "--report", str(out))
@@ -79,7 +77,6 @@ def test_report_path_equal_to_output_is_refused(fp32, tmp_path):
         assert r.exit_code == 2
 
 
-@pytest.mark.xfail(strict=True, reason="--report into a missing folder (or a folder) is an 'internal error' exit 1, after OUT was already written")
 def test_report_in_missing_folder_is_usage_error(fp32, tmp_path):
     out = tmp_path / "out.onnx"
     r = _invoke("optimize", str(fp32), str(out), "--calib-random", "1", "-q", "--report", str(tmp_path / "nodir" / "r.json"))
@@ -92,14 +89,12 @@ def test_report_in_missing_folder_is_usage_error(fp32, tmp_path):
 # CLI: options and user pattern files
 
 
-@pytest.mark.xfail(strict=True, reason="--exclude with an invalid regex is an 'internal error' (re.error) exit 1, not a usage error exit 2")
 def test_bad_exclude_regex_is_usage_error(fp32, tmp_path):
     r = _invoke("optimize", str(fp32), str(tmp_path / "out.onnx"), "--calib-random", "1", "-q", "--exclude", "(")
     assert r.exit_code == 2, r.output
     assert "internal error" not in r.output
 
 
-@pytest.mark.xfail(strict=True, reason="a pattern file listing an abstract Pattern class is an 'internal error' TypeError (registry.add_pattern instantiates unguarded)")
 def test_pattern_file_with_abstract_pattern_is_usage_error(fp32, tmp_path):
     pat = tmp_path / "abstract.py"
     pat.write_text("from qdqsurgeon import Pattern\nclass P(Pattern):\n    name = 'p'\nPATTERNS = [P]\n")
@@ -108,7 +103,6 @@ def test_pattern_file_with_abstract_pattern_is_usage_error(fp32, tmp_path):
     assert "internal error" not in r.output
 
 
-@pytest.mark.xfail(strict=True, reason="a pattern file calling sys.exit(3) exits silently with 3 (the 'no TensorRT' code): SystemExit escapes registry._import_file")
 def test_pattern_file_calling_sys_exit_is_usage_error(fp32, tmp_path):
     pat = tmp_path / "exits.py"
     pat.write_text("import sys\nsys.exit(3)\n")
@@ -121,8 +115,6 @@ def test_pattern_file_calling_sys_exit_is_usage_error(fp32, tmp_path):
 # onnx-graphsurgeon log noise
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py:68 sets gs.logger.severity on the *module* onnx_graphsurgeon.logger (AttributeError swallowed); "
-                   "G_LOGGER warnings reach stdout even with -q")
 def test_quiet_optimize_prints_nothing_for_duplicate_node_names(tmp_path):
     # A Q/DQ model (fix path: no onnxruntime involved) whose nodes share one name; onnx.checker accepts it.
     s, zp = nh.from_array(np.array(0.05, np.float32), "s"), nh.from_array(np.array(0, np.int8), "zp")
@@ -153,8 +145,6 @@ def test_quiet_optimize_prints_nothing_for_duplicate_node_names(tmp_path):
 # change log with unnamed nodes (ONNX allows empty node names)
 
 
-@pytest.mark.xfail(strict=True, reason="with unnamed nodes the change log names no node (node == '', detail ' feeds a graph output...'); "
-                   "Rewriter.log uses node.name verbatim")
 def test_change_log_names_every_node_even_when_unnamed(tmp_path):
     import qdqsurgeon
     from qdqsurgeon.ranges import StaticRanges
@@ -170,8 +160,6 @@ def test_change_log_names_every_node_even_when_unnamed(tmp_path):
 # models over 2 GB (PROTOBUF_LIMIT patched down to exercise the path-based branches)
 
 
-@pytest.mark.xfail(strict=True, reason="calibration/collect.py:65 onnx.save(model, ..., save_as_external_data=True) on a big model "
-                   "moves the caller's weights out to a temp file (model mutated in place)")
 def test_big_model_type_inference_does_not_mutate_model(monkeypatch):
     import qdqsurgeon
     import qdqsurgeon.calibration.collect as col
@@ -184,8 +172,6 @@ def test_big_model_type_inference_does_not_mutate_model(monkeypatch):
     assert model.SerializeToString() == before
 
 
-@pytest.mark.xfail(strict=True, reason="PTQ of a model over 2 GB fails: after calibration the model's weights point to a deleted "
-                   "temp weights.bin, so onnxruntime cannot load it ('External data path does not exist')")
 def test_big_model_ptq_end_to_end(monkeypatch, tmp_path):
     import qdqsurgeon
     import qdqsurgeon.calibration.collect as col
@@ -207,8 +193,6 @@ def test_big_model_ptq_end_to_end(monkeypatch, tmp_path):
 # subgraphs
 
 
-@pytest.mark.xfail(strict=True, reason="--float16 makes an outer tensor read inside a Loop body FP16 while the body's Add reads it "
-                   "with FP32: invalid model written with exit 0 (VerifyInstrument/api use check_model without full_check)")
 def test_float16_with_loop_body_reading_outer_tensor_is_valid(tmp_path):
     body = h.make_graph(
         [h.make_node("Identity", ["cond_in"], ["cond_out"]), h.make_node("Add", ["v_in", "r1"], ["v_out"])], "body",
@@ -257,8 +241,6 @@ def _scalar_input_model() -> onnx.ModelProto:
     return m
 
 
-@pytest.mark.xfail(strict=True, reason="a rank-0 model input breaks batching: data.py:273 slices v[start:start+take] on a 0-d array "
-                   "-> IndexError, reported as 'internal error'")
 def test_scalar_input_model_calibrates(tmp_path):
     src = tmp_path / "if.onnx"
     onnx.save(_scalar_input_model(), src)
@@ -267,7 +249,6 @@ def test_scalar_input_model_calibrates(tmp_path):
     assert r.exit_code in (0, 1, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="all-NaN calibration data is accepted (exit 0) and gives scales of 1e-8; bad data should be a one-line error")
 def test_all_nan_calibration_data_is_rejected(fp32, tmp_path):
     data = tmp_path / "nan.npz"
     np.savez(data, x=np.full((2, 3, 16, 16), np.nan, np.float32))
@@ -277,7 +258,6 @@ def test_all_nan_calibration_data_is_rejected(fp32, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="16-bit PNGs (mode I;16) become all-white: Preprocess.__call__ does image.convert('RGB'), which clips 0..65535 to 255")
 def test_16bit_png_is_not_saturated(tmp_path):
     from PIL import Image
 
@@ -292,7 +272,6 @@ def test_16bit_png_is_not_saturated(tmp_path):
     assert abs(float(x.mean()) - 0.5) < 0.1  # a ramp from black to white (mean ~0.5), not a white image
 
 
-@pytest.mark.xfail(strict=True, reason="a folder whose images are in a subfolder is reported as '(empty)'")
 def test_nested_image_folder_message_is_not_empty(fp32, tmp_path):
     from PIL import Image
 

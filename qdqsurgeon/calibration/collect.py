@@ -49,6 +49,13 @@ _FLOAT_TYPES = frozenset(
 )
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx.save with external data moves tensor bytes out of the proto it is given: save a copy."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def _too_big(model: onnx.ModelProto) -> bool:
     try:
         return model.ByteSize() >= _PROTO_LIMIT
@@ -62,7 +69,7 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
         # The in-memory API serializes the model; big ones go through a file with external data.
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "model.onnx", Path(tmp) / "inferred.onnx"
-            onnx.save(model, src, save_as_external_data=True, location="weights.bin")
+            onnx.save(_copy(model), src, save_as_external_data=True, location="weights.bin")
             onnx.shape_inference.infer_shapes_path(str(src), str(dst))
             inferred = onnx.load(dst, load_external_data=False)
     else:
@@ -135,7 +142,7 @@ def make_session(
         if _too_big(model):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "model.onnx"
-                onnx.save(model, path, save_as_external_data=True, location="weights.bin")
+                onnx.save(_copy(model), path, save_as_external_data=True, location="weights.bin")
                 return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own unexported exception types
@@ -229,6 +236,10 @@ def collect_stats(
     if batches == 0:
         raise DataError("the calibration data yielded no batches")
     for s in stats.values():
+        if s.nonfinite and s.count == 0:
+            # Nothing but NaN/inf: every scale would be meaningless, so the data is wrong, not the model.
+            where = "calibration input" if s.name in graph_inputs else "tensor (computed from the calibration data)"
+            raise DataError(f"{where} {s.name!r} has no finite values ({s.nonfinite} NaN/inf): check the calibration data")
         if s.nonfinite:
             logger.warning("%s: ignored %d non-finite value(s)", s.name, s.nonfinite)
     return stats

@@ -84,6 +84,10 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         shape = None
         if tt.HasField("shape"):
             shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+            if not shape:
+                # Calibration data is batched along axis 0; a scalar input (an If condition) has none.
+                raise DataError(f"model input {vi.name!r} is a scalar (rank 0): calibration data is batched along its first "
+                                f"axis, so models with scalar inputs cannot be calibrated from data")
         specs.append(InputSpec(vi.name, dtype, shape))
     if not specs:
         raise DataError("the model has no inputs to feed")
@@ -205,6 +209,12 @@ class Preprocess:
         """A PIL image -> float32 array ``[C, H, W]`` or ``[H, W, C]`` (no batch axis)."""
         from PIL import Image
 
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # type: ignore[attr-defined]
+            # 16-bit/float greyscale: convert("RGB") would clip to 255; scale the full range to 8 bits.
+            arr = np.asarray(image, dtype=np.float64)
+            top = float(arr.max()) if arr.size else 0.0
+            peak = 65535.0 if image.mode.startswith("I;16") else (255.0 if top <= 255 else 65535.0 if top <= 65535 else top)  # type: ignore[attr-defined]
+            image = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8))
         img = image.convert("RGB")  # type: ignore[attr-defined]
         th, tw = self.size
         w, h = img.size
@@ -549,11 +559,15 @@ def open_data(
         raise DataError("no such file or folder", path=label)
     if path.is_dir():
         files = sorted((p for p in path.iterdir() if p.is_file()), key=lambda p: p.name)
+        subdirs = [p for p in path.iterdir() if p.is_dir()]
         arrays = [p for p in files if p.suffix.lower() in _ARRAY_SUFFIXES]
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         if not arrays and not images:
             raise DataError(
-                "folder holds no .npz, .npy or image files" + (f" ({len(files)} other files)" if files else " (empty)"),
+                "folder holds no .npz, .npy or image files"
+                + (f" ({len(files)} other files)" if files else "")
+                + (f"; it has subfolders ({', '.join(sorted(d.name for d in subdirs)[:3])}): point --calib at the folder holding the files"
+                   if subdirs else (" (empty)" if not files else "")),
                 path=label,
             )
         if arrays and images:

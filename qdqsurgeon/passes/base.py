@@ -136,8 +136,8 @@ class VerifyInstrument(Instrument):
             return  # the in-memory checker cannot take 2 GB; the saved model is checked by path
         try:
             onnx.checker.check_model(model, full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ModelError(f"pass {pass_.name} produced an invalid model: {str(exc).splitlines()[0]}") from exc
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise ModelError(f"pass {pass_.name} produced an invalid model: {str(exc).strip().splitlines()[0]}") from exc
 
 
 @dataclass

@@ -230,6 +230,19 @@ class Float16Regions(Pass):
     summary = "Run non-INT8 layers in FP16: FP16 weights, activations and Q/DQ scales, Casts at I/O (P10)"
     rules = ("P10", "P9", "V1")
 
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if not ctx.config.float16:
+            return
+        # A subgraph body reads outer tensors by name with the types it declares; retyping them here
+        # would silently break the body, so such models are refused rather than converted.
+        outer = {name for name, t in graph.tensors().items() if not isinstance(t, gs.Constant)}
+        for sub in graph.subgraphs(recursive=True):
+            own = {t.name for n in sub.nodes for t in n.outputs} | {t.name for t in sub.inputs}
+            for t in (t for n in sub.nodes for t in n.inputs):
+                if t is not None and not isinstance(t, gs.Constant) and t.name in outer and t.name not in own:
+                    raise ModelError(f"--float16: a subgraph body reads the outer tensor {t.name}; models whose "
+                                     f"If/Loop/Scan bodies read outer tensors are not converted (run without --float16)")
+
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         cfg = ctx.config
         if not cfg.float16:
