@@ -81,12 +81,12 @@ def load(
         model = _convert_opset(model, opset, str(p))
     else:
         version = _default_opset(model)
-        if not MIN_OPSET <= version <= MAX_OPSET:
-            raise ModelError(
-                f"opset {version} is outside the range TensorRT reads ({MIN_OPSET}..{MAX_OPSET}); "
-                f"use --opset N to convert",
-                path=str(p),
-            )
+        if version < MIN_OPSET:
+            raise ModelError(f"opset {version} is older than TensorRT reads ({MIN_OPSET}..{MAX_OPSET}); "
+                             f"use --opset {max(13, MIN_OPSET)} to upgrade", path=str(p))
+        if version > MAX_OPSET:
+            raise ModelError(f"opset {version} is newer than TensorRT reads ({MIN_OPSET}..{MAX_OPSET}); "
+                             f"re-export the model at opset {MAX_OPSET} or lower", path=str(p))
     if infer_shapes:
         model = _infer_shapes(model, str(p))
     return model

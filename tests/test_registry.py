@@ -122,3 +122,35 @@ def test_entry_point_group(monkeypatch):
     assert reg.entry("ep-drop-identity").origin == "entry-point:demo"
     res = qdqsurgeon.optimize(_identity_model(), passes=["ep-drop-identity"], registry=reg, analyze=False)
     assert ops(res.model) == ["Relu", "Sigmoid"]
+
+
+def test_failing_user_pattern_is_named(tmp_path):
+    pat = tmp_path / "boom.py"
+    pat.write_text(
+        "from qdqsurgeon import Match, Pattern\n"
+        "class Boom(Pattern):\n"
+        "    name = 'boom'\n"
+        "    root_ops = ('Identity',)\n"
+        "    def match(self, node, ctx):\n"
+        "        return Match(node)\n"
+        "    def rewrite(self, match, rw):\n"
+        "        raise KeyError('oops')\n"
+        "PATTERNS = [Boom()]\n")
+    src = tmp_path / "in.onnx"
+    qdqsurgeon.save(_identity_model(), src)
+    result = CliRunner().invoke(cli, ["optimize", str(src), str(tmp_path / "o.onnx"), "--passes", "dedupe-qdq", "--patterns", str(pat)])
+    assert result.exit_code == 1
+    assert "pattern boom failed at node ident" in result.stderr and "internal error" not in result.stderr
+
+
+def test_pattern_pass_runs_to_a_fixpoint():
+    """Two chained Identities need two sweeps of the pattern pass: both go in one run."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Identity", ["a"], ["b"], name="i1"),
+             helper.make_node("Identity", ["b"], ["c"], name="i2"),
+             helper.make_node("Sigmoid", ["c"], ["y"], name="sig")]
+    model = make_model(nodes, [("x", F, [1, 4])], [("y", F, [1, 4])])
+    reg = Registry.builtin()
+    reg.load_path(USER_PATTERNS)
+    res = qdqsurgeon.optimize(model, passes=["drop-identity"], registry=reg, analyze=False)
+    assert ops(res.model) == ["Relu", "Sigmoid"]

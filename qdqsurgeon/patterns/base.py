@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Sequence
 
 import onnx_graphsurgeon as gs
 
+from ..errors import ModelError, QdqError
 from ..passes.base import Pass, PassContext
 from ..rewriter import Rewriter
 
@@ -99,10 +100,16 @@ class PatternPass(Pass):
                 if rw.is_removed(node):
                     continue
                 for pattern in self._candidates(node):
-                    m = pattern.match(node, ctx)
+                    try:
+                        m = pattern.match(node, ctx)
+                        if m:
+                            with rw.rule(pattern.rule):
+                                pattern.rewrite(m, rw)
+                    except QdqError:
+                        raise
+                    except Exception as exc:  # name the pattern: user patterns run here too
+                        raise ModelError(f"pattern {pattern.name} failed at node {node.name}: {type(exc).__name__}: {exc}") from exc
                     if m:
-                        with rw.rule(pattern.rule):
-                            pattern.rewrite(m, rw)
                         fired = True
                         break
             if not fired:
