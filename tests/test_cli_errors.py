@@ -134,3 +134,14 @@ def test_help_has_example(command):
 def test_version():
     result = _invoke("--version")
     assert result.exit_code == 0 and qdqsurgeon.__version__ in result.output
+
+
+def test_output_piped_to_head_stops_quietly(tmp_path):
+    """`qdqsurgeon passes | head -1`: no traceback or internal error when the reader goes away."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"'{sys.executable}' -c 'from qdqsurgeon.cli import main; main()' passes | head -1",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert len(proc.stdout.splitlines()) == 1
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
