@@ -216,3 +216,24 @@ def test_opset_12_is_refused():
                        [("y", F, [1, 4, 2, 2])], [init("w", RNG.standard_normal((4, 3, 1, 1)).astype(np.float32))], opset=12)
     with pytest.raises(ModelError, match="--opset 13"):
         qdqsurgeon.optimize(model, passes=["insert-qdq"], ranges=_ranges(model), analyze=False)
+
+
+def test_quantize_bmm_survives_the_full_pipeline():
+    """Attention MatMul quantized on both inputs with --quantize-bmm stays quantized through placement."""
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="query"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="key"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+             helper.make_node("Softmax", ["s"], ["y"], name="softmax", axis=-1)]
+    model = make_model(nodes, [("x", F, [1, 4, 8])], [("y", F, [1, 4, 4])],
+                       [init("wq", RNG.standard_normal((8, 8)).astype(np.float32)),
+                        init("wk", RNG.standard_normal((8, 8)).astype(np.float32))])
+    res = qdqsurgeon.optimize(model, ranges=_ranges(model), config=Config(quantize_bmm=True), analyze=False)
+    full_check(res.model)
+    producers = {o: n for n in res.model.graph.node for o in n.output}
+    scores = next(n for n in res.model.graph.node if n.name == "scores")
+    assert [producers[t].op_type for t in scores.input] == ["DequantizeLinear", "DequantizeLinear"]
+    plain = qdqsurgeon.optimize(model, ranges=_ranges(model), analyze=False)
+    scores = next(n for n in plain.model.graph.node if n.name == "scores")
+    assert all(producers_op != "DequantizeLinear" for producers_op in
+               ({o: n for n in plain.model.graph.node for o in n.output}[t].op_type for t in scores.input))
