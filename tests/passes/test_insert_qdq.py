@@ -222,12 +222,14 @@ def test_quantize_bmm_survives_the_full_pipeline():
     """Attention MatMul quantized on both inputs with --quantize-bmm stays quantized through placement."""
     nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="query"),
              helper.make_node("MatMul", ["x", "wk"], ["k"], name="key"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="value"),
              helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
              helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
-             helper.make_node("Softmax", ["s"], ["y"], name="softmax", axis=-1)]
-    model = make_model(nodes, [("x", F, [1, 4, 8])], [("y", F, [1, 4, 4])],
-                       [init("wq", RNG.standard_normal((8, 8)).astype(np.float32)),
-                        init("wk", RNG.standard_normal((8, 8)).astype(np.float32))])
+             helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["c"], name="context"),
+             helper.make_node("MatMul", ["c", "wo"], ["y"], name="out")]
+    model = make_model(nodes, [("x", F, [1, 4, 8])], [("y", F, [1, 4, 8])],
+                       [init(n, RNG.standard_normal((8, 8)).astype(np.float32)) for n in ("wq", "wk", "wv", "wo")])
     res = qdqsurgeon.optimize(model, ranges=_ranges(model), config=Config(quantize_bmm=True), analyze=False)
     full_check(res.model)
     producers = {o: n for n in res.model.graph.node for o in n.output}
