@@ -115,9 +115,13 @@ FIX = {
 
 
 @pytest.mark.parametrize("name", list(FIX))
-def test_fix_path_on_shared_model(name):
+def test_fix_path_on_shared_model(name, tmp_path):
     need_shared()
-    model = qdqsurgeon.load(QDQ / f"{name}.onnx")
+    import hashlib
+
+    src = QDQ / f"{name}.onnx"
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    model = qdqsurgeon.load(src)
     res = qdqsurgeon.optimize(model)
     assert res.mode == "fix"
     onnx.checker.check_model(res.model, full_check=True)
@@ -127,6 +131,8 @@ def test_fix_path_on_shared_model(name):
     assert predict(res.model).standalone_qdq_layers == after
     again = qdqsurgeon.optimize(res.model, analyze=False)
     assert [c for c in again.changes if c.kind != "note"] == []
+    qdqsurgeon.save(res.model, tmp_path / "fixed.onnx", input_path=src)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest  # the input is never modified
 
 
 def test_yolov8_ort_scores_repaired(photo_dirs):
