@@ -174,3 +174,22 @@ def test_mobilenetv2_qat_fix_keeps_embedding(photo_dirs):
     before = compare(fp32, qat, data).outputs["embedding"].cosine
     after = compare(fp32, res.model, data).outputs["embedding"].cosine
     assert after >= before - 0.005
+
+
+def test_check_original_vs_fixed_and_fp32_vs_fixed(tmp_path, photo_dirs):
+    """Issue 5 item 4: `check ORIGINAL_QDQ FIXED` and `check FP32 FIXED` both report."""
+    import json
+
+    from click.testing import CliRunner
+
+    from qdqsurgeon.cli import cli
+
+    src = QDQ / "resnet18_cifar10_ort_static_s8.onnx"
+    fixed = tmp_path / "fixed.onnx"
+    assert CliRunner().invoke(cli, ["optimize", str(src), str(fixed), "-q"]).exit_code == 0
+    pre = PTQ["resnet18_cifar10"][0]
+    for ref in (src, FP32 / "resnet18_cifar10.onnx"):
+        res = CliRunner().invoke(cli, ["check", str(ref), str(fixed), "--data", str(photo_dirs[1]), "--preprocess", pre, "--json"])
+        assert res.exit_code == 0, res.output
+        d = json.loads(res.output)
+        assert d["outputs"]["output"]["sqnr_db"] > 25 and d["top1_agreement"] is not None
