@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from .graph import const_value, is_dq, is_graph_output, is_q, producer, qparams, same_qparams
 from .rewriter import Rewriter
-from .trt_rules import is_epilogue, is_silu_mul, is_weighted
+from .trt_rules import is_epilogue, is_residual_add, is_silu_mul, is_weighted
 
 __all__ = [
     "pair_reading",
@@ -133,7 +133,7 @@ def conv_chain_head(tensor: gs.Tensor, *, exclusive: bool = True) -> gs.Node | N
             if exclusive and len(t.outputs) > 1 and not _silu_fanout_ok(t):
                 return None
             return node
-        if not is_epilogue(node) or node.op == "Add" and _is_residual(node):
+        if not is_epilogue(node) or is_residual_add(node):
             return None
         if exclusive and len(t.outputs) > 1 and not _silu_fanout_ok(t):
             return None
@@ -145,10 +145,6 @@ def conv_chain_head(tensor: gs.Tensor, *, exclusive: bool = True) -> gs.Node | N
                 return None
             t = data[0]
     return None
-
-
-def _is_residual(node: gs.Node) -> bool:
-    return node.op == "Add" and all(const_value(i) is None for i in node.inputs)
 
 
 def _silu_fanout_ok(t: gs.Tensor) -> bool:
@@ -191,7 +187,7 @@ def int8_readers(graph: gs.Graph, tensor: gs.Tensor, depth: int = 0) -> bool:
             continue
         if is_quantizable_wrapped(n) and not is_epilogue(n):
             return True
-        if n.op == "Add" and _is_residual(n):
+        if is_residual_add(n):
             return True
     return False
 

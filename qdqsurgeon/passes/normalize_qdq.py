@@ -235,6 +235,13 @@ def _fmt(x: float) -> str:
 _FOLDS_ACTIVATION = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add"})
 
 
+def _requant_needed(qp: QParams, qdtype: np.dtype, ndim: int, target: int | None) -> tuple[bool, bool]:
+    """(not symmetric int8, per-channel on another axis than ``target``): why a weight is re-quantized (V2, V3)."""
+    asym = np.dtype(qdtype) != np.int8 or (qp.zero_point is not None and bool(np.any(qp.zero_point != 0)))
+    cur_axis = None if qp.axis is None else qp.axis % ndim
+    return asym, bool(qp.per_channel and cur_axis != target)
+
+
 def reinsert_folded_activation(graph: gs.Graph, rw: Rewriter, q: gs.Node, memo: dict[int, bool]) -> bool:
     """Put back the Relu / Clip(0, 6) a tool folded into ``q``'s one-sided range (V2); True if it did.
 
@@ -458,9 +465,7 @@ class NormalizeQdq(Pass):
             if target is False:
                 continue
             zp = qp.zero_point
-            asym = value.dtype != np.int8 or (zp is not None and np.any(zp != 0))
-            cur_axis = None if qp.axis is None else qp.axis % value.ndim
-            wrong_axis = qp.per_channel and cur_axis != target
+            asym, wrong_axis = _requant_needed(qp, value.dtype, value.ndim, target)
             if asym or wrong_axis:
                 deq = dequantize_exact(value, qp.scale, zp, qp.axis)
                 why = []
@@ -472,8 +477,9 @@ class NormalizeQdq(Pass):
                 self._requantize_constant(rw, dq, deq, target, "; ".join(why), float_form=bool(wreaders) and ctx.config.weights_fix == "float")
                 continue
             if qp.per_channel and not qp.axis_written:
-                rw.set_attr(dq, "axis", int(cur_axis), rule="V3",
-                            detail=f"per-channel scale without explicit axis: write axis={cur_axis} (ONNX's default; TensorRT would assume 0). Exact")
+                axis = qp.axis % value.ndim
+                rw.set_attr(dq, "axis", int(axis), rule="V3",
+                            detail=f"per-channel scale without explicit axis: write axis={axis} (ONNX's default; TensorRT would assume 0). Exact")
             if wreaders and ctx.config.weights_fix == "float":
                 self._to_float_form(rw, dq, value, qp)
 
@@ -556,9 +562,7 @@ class NormalizeQdq(Pass):
             if target is False:
                 continue
             zp = qp.zero_point
-            asym = qp.qdtype != np.int8 or (zp is not None and np.any(zp != 0))
-            cur_axis = None if qp.axis is None else qp.axis % value.ndim
-            wrong_axis = qp.per_channel and cur_axis != target
+            asym, wrong_axis = _requant_needed(qp, qp.qdtype, value.ndim, target)
             if asym or wrong_axis:
                 # The values the model used are the Q→DQ round trip of the float weight.
                 deq = _fake_quant(value, qp)
@@ -575,9 +579,10 @@ class NormalizeQdq(Pass):
                 q.outputs[0].dtype = np.int8
                 continue
             if qp.per_channel and not qp.axis_written:
+                axis = qp.axis % value.ndim
                 for node in [q, *dqs]:
-                    rw.set_attr(node, "axis", int(cur_axis), rule="V3",
-                                detail=f"per-channel scale without explicit axis: write axis={cur_axis} (exact)")
+                    rw.set_attr(node, "axis", int(axis), rule="V3",
+                                detail=f"per-channel scale without explicit axis: write axis={axis} (exact)")
 
     # V2: activation Q with its DQs ---------------------------------------------------------------
     def _activations(self, graph: gs.Graph, rw: Rewriter) -> None:
