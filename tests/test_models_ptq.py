@@ -17,7 +17,7 @@ from qdqsurgeon.calibration import Preprocess, open_data
 from qdqsurgeon.check import compare
 from qdqsurgeon.config import Config
 from qdqsurgeon.inspection import inspect_model
-from qdqsurgeon.passes.exclude_output_layers import output_layers
+from qdqsurgeon.passes.exclude_output_layers import output_layers, reads_residual_stream
 from qdqsurgeon.graph import import_model
 
 from .helpers import FP32, MODELS, QDQ, need_shared
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 IMAGENET = "mean=0.485/0.456/0.406,std=0.229/0.224/0.225,scale=1/255"
 PTQ = {
     # model: (preprocess, opset, standalone Q/DQ layers predicted for our output)
-    "resnet18_cifar10": ("size=32,scale=1/255,mean=0.5/0.5/0.5,std=0.5/0.5/0.5", 13, 2),
+    "resnet18_cifar10": ("size=32,scale=1/255,mean=0.5/0.5/0.5,std=0.5/0.5/0.5", 13, 1),
     "mobilenetv2_bottleneck": (f"size=224,{IMAGENET}", None, 1),
     "efficientnet_lite0": (f"size=224,{IMAGENET}", None, 1),
     "yolov8n_320": ("size=320,scale=1/255,resize=letterbox", None, 1),
@@ -76,8 +76,12 @@ def test_ptq_on_shared_model(name, tmp_path, photo_dirs):
     onnx.checker.check_model(full.model, full_check=True)
     insp = inspect_model(full.model)
     assert insp.problems == [], insp.problems[:5]
-    # every eligible weighted op is INT8 except the output layers P9 keeps float
-    excluded = {n.name for n in output_layers(import_model(model))}
+    # every eligible weighted op is INT8 except the output layers P9 keeps float (an output layer
+    # reading a residual block, the ResNet classifier, takes P9's other form: INT8 in, float out)
+    graph = import_model(model)
+    excluded = {n.name for n in output_layers(graph) if not reads_residual_stream(n)}
+    if name == "resnet18_cifar10":
+        assert excluded == set() and [n.name for n in output_layers(graph)] == ["Gemm_47"]
     d = insp.to_dict()["weighted_ops"]
     not_quantized = {w["node"] for w in d["details"] if not (w["activation_quantized"] and w["weight_quantized"])}
     assert not_quantized == excluded
@@ -109,7 +113,7 @@ FIX = {
     "mobilenetv2_ort_static_u8": (2, 1),
     "yolov8n_320_ort_static_u8": (37, 1),
     "yolov8n_320_modelopt_ptq_fp16": (2, 1),
-    "resnet18_cifar10_ort_static_s8": (2, 2),
+    "resnet18_cifar10_ort_static_s8": (2, 1),
     "resnet18_cifar10_modelopt_ptq": (2, 2),
 }
 
@@ -133,6 +137,30 @@ def test_fix_path_on_shared_model(name, tmp_path):
     assert [c for c in again.changes if c.kind != "note"] == []
     qdqsurgeon.save(res.model, tmp_path / "fixed.onnx", input_path=src)
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest  # the input is never modified
+
+
+def test_fix_path_with_calib_fills_the_classifier_pair(photo_dirs):
+    """ModelOpt left ResNet-18's classifier float; with --calib the fix path adds the pairs placement
+    needs (classifier input, GAP, last skip) and keeps every learned scale: 2 -> 1 standalone."""
+    from qdqsurgeon.graph import qparams
+
+    src = qdqsurgeon.load(QDQ / "resnet18_cifar10_modelopt_ptq.onnx")
+    ranges = qdqsurgeon.build_ranges(src, calib=photo_dirs[0], preprocess=PTQ["resnet18_cifar10"][0], progress=False)
+    res = qdqsurgeon.optimize(src, ranges=ranges)
+    assert res.mode == "fix"
+    assert predict(res.model).standalone_qdq == ["input_QuantizeLinear"]
+    onnx.checker.check_model(res.model, full_check=True)
+    assert inspect_model(res.model).problems == []
+
+    def scales(m):
+        g = import_model(m)
+        return {n.inputs[0].name: float(np.max(qparams(n).scale)) for n in g.nodes if n.op == "QuantizeLinear"}
+
+    before, after = scales(src), scales(res.model)
+    assert {k: v for k, v in after.items() if k in before} == before  # learned scales kept
+    assert len(after) > len(before)
+    again = qdqsurgeon.optimize(res.model, ranges=ranges, analyze=False)
+    assert [c for c in again.changes if c.kind != "note"] == []
 
 
 def test_yolov8_ort_scores_repaired(photo_dirs):

@@ -9,7 +9,15 @@ An *output layer* is a weighted op from which a graph output is reachable withou
 through another weighted op or a residual Add (so detection heads, DFL and classifier layers
 count, but the residual stream of a transformer or ResNet does not). Removing its Q/DQ makes its
 output exact float again: numerics move towards the float model. ``--keep-output-layers`` keeps
-them quantized. Q/DQ in the float head after those layers (box decoding, DFL, sigmoids) goes too.
+them quantized.
+
+P9 allows two forms: "unquantized, or with a float output". The pass picks the first unless the
+layer reads a residual block's output (through pooling, activations and reshapes, e.g. a ResNet
+classifier after GlobalAveragePool): a float read there makes the last block's fused
+Conv+Add write float and costs a standalone Quantize or Dequantize (F5; trt-rules.md section 5,
+``qat-residual`` 26 layers / 3 standalone vs ``qat-residual-qgap`` 24 / 1). Such a layer keeps INT8
+inputs (its existing pairs; ``insert-qdq`` put them there on the PTQ path) and writes float, the
+form of NVIDIA's fastest ResNet-18 engine. Q/DQ in the float head after those layers (box decoding, DFL, sigmoids) goes too.
 Q/DQ on graph outputs is removed in every case (P9), and so are pairs that,
 once the output layers are float, no reader takes in INT8 (they would be standalone kernels).
 """
@@ -21,14 +29,16 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import const_value, is_dq, is_graph_output, is_q, producer, qparams
+from ..graph import const_value, is_dq, is_graph_output, is_q, opset_version, producer, qparams
+from ..io import MIN_PER_CHANNEL_OPSET
 from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading, unquantize_graph_output
 from ..quant import dequantize
 from ..rewriter import Rewriter
-from ..trt_rules import is_weighted, weight_input_index
+from ..trt_rules import is_weighted, weight_axis, weight_input_index
+from .insert_qdq import InsertQdq, is_excluded
 from .base import Pass, PassContext
 
-__all__ = ["ExcludeOutputLayers", "output_layers", "drop_output_qdq", "restore_float_weight"]
+__all__ = ["ExcludeOutputLayers", "output_layers", "reads_residual_stream", "drop_output_qdq", "restore_float_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,33 @@ def output_layers(graph: gs.Graph) -> list[gs.Node]:
         return hit
 
     return [n for n in graph.nodes if is_weighted(n) and any(reaches(o) for o in n.outputs)]
+
+
+def reads_residual_stream(node: gs.Node) -> bool:
+    """Whether ``node``'s activation comes from a residual Add through pooling, activations and data movement.
+
+    Such an output layer keeps INT8 inputs: reading the residual stream in float costs a
+    standalone Q/DQ kernel (F5), while INT8 in / float out is the other form P9 allows.
+    """
+    from ..trt_rules import commutes, is_residual_add
+
+    widx = weight_input_index(node)
+    aidx = 1 - widx if node.op == "MatMul" and widx is not None else 0
+    t = node.inputs[aidx] if len(node.inputs) > aidx else None
+    for _ in range(32):
+        p = producer(t) if t is not None else None
+        if p is None:
+            return False
+        if is_residual_add(p):
+            return True
+        if not (is_dq(p) or is_q(p) or commutes(p) or p.op in _POOL_OR_ACT):
+            return False
+        t = p.inputs[0] if p.inputs else None
+    return False
+
+
+#: Ops an output layer may read a residual block through (pooling, activation epilogues).
+_POOL_OR_ACT = ("GlobalAveragePool", "AveragePool", "ReduceMean", "Relu", "Clip", "LeakyRelu")
 
 
 def drop_output_qdq(graph: gs.Graph, rw: Rewriter) -> None:
@@ -135,7 +172,10 @@ class ExcludeOutputLayers(Pass):
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         if not ctx.config.keep_output_layers:
             excluded = output_layers(graph)
-            for node in excluded:
+            int8_in = [n for n in excluded if reads_residual_stream(n) and not is_excluded(n, ctx)]
+            for node in int8_in:
+                self._int8_inputs(graph, rw, ctx, node)
+            for node in [n for n in excluded if n not in int8_in]:
                 widx = weight_input_index(node)
                 aidx = 1 - widx if node.op == "MatMul" and widx is not None else 0
                 act = dequantized_input(rw, node, aidx, detail=f"{node.name} feeds a graph output: activation stays float", rule="P9")
@@ -146,6 +186,25 @@ class ExcludeOutputLayers(Pass):
             # Pairs that fed only the excluded layers (possibly through reshapes) now feed float.
             drop_float_only_pairs(graph, rw, rule="P9")
         drop_output_qdq(graph, rw)
+
+    @staticmethod
+    def _int8_inputs(graph: gs.Graph, rw: Rewriter, ctx: PassContext, node: gs.Node) -> None:
+        """INT8 in, float out for an output layer reading a residual block (P9 second form, F5).
+
+        Existing (learned) pairs stay. A layer without them (a QAT model that left it float) is
+        quantized only when calibration ranges are at hand, like ``insert-qdq`` would.
+        """
+        widx = weight_input_index(node)
+        aidx = 1 - widx if node.op == "MatMul" and widx is not None else 0
+        why = "output layer reads a residual block: INT8 inputs, float output (a float read would cost a standalone Q/DQ, F5)"
+        if (pair_reading(node.inputs[aidx]) is None and widx is not None and ctx.ranges is not None
+                and opset_version(graph) >= MIN_PER_CHANNEL_OPSET):
+            ins = InsertQdq()
+            ins._quantize_activations(graph, rw, ctx, [(node, aidx)])
+            if pair_reading(node.inputs[aidx]) is not None:
+                ins._quantize_weights(rw, ctx, [(node, widx, weight_axis(node, convtranspose_axis=ctx.config.convtranspose_axis))])
+        rw.note(node, why if pair_reading(node.inputs[aidx]) is not None else
+                why.replace("INT8 inputs", "INT8 inputs wanted but no pair or calibrated range (float kept)"), rule="P9")
 
     @staticmethod
     def _float_head(graph: gs.Graph, rw: Rewriter, excluded: list[gs.Node]) -> None:

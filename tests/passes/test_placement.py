@@ -82,8 +82,9 @@ def test_residual_identity_block_shares_the_skip_pair_and_removes_conv_side_pair
 
 def test_residual_near_miss_block_feeding_float_head_keeps_skip_float():
     for kind in ("identity", "downsample"):
-        model, rng = prepare(resnet_block(kind, tail="float"), "exclude-output-layers")
-        res = optimize(model, ["quantize-residual"], rng)
+        # fc excluded by the user: the block output is read in float by the head.
+        model, rng = prepare(resnet_block(kind, tail="float"), "exclude-output-layers", exclude=["^fc$"])
+        res = optimize(model, ["quantize-residual"], rng, exclude=["^fc$"])
         assert edits(res.changes) == []
         assert notes(res.changes) == ["output is read in float (head or graph output): skip left float, no standalone Dequantize"]
         assert res.changes[0].node == "block.add" and res.changes[0].rule == "P3"
@@ -165,6 +166,45 @@ def test_exclude_output_layers_tapped_feature_keeps_backbone_quantized():
     assert pred.precision_of("convB") == "int8->int8" and pred.precision_of("convA") == "float"
     # convA writes float for the graph output; convB's Quantize is a kernel of its own (C1)
     assert [s.node for s in pred.standalone_layers] == [act_out(res.model, "convA") + "_QuantizeLinear"]
+
+
+def test_exclude_output_layers_classifier_reading_residual_block_keeps_int8_inputs():
+    """P9's second form: fc reads the block output through GAP/Flatten, so it stays INT8 in, float out."""
+    from qdqsurgeon.passes.exclude_output_layers import reads_residual_stream
+
+    for kind in ("identity", "downsample"):
+        model, rng = prepare(resnet_block(kind, tail="float"))
+        assert reads_quantized(model, "fc", 0) and reads_quantized(model, "fc", 1)
+        res = optimize(model, ["exclude-output-layers"], rng)
+        assert edits(res.changes) == []
+        assert [(c.node, c.rule) for c in res.changes] == [("fc", "P9")]
+        assert "reads a residual block" in res.changes[0].detail
+        assert reads_quantized(res.model, "fc", 0) and reads_quantized(res.model, "fc", 1)
+        np.testing.assert_array_equal(run(model, calib_feeds(model))[0], run(res.model, calib_feeds(model))[0])
+        _idempotent(res.model, ["exclude-output-layers"], rng)
+        # Near miss: a conv tail between the block and the head; fc reads tail_conv, not the block.
+        near = import_model(resnet_block(kind, tail="conv"))
+        assert [reads_residual_stream(n) for n in output_layers(near)] == [False]
+
+
+def test_exclude_output_layers_fills_missing_classifier_pair_only_with_ranges():
+    """A Q/DQ model whose classifier was left float (ModelOpt): the pair is added when ranges are
+    at hand (fix path with --calib), else the layer stays float with a note saying why."""
+    float_model = resnet_block("identity", tail="float")
+    model, rng = prepare(float_model, exclude=["^fc$"])
+    assert not reads_quantized(model, "fc", 0)
+    res = optimize(model, ["exclude-output-layers"], None)
+    assert edits(res.changes) == [] and "no pair or calibrated range" in notes(res.changes)[0]
+    res = optimize(model, ["exclude-output-layers"], rng)
+    assert reads_quantized(res.model, "fc", 0) and reads_quantized(res.model, "fc", 1)
+    assert by_kind_rule(res.changes) == {("add", "P1"): 2, ("add", "V3"): 2, ("rewire", "F1"): 1}  # act pair, weight pair
+    full_check(res.model)
+    _idempotent(res.model, ["exclude-output-layers"], rng)
+    feeds = calib_feeds(model)
+    assert sqnr(run(float_model, feeds)[0], run(res.model, feeds)[0]) > 25
+    # --exclude wins over the rule: the user's float classifier stays float.
+    res = optimize(model, ["exclude-output-layers"], rng, exclude=["^fc$"])
+    assert not reads_quantized(res.model, "fc", 0)
 
 
 def test_keep_output_layers_flag_keeps_head_quantized():

@@ -22,16 +22,16 @@ from .placement_graphs import (act_out, c2f, calib_feeds, edits, inverted_residu
 INPUT_Q = ["input_QuantizeLinear"]
 
 
-def _ptq(model):
+def _ptq(model, **cfg):
     rng = ranges_of(model)
-    res = optimize(model, None, rng)
+    res = optimize(model, None, rng, **cfg)
     assert res.mode == "ptq"
     pred = predict(res.model).to_dict()
     assert res.after is not None and res.after["standalone_qdq"] == pred["standalone_qdq"]
     feeds = calib_feeds(model)
     db = min(sqnr(a, b) for a, b in zip(run(model, feeds), run(res.model, feeds)))
     assert db > 20, db
-    again = optimize(res.model, [*PLACEMENT, *CLEANUP], rng)
+    again = optimize(res.model, [*PLACEMENT, *CLEANUP], rng, **cfg)
     assert edits(again.changes) == [], again.changes
     return res, pred
 
@@ -71,7 +71,8 @@ def test_pipeline_resnet_identity_block():
     ("identity", INPUT_Q + ["Relu_3_out_QuantizeLinear"]),
 ])
 def test_pipeline_block_into_float_head(kind, expected):
-    res, pred = _ptq(resnet_block(kind, tail="float"))
+    # The classifier excluded by the user (--exclude fc): the block output is read in float.
+    res, pred = _ptq(resnet_block(kind, tail="float"), exclude=["^fc$"])
     m = res.model
     assert not reads_quantized(m, "block.add", 0) and not reads_quantized(m, "block.add", 1)
     assert any(c.kind == "note" and c.node == "block.add" and "skip left float" in c.detail for c in res.changes)
@@ -80,6 +81,23 @@ def test_pipeline_block_into_float_head(kind, expected):
         reason = pred["standalone_reasons"]["Relu_3_out_QuantizeLinear"]
         assert reason.startswith("C1:") and "block.add" in reason
     assert not reads_quantized(m, "fc", 0) and not reads_quantized(m, "gap", 0)  # GAP not half-quantized (P7)
+
+
+@pytest.mark.parametrize("kind", ["downsample", "identity"])
+def test_pipeline_classifier_reading_residual_block_keeps_int8_input(kind):
+    # P9's second form: the classifier after GAP reads the residual stream, so it keeps INT8
+    # inputs and writes float; the block writes INT8, GAP runs wrapped (P7) and only the input
+    # Quantize stays (trt-rules.md section 5, qat-residual-qgap).
+    res, pred = _ptq(resnet_block(kind, tail="float"))
+    m = res.model
+    assert pred["standalone_qdq"] == INPUT_Q
+    assert reads_quantized(m, "fc", 0) and reads_quantized(m, "fc", 1)
+    assert [o.name for o in m.graph.output] == ["fc_out"]
+    assert producers(m)["fc_out"].name == "fc"  # float output: no Q/DQ after the classifier
+    assert reads_quantized(m, "gap", 0) and reads_quantized(m, "block.add", 1) and not reads_quantized(m, "block.add", 0)
+    fc = next(w for w in pred["weighted_ops"] if w["node"] == "fc")
+    assert fc["precision"] == "int8->float"
+    assert any(c.kind == "note" and c.node == "fc" and "reads a residual block" in c.detail for c in res.changes)
 
 
 def test_pipeline_mobilenetv2_inverted_residual():
