@@ -53,12 +53,14 @@ def analyse(path: Path) -> dict[str, Any]:
     }
 
 
-def qdqsurgeon_run(spec, src: Path, dst: Path, calib: Path, passes: str | None) -> None:
+def qdqsurgeon_run(spec, src: Path, dst: Path, calib: Path, passes: str | None, **config: Any) -> None:
     import qdqsurgeon
+    from qdqsurgeon.config import Config
 
     model = qdqsurgeon.load(src, opset=spec.opset)
     ranges = qdqsurgeon.build_ranges(model, calib=calib, progress=False)
-    res = qdqsurgeon.optimize(model, passes.split(",") if passes else None, ranges=ranges, analyze=False)
+    res = qdqsurgeon.optimize(model, passes.split(",") if passes else None, ranges=ranges, config=Config(**config),
+                              analyze=False)
     qdqsurgeon.save(res.model, dst)
 
 
@@ -84,9 +86,13 @@ def main() -> int:
         src = model_path(args.shared, spec)
         data = prepare_data(spec, args.shared, work / name)
         variants: list[tuple[str, Path]] = []
-        for label, passes in (("qdqsurgeon", None), ("insert-only", "insert-qdq,fold-qdq-pairs,dedupe-qdq")):
-            dst = work / name / f"{label}.onnx"
-            qdqsurgeon_run(spec, src, dst, data.calib, passes)
+        runs: list[tuple[str, str | None, dict[str, Any]]] = [("qdqsurgeon", None, {}),
+                                                               ("insert-only", "insert-qdq,fold-qdq-pairs,dedupe-qdq", {})]
+        if spec.kind == "text":  # attention: Q/DQ before both batch GEMMs (INT8 MHA fusion) is opt-in
+            runs.append(("qdqsurgeon --quantize-bmm", None, {"quantize_bmm": True}))
+        for label, passes, config in runs:
+            dst = work / name / f"{label.replace(' ', '_')}.onnx"
+            qdqsurgeon_run(spec, src, dst, data.calib, passes, **config)
             variants.append((label, dst))
         if run_modelopt:
             row = run_tool("modelopt", spec, src, work / name, data.calib, data.eval, args)

@@ -559,6 +559,13 @@ def _fuse(sim: _Sim):
                     claimed.update((id(sig), id(mul)))
                     t = mul.outputs[0]
                     continue
+            # Erf-form GELU after a GEMM/conv: one epilogue (F3; seen fused in NVIDIA/TensorRT#4397).
+            gelu = R.gelu_region(t) if n.op in R.RULES["Gelu"].fuses_after else None
+            if gelu is not None and not any(id(g) in claimed or sim.is_graph_output(g.outputs[0]) for g in gelu[0][:-1]):
+                members += gelu[0]
+                claimed.update(id(g) for g in gelu[0])
+                t = gelu[1]
+                continue
             break
         end_q = single_q_reader(t)
         skip_ok = residual is None or skip_dq is not None
@@ -635,7 +642,45 @@ def _fuse(sim: _Sim):
             float_reason[id(u)] = why
         if out is not None:
             end_reason[id(out)] = why
+    _fuse_mha(sim, chains, absorbed_q)
     return chains, absorbed_edges, absorbed_q, float_reason, end_reason, int8_units
+
+
+#: Ops between the two attention GEMMs that TensorRT's MHA fusion takes in: score scaling, mask, Softmax.
+_MHA_BETWEEN = ("Div", "Mul", "Add", "Where", "Cast", "Softmax")
+
+
+def _fuse_mha(sim: _Sim, chains: list[_Chain], absorbed_q: set[int]) -> None:
+    """Attention with Q/DQ before both batch GEMMs fuses into one MHA kernel (NVIDIA/TensorRT#3243).
+
+    ``MatMul(DQ, DQ) → [scale, mask] → Softmax → Q → DQ → MatMul(·, DQ)``: the Quantize of the
+    Softmax output is inside the fused kernel, not a layer of its own. A maintainer's statement
+    (explicit quantization needs Q/DQ before the two batch GEMMs for INT8 MHA fusion); the kernel
+    boundaries of 10.x/11.x Myelin MHA are not in our engine dumps.
+    """
+    int8_bmm = {id(c.head) for c in chains if c.int8_in and c.head.op == "MatMul" and weight_input_index(c.head) is None}
+    for c in chains:
+        if id(c.head) not in int8_bmm:
+            continue
+        dq = sim.dq_of(c.head.inputs[0])
+        q = producer(dq.inputs[0]) if dq is not None else None
+        if not sim.act_q(q):
+            continue
+        t = q.inputs[0]
+        soft = producer(t)
+        if soft is None or soft.op != "Softmax" or len(t.outputs) != 1:
+            continue
+        node: gs.Node | None = soft
+        for _ in range(6):
+            srcs = [producer(i) for i in node.inputs if i is not None and i.name and not sim.const_path(i)]
+            srcs = [p for p in srcs if p is not None]
+            if any(id(p) in int8_bmm for p in srcs):
+                absorbed_q.add(id(q))
+                break
+            # the score path: a scaling/mask op read only by this one (the mask itself has other readers)
+            node = next((p for p in srcs if p.op in _MHA_BETWEEN and len(p.outputs[0].outputs) == 1), None)
+            if node is None:
+                break
 
 
 def predict(model_or_graph: onnx.ModelProto | gs.Graph) -> TrtPrediction:

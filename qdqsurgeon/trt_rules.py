@@ -46,6 +46,7 @@ __all__ = [
     "data_input_indices",
     "commutes",
     "is_epilogue",
+    "gelu_region",
     "is_bias_add",
     "is_residual_add",
     "is_silu_mul",
@@ -201,8 +202,11 @@ _TABLE: tuple[OpRule, ...] = (
     _float("LayerNormalization", "normalization; keep FP16/FP32"),
     _float("InstanceNormalization"),
     _float("GroupNormalization"),
-    _float("Erf", "GELU part"),
-    _float("Gelu"),
+    _float("Erf", "float alone; inside an Erf-form GELU after a weighted op it is an epilogue (gelu_region)"),
+    OpRule("Gelu", "epilogue", epilogue=True, fuses_after=("Conv", "Gemm", "MatMul"), rules=("F3",),
+           confidence=(_SEEN, _INF),
+           note="GEMM epilogue (MatMul+bias+Erf-GELU in one kernel, FP16 engine in NVIDIA/TensorRT#4397); "
+                "INT8 output with a following Q inferred like F2; no wrapped INT8 kernel assumed"),
     _float("Exp"),
     _float("Log"),
     _float("Pow"),
@@ -355,6 +359,45 @@ def is_silu_sigmoid(node: gs.Node) -> bool:
     if node.op != "Sigmoid" or not node.outputs:
         return False
     return any(c.op == "Mul" and is_silu_mul(c) for c in node.outputs[0].outputs)
+
+
+#: Ops of an exported Erf-form GELU, x·0.5·(1 + erf(x/√2)) (PyTorch/HF: Div, Erf, Add, Mul, Mul).
+_GELU_OPS = ("Div", "Mul", "Erf", "Add")
+
+
+def gelu_region(tensor: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor] | None:
+    """The Erf-form GELU reading ``tensor``: (its nodes in order, its output), or None (F3).
+
+    Accepts the exported arrangements of ``x·0.5·(1+erf(x/√2))``: five nodes (Div or Mul by a
+    constant, Erf, Add of a constant, two Muls), one Erf, constants scalar, every intermediate
+    tensor read only inside, every reader of ``tensor`` inside, one output.
+    """
+    region: list[gs.Node] = []
+    inside = {id(tensor)}
+    tensors = [tensor]
+    grew = True
+    while grew and len(region) < 5:
+        grew = False
+        for t in list(tensors):
+            for n in t.outputs:
+                if n in region or n.op not in _GELU_OPS or len(n.outputs) != 1:
+                    continue
+                data = _non_const_inputs(n)
+                consts = [const_value(i) for i in n.inputs if i is not None and i.name and const_value(i) is not None]
+                if not data or any(id(i) not in inside for i in data) or any(np.size(c) != 1 for c in consts):
+                    continue
+                if n.op in ("Div", "Add") and (len(data) != 1 or data[0] is not n.inputs[0] and n.op == "Div"):
+                    continue
+                region.append(n)
+                inside.add(id(n.outputs[0]))
+                tensors.append(n.outputs[0])
+                grew = True
+    if len(region) != 5 or [n.op for n in region].count("Erf") != 1 or [n.op for n in region].count("Add") != 1:
+        return None
+    exits = [t for t in tensors[1:] if any(r not in region for r in t.outputs) or not t.outputs]
+    if len(exits) != 1 or exits[0] is not region[-1].outputs[0] or any(r not in region for r in tensor.outputs):
+        return None
+    return region, exits[0]
 
 
 def is_epilogue(node: gs.Node) -> bool:

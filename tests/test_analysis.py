@@ -451,3 +451,125 @@ def test_float_model_has_no_int8_and_no_standalone_qdq():
     assert pred.standalone_qdq_layers == 0 and pred.precision_transitions == 0
     assert pred.int8_weighted_ops == 0 and pred.int8_mac_fraction == 0.0
     assert {w["precision"] for w in pred.weighted_ops} == {FLOAT}
+
+
+# --- GELU as a GEMM epilogue (F3; MatMul+bias+Erf-GELU fused in one kernel, NVIDIA/TensorRT#4397) ----
+
+
+def _mlp(gelu: str = "erf", tap_erf: bool = False) -> onnx.ModelProto:
+    """x → MatMul(W1) + b1 → GELU → MatMul(W2) + b2 → y; ``gelu``: "erf" (exported form) or "op" (opset 20 Gelu)."""
+    from onnx import helper
+
+    from .helpers import init, make_model
+
+    rng = np.random.default_rng(7)
+    inits = [init("w1", rng.normal(0, 0.3, (16, 32)).astype(np.float32)), init("b1", rng.normal(0, 0.1, 32).astype(np.float32)),
+             init("w2", rng.normal(0, 0.3, (32, 16)).astype(np.float32)), init("b2", rng.normal(0, 0.1, 16).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="mm1"), helper.make_node("Add", ["h0", "b1"], ["h"], name="bias1")]
+    if gelu == "op":
+        nodes.append(helper.make_node("Gelu", ["h"], ["g"], name="gelu"))
+    else:
+        inits += [init("sqrt2", np.float32(np.sqrt(2.0))), init("one", np.float32(1.0)), init("half", np.float32(0.5))]
+        nodes += [helper.make_node("Div", ["h", "sqrt2"], ["d"], name="gelu.div"),
+                  helper.make_node("Erf", ["d"], ["e"], name="gelu.erf"),
+                  helper.make_node("Add", ["e", "one"], ["a"], name="gelu.add"),
+                  helper.make_node("Mul", ["h", "a"], ["m"], name="gelu.mul"),
+                  helper.make_node("Mul", ["m", "half"], ["g"], name="gelu.mul_1")]
+    nodes += [helper.make_node("MatMul", ["g", "w2"], ["y0"], name="mm2"), helper.make_node("Add", ["y0", "b2"], ["y"], name="bias2")]
+    outputs = [("y", TensorProto.FLOAT, [1, 8, 16])] + ([("e", TensorProto.FLOAT, [1, 8, 32])] if tap_erf else [])
+    return make_model(nodes, [("x", TensorProto.FLOAT, [1, 8, 16])], outputs, inits, opset=20 if gelu == "op" else 17)
+
+
+@pytest.mark.parametrize("gelu", ["erf", "op"])
+def test_gelu_after_matmul_is_an_epilogue(gelu):
+    import qdqsurgeon
+
+    from .passes.placement_graphs import ranges_of
+
+    from qdqsurgeon.config import Config
+
+    model = _mlp(gelu)
+    res = qdqsurgeon.optimize(model, ranges=ranges_of(model), config=Config(keep_output_layers=True))
+    pred = predict(res.model)
+    # mm1 + bias + GELU + the Q mm2 reads form one INT8 kernel; only the input Quantize stays
+    assert pred.precision_of("mm1") == INT8_INT8 and pred.precision_of("mm2") == INT8_FLOAT
+    assert pred.standalone_qdq_layers == 1 and rules_of(pred) == ["P10"]
+    fused = next(w["fused"] for w in pred.to_dict()["weighted_ops"] if w["node"] == "mm1")
+    assert list(fused) == (["mm1", "bias1", "gelu"] if gelu == "op" else
+                           ["mm1", "bias1", "gelu.div", "gelu.erf", "gelu.add", "gelu.mul", "gelu.mul_1"])
+
+
+def test_gelu_near_miss_intermediate_read_outside():
+    import qdqsurgeon
+
+    from .passes.placement_graphs import ranges_of
+
+    from qdqsurgeon.config import Config
+
+    model = _mlp("erf", tap_erf=True)  # erf(x/√2) is also a graph output: the GELU cannot fuse
+    res = qdqsurgeon.optimize(model, ranges=ranges_of(model), config=Config(keep_output_layers=True))
+    pred = predict(res.model)
+    assert pred.precision_of("mm1") == INT8_FLOAT
+    assert pred.standalone_qdq_layers == 2  # input Quantize + the Quantize after the float GELU
+
+
+# --- INT8 MHA fusion (Q/DQ before both batch GEMMs; NVIDIA/TensorRT#3243) -------------------------
+
+
+def _attention(cap: bool = False) -> onnx.ModelProto:
+    """x → query/key/value MatMuls → scores = q·kᵀ / √d + mask → Softmax → context = p·v → out MatMul → tail MatMul."""
+    from onnx import helper
+
+    from .helpers import init, make_model
+
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="query"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="key"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="value"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s0"], name="scores"),
+             helper.make_node("Div", ["s0", "sqrt_d"], ["s1" if not cap else "s1c"], name="scale"),
+             *([helper.make_node("Tanh", ["s1c"], ["s1"], name="softcap")] if cap else []),
+             helper.make_node("Add", ["s1", "mask"], ["s"], name="mask_add"),
+             helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["c"], name="context"),
+             helper.make_node("MatMul", ["c", "wo"], ["o"], name="out"),
+             helper.make_node("Relu", ["o"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "wt"], ["y"], name="tail")]
+    inits = [init(n, rng.standard_normal((8, 8)).astype(np.float32) * 0.4) for n in ("wq", "wk", "wv", "wo", "wt")]
+    inits.append(init("sqrt_d", np.float32(np.sqrt(8.0))))
+    return make_model(nodes, [("x", TensorProto.FLOAT, [1, 4, 8]), ("mask", TensorProto.FLOAT, [1, 4, 4])],
+                      [("y", TensorProto.FLOAT, [1, 4, 8])], inits)
+
+
+def test_mha_with_both_batch_gemms_quantized_absorbs_the_softmax_quantize():
+    import qdqsurgeon
+    from qdqsurgeon.config import Config
+
+    from .passes.placement_graphs import ranges_of
+
+    model = _attention()
+    res = qdqsurgeon.optimize(model, ranges=ranges_of(model), config=Config(quantize_bmm=True))
+    pred = predict(res.model)
+    prod = {o: n for n in res.model.graph.node for o in n.output}
+    for bmm in ("scores", "context"):
+        node = next(n for n in res.model.graph.node if n.name == bmm)
+        assert [prod[t].op_type for t in node.input] == ["DequantizeLinear", "DequantizeLinear"]
+    # the Softmax output Quantize lives inside the fused MHA kernel; only the input Quantize stays
+    assert pred.standalone_qdq == ["x_QuantizeLinear"]
+    # near miss: without --quantize-bmm the batch GEMMs run float, and the context output's
+    # Quantize before the out projection is a kernel of its own
+    plain = predict(qdqsurgeon.optimize(model, ranges=ranges_of(model)).model)
+    assert plain.standalone_qdq == ["x_QuantizeLinear", "c_QuantizeLinear"]
+
+
+def test_mha_near_miss_unknown_op_between_the_gemms():
+    import qdqsurgeon
+    from qdqsurgeon.config import Config
+
+    from .passes.placement_graphs import ranges_of
+
+    model = _attention(cap=True)  # a Tanh soft-cap between the GEMMs: not an MHA pattern TensorRT fuses
+    res = qdqsurgeon.optimize(model, ranges=ranges_of(model), config=Config(quantize_bmm=True))
+    pred = predict(res.model)
+    assert pred.standalone_qdq == ["x_QuantizeLinear", "p_QuantizeLinear"]
