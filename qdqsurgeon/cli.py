@@ -260,7 +260,8 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     """Optimize IN into OUT: insert (FP32 input) or repair (Q/DQ input) Q/DQ for TensorRT.
 
     An FP32 model takes the PTQ pipeline and needs calibration data (--calib, --calib-cache or
-    --calib-random). A model that already has Q/DQ takes the fix pipeline and keeps its scales.
+    --calib-random). A model that already has Q/DQ takes the fix pipeline and keeps its scales;
+    with --calib it also calibrates the pairs placement adds where the model has none.
 
     \b
     Examples:
