@@ -38,6 +38,7 @@ __all__ = [
     "graph_output_names",
     "is_graph_output",
     "weight_input_index",
+    "activation_input_index",
     "weighted_weight",
     "behind_constant",
     "opset_version",
@@ -252,6 +253,12 @@ def weight_input_index(node: gs.Node) -> int | None:
                 return idx
         return None
     return None
+
+
+def activation_input_index(node: gs.Node) -> int:
+    """Which input of a weighted op carries the activation: the non-weight operand of a MatMul, else 0."""
+    widx = weight_input_index(node)
+    return 1 - widx if node.op == "MatMul" and widx is not None else 0
 
 
 def behind_constant(tensor: gs.Tensor) -> bool:

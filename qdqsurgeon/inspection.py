@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import (
+    activation_input_index,
     behind_constant,
     DQ_OP,
     Q_OP,
@@ -107,7 +108,7 @@ def _weighted_ops(graph: gs.Graph) -> list[dict[str, Any]]:
         widx = weight_input_index(node)
         if widx is None:
             continue
-        aidx = 1 - widx if node.op == "MatMul" else 0
+        aidx = activation_input_index(node)
         out.append({
             "node": node.name,
             "op": node.op,

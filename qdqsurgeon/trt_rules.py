@@ -386,8 +386,10 @@ def gelu_region(tensor: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor] | None:
                 consts = [const_value(i) for i in n.inputs if i is not None and i.name and const_value(i) is not None]
                 if not data or any(id(i) not in inside for i in data) or any(np.size(c) != 1 for c in consts):
                     continue
-                if n.op in ("Div", "Add") and (len(data) != 1 or data[0] is not n.inputs[0] and n.op == "Div"):
-                    continue
+                if n.op == "Add" and len(data) != 1:
+                    continue  # erf(·) + 1
+                if n.op == "Div" and data != [n.inputs[0]]:
+                    continue  # x / √2, never a constant divided by x
                 region.append(n)
                 inside.add(id(n.outputs[0]))
                 tensors.append(n.outputs[0])

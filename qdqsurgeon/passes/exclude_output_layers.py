@@ -29,7 +29,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import const_value, is_dq, is_graph_output, is_q, opset_version, producer, qparams
+from ..graph import activation_input_index, const_value, is_dq, is_graph_output, is_q, opset_version, producer, qparams
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading, unquantize_graph_output
 from ..quant import dequantize
@@ -74,6 +74,10 @@ def output_layers(graph: gs.Graph) -> list[gs.Node]:
     return [n for n in graph.nodes if is_weighted(n) and any(reaches(o) for o in n.outputs)]
 
 
+#: Ops an output layer may read a residual block through (pooling, activation epilogues).
+_POOL_OR_ACT = ("GlobalAveragePool", "AveragePool", "ReduceMean", "Relu", "Clip", "LeakyRelu")
+
+
 def reads_residual_stream(node: gs.Node) -> bool:
     """Whether ``node``'s activation comes from a residual Add through pooling, activations and data movement.
 
@@ -82,8 +86,7 @@ def reads_residual_stream(node: gs.Node) -> bool:
     """
     from ..trt_rules import commutes, is_residual_add
 
-    widx = weight_input_index(node)
-    aidx = 1 - widx if node.op == "MatMul" and widx is not None else 0
+    aidx = activation_input_index(node)
     t = node.inputs[aidx] if len(node.inputs) > aidx else None
     for _ in range(32):
         p = producer(t) if t is not None else None
@@ -95,10 +98,6 @@ def reads_residual_stream(node: gs.Node) -> bool:
             return False
         t = p.inputs[0] if p.inputs else None
     return False
-
-
-#: Ops an output layer may read a residual block through (pooling, activation epilogues).
-_POOL_OR_ACT = ("GlobalAveragePool", "AveragePool", "ReduceMean", "Relu", "Clip", "LeakyRelu")
 
 
 def drop_output_qdq(graph: gs.Graph, rw: Rewriter) -> None:
@@ -172,13 +171,12 @@ class ExcludeOutputLayers(Pass):
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         if not ctx.config.keep_output_layers:
             excluded = output_layers(graph)
-            int8_in = [n for n in excluded if reads_residual_stream(n) and not is_excluded(n, ctx)]
-            for node in int8_in:
-                self._int8_inputs(graph, rw, ctx, node)
-            for node in [n for n in excluded if n not in int8_in]:
-                widx = weight_input_index(node)
-                aidx = 1 - widx if node.op == "MatMul" and widx is not None else 0
-                act = dequantized_input(rw, node, aidx, detail=f"{node.name} feeds a graph output: activation stays float", rule="P9")
+            for node in excluded:
+                if reads_residual_stream(node) and not is_excluded(node, ctx):
+                    self._int8_inputs(graph, rw, ctx, node)
+                    continue
+                act = dequantized_input(rw, node, activation_input_index(node), rule="P9",
+                                        detail=f"{node.name} feeds a graph output: activation stays float")
                 wgt = restore_float_weight(rw, node, rule="P9", detail=f"{node.name} feeds a graph output: weight stays float")
                 if act or wgt:
                     rw.note(node, "output layer kept float (use --keep-output-layers to quantize it)", rule="P9")
@@ -194,17 +192,19 @@ class ExcludeOutputLayers(Pass):
         Existing (learned) pairs stay. A layer without them (a QAT model that left it float) is
         quantized only when calibration ranges are at hand, like ``insert-qdq`` would.
         """
-        widx = weight_input_index(node)
-        aidx = 1 - widx if node.op == "MatMul" and widx is not None else 0
-        why = "output layer reads a residual block: INT8 inputs, float output (a float read would cost a standalone Q/DQ, F5)"
+        widx, aidx = weight_input_index(node), activation_input_index(node)
         if (pair_reading(node.inputs[aidx]) is None and widx is not None and ctx.ranges is not None
                 and opset_version(graph) >= MIN_PER_CHANNEL_OPSET):
             ins = InsertQdq()
-            ins._quantize_activations(graph, rw, ctx, [(node, aidx)])
+            ins.quantize_activations(graph, rw, ctx, [(node, aidx)])
             if pair_reading(node.inputs[aidx]) is not None:
-                ins._quantize_weights(rw, ctx, [(node, widx, weight_axis(node, convtranspose_axis=ctx.config.convtranspose_axis))])
-        rw.note(node, why if pair_reading(node.inputs[aidx]) is not None else
-                why.replace("INT8 inputs", "INT8 inputs wanted but no pair or calibrated range (float kept)"), rule="P9")
+                ins.quantize_weights(rw, ctx, [(node, widx, weight_axis(node, convtranspose_axis=ctx.config.convtranspose_axis))])
+        if pair_reading(node.inputs[aidx]) is not None:
+            rw.note(node, "output layer reads a residual block: INT8 inputs, float output "
+                          "(a float read would cost a standalone Q/DQ, F5)", rule="P9")
+        else:
+            rw.note(node, "output layer reads a residual block: INT8 inputs wanted but no pair or calibrated range "
+                          "(float kept)", rule="P9")
 
     @staticmethod
     def _float_head(graph: gs.Graph, rw: Rewriter, excluded: list[gs.Node]) -> None:

@@ -110,10 +110,10 @@ class InsertQdq(Pass):
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         weighted, acts = self._targets(graph, rw, ctx)
-        self._quantize_activations(graph, rw, ctx, acts)
-        self._quantize_weights(rw, ctx, weighted)
+        self.quantize_activations(graph, rw, ctx, acts)
+        self.quantize_weights(rw, ctx, weighted)
 
-    def _quantize_activations(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext, acts: list[tuple[gs.Node, int]]) -> None:
+    def quantize_activations(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext, acts: list[tuple[gs.Node, int]]) -> None:
         # One shared pair per tensor (P6): group the consumers that want each tensor quantized.
         wanted: dict[str, list[gs.Node]] = defaultdict(list)
         tensors: dict[str, gs.Tensor] = {}
@@ -140,7 +140,7 @@ class InsertQdq(Pass):
             if len(nodes) > 1:
                 rw.note(name, f"one Q/DQ shared by {', '.join(n.name for n in nodes)}", rule="P6")
 
-    def _quantize_weights(self, rw: Rewriter, ctx: PassContext, weighted: list[tuple[gs.Node, int, int | None]]) -> None:
+    def quantize_weights(self, rw: Rewriter, ctx: PassContext, weighted: list[tuple[gs.Node, int, int | None]]) -> None:
         shared: dict[tuple[int, int | None], gs.Tensor] = {}
         for node, widx, axis in weighted:
             src = node.inputs[widx]

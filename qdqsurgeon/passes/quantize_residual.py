@@ -21,7 +21,7 @@ from collections import deque
 
 import onnx_graphsurgeon as gs
 
-from ..graph import const_value, producer, qparams
+from ..graph import activation_input_index, const_value, producer, qparams
 from ..qdq import conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on, source_of
 from ..quant import scale_from_amax
 from ..rewriter import Rewriter
@@ -36,11 +36,7 @@ def _quantized_head(head: gs.Node | None) -> bool:
     """A weighted op TensorRT runs INT8: its activation reads a DQ (F1)."""
     if head is None:
         return False
-    from ..trt_rules import weight_input_index
-
-    widx = weight_input_index(head)
-    aidx = 1 - widx if head.op == "MatMul" and widx is not None else 0
-    return pair_reading(head.inputs[aidx]) is not None
+    return pair_reading(head.inputs[activation_input_index(head)]) is not None
 
 
 def _ancestor_depths(t: gs.Tensor, limit: int = 400) -> dict[int, int]:
