@@ -646,10 +646,6 @@ def _fuse(sim: _Sim):
     return chains, absorbed_edges, absorbed_q, float_reason, end_reason, int8_units
 
 
-#: Ops between the two attention GEMMs that TensorRT's MHA fusion takes in: score scaling, mask, Softmax.
-_MHA_BETWEEN = ("Div", "Mul", "Add", "Where", "Cast", "Softmax")
-
-
 def _fuse_mha(sim: _Sim, chains: list[_Chain], absorbed_q: set[int]) -> None:
     """Attention with Q/DQ before both batch GEMMs fuses into one MHA kernel (NVIDIA/TensorRT#3243).
 
@@ -678,7 +674,7 @@ def _fuse_mha(sim: _Sim, chains: list[_Chain], absorbed_q: set[int]) -> None:
                 absorbed_q.add(id(q))
                 break
             # the score path: a scaling/mask op read only by this one (the mask itself has other readers)
-            node = next((p for p in srcs if p.op in _MHA_BETWEEN and len(p.outputs[0].outputs) == 1), None)
+            node = next((p for p in srcs if p.op in R.MHA_BETWEEN and len(p.outputs[0].outputs) == 1), None)
             if node is None:
                 break
 

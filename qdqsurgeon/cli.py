@@ -240,7 +240,9 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--weights", type=click.Choice(["float", "int8"]), default="float", show_default=True, help="Weights as float+Q/DQ or int8 initializer+DQ.")
 @click.option("--exclude", multiple=True, help="Regex over node names to leave unquantized (repeatable).")
 @click.option("--exclude-op", multiple=True, help="Op type to leave unquantized (repeatable).")
-@click.option("--quantize-bmm", is_flag=True, help="Quantize MatMul between two activations (attention).")
+@click.option("--quantize-bmm/--no-quantize-bmm", default=None,
+              help="MatMuls between two activations: by default the two of each attention block are quantized "
+                   "(INT8 MHA fusion) and others stay float; --quantize-bmm quantizes all, --no-quantize-bmm none.")
 @click.option("--align", type=click.Choice(["max", "output"]), default="max", show_default=True, help="Scale unification policy (P4-P6).")
 @click.option("--keep-output-layers", is_flag=True, help="Also quantize weighted ops that feed graph outputs (P9).")
 @click.option("--float16", is_flag=True, help="Convert float regions to FP16 for strongly typed TensorRT builds (P10).")
@@ -254,7 +256,7 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, pattern_paths: tuple[str, ...],
                  report_path: str | None, opset: int | None, calib: str | None, method: str | None, percentile: float,
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str,
-                 exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool, align: str,
+                 exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
                  keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, run_check: bool,
                  eval_path: str | None, engine_path: str | None, no_analysis: bool, quiet: bool) -> None:
     """Optimize IN into OUT: insert (FP32 input) or repair (Q/DQ input) Q/DQ for TensorRT.

@@ -17,7 +17,9 @@ class Config:
     exclude: list[str] = field(default_factory=list)  # regexes over node names
     exclude_ops: list[str] = field(default_factory=list)
     exclude_hook: Callable[[Any], bool] | None = None  # API only: called with each weighted gs.Node; True keeps it float
-    quantize_bmm: bool = False  # MatMul between two activations (attention)
+    # MatMul between two activations: None quantizes the two GEMMs of each attention block (INT8 MHA
+    # fusion, NVIDIA/TensorRT#3243) and leaves other batch GEMMs float; True quantizes every one; False none.
+    quantize_bmm: bool | None = None
     convtranspose_axis: int | None = 1  # None: per-tensor weights (target TRT unknown)
     # placement
     align: str = "max"  # "max" (union of ranges) or "output" (the consumer's scale), P4-P6

@@ -58,6 +58,8 @@ __all__ = [
     "is_shape_op",
     "WEIGHT_PASSTHROUGH_OPS",
     "fuses_with_conv_act",
+    "MHA_BETWEEN",
+    "attention_gemms",
 ]
 
 logger = logging.getLogger(__name__)
@@ -511,3 +513,67 @@ def fuses_with_conv_act(node: gs.Node) -> bool:
     """A commuting op that joins a preceding INT8 Conv+activation kernel (F11: ConvActPool)."""
     rule = rule_for(node.op)
     return rule is not None and rule.commutes and "F11" in rule.rules
+
+
+#: Ops between the two attention GEMMs that TensorRT's MHA fusion takes in: score scaling, mask, Softmax.
+MHA_BETWEEN = ("Div", "Mul", "Add", "Where", "Cast", "Softmax")
+
+
+def _is_batch_gemm(node: gs.Node | None) -> bool:
+    return node is not None and node.op == "MatMul" and weight_input_index(node) is None
+
+
+def _skip_qdq_back(tensor: gs.Tensor) -> gs.Node | None:
+    node = producer(tensor)
+    while node is not None and (is_dq(node) or is_q(node)):
+        node = producer(node.inputs[0])
+    return node
+
+
+def _score_gemm(node: gs.Node | None, budget: int, exported: set[int]) -> gs.Node | None:
+    """Walk back from Softmax over scaling/mask ops read only on the score path to the score GEMM."""
+    if node is None or budget < 0 or len(node.outputs[0].outputs) != 1 or id(node.outputs[0]) in exported:
+        return None
+    if _is_batch_gemm(node):
+        return node
+    if node.op not in MHA_BETWEEN:
+        return None
+    for i in node.inputs:
+        if i is None or not i.name or const_value(i) is not None:
+            continue
+        found = _score_gemm(_skip_qdq_back(i), budget - 1, exported)
+        if found is not None:
+            return found
+    return None
+
+
+def attention_gemms(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
+    """The (score, context) batch-GEMM pairs of the attention blocks in ``graph``.
+
+    ``MatMul(a, b) → [Div/Mul scale, Add/Where mask, Cast] → Softmax → MatMul(·, v)`` with both
+    MatMuls reading two run-time tensors: the shape TensorRT's MHA fusion runs as one kernel, INT8
+    when a Q/DQ sits before both GEMMs (maintainer, NVIDIA/TensorRT#3243) [documented]. Existing
+    Q/DQ on the way is looked through, so the answer is the same before and after quantization.
+    """
+    pairs: list[tuple[gs.Node, gs.Node]] = []
+    exported = {id(t) for t in graph.outputs}  # an intermediate that is also a graph output cannot fuse away
+    for soft in graph.nodes:
+        if soft.op != "Softmax":
+            continue
+        # forward: the context GEMM reads the probabilities (possibly through a Cast or a Q/DQ) as input 0
+        t = soft.outputs[0]
+        for _ in range(3):
+            readers = t.outputs
+            if id(t) in exported:
+                break
+            if len(readers) == 1 and (readers[0].op == "Cast" or is_q(readers[0]) or is_dq(readers[0])):
+                t = readers[0].outputs[0]
+                continue
+            break
+        context = [n for n in t.outputs if _is_batch_gemm(n) and n.inputs[0] is t]
+        if len(context) != 1 or len(t.outputs) != 1 or id(t) in exported:
+            continue
+        score = _score_gemm(_skip_qdq_back(soft.inputs[0]), 6, exported)
+        if score is not None:
+            pairs.append((score, context[0]))
+    return pairs

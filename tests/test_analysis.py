@@ -557,10 +557,18 @@ def test_mha_with_both_batch_gemms_quantized_absorbs_the_softmax_quantize():
         assert [prod[t].op_type for t in node.input] == ["DequantizeLinear", "DequantizeLinear"]
     # the Softmax output Quantize lives inside the fused MHA kernel; only the input Quantize stays
     assert pred.standalone_qdq == ["x_QuantizeLinear"]
-    # near miss: without --quantize-bmm the batch GEMMs run float, and the context output's
+    # the default quantizes the GEMMs of a recognised attention block the same way
+    default = qdqsurgeon.optimize(model, ranges=ranges_of(model)).model
+    assert predict(default).standalone_qdq == ["x_QuantizeLinear"]
+    assert _q_inputs(default) == _q_inputs(res.model)
+    # near miss: with --no-quantize-bmm the batch GEMMs run float, and the context output's
     # Quantize before the out projection is a kernel of its own
-    plain = predict(qdqsurgeon.optimize(model, ranges=ranges_of(model)).model)
+    plain = predict(qdqsurgeon.optimize(model, ranges=ranges_of(model), config=Config(quantize_bmm=False)).model)
     assert plain.standalone_qdq == ["x_QuantizeLinear", "c_QuantizeLinear"]
+
+
+def _q_inputs(model: onnx.ModelProto) -> list[str]:
+    return sorted(n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear")
 
 
 def test_mha_near_miss_unknown_op_between_the_gemms():
@@ -573,3 +581,12 @@ def test_mha_near_miss_unknown_op_between_the_gemms():
     res = qdqsurgeon.optimize(model, ranges=ranges_of(model), config=Config(quantize_bmm=True))
     pred = predict(res.model)
     assert pred.standalone_qdq == ["x_QuantizeLinear", "p_QuantizeLinear"]
+    # by default the soft-capped attention is not recognised: its batch GEMMs stay float, and the
+    # change log says why
+    default = qdqsurgeon.optimize(model, ranges=ranges_of(model))
+    prod = {o: n for n in default.model.graph.node for o in n.output}
+    for bmm in ("scores", "context"):
+        node = next(n for n in default.model.graph.node if n.name == bmm)
+        assert all(t not in prod or prod[t].op_type != "DequantizeLinear" for t in node.input)
+    assert any(c.node == "scores" and "outside an attention block" in c.detail for c in default.changes)
+    assert predict(default.model).standalone_qdq == ["x_QuantizeLinear", "c_QuantizeLinear"]

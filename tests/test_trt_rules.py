@@ -169,3 +169,33 @@ def test_rule_validation_rejects_bad_entries():
         R.OpRule("X", "bogus")
     with pytest.raises(ValueError):
         R.OpRule("X", "float", confidence=("maybe",))
+
+
+# --- attention GEMMs (INT8 MHA fusion; NVIDIA/TensorRT#3243) ----------------------------------------
+
+
+def test_attention_gemms_finds_score_and_context_pairs_through_mask_and_qdq():
+    import qdqsurgeon
+
+    from .passes.placement_graphs import ranges_of
+    from .test_analysis import _attention
+
+    model = _attention()
+    pairs = R.attention_gemms(gs.import_onnx(model))
+    assert [(a.name, b.name) for a, b in pairs] == [("scores", "context")]
+    # the same pair once Q/DQ sits on the way (the analysis and a second insert-qdq run see the same block)
+    quantized = qdqsurgeon.optimize(model, ranges=ranges_of(model)).model
+    assert [(a.name, b.name) for a, b in R.attention_gemms(gs.import_onnx(quantized))] == [("scores", "context")]
+
+
+def test_attention_gemms_near_misses():
+    from onnx import helper
+
+    from .test_analysis import _attention
+
+    # a Tanh soft-cap between the GEMMs is not an op TensorRT's MHA fusion takes in
+    assert R.attention_gemms(gs.import_onnx(_attention(cap=True))) == []
+    # Softmax probabilities also read elsewhere (exported attention maps): the GEMMs do not fuse as one
+    model = _attention()
+    model.graph.output.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 4, 4]))
+    assert R.attention_gemms(gs.import_onnx(model)) == []

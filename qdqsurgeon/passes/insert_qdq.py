@@ -27,7 +27,7 @@ from ..graph import DQ_OP, Q_OP, const_value, is_dq, opset_version, producer
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..quant import quantize_int8, scale_from_amax, weight_scales
 from ..rewriter import Rewriter
-from ..trt_rules import commutes, is_weighted, weight_axis
+from ..trt_rules import attention_gemms, commutes, is_weighted, weight_axis
 from .base import Pass, PassContext
 
 __all__ = ["InsertQdq", "is_excluded"]
@@ -92,6 +92,8 @@ class InsertQdq(Pass):
         """(weighted op, weight index, axis) to quantize, and (op, input index) activations."""
         weighted: list[tuple[gs.Node, int, int | None]] = []
         acts: list[tuple[gs.Node, int]] = []
+        bmm = ctx.config.quantize_bmm
+        attention = {id(n) for pair in attention_gemms(graph) for n in pair} if bmm is None else set()
         for node in graph.nodes:
             if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                 continue
@@ -104,8 +106,10 @@ class InsertQdq(Pass):
                 aidx = 0 if widx == 1 else 1
                 weighted.append((node, widx, weight_axis(node, convtranspose_axis=ctx.config.convtranspose_axis)))
                 acts.append((node, aidx))
-            elif node.op == "MatMul" and ctx.config.quantize_bmm:
+            elif node.op == "MatMul" and (bmm or id(node) in attention):
                 acts.extend([(node, 0), (node, 1)])
+            elif node.op == "MatMul" and bmm is None:
+                rw.note(node, "batch GEMM outside an attention block: left float (--quantize-bmm quantizes it)", rule="P1")
         return weighted, acts
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:

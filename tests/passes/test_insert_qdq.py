@@ -103,7 +103,7 @@ def test_matmul_kn_weight_last_axis_and_bmm_flag():
     res = _insert(model)
     assert _dq_axis_for(res.model, "linear", 1) == (1, 5)
     bmm = next(n for n in res.model.graph.node if n.name == "bmm")
-    assert bmm.input[0] == "h" and bmm.input[1] == "ht"  # attention-style MatMul untouched by default
+    assert bmm.input[0] == "h" and bmm.input[1] == "ht"  # a batch GEMM outside attention: untouched by default
     res = _insert(model, quantize_bmm=True)
     assert _dq_axis_for(res.model, "bmm", 0) == (None, 1) and _dq_axis_for(res.model, "bmm", 1) == (None, 1)
 
@@ -219,7 +219,7 @@ def test_opset_12_is_refused():
 
 
 def test_quantize_bmm_survives_the_full_pipeline():
-    """Attention MatMul quantized on both inputs with --quantize-bmm stays quantized through placement."""
+    """Attention MatMuls quantized on both inputs (the default) stay quantized through placement."""
     nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="query"),
              helper.make_node("MatMul", ["x", "wk"], ["k"], name="key"),
              helper.make_node("MatMul", ["x", "wv"], ["v"], name="value"),
@@ -235,7 +235,9 @@ def test_quantize_bmm_survives_the_full_pipeline():
     producers = {o: n for n in res.model.graph.node for o in n.output}
     scores = next(n for n in res.model.graph.node if n.name == "scores")
     assert [producers[t].op_type for t in scores.input] == ["DequantizeLinear", "DequantizeLinear"]
-    plain = qdqsurgeon.optimize(model, ranges=_ranges(model), analyze=False)
+    default = qdqsurgeon.optimize(model, ranges=_ranges(model), analyze=False)
+    assert onnx.helper.printable_graph(default.model.graph) == onnx.helper.printable_graph(res.model.graph)
+    plain = qdqsurgeon.optimize(model, ranges=_ranges(model), config=Config(quantize_bmm=False), analyze=False)
     scores = next(n for n in plain.model.graph.node if n.name == "scores")
     assert all(producers_op != "DequantizeLinear" for producers_op in
                ({o: n for n in plain.model.graph.node for o in n.output}[t].op_type for t in scores.input))
