@@ -94,3 +94,20 @@ def test_build_without_tensorrt(tmp_path):
     assert res.exit_code == 3
     assert res.stderr.strip().splitlines()[-1] == "error: TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU)"
     assert (tmp_path / "o.onnx").exists()  # the model is written before the build is attempted
+
+
+@pytest.mark.parametrize("flag, quantized", [(None, {"scores", "context"}), ("--no-quantize-bmm", set()),
+                                             ("--quantize-bmm", {"scores", "context"})])
+def test_quantize_bmm_flags(tmp_path, flag, quantized):
+    """Attention GEMMs get Q/DQ by default; --no-quantize-bmm leaves them float."""
+    from .test_analysis import _attention
+
+    src, out = tmp_path / "attn.onnx", tmp_path / "out.onnx"
+    onnx.save(_attention(), str(src))
+    res = _invoke("optimize", src, out, "--calib-random", "4", *([flag] if flag else []))
+    assert res.exit_code == 0, res.output
+    model = onnx.load(str(out))
+    prod = {o: n.op_type for n in model.graph.node for o in n.output}
+    got = {n.name for n in model.graph.node if n.name in ("scores", "context")
+           and all(prod.get(t) == "DequantizeLinear" for t in n.input)}
+    assert got == quantized
