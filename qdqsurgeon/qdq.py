@@ -180,7 +180,7 @@ def int8_readers(graph: gs.Graph, tensor: gs.Tensor, depth: int = 0) -> bool:
                 return True
             continue
         if n.op == "MatMul" and all(is_dq(producer(t)) for t in n.inputs[:2]):
-            return True  # a MatMul of two activations quantized on both sides (--quantize-bmm)
+            return True  # a MatMul of two activations quantized on both sides (attention GEMMs, --quantize-bmm)
         if commutes(n):
             if any(int8_readers(graph, o, depth + 1) for o in n.outputs):
                 return True
