@@ -654,29 +654,15 @@ def _fuse_mha(sim: _Sim, chains: list[_Chain], absorbed_q: set[int]) -> None:
     (explicit quantization needs Q/DQ before the two batch GEMMs for INT8 MHA fusion); the kernel
     boundaries of 10.x/11.x Myelin MHA are not in our engine dumps.
     """
-    int8_bmm = {id(c.head) for c in chains if c.int8_in and c.head.op == "MatMul" and weight_input_index(c.head) is None}
-    for c in chains:
-        if id(c.head) not in int8_bmm:
+    int8_heads = {id(c.head) for c in chains if c.int8_in}
+    for score, context in R.attention_gemms(sim.g):
+        if id(score) not in int8_heads or id(context) not in int8_heads:
             continue
-        dq = sim.dq_of(c.head.inputs[0])
+        dq = sim.dq_of(context.inputs[0])
         q = producer(dq.inputs[0]) if dq is not None else None
-        if not sim.act_q(q):
-            continue
-        t = q.inputs[0]
-        soft = producer(t)
-        if soft is None or soft.op != "Softmax" or len(t.outputs) != 1:
-            continue
-        node: gs.Node | None = soft
-        for _ in range(6):
-            srcs = [producer(i) for i in node.inputs if i is not None and i.name and not sim.const_path(i)]
-            srcs = [p for p in srcs if p is not None]
-            if any(id(p) in int8_bmm for p in srcs):
-                absorbed_q.add(id(q))
-                break
-            # the score path: a scaling/mask op read only by this one (the mask itself has other readers)
-            node = next((p for p in srcs if p.op in R.MHA_BETWEEN and len(p.outputs[0].outputs) == 1), None)
-            if node is None:
-                break
+        soft = producer(q.inputs[0]) if sim.act_q(q) else None
+        if soft is not None and soft.op == "Softmax":
+            absorbed_q.add(id(q))
 
 
 def predict(model_or_graph: onnx.ModelProto | gs.Graph) -> TrtPrediction:
