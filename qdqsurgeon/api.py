@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import onnx
@@ -21,7 +21,7 @@ from .graph import export_model, import_model
 from .inspection import has_qdq
 from .io import is_large
 from .passes.base import Instrument, Pass, PassContext, PassManager, PassStat, RangeProvider, TimingInstrument, VerifyInstrument
-from .pipelines import PIPELINES
+from .pipelines import PIPELINES, RUN_ONCE
 from .registry import Registry
 from .rewriter import Change
 
@@ -110,8 +110,11 @@ def optimize(
     else:
         mode = mode or "custom"
         names = list(passes)
-    names += list(extra_passes)
-    pass_objs = [registry.create(p) if isinstance(p, str) else p for p in names]
+    # A named pipeline repeats until nothing changes (PassManager's fixpoint): its passes open work
+    # for each other. Explicit pass lists and user patterns run exactly once, in the order given.
+    pipeline = [registry.create(p) if isinstance(p, str) else p for p in names]
+    extras = [registry.create(p) if isinstance(p, str) else p for p in extra_passes]
+    pass_objs = pipeline + extras
 
     graph = import_model(model)
     before = _analysis(graph) if analyze else None
@@ -120,7 +123,13 @@ def optimize(
     if verify:
         insts.append(VerifyInstrument())
     ctx = PassContext(config=config, ranges=ranges)
-    result = PassManager(pass_objs, instruments=insts).run(graph, ctx)
+    once = 0
+    while passes is None and once < len(pipeline) and pipeline[once].name in RUN_ONCE:
+        once += 1
+    result = PassManager(pipeline, instruments=insts, fixpoint=passes is None, repeat_from=once).run(graph, ctx)
+    if extras:
+        tail = PassManager(extras, instruments=insts).run(result.graph, ctx)
+        result = replace(tail, changes=result.changes + tail.changes, modified=result.modified or tail.modified)
     out = export_model(result.graph, template=model)
     if is_large(out):
         logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")

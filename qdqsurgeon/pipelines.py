@@ -20,6 +20,11 @@ Why the PTQ order is what it is:
 9. ``float16-regions`` (only with ``--float16``) runs last, on the final placement: it decides
    which DQs emit FP16 from where the Q/DQ ended up (P10); a no-op otherwise.
 
+A named pipeline repeats, from its first pass after insertion, until no pass changes anything:
+a late pass can open work for an earlier one (``move-qdq`` carries a pair back across a MaxPool, so
+the SE-style Mul before it now has INT8 neighbours and ``quantize-pooling`` wraps it). Insertion
+(``RUN_ONCE``) is not repeated: it would re-quantize the layers ``exclude-output-layers`` keeps float.
+
 ``--requantize`` runs ``remove-qdq`` alone first, calibrates the float model it recovers, then
 the PTQ pipeline. The fix pipeline is the same as PTQ without insertion: the model's own Q/DQ are normalized first, and
 ``remove-misplaced-qdq`` also runs right after normalization, so that Q/DQ splitting conv
@@ -28,9 +33,10 @@ epilogue chains (onnxruntime's placement) is gone before residuals and scales ar
 
 from __future__ import annotations
 
-__all__ = ["PIPELINES", "CLEANUP", "PLACEMENT"]
+__all__ = ["PIPELINES", "CLEANUP", "PLACEMENT", "RUN_ONCE"]
 
 CLEANUP: tuple[str, ...] = ("fold-qdq-pairs", "dedupe-qdq")
+RUN_ONCE: frozenset[str] = frozenset({"insert-qdq"})
 PLACEMENT: tuple[str, ...] = (
     "exclude-output-layers",
     "quantize-residual",

@@ -516,17 +516,20 @@ def test_gelu_near_miss_intermediate_read_outside():
 # --- INT8 MHA fusion (Q/DQ before both batch GEMMs; NVIDIA/TensorRT#3243) -------------------------
 
 
-def _attention(cap: bool = False) -> onnx.ModelProto:
-    """x → query/key/value MatMuls → scores = q·kᵀ / √d + mask → Softmax → context = p·v → out MatMul → tail MatMul."""
+def _attention(cap: bool = False, bias: bool = False) -> onnx.ModelProto:
+    """x → query/key/value MatMuls (+ bias Adds ``q_bias``...) → scores = q·kᵀ / √d + mask → Softmax
+    → context = p·v → out MatMul → tail MatMul."""
     from onnx import helper
 
     from .helpers import init, make_model
 
     rng = np.random.default_rng(3)
-    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="query"),
-             helper.make_node("MatMul", ["x", "wk"], ["k"], name="key"),
-             helper.make_node("MatMul", ["x", "wv"], ["v"], name="value"),
-             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+    nodes = []
+    for p, name in (("q", "query"), ("k", "key"), ("v", "value")):
+        nodes.append(helper.make_node("MatMul", ["x", f"w{p}"], [f"{p}0" if bias else p], name=name))
+        if bias:
+            nodes.append(helper.make_node("Add", [f"{p}0", f"b{p}"], [p], name=f"{p}_bias"))
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
              helper.make_node("MatMul", ["q", "kt"], ["s0"], name="scores"),
              helper.make_node("Div", ["s0", "sqrt_d"], ["s1" if not cap else "s1c"], name="scale"),
              *([helper.make_node("Tanh", ["s1c"], ["s1"], name="softcap")] if cap else []),
@@ -538,6 +541,8 @@ def _attention(cap: bool = False) -> onnx.ModelProto:
              helper.make_node("MatMul", ["r", "wt"], ["y"], name="tail")]
     inits = [init(n, rng.standard_normal((8, 8)).astype(np.float32) * 0.4) for n in ("wq", "wk", "wv", "wo", "wt")]
     inits.append(init("sqrt_d", np.float32(np.sqrt(8.0))))
+    if bias:
+        inits += [init(f"b{p}", rng.standard_normal(8).astype(np.float32) * 0.1) for p in "qkv"]
     return make_model(nodes, [("x", TensorProto.FLOAT, [1, 4, 8]), ("mask", TensorProto.FLOAT, [1, 4, 4])],
                       [("y", TensorProto.FLOAT, [1, 4, 8])], inits)
 

@@ -154,3 +154,38 @@ def test_pattern_pass_runs_to_a_fixpoint():
     reg.load_path(USER_PATTERNS)
     res = qdqsurgeon.optimize(model, passes=["drop-identity"], registry=reg, analyze=False)
     assert ops(res.model) == ["Relu", "Sigmoid"]
+
+
+def test_pass_manager_fixpoint_repeats_from_after_the_one_shot_passes():
+    """Iteration 2+ skips the first ``repeat_from`` passes; a repeated identical note is logged once."""
+    from qdqsurgeon.graph import import_model
+    from qdqsurgeon.passes.base import Pass, PassManager
+
+    calls: list[str] = []
+
+    class Once(Pass):
+        name = "once"
+
+        def run(self, graph, rw, ctx):
+            calls.append(self.name)
+
+    class DropIdentity(Pass):
+        """Removes one Identity per call and notes the same thing every time."""
+        name = "drop-one"
+
+        def run(self, graph, rw, ctx):
+            calls.append(self.name)
+            rw.note(graph.nodes[0], "looked at the graph")
+            ident = next((n for n in graph.nodes if n.op == "Identity"), None)
+            if ident is not None:
+                rw.bypass(ident, detail="one Identity per sweep")
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Identity", ["a"], ["b"], name="i1"),
+             helper.make_node("Identity", ["b"], ["c"], name="i2"),
+             helper.make_node("Sigmoid", ["c"], ["y"], name="sig")]
+    graph = import_model(make_model(nodes, [("x", F, [1, 4])], [("y", F, [1, 4])]))
+    res = PassManager([Once(), DropIdentity()], fixpoint=True, repeat_from=1).run(graph)
+    assert calls == ["once", "drop-one", "drop-one", "drop-one"]  # two removals, then a quiet sweep
+    assert res.iterations == 3 and [n.op for n in res.graph.nodes] == ["Relu", "Sigmoid"]
+    assert [c.detail for c in res.changes if c.kind == "note"] == ["looked at the graph"]

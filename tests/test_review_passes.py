@@ -200,3 +200,48 @@ def test_move_qdq_fp16_without_value_info_is_valid():
     full_check(out)
     feeds = {"x": np.random.default_rng(7).standard_normal((1, 4, 8, 8)).astype(np.float16)}
     assert np.array_equal(run(model, feeds)[0], run(out, feeds)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Found by the property tests (tests/passes/test_properties.py) and on MiniLM once the
+#    pipeline repeats to a fixpoint:
+#    a. the last move-qdq can carry a pair back across a MaxPool after quantize-pooling has run,
+#       so a second optimize wrapped the SE Mul before it: the pipeline output was not a fixpoint.
+#    b. quantize-pooling wrapped a transformer's bias Add (MatMul → Add(B)) once a pair reached
+#       its output, and remove-misplaced-qdq took the pair out again (F3): 36 pairs added and
+#       removed on MiniLM in every run, and the pipeline never settled.
+# ---------------------------------------------------------------------------------------------
+def test_bias_add_of_a_gemm_is_not_wrapped_and_the_pipeline_settles(caplog):
+    from qdqsurgeon.analysis import predict
+
+    from .passes.placement_graphs import ranges_of
+    from .test_analysis import _attention
+
+    model = _attention(bias=True)
+    with caplog.at_level("WARNING"):
+        res = qdqsurgeon.optimize(model, ranges=ranges_of(model))
+    assert "fixpoint" not in caplog.text
+    full_check(res.model)
+    assert [c for c in _non_notes(res) if c.pass_name in ("quantize-pooling", "remove-misplaced-qdq")] == []
+    prod = {o: n.op_type for n in res.model.graph.node for o in n.output}
+    for p in "qkv":  # the bias Add reads its MatMul directly: one fused GEMM kernel (F3)
+        bias = next(n for n in res.model.graph.node if n.name == f"{p}_bias")
+        assert prod[bias.input[0]] == "MatMul"
+    assert predict(res.model).standalone_qdq == ["x_QuantizeLinear"]
+    again = qdqsurgeon.optimize(res.model, analyze=False)
+    assert _non_notes(again) == [], [(c.pass_name, c.kind, c.node) for c in _non_notes(again)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["all_minilm_l6_v2", "yolov8n_320", "efficientnet_lite0"])
+def test_pipeline_settles_on_real_models(name, caplog):
+    """No pipeline pass undoes another on the shared models: the repeat ends without the warning, and a
+    second optimize changes nothing."""
+    need_shared()
+    model = qdqsurgeon.load(FP32 / f"{name}.onnx")
+    ranges = qdqsurgeon.build_ranges(model, calib_random=1, progress=False)
+    with caplog.at_level("WARNING"):
+        out = qdqsurgeon.optimize(model, ranges=ranges, analyze=False).model
+    assert "did not reach a fixpoint" not in caplog.text
+    again = qdqsurgeon.optimize(out, analyze=False)
+    assert _non_notes(again) == [], [(c.pass_name, c.kind, c.node) for c in _non_notes(again)][:10]

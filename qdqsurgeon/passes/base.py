@@ -149,7 +149,14 @@ class PipelineResult:
 
 
 class PassManager:
-    """Runs passes in order; with ``fixpoint`` it repeats the sequence until nothing changes."""
+    """Runs passes in order; with ``fixpoint`` it repeats the sequence until nothing changes.
+
+    A later pass can open work for an earlier one (a move makes an op's neighbours INT8, so the
+    pooling pass now wraps it); the fixpoint makes the result idempotent as a whole, not only pass
+    by pass. Notes a repeated iteration writes again word for word are dropped from the log.
+    ``repeat_from`` leaves the first passes out of the repeats (insertion runs once: repeating it
+    would undo what the placement passes decided).
+    """
 
     def __init__(
         self,
@@ -158,11 +165,13 @@ class PassManager:
         instruments: Sequence[Instrument] = (),
         fixpoint: bool = False,
         max_iterations: int = 8,
+        repeat_from: int = 0,
     ) -> None:
         self.passes = list(passes)
         self.instruments = list(instruments)
         self.fixpoint = fixpoint
         self.max_iterations = max_iterations
+        self.repeat_from = repeat_from  # iterations after the first start at this pass
 
     def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> PipelineResult:
         ctx = ctx or PassContext()
@@ -172,14 +181,18 @@ class PassManager:
         while True:
             iterations += 1
             step_modified = False
-            for pass_ in self.passes:
+            for pass_ in self.passes[self.repeat_from if iterations > 1 else 0:]:
                 for inst in self.instruments:
                     inst.before_pass(pass_, graph, ctx)
                 result = pass_(graph, ctx)
                 graph = result.graph
                 for inst in self.instruments:
                     inst.after_pass(pass_, result, ctx)
-                changes.extend(result.changes)
+                if iterations == 1:
+                    changes.extend(result.changes)
+                else:
+                    seen = {c for c in changes if c.kind == "note"}
+                    changes.extend(c for c in result.changes if c.kind != "note" or c not in seen)
                 step_modified |= result.modified
             modified |= step_modified
             if not self.fixpoint or not step_modified:

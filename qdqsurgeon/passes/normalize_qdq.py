@@ -343,6 +343,8 @@ class NormalizeQdq(Pass):
                 continue
             if onnx.helper.np_dtype_to_tensor_dtype(np.dtype(src.dtype)) != int(node.attrs.get("to", 0)):
                 continue
+            if np.dtype(src.dtype).kind != "f":
+                continue  # integer/bool casts belong to shape logic no Q/DQ reads: not ours to touch
             if not (src.inputs or any(t is src for t in graph.inputs)):
                 continue  # a Cast of a constant is folded elsewhere
             rw.bypass(node, detail=f"Cast to the type {np.dtype(src.dtype)} it already has", rule="C1")

@@ -55,6 +55,12 @@ def _int8_source(t: gs.Tensor, depth: int = 0) -> bool:
     return False
 
 
+def _below_pair(t: gs.Tensor) -> gs.Tensor:
+    """The tensor a Q→DQ pair reading ``t`` quantizes, or ``t`` itself."""
+    pair = pair_reading(t)
+    return pair[0].inputs[0] if pair is not None else t
+
+
 def _mode(node: gs.Node) -> str:
     mode = node.attrs.get("mode", "nearest")
     return mode.decode() if isinstance(mode, bytes) else str(mode)
@@ -91,6 +97,11 @@ class QuantizePooling(Pass):
                 continue
             data = [i for i in data_input_indices(node) if node.inputs[i] is not None]
             if not data:
+                continue
+            if is_epilogue(node) and any(conv_chain_head(_below_pair(node.inputs[i]), exclusive=False) is not None
+                                         for i in data):
+                # A GEMM's bias Add (MatMul → Add(B) in transformers) fuses into the GEMM (F3): a pair
+                # before it splits the chain, and remove-misplaced-qdq would take it out again.
                 continue
             quantized = [pair_reading(node.inputs[i]) is not None for i in data]
             out_scale = agreed_output_scale(graph, node)

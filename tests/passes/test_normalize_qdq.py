@@ -346,6 +346,25 @@ def test_v4_integer_tensor_qdq_removed():
     assert rules(res.changes) == {"V4": 4} and kinds(res.changes) == {"add": 1, "rewire": 1, "remove": 2}
 
 
+def test_c1_float_noop_cast_dropped_integer_cast_kept():
+    """A float→float Cast after a DQ hides the pair from its reader: readers read the DQ directly
+    (exact). The int64→int64 Cast of a shape computation is none of the pass's business."""
+    nodes = [*qdq_nodes("x", "d", "s", "z", "a"),
+             helper.make_node("Cast", ["d"], ["dc"], name="noop", to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["dc"], ["y"], name="relu"),
+             helper.make_node("Shape", ["x"], ["sh"], name="shape"),
+             helper.make_node("Cast", ["sh"], ["shc"], name="int_noop", to=TensorProto.INT64),
+             helper.make_node("Reshape", ["y", "shc"], ["out"], name="reshape")]
+    model = make_model(nodes, [("x", F, [2, 3])], [("out", F, [2, 3])],
+                       [init("s", np.float32(0.05)), init("z", np.int8(0))])
+    model = onnx.shape_inference.infer_shapes(model)  # as qdqsurgeon.load does: the pass reads tensor types
+    res = contract(model)  # bit-exact, idempotent, full checker
+    assert [c.node for c in res.changes if c.kind == "remove"] == ["noop"]
+    assert "int_noop" in [n.name for n in res.model.graph.node]
+    relu = next(n for n in res.model.graph.node if n.name == "relu")
+    assert relu.input[0] == "d"
+
+
 def test_v4_operator_oriented_model_refused():
     nodes = [helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], name="qconv")]
     inits_ = [init("xs", np.float32(0.1)), init("xz", np.uint8(128)), init("w", np.ones((2, 2, 1, 1), np.uint8)),
