@@ -8,6 +8,10 @@ every such graph the pipeline must give: a model that passes the full checker an
 TensorRT validity problems; no Q/DQ on a graph output (P9); no more predicted standalone Q/DQ
 layers than the insert-qdq-only pipeline; no change at all when the output is optimized again;
 outputs close to the float model's.
+
+The fix path gets the same graphs with the naive placement (insert-qdq only, standing in for a
+QAT export): with calibration for the pairs it lacks, it must reach the same placement while
+every tensor that had a Q keeps one of the model's own scales.
 """
 
 from __future__ import annotations
@@ -98,8 +102,11 @@ def build(program) -> onnx.ModelProto:
     return b.build()
 
 
-def _standalone(model: onnx.ModelProto) -> int:
-    return predict(model).standalone_qdq_layers
+def _act_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """Per-tensor activation Q scales by quantized tensor name."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in inits and inits[n.input[1]].size == 1}
 
 
 def _check_ptq_pipeline(program) -> None:
@@ -121,8 +128,10 @@ def _check_ptq_pipeline(program) -> None:
     assert {w["node"] for w in pred.weighted_ops if w["precision"] == "float"} == kept_float
 
     # placement: only the graph-input Quantize stays a kernel of its own. The exception is an SE
-    # gate (GAP → convs → Sigmoid → Mul) whose Mul is read by a float head: the gated tensor then
-    # has a float reader (C1). Never more standalone kernels than plain insertion.
+    # gate (GAP → convs → Sigmoid → Mul) whose Mul is read by a float head (or by another such
+    # gate): the Mul stays float (P7) and the gated tensor then has a float reader (C1). Real SE
+    # networks gate into a quantized projection conv, where the Mul is wrapped
+    # (test_se_gate_mul_reads_int8_on_both_inputs). Never more standalone kernels than plain insertion.
     if not any(kind == "se" for kind, _ in program[1]):
         assert pred.standalone_qdq_layers == 1, pred.standalone_reasons
     assert pred.standalone_qdq_layers <= predict(plain.model).standalone_qdq_layers, pred.standalone_reasons
@@ -155,3 +164,45 @@ def test_ptq_pipeline_properties(program):
 ])
 def test_ptq_pipeline_known_cases(program):
     _check_ptq_pipeline(program)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(PROGRAMS)
+def test_fix_pipeline_properties(program):
+    model = build(program)
+    ranges = ranges_of(model)
+    naive = optimize(model, list(PIPELINES["insert-only"]), ranges).model
+    fixed = optimize(naive, None, ranges)
+    assert fixed.mode == "fix"
+    assert inspect_model(fixed.model).problems == []
+
+    # learned scales kept: a tensor quantized before is quantized with one of the model's own scales
+    # (align-scales picks the largest of a tied group); only tensors without a Q get calibrated ones
+    before, after = _act_scales(naive), _act_scales(fixed.model)
+    learned = set(before.values())
+    assert all(after[t] in learned for t in after if t in before)
+
+    pred = predict(fixed.model)
+    assert pred.standalone_qdq_layers <= predict(naive).standalone_qdq_layers
+    if not any(kind == "se" for kind, _ in program[1]):
+        assert pred.standalone_qdq_layers == 1, pred.standalone_reasons
+    again = optimize(fixed.model, None, ranges)
+    assert [c for c in again.changes if c.kind != "note"] == []
+    feeds = calib_feeds(model)
+    assert sqnr(run(model, feeds)[0], run(fixed.model, feeds)[0]) > 25.0
+
+
+def test_se_gate_mul_reads_int8_on_both_inputs():
+    """SE block before a quantized conv: the gate Mul is fully wrapped, both inputs from DQs, as NVIDIA's
+    TF quantization toolkit places it for EfficientNet (EfficientNetQDQCase: both Multiply inputs), so only
+    the graph-input Quantize stays standalone (P7)."""
+    model = build((("stem", "silu"), [("conv", "silu"), ("se", None), ("inverted", None)], "conv"))
+    res = optimize(model, None, ranges_of(model))
+    prod = {o: n for n in res.model.graph.node for o in n.output}
+    # the SiLU Muls read their Conv and Sigmoid directly (F10); the SE gate is the other Mul
+    gates = [n for n in res.model.graph.node if n.op_type == "Mul"
+             and not any(i in prod and prod[i].op_type == "Sigmoid" and prod[i].input[0] in n.input for i in n.input)]
+    assert len(gates) == 1
+    assert [prod[i].op_type for i in gates[0].input] == ["DequantizeLinear", "DequantizeLinear"]
+    assert res.after["standalone_qdq_layers"] == 1
