@@ -107,7 +107,24 @@ def _check_domains(model: onnx.ModelProto, where: str) -> None:
             raise ModelError(f"unknown opset domain '{domain}' (neither ONNX nor TensorRT defines it)", path=where)
 
 
+def _strings(model: onnx.ModelProto):
+    """Every name the graph is wired by (protobuf hands back bytes for a string that is not UTF-8)."""
+    g = model.graph
+    for n in g.node:
+        yield n.name
+        yield n.op_type
+        yield n.domain
+        yield from n.input
+        yield from n.output
+    for coll in (g.input, g.output, g.initializer, g.value_info):
+        for item in coll:
+            yield item.name
+
+
 def _check_model(model: onnx.ModelProto, path: Path) -> None:
+    bad = next((s for s in _strings(model) if not isinstance(s, str)), None)
+    if bad is not None:
+        raise ModelError(f"not a valid ONNX model: a name is not UTF-8 ({bytes(bad)[:40]!r})", path=str(path))
     try:
         if is_large(model):
             onnx.checker.check_model(str(path))
@@ -116,6 +133,9 @@ def _check_model(model: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"fails onnx.checker: {first}", path=str(path)) from exc
+    except UnicodeDecodeError as exc:  # a name or string attribute that is not UTF-8: a damaged file
+        raise ModelError(f"not a valid ONNX model: a string is not UTF-8 ({exc.reason} at byte {exc.start})",
+                         path=str(path)) from exc
 
 
 def check_opset(model: onnx.ModelProto, minimum: int, why: str, path: str | None = None) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import helper
 
 import qdqsurgeon.examples
@@ -147,3 +150,80 @@ def test_output_piped_to_head_stops_quietly(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert b"Traceback" not in err and b"internal error" not in err
+
+
+# --- damaged copies of the bundled example (found by fuzzing the file's bytes) -------------------
+
+
+def _damaged(tmp_path, edit) -> Path:
+    model = onnx.load(str(qdqsurgeon.examples.example_model()))
+    edit(model)
+    p = tmp_path / "damaged.onnx"
+    p.write_bytes(model.SerializeToString())
+    return p
+
+
+def _attr(model, node: str, name: str, ints: list[int]) -> None:
+    n = next(n for n in model.graph.node if n.name == node)
+    a = next(a for a in n.attribute if a.name == name)
+    del a.ints[:]
+    a.ints.extend(ints)
+
+
+def test_name_that_is_not_utf8(tmp_path):
+    src = qdqsurgeon.examples.example_model().read_bytes()
+    assert src.count(b"layer2.add") >= 1
+    p = tmp_path / "damaged.onnx"
+    p.write_bytes(src.replace(b"layer2.add", b"layer2.\xeedd"))
+    digest = _sha(p)
+    _assert_one_line_error(_invoke("optimize", str(p), str(tmp_path / "o.onnx"), "--calib-random", "1"), 1,
+                           "not UTF-8")
+    assert _sha(p) == digest
+
+
+def test_inconsistent_shapes_name_the_untyped_tensor(tmp_path):
+    p = _damaged(tmp_path, lambda m: _attr(m, "layer2.conv1", "pads", [1, 17, 1, 1]))
+    result = _invoke("optimize", str(p), str(tmp_path / "o.onnx"), "--calib-random", "1")
+    assert result.exit_code == 1
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error")]
+    assert len(errors) == 1 and "shape inference cannot type tensor" in errors[0], result.stderr
+
+
+def test_onnxruntime_failure_is_one_line_without_its_native_log(tmp_path, capfd):
+    """onnxruntime's C++ logger writes to file descriptor 2 before raising; only our line may appear."""
+    stem = next(n.name for n in onnx.load(str(qdqsurgeon.examples.example_model())).graph.node if n.op_type == "Conv")
+    p = _damaged(tmp_path, lambda m: _attr(m, stem, "kernel_shape", [3, 11]))
+    result = _invoke("optimize", str(p), str(tmp_path / "o.onnx"), "--calib-random", "1")
+    assert result.exit_code in (1, 2)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error")]
+    assert len(errors) == 1 and "onnxruntime" in errors[0], result.stderr
+    assert "onnxruntime:" not in capfd.readouterr().err  # the native "[E:onnxruntime:, ...]" line
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["flip", "zero", "truncate"]), st.floats(0, 1), st.integers(0, 255)),
+                min_size=1, max_size=6))
+def test_damaged_bytes_never_crash(tmp_path_factory, edits):
+    """Flipped, zeroed or truncated bytes of the example model: the CLI either optimizes it (a valid output)
+    or stops with exit 1/2 and an error line, never an internal error, and never touches the input."""
+    src = bytearray(qdqsurgeon.examples.example_model().read_bytes())
+    for kind, where, value in edits:
+        i = int(where * (len(src) - 1))
+        if kind == "flip":
+            src[i] ^= value or 1
+        elif kind == "zero":
+            src[i:i + 16] = bytes(len(src[i:i + 16]))
+        else:
+            src = src[:max(i, 1)]
+    d = tmp_path_factory.mktemp("fuzz")
+    p = d / "damaged.onnx"
+    p.write_bytes(bytes(src))
+    result = _invoke("optimize", str(p), str(d / "o.onnx"), "--calib-random", "1")
+    assert p.read_bytes() == bytes(src)
+    assert "internal error" not in result.stderr and "Traceback" not in result.output, result.stderr
+    if result.exit_code == 0:
+        onnx.checker.check_model(str(d / "o.onnx"), full_check=True)
+    else:
+        assert result.exit_code in (1, 2)
+        assert [l for l in result.stderr.splitlines() if l.startswith("error: ")], result.stderr

@@ -137,7 +137,9 @@ def make_session(
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (one per core)
-    opts.log_severity_level = 3
+    # fatal only: onnxruntime's logger writes errors straight to stderr before raising, and the
+    # caller turns the exception into the one error line the CLI prints
+    opts.log_severity_level = 4
     try:
         if _too_big(model):
             with tempfile.TemporaryDirectory() as tmp:
@@ -201,10 +203,14 @@ def collect_stats(
     types = {name: t.tensor_type.elem_type for name, t in full_types.items()}
     initializers = {t.name: t for t in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input} - set(initializers)
+    produced = {o for n in model.graph.node for o in n.output}
     stats: dict[str, TensorStats] = {}
     for name in dict.fromkeys(tensors):
         elem = types.get(name)
         if elem is None and name not in initializers:
+            if name in produced:
+                raise ModelError(f"shape inference cannot type tensor {name!r}: the graph is inconsistent before it "
+                                 "(check the model with onnx.shape_inference.infer_shapes(..., strict_mode=True))")
             raise ModelError(f"tensor {name!r} is not in the model")
         if elem not in _FLOAT_TYPES:
             logger.warning("skipping %s: %s is not a float tensor", name,
