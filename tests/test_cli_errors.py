@@ -227,3 +227,26 @@ def test_damaged_bytes_never_crash(tmp_path_factory, edits):
     else:
         assert result.exit_code in (1, 2)
         assert [l for l in result.stderr.splitlines() if l.startswith("error: ")], result.stderr
+
+
+def test_model_failing_the_full_check_is_named_not_the_pass(tmp_path):
+    """A QAT export with one DequantizeLinear missing (a Conv reads the int8 tensor): onnx's plain checker
+    passes it at load; the first pass's full check fails. The error names the model, not the pass."""
+    from qdqsurgeon.pipelines import PIPELINES
+
+    from .passes.placement_graphs import optimize, ranges_of
+    from .passes.test_properties import build
+
+    model = build((("stem", "relu"), [("residual", True), ("conv", "relu")], "gap_gemm"))
+    naive = optimize(model, list(PIPELINES["insert-only"]), ranges_of(model)).model
+    prod = {o: n for n in naive.graph.node for o in n.output}
+    conv = [n for n in naive.graph.node if n.op_type == "Conv"][-1]
+    dq = prod[conv.input[0]]
+    assert dq.op_type == "DequantizeLinear"
+    conv.input[0] = dq.input[0]  # the Conv now reads the int8 Q output
+    p = tmp_path / "broken.onnx"
+    onnx.save(naive, str(p))
+    digest = _sha(p)
+    _assert_one_line_error(_invoke("optimize", str(p), str(tmp_path / "o.onnx")), 1,
+                           "fails onnx's full check", conv.name)
+    assert _sha(p) == digest and not (tmp_path / "o.onnx").exists()

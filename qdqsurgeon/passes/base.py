@@ -123,21 +123,45 @@ class TimingInstrument(Instrument):
 
 
 class VerifyInstrument(Instrument):
-    """Run onnx.checker after every pass that changed the graph; name the pass that broke it."""
+    """Run onnx.checker after every pass that changed the graph; name the pass that broke it.
+
+    The full check (types and shapes) is stricter than the one a model gets at load. When a pass's
+    output fails it, the input is checked too: if the input already failed, the error names the
+    input (e.g. a Conv reading an int8 tensor with its DequantizeLinear missing), not the pass.
+    """
+
+    def __init__(self) -> None:
+        self._checked_input = False
+        self._input_problem: str | None = None
+
+    def before_pass(self, pass_: Pass, graph: gs.Graph, ctx: PassContext) -> None:
+        if not self._checked_input:  # one more check per run (there is one per changing pass anyway)
+            self._checked_input = True
+            self._input_problem = self._problem(graph)
+
+    @staticmethod
+    def _problem(graph: gs.Graph) -> str | None:
+        from ..graph import export_model
+        from ..io import is_large
+
+        model = export_model(graph)
+        if is_large(model):
+            return None  # the in-memory checker cannot take 2 GB; the saved model is checked by path
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            return str(exc).strip().splitlines()[0]
+        return None
 
     def after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
         if not result.modified:
             return
-        from ..graph import export_model
-        from ..io import is_large
-
-        model = export_model(result.graph)
-        if is_large(model):
-            return  # the in-memory checker cannot take 2 GB; the saved model is checked by path
-        try:
-            onnx.checker.check_model(model, full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            raise ModelError(f"pass {pass_.name} produced an invalid model: {str(exc).strip().splitlines()[0]}") from exc
+        problem = self._problem(result.graph)
+        if problem is None:
+            return
+        if self._input_problem is not None:
+            raise ModelError(f"the model fails onnx's full check (types and shapes): {self._input_problem}")
+        raise ModelError(f"pass {pass_.name} produced an invalid model: {problem}")
 
 
 @dataclass
