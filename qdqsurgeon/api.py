@@ -121,7 +121,7 @@ def optimize(
     timing = TimingInstrument()
     insts: list[Instrument] = [timing, *instruments]
     if verify:
-        insts.append(VerifyInstrument())
+        insts.append(VerifyInstrument(source=model))
     ctx = PassContext(config=config, ranges=ranges)
     once = 0
     while passes is None and once < len(pipeline) and pipeline[once].name in RUN_ONCE:

@@ -33,7 +33,17 @@ KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "trt", 
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    """Whether the model is too big for one protobuf message (2 GB): it must go through files."""
+    """Whether the model is too big for one protobuf message (2 GB): it must go through files.
+
+    The tensor payload decides it; the exact (slow: it encodes the whole message) size is only
+    taken when the payload is within 10 % of the limit.
+    """
+    payload = 0
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            payload += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    if payload < 0.9 * PROTOBUF_LIMIT:
+        return False
     try:
         return model.ByteSize() > PROTOBUF_LIMIT
     except Exception:  # the upb backend refuses to even size a message over the limit

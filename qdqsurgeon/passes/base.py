@@ -126,25 +126,19 @@ class VerifyInstrument(Instrument):
     """Run onnx.checker after every pass that changed the graph; name the pass that broke it.
 
     The full check (types and shapes) is stricter than the one a model gets at load. When a pass's
-    output fails it, the input is checked too: if the input already failed, the error names the
-    input (e.g. a Conv reading an int8 tensor with its DequantizeLinear missing), not the pass.
+    output fails it, the input (``source``) is checked too: if the input already failed, the error
+    names the input (e.g. a Conv reading an int8 tensor with its DequantizeLinear missing), not the pass.
     """
 
-    def __init__(self) -> None:
-        self._checked_input = False
-        self._input_problem: str | None = None
-
-    def before_pass(self, pass_: Pass, graph: gs.Graph, ctx: PassContext) -> None:
-        if not self._checked_input:  # one more check per run (there is one per changing pass anyway)
-            self._checked_input = True
-            self._input_problem = self._problem(graph)
+    def __init__(self, source: onnx.ModelProto | None = None) -> None:
+        self.source = source  # the unmodified input, checked only when a pass's output fails
 
     @staticmethod
-    def _problem(graph: gs.Graph) -> str | None:
+    def _problem(graph_or_model: gs.Graph | onnx.ModelProto) -> str | None:
         from ..graph import export_model
         from ..io import is_large
 
-        model = export_model(graph)
+        model = graph_or_model if isinstance(graph_or_model, onnx.ModelProto) else export_model(graph_or_model)
         if is_large(model):
             return None  # the in-memory checker cannot take 2 GB; the saved model is checked by path
         try:
@@ -159,8 +153,9 @@ class VerifyInstrument(Instrument):
         problem = self._problem(result.graph)
         if problem is None:
             return
-        if self._input_problem is not None:
-            raise ModelError(f"the model fails onnx's full check (types and shapes): {self._input_problem}")
+        before = self._problem(self.source) if self.source is not None else None
+        if before is not None:
+            raise ModelError(f"the model fails onnx's full check (types and shapes): {before}")
         raise ModelError(f"pass {pass_.name} produced an invalid model: {problem}")
 
 
