@@ -26,6 +26,7 @@ __all__ = [
     "ensure_pair",
     "dequantized_input",
     "conv_chain_head",
+    "reads_fused_chain",
     "chain_is_exclusive",
     "int8_readers",
     "drop_float_only_pairs",
@@ -145,6 +146,13 @@ def conv_chain_head(tensor: gs.Tensor, *, exclusive: bool = True) -> gs.Node | N
                 return None
             t = data[0]
     return None
+
+
+def reads_fused_chain(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Whether epilogue ``node`` reading ``tensor`` (through a pair or not) belongs to the fused chain
+    of the weighted op behind it (F3): a pair there splits the chain. remove-misplaced-qdq takes such
+    pairs out and quantize-pooling must not put them in; both ask this."""
+    return is_epilogue(node) and conv_chain_head(source_of(tensor), exclusive=False) is not None
 
 
 def _silu_fanout_ok(t: gs.Tensor) -> bool:

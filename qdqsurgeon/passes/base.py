@@ -195,6 +195,7 @@ class PassManager:
     def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> PipelineResult:
         ctx = ctx or PassContext()
         changes: list[Change] = []
+        notes: set[Change] = set()  # a note a repeated iteration writes again is logged once
         modified = False
         iterations = 0
         while True:
@@ -207,11 +208,9 @@ class PassManager:
                 graph = result.graph
                 for inst in self.instruments:
                     inst.after_pass(pass_, result, ctx)
-                if iterations == 1:
-                    changes.extend(result.changes)
-                else:
-                    seen = {c for c in changes if c.kind == "note"}
-                    changes.extend(c for c in result.changes if c.kind != "note" or c not in seen)
+                fresh = [c for c in result.changes if c.kind != "note" or c not in notes]
+                notes.update(c for c in fresh if c.kind == "note")
+                changes.extend(fresh)
                 step_modified |= result.modified
             modified |= step_modified
             if not self.fixpoint or not step_modified:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import qparams
-from ..qdq import conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on
+from ..qdq import conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on, reads_fused_chain
 from ..quant import scale_from_amax
 from ..rewriter import Rewriter
 from ..trt_rules import commutes, data_input_indices, is_epilogue, is_quantizable_wrapped, is_silu_mul, is_silu_sigmoid
@@ -53,12 +53,6 @@ def _int8_source(t: gs.Tensor, depth: int = 0) -> bool:
         data = [node.inputs[i] for i in data_input_indices(node) if node.inputs[i] is not None]
         return bool(data) and all(pair_reading(d) is not None or _int8_source(d, depth + 1) for d in data)
     return False
-
-
-def _below_pair(t: gs.Tensor) -> gs.Tensor:
-    """The tensor a Q→DQ pair reading ``t`` quantizes, or ``t`` itself."""
-    pair = pair_reading(t)
-    return pair[0].inputs[0] if pair is not None else t
 
 
 def _mode(node: gs.Node) -> str:
@@ -98,8 +92,7 @@ class QuantizePooling(Pass):
             data = [i for i in data_input_indices(node) if node.inputs[i] is not None]
             if not data:
                 continue
-            if is_epilogue(node) and any(conv_chain_head(_below_pair(node.inputs[i]), exclusive=False) is not None
-                                         for i in data):
+            if any(reads_fused_chain(node, node.inputs[i]) for i in data):
                 # A GEMM's bias Add (MatMul → Add(B) in transformers) fuses into the GEMM (F3): a pair
                 # before it splits the chain, and remove-misplaced-qdq would take it out again.
                 continue

@@ -26,7 +26,7 @@ import logging
 import onnx_graphsurgeon as gs
 
 from ..graph import const_value, is_dq, is_q, producer, qparams
-from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading, source_of
+from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading, reads_fused_chain, source_of
 from ..quant import dequantize
 from ..rewriter import Rewriter
 from ..trt_rules import commutes, is_epilogue
@@ -86,10 +86,7 @@ class RemoveMisplacedQdq(Pass):
 
     def _unsplit_chain(self, node: gs.Node, rw: Rewriter) -> None:
         for i, t in enumerate(node.inputs):
-            pair = pair_reading(t) if t is not None else None
-            if pair is None:
-                continue
-            if conv_chain_head(pair[0].inputs[0], exclusive=False) is None:
+            if t is None or pair_reading(t) is None or not reads_fused_chain(node, t):
                 continue
             dequantized_input(rw, node, i, detail=f"Q/DQ inside the fused chain before {node.op} {node.name} removed", rule="F3")
 
