@@ -20,12 +20,13 @@ from .errors import ModelError, UsageError
 from .graph import export_model, import_model
 from .inspection import has_qdq
 from .io import is_large
+from .opset import UPGRADE_PASS, ensure_opset
 from .passes.base import Instrument, Pass, PassContext, PassManager, PassStat, RangeProvider, TimingInstrument, VerifyInstrument
 from .pipelines import PIPELINES, RUN_ONCE
 from .registry import Registry
 from .rewriter import Change
 
-__all__ = ["OptimizeResult", "optimize", "detect_mode"]
+__all__ = ["OptimizeResult", "optimize", "detect_mode", "prepare_opset"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,27 +82,14 @@ def _analysis(model_graph: Any) -> dict[str, Any] | None:
         return None
 
 
-def optimize(
+def _resolve(
     model: onnx.ModelProto,
-    passes: Sequence[str | Pass] | None = None,
-    *,
-    config: Config | None = None,
-    registry: Registry | None = None,
-    ranges: RangeProvider | None = None,
-    mode: str | None = None,
+    passes: Sequence[str | Pass] | None,
+    mode: str | None,
+    registry: Registry,
     extra_passes: Sequence[str | Pass] = (),
-    instruments: Sequence[Instrument] = (),
-    verify: bool = True,
-    analyze: bool = True,
-) -> OptimizeResult:
-    """Run qdqsurgeon's passes over ``model`` (which is not modified) and return the result.
-
-    ``passes``: names or Pass objects; None runs the pipeline for ``mode`` ("ptq", "fix",
-    "cleanup"; detected from the model when None). ``ranges`` supplies calibrated activation
-    ranges to passes that insert Q/DQ. ``extra_passes`` run after the pipeline (user patterns).
-    """
-    registry = registry or Registry.builtin()
-    config = config or Config()
+) -> tuple[str, list[Pass], list[Pass]]:
+    """(mode, pipeline passes, extra passes) for an optimize call."""
     if passes is None:
         mode = mode or detect_mode(model)
         if mode not in PIPELINES:
@@ -114,7 +102,62 @@ def optimize(
     # for each other. Explicit pass lists and user patterns run exactly once, in the order given.
     pipeline = [registry.create(p) if isinstance(p, str) else p for p in names]
     extras = [registry.create(p) if isinstance(p, str) else p for p in extra_passes]
+    return mode, pipeline, extras
+
+
+def prepare_opset(
+    model: onnx.ModelProto,
+    passes: Sequence[str | Pass] | None = None,
+    config: Config | None = None,
+    *,
+    mode: str | None = None,
+    registry: Registry | None = None,
+    allow_upgrade: bool = True,
+    where: str | None = None,
+) -> tuple[onnx.ModelProto, list[Change]]:
+    """Give ``model`` the opset its passes need (default: the pipeline for ``mode``) before any costly work.
+
+    The CLI calls this right after loading, so a refusal comes before calibration and calibration
+    runs on the model the passes will see. Returns the (possibly upgraded) model and the change to log.
+    """
+    config = config or Config()
+    objs = list(passes) if passes is not None and all(isinstance(p, Pass) for p in passes) else None
+    if objs is None:
+        _, pipeline, extras = _resolve(model, passes, mode, registry or Registry.builtin())
+        objs = pipeline + extras
+    needs = [need for p in objs if (need := p.opset_needed(model, config))[0] > 0]
+    return ensure_opset(model, needs, allow_upgrade=allow_upgrade, where=where)
+
+
+def optimize(
+    model: onnx.ModelProto,
+    passes: Sequence[str | Pass] | None = None,
+    *,
+    config: Config | None = None,
+    registry: Registry | None = None,
+    ranges: RangeProvider | None = None,
+    mode: str | None = None,
+    extra_passes: Sequence[str | Pass] = (),
+    instruments: Sequence[Instrument] = (),
+    verify: bool = True,
+    analyze: bool = True,
+    opset_upgrade: bool = True,
+    prior_changes: Sequence[Change] = (),
+) -> OptimizeResult:
+    """Run qdqsurgeon's passes over ``model`` (which is not modified) and return the result.
+
+    ``passes``: names or Pass objects; None runs the pipeline for ``mode`` ("ptq", "fix",
+    "cleanup"; detected from the model when None). ``ranges`` supplies calibrated activation
+    ranges to passes that insert Q/DQ. ``extra_passes`` run after the pipeline (user patterns).
+    A model below the opset a pass needs is upgraded first (logged, numerically checked;
+    ``opset_upgrade=False`` refuses instead). ``prior_changes`` (e.g. an upgrade the caller already
+    made with :func:`prepare_opset`) head the change log.
+    """
+    registry = registry or Registry.builtin()
+    config = config or Config()
+    mode, pipeline, extras = _resolve(model, passes, mode, registry, extra_passes)
     pass_objs = pipeline + extras
+    model, upgraded = prepare_opset(model, pass_objs, config, allow_upgrade=opset_upgrade)
 
     graph = import_model(model)
     before = _analysis(graph) if analyze else None
@@ -139,4 +182,8 @@ def optimize(
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     after = _analysis(result.graph) if analyze else None
-    return OptimizeResult(out, result.changes, mode, [p.name for p in pass_objs], timing.stats, before, after)
+    changes = [*prior_changes, *upgraded, *result.changes]
+    names = [p.name for p in pass_objs]
+    if any(c.pass_name == UPGRADE_PASS for c in changes):
+        names.insert(0, UPGRADE_PASS)
+    return OptimizeResult(out, changes, mode, names, timing.stats, before, after)

@@ -230,7 +230,9 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--passes", "pass_names", default=None, help="Comma-separated pass names to run instead of the default pipeline.")
 @click.option("--patterns", "pattern_paths", multiple=True, type=click.Path(), help="User pattern file or folder (PATTERNS/PASSES); run after the pipeline.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the full change log as JSON.")
-@click.option("--opset", type=int, default=None, help="Upgrade the model to this opset first.")
+@click.option("--opset", type=int, default=None, help="Upgrade the model to this opset first (onnx version converter).")
+@click.option("--no-opset-upgrade", is_flag=True,
+              help="Refuse a model below the opset a pass needs (13 for per-channel weights) instead of upgrading it.")
 @click.option("--calib", type=click.Path(), help="Calibration data: .npz, folder of .npz/.npy, or folder of images.")
 @click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default=None, help="Calibration method.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --method percentile.")
@@ -254,7 +256,7 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--no-analysis", is_flag=True, help="Skip the before/after static TensorRT analysis.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, pattern_paths: tuple[str, ...],
-                 report_path: str | None, opset: int | None, calib: str | None, method: str | None, percentile: float,
+                 report_path: str | None, opset: int | None, no_opset_upgrade: bool, calib: str | None, method: str | None, percentile: float,
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
                  keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, run_check: bool,
@@ -271,7 +273,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
       qdqsurgeon optimize resnet.onnx resnet.int8.onnx --calib photos/ --preprocess size=224,scale=1/255
       qdqsurgeon optimize qat.onnx fixed.onnx --report changes.json
     """
-    from .api import detect_mode, optimize
+    from .api import detect_mode, optimize, prepare_opset
     from .config import Config
     from .io import load, save
     from .ranges import build_ranges
@@ -327,6 +329,9 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         model = optimize(model, ["remove-qdq"], registry=registry, analyze=False).model
         mode = "ptq"
     passes = _split(pass_names) or None
+    # Opset first: a refusal comes before calibration, and calibration sees the model the passes get.
+    model, upgraded = prepare_opset(model, passes, config, mode=None if passes else mode, registry=registry,
+                                    allow_upgrade=not no_opset_upgrade, where=src)
     if mode == "ptq" or calib or calib_cache or calib_random:
         ranges = build_ranges(model, calib=calib, method=method, percentile=percentile, preprocess=preprocess,
                               calib_random=calib_random, calib_cache=calib_cache, progress=not quiet)
@@ -334,7 +339,8 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
             raise UsageError(f"{src} is a float model: PTQ needs calibration data (--calib PATH, --calib-cache FILE, "
                              f"or --calib-random N for a smoke test)")
     res = optimize(model, passes, config=config, registry=registry, ranges=ranges,
-                   mode=None if passes else mode, extra_passes=user, analyze=not no_analysis)
+                   mode=None if passes else mode, extra_passes=user, analyze=not no_analysis,
+                   opset_upgrade=not no_opset_upgrade, prior_changes=upgraded)
     save(res.model, dst, input_path=src)
     if report_path:
         payload = res.to_dict()

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from onnx import shape_inference, version_converter
+from onnx import shape_inference
 
 from .errors import ModelError, UsageError
 
@@ -91,9 +91,7 @@ def load(
         model = _convert_opset(model, opset, str(p))
     else:
         version = _default_opset(model)
-        if version < MIN_OPSET:
-            raise ModelError(f"opset {version} is older than TensorRT reads ({MIN_OPSET}..{MAX_OPSET}); "
-                             f"use --opset {max(13, MIN_OPSET)} to upgrade", path=str(p))
+        # Older opsets are upgraded where a pass needs it (qdqsurgeon.opset); newer ones TensorRT cannot parse.
         if version > MAX_OPSET:
             raise ModelError(f"opset {version} is newer than TensorRT reads ({MIN_OPSET}..{MAX_OPSET}); "
                              f"re-export the model at opset {MAX_OPSET} or lower", path=str(p))
@@ -152,10 +150,13 @@ def check_opset(model: onnx.ModelProto, minimum: int, why: str, path: str | None
     """Raise a clear error when the model's opset is below ``minimum``."""
     version = _default_opset(model)
     if version < minimum:
-        raise ModelError(f"opset {version} is too old: {why} needs opset >= {minimum}; pass --opset {minimum} to upgrade", path=path)
+        raise ModelError(f"opset {version} is too old: {why} needs opset >= {minimum}; pass --opset {minimum} to upgrade "
+                         f"(optimize upgrades it by itself unless --no-opset-upgrade)", path=path)
 
 
 def _convert_opset(model: onnx.ModelProto, target: int, where: str) -> onnx.ModelProto:
+    from .opset import upgrade_opset
+
     if not MIN_OPSET <= target <= MAX_OPSET:
         raise UsageError(f"--opset {target} is outside {MIN_OPSET}..{MAX_OPSET}")
     current = _default_opset(model)
@@ -163,11 +164,7 @@ def _convert_opset(model: onnx.ModelProto, target: int, where: str) -> onnx.Mode
         return model
     if target < current:
         raise UsageError(f"--opset {target} is lower than the model's opset {current}; only upgrades are supported")
-    try:
-        converted = version_converter.convert_version(model, target)
-    except Exception as exc:
-        raise ModelError(f"cannot convert opset {current} -> {target}: {str(exc).splitlines()[0] if str(exc) else exc}", path=where) from exc
-    logger.info("converted %s from opset %d to %d", where, current, target)
+    converted, _ = upgrade_opset(model, target, "--opset", where=where)
     return converted
 
 

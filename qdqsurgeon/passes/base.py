@@ -67,6 +67,14 @@ class Pass(ABC):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     rules: ClassVar[tuple[str, ...]] = ()
+    #: The ai.onnx opset the pass needs (0: any) and what for; a model below it is upgraded first
+    #: (:mod:`qdqsurgeon.opset`). ``opset_needed`` may decide from the model instead.
+    min_opset: ClassVar[int] = 0
+    opset_reason: ClassVar[str] = ""
+
+    def opset_needed(self, model: onnx.ModelProto, config: Config) -> tuple[int, str]:
+        """(opset, why) this pass needs on ``model``; (0, "") when any opset will do."""
+        return self.min_opset, f"{self.name}: {self.opset_reason}" if self.min_opset else ""
 
     def __call__(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         self.requires(graph, ctx)

@@ -82,6 +82,8 @@ class InsertQdq(Pass):
     name = "insert-qdq"
     summary = "Insert symmetric INT8 Q/DQ on weighted-op inputs (per-tensor activations, per-channel weights)"
     rules = ("P1", "F1", "V1", "V2", "V3", "V4", "P6")
+    min_opset = MIN_PER_CHANNEL_OPSET
+    opset_reason = "per-channel weight Q/DQ (the axis attribute, V3)"
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if opset_version(graph) < MIN_PER_CHANNEL_OPSET:

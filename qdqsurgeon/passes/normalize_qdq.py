@@ -46,9 +46,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..config import Config
 from ..errors import ModelError
-from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_dq, is_graph_output, is_q, producer, qparams,
-                     weight_input_index)
+from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_dq, is_graph_output, is_q, opset_version,
+                     producer, qparams, weight_input_index)
 from ..inspection import OPERATOR_QUANT_OPS
 from ..quant import MIN_SCALE, QMAX, weight_scales
 from ..qdq import unquantize_graph_output
@@ -298,6 +299,20 @@ class NormalizeQdq(Pass):
     summary = ("Make existing Q/DQ importable by TensorRT: constant scales, symmetric int8, output-channel weight axes, "
                "float biases, no Q/DQ on outputs or integer tensors")
     rules = ("V1", "V2", "V3", "V4", "P9")
+
+    def opset_needed(self, model: onnx.ModelProto, config: Config) -> tuple[int, str]:
+        """Opset 13 when the model carries per-channel Q/DQ below it (V3): the converter upgrades it exactly."""
+        if int(opset_version(model)) >= MIN_PER_CHANNEL_OPSET:
+            return 0, ""
+        for n in model.graph.node:
+            if n.op_type in (Q_OP, DQ_OP) and any(a.name == "axis" for a in n.attribute):
+                return MIN_PER_CHANNEL_OPSET, f"{self.name}: per-channel Q/DQ ({n.name}, V3)"
+        inits = {t.name: t for t in model.graph.initializer}
+        for n in model.graph.node:
+            if n.op_type in (Q_OP, DQ_OP) and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]].dims) > 0 \
+                    and int(np.prod(inits[n.input[1]].dims)) > 1:
+                return MIN_PER_CHANNEL_OPSET, f"{self.name}: per-channel Q/DQ ({n.name}, V3)"
+        return 0, ""
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         refuse_operator_quantization(graph)

@@ -414,10 +414,14 @@ def test_opset_raised_to_13_for_per_channel():
     assert np.allclose(run(res.model, {"x": x})[0], 0.4)
 
 
-def test_opset_refused_when_an_op_changed_meaning():
+def test_opset_upgraded_by_the_converter_when_an_op_changed_meaning():
+    """Softmax changed meaning at 13: raising in place would be wrong, so onnx's converter upgrades the model first."""
     model = _per_channel_model(12, [helper.make_node("Softmax", ["y"], ["p"], name="sm")], out="p")
-    with pytest.raises(ModelError, match="--opset 13"):
-        apply(model, verify=False)
+    res = apply(model, verify=False)
+    assert res.model.opset_import[0].version == 13
+    assert [c.pass_name for c in res.changes if c.kind == "opset"] == ["upgrade-opset"]
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    assert np.allclose(run(res.model, {"x": x})[0], 1 / 3, atol=1e-6)  # equal columns: softmax over the last axis
 
 
 def test_unused_domains_removed():
