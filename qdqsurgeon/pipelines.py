@@ -16,7 +16,8 @@ Why the PTQ order is what it is:
    ``align-scales`` and ``move-qdq`` run once more after it (both are idempotent).
 7. ``remove-misplaced-qdq`` fixes Pad/bias/output placements any earlier pass may have left (P8, V4).
 8. Cleanup: ``fold-qdq-pairs`` removes DQ->Q round trips that moves created, ``dedupe-qdq``
-   merges identical pairs (C1, P6).
+   merges identical pairs (C1, P6), ``remove-unused-domains`` drops opset imports no node uses
+   (on PTQ too, so that the fix pipeline finds nothing to do on a PTQ output).
 9. ``float16-regions`` (only with ``--float16``) runs last, on the final placement: it decides
    which DQs emit FP16 from where the Q/DQ ended up (P10); a no-op otherwise.
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 __all__ = ["PIPELINES", "CLEANUP", "PLACEMENT", "RUN_ONCE"]
 
-CLEANUP: tuple[str, ...] = ("fold-qdq-pairs", "dedupe-qdq")
+CLEANUP: tuple[str, ...] = ("fold-qdq-pairs", "dedupe-qdq", "remove-unused-domains")
 RUN_ONCE: frozenset[str] = frozenset({"insert-qdq"})
 PLACEMENT: tuple[str, ...] = (
     "exclude-output-layers",

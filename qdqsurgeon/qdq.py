@@ -155,6 +155,19 @@ def reads_fused_chain(node: gs.Node, tensor: gs.Tensor) -> bool:
     return is_epilogue(node) and conv_chain_head(source_of(tensor), exclusive=False) is not None
 
 
+def wraps_standalone(node: gs.Node) -> bool:
+    """Whether ``node`` is an op TensorRT runs in INT8 on its own when fully wrapped in Q/DQ (P7).
+
+    Quantizable ops that are not epilogues (F3, F5, F10): an epilogue op (ReLU, Clip, BN,
+    HardSwish, a bias or residual Add, SiLU's halves) belongs to a conv chain or reads float.
+    quantize-pooling wraps exactly these ops and drop_float_only_pairs counts them as INT8
+    readers; one question, so one pass never adds a pair the other removes (issue 12 item 2).
+    """
+    from .trt_rules import is_quantizable_wrapped
+
+    return is_quantizable_wrapped(node) and not is_epilogue(node)
+
+
 def _silu_fanout_ok(t: gs.Tensor) -> bool:
     """x feeding exactly Sigmoid(x) and Mul(x, Sigmoid(x)) is still one fusible SiLU."""
     readers = t.outputs
@@ -173,7 +186,7 @@ def int8_readers(graph: gs.Graph, tensor: gs.Tensor, depth: int = 0) -> bool:
     output has such a reader. Anything else (epilogues, float-only ops, graph outputs, a weighted
     op that was excluded and reads its weight in float) takes float.
     """
-    from .trt_rules import commutes, is_quantizable_wrapped, weight_input_index
+    from .trt_rules import commutes, weight_input_index
 
     if depth > 16:
         return True  # be conservative on very long commuting chains
@@ -193,7 +206,7 @@ def int8_readers(graph: gs.Graph, tensor: gs.Tensor, depth: int = 0) -> bool:
             if any(int8_readers(graph, o, depth + 1) for o in n.outputs):
                 return True
             continue
-        if is_quantizable_wrapped(n) and not is_epilogue(n):
+        if wraps_standalone(n):
             return True
         if is_residual_add(n):
             return True

@@ -15,6 +15,7 @@ from .move_qdq import MoveQdq
 from .quantize_pooling import QuantizePooling
 from .remove_misplaced_qdq import RemoveMisplacedQdq
 from .float16_regions import Float16Regions
+from .remove_unused_domains import RemoveUnusedDomains
 
 __all__ = [
     "BUILTIN_PASSES",
@@ -41,4 +42,5 @@ BUILTIN_PASSES: tuple[type[Pass], ...] = (
     Float16Regions,
     FoldQdqPairs,
     DedupeQdq,
+    RemoveUnusedDomains,
 )

@@ -60,6 +60,11 @@ def _plain_int8(q: gs.Node) -> bool:
         (qp.zero_point is None or (qp.zero_point.dtype == np.int8 and not qp.zero_point.any()))
 
 
+def _scale(q: gs.Node) -> float:
+    """A per-tensor Q's scale as a number (scalar or one-element, as a one-channel weight's scale is)."""
+    return float(np.asarray(qparams(q).scale).reshape(-1)[0])
+
+
 def tied_groups(graph: gs.Graph) -> list[list[gs.Tensor]]:
     """Groups of float tensors that must share one INT8 scale, in graph order."""
     uf = _UnionFind()
@@ -108,16 +113,17 @@ class AlignScales(Pass):
             qs = [n for t in group for n in t.outputs if is_q(n)]
             if not qs or not all(_plain_int8(q) for q in qs):
                 continue
-            scales = [float(qparams(q).scale) for q in qs]
+            scales = [_scale(q) for q in qs]
             if len(set(scales)) > 1:
                 target = self._target(group, qs, ctx.config.align)
                 names = ", ".join(t.name for t in group[:4]) + (" ..." if len(group) > 4 else "")
                 for q in qs:
-                    old = float(qparams(q).scale)
+                    old = _scale(q)
                     if old == target:
                         continue
                     why = f"{ctx.config.align} policy over tied tensors [{names}] (max requantization error 1 step)"
-                    new = np.asarray(target, dtype=qparams(q).scale.dtype)  # float16 scales stay float16
+                    old_scale = qparams(q).scale
+                    new = np.asarray(target, dtype=old_scale.dtype).reshape(old_scale.shape)  # float16 stays float16
                     rw.set_constant(q, 1, new, base=f"{q.name}_scale", detail=f"scale of {q.inputs[0].name}: {why}", rule="P4")
                     for dq in q.outputs[0].outputs:
                         if is_dq(dq):
@@ -137,14 +143,14 @@ class AlignScales(Pass):
 
     @staticmethod
     def _target(group: list[gs.Tensor], qs: list[gs.Node], policy: str) -> float:
-        scales = [float(qparams(q).scale) for q in qs]
+        scales = [_scale(q) for q in qs]
         if policy == "output":
-            last = [float(qparams(q).scale) for q in qs if q.inputs[0] is group[-1]]
+            last = [_scale(q) for q in qs if q.inputs[0] is group[-1]]
             if last:
                 # The consumer's scale, but never below a pair that a layer outside the tied ops
                 # reads: shrinking that one would clip its values for a reader the Concat never sees.
                 members = {id(t) for t in group}
-                outside = [float(qparams(q).scale) for q in qs if _read_outside(q, members)]
+                outside = [_scale(q) for q in qs if _read_outside(q, members)]
                 return max(last + outside)
         return max(scales)
 

@@ -156,7 +156,10 @@ def _feeds_quantized_weighted(tensor: gs.Tensor, excluded: set[int], depth: int 
             widx = weight_input_index(n)
             if widx is not None and n.inputs[widx] is not tensor and is_dq(producer(n.inputs[widx])):
                 return True
-        elif depth < 16 and commutes(n) and any(_feeds_quantized_weighted(o, excluded, depth + 1) for o in n.outputs):
+        elif depth < 16 and (commutes(n) or is_q(n) or is_dq(n)) \
+                and any(_feeds_quantized_weighted(o, excluded, depth + 1) for o in n.outputs):
+            # through commuting ops and through a pair further down (a moved pair and the one below
+            # it describe the same INT8 read; judging them differently makes the passes undo each other)
             return True
     return False
 
@@ -171,8 +174,9 @@ class ExcludeOutputLayers(Pass):
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         if not ctx.config.keep_output_layers:
             excluded = output_layers(graph)
+            int8_inputs = [n for n in excluded if reads_residual_stream(n) and not is_excluded(n, ctx)]
             for node in excluded:
-                if reads_residual_stream(node) and not is_excluded(node, ctx):
+                if node in int8_inputs:
                     self._int8_inputs(graph, rw, ctx, node)
                     continue
                 act = dequantized_input(rw, node, activation_input_index(node), rule="P9",
@@ -180,7 +184,10 @@ class ExcludeOutputLayers(Pass):
                 wgt = restore_float_weight(rw, node, rule="P9", detail=f"{node.name} feeds a graph output: weight stays float")
                 if act or wgt:
                     rw.note(node, "output layer kept float (use --keep-output-layers to quantize it)", rule="P9")
-            self._float_head(graph, rw, excluded)
+            # The head stops at the layers that keep INT8 inputs: removing the pair _int8_inputs just
+            # gave one (a tapped intermediate output upstream puts it in the head) would undo it on
+            # every run, and the pipeline would never settle (issue 17 item 8).
+            self._float_head(graph, rw, excluded, keep_int8=int8_inputs)
             # Pairs that fed only the excluded layers (possibly through reshapes) now feed float.
             drop_float_only_pairs(graph, rw, rule="P9")
         drop_output_qdq(graph, rw)
@@ -207,9 +214,12 @@ class ExcludeOutputLayers(Pass):
                           "(float kept)", rule="P9")
 
     @staticmethod
-    def _float_head(graph: gs.Graph, rw: Rewriter, excluded: list[gs.Node]) -> None:
-        """Post-processing after the float output layers (box decoding, DFL, sigmoid) stays float too."""
-        head = {id(n) for n in excluded}
+    def _float_head(graph: gs.Graph, rw: Rewriter, excluded: list[gs.Node], keep_int8: list[gs.Node] = ()) -> None:
+        """Post-processing after the float output layers (box decoding, DFL, sigmoid) stays float too.
+
+        ``keep_int8``: output layers that read INT8 (P9 second form); pairs feeding them stay.
+        """
+        head = {id(n) for n in excluded} - {id(n) for n in keep_int8}
         for t in _head_region(excluded):
             for q in [n for n in t.outputs if is_q(n)]:
                 for dq in [n for n in q.outputs[0].outputs if is_dq(n)]:

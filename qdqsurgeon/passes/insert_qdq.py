@@ -165,6 +165,10 @@ class InsertQdq(Pass):
                 src = rw.constant(f"{node.name}_weight", value.astype(np.float32))
                 rw.log("constant", node.name, f"weight folded into initializer {src.name}", rule="F1")
             scales = weight_scales(value, axis)
+            if axis is not None and scales.size == 1:
+                # One output channel: per-channel is per-tensor; written as normalize-qdq wants a per-tensor
+                # scale (0-D, no axis, V1), or a second run would rewrite it.
+                scales, axis = scales.reshape(()), None
             zero = np.zeros(scales.shape, np.int8)
             dead = int(np.sum(scales <= 1e-8)) if axis is not None else 0
             detail = (f"per-channel axis {axis} ({scales.size} channels)" if axis is not None else "per-tensor") + \

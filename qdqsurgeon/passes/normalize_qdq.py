@@ -339,7 +339,6 @@ class NormalizeQdq(Pass):
         self._float_weight_qs(graph, rw, ctx)
         self._activations(graph, rw)
         self._opset(graph, rw)
-        self._unused_domains(graph, rw)
 
     @staticmethod
     def _live(graph: gs.Graph, rw: Rewriter, op: str) -> list[gs.Node]:
@@ -687,19 +686,4 @@ class NormalizeQdq(Pass):
                     imp.version = MIN_PER_CHANNEL_OPSET
         rw.log("opset", "<model>", f"opset {opset} -> 13 for per-channel Q/DQ ({len(pcs)} nodes); no op present "
                                    f"changed meaning between the two", rule="V3")
-
-    # hygiene: imported domains no node uses -------------------------------------------------------
-    def _unused_domains(self, graph: gs.Graph, rw: Rewriter) -> None:
-        if not graph.import_domains:
-            return
-        used = {n.domain or "" for n in graph.nodes}
-        for sub in graph.subgraphs(recursive=True):
-            used |= {n.domain or "" for n in sub.nodes}
-        keep, dropped = [], []
-        for imp in graph.import_domains:
-            (keep if imp.domain in ("", "ai.onnx") or imp.domain in used else dropped).append(imp)
-        if dropped:
-            graph.import_domains = keep
-            rw.log("opset", "<model>", "unused opset imports removed: "
-                   + ", ".join(f"{d.domain} v{d.version}" for d in dropped), rule="opset")
 

@@ -25,10 +25,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import qparams
-from ..qdq import conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on, reads_fused_chain
+from ..qdq import conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on, wraps_standalone
 from ..quant import scale_from_amax
 from ..rewriter import Rewriter
-from ..trt_rules import commutes, data_input_indices, is_epilogue, is_quantizable_wrapped, is_silu_mul, is_silu_sigmoid
+from ..trt_rules import commutes, data_input_indices
 from .base import Pass, PassContext
 from .move_qdq import agreed_output_scale
 from .quantize_residual import residual_sides
@@ -49,7 +49,7 @@ def _int8_source(t: gs.Tensor, depth: int = 0) -> bool:
         return True  # Conv + residual Add fuse into one kernel (F5)
     if node.op in ("Relu", "Clip", "LeakyRelu") and node.inputs and _int8_source(node.inputs[0], depth + 1):
         return True  # the activation after a fused residual Add
-    if commutes(node) or (is_quantizable_wrapped(node) and not is_epilogue(node)):
+    if commutes(node) or wraps_standalone(node):
         data = [node.inputs[i] for i in data_input_indices(node) if node.inputs[i] is not None]
         return bool(data) and all(pair_reading(d) is not None or _int8_source(d, depth + 1) for d in data)
     return False
@@ -83,18 +83,12 @@ class QuantizePooling(Pass):
         """Unwrap half-quantized ops read in float; return the ops to wrap with their unquantized inputs."""
         to_wrap: list[tuple[gs.Node, list[gs.Tensor], np.ndarray]] = []
         for node in reversed(list(graph.nodes)):
-            if rw.is_removed(node) or not is_quantizable_wrapped(node):
-                continue
-            if residual_sides(node) is not None or is_silu_mul(node) or is_silu_sigmoid(node):
-                continue
-            if node.op in ("Relu", "Clip", "LeakyRelu", "BatchNormalization") and is_epilogue(node):
+            if rw.is_removed(node) or not wraps_standalone(node) or residual_sides(node) is not None:
+                # Epilogues (ReLU/Clip/BN/HardSwish, a GEMM's bias Add, SiLU) fuse into their chain or
+                # read float (F3, F10); residual Adds belong to quantize-residual (P3).
                 continue
             data = [i for i in data_input_indices(node) if node.inputs[i] is not None]
             if not data:
-                continue
-            if any(reads_fused_chain(node, node.inputs[i]) for i in data):
-                # A GEMM's bias Add (MatMul → Add(B) in transformers) fuses into the GEMM (F3): a pair
-                # before it splits the chain, and remove-misplaced-qdq would take it out again.
                 continue
             quantized = [pair_reading(node.inputs[i]) is not None for i in data]
             out_scale = agreed_output_scale(graph, node)

@@ -211,11 +211,19 @@ def test_uncalibrated_tensor_left_float_with_note():
     assert op.input[0] == "x"
 
 
-def test_opset_12_is_refused():
+def test_opset_12_is_upgraded_or_refused():
     model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="op")], [("x", F, [1, 3, 2, 2])],
                        [("y", F, [1, 4, 2, 2])], [init("w", RNG.standard_normal((4, 3, 1, 1)).astype(np.float32))], opset=12)
+    with pytest.raises(ModelError, match="--no-opset-upgrade"):
+        qdqsurgeon.optimize(model, passes=["insert-qdq"], ranges=_ranges(model), analyze=False, opset_upgrade=False)
+    res = qdqsurgeon.optimize(model, passes=["insert-qdq"], ranges=_ranges(model), analyze=False)
+    assert res.model.opset_import[0].version == 13 and res.passes[0] == "upgrade-opset"
+    # the pass on its own (no optimize around it) still refuses clearly
     with pytest.raises(ModelError, match="--opset 13"):
-        qdqsurgeon.optimize(model, passes=["insert-qdq"], ranges=_ranges(model), analyze=False)
+        from qdqsurgeon.graph import import_model
+        from qdqsurgeon.passes import PassContext
+        from qdqsurgeon.passes.insert_qdq import InsertQdq
+        InsertQdq()(import_model(model), PassContext(ranges=_ranges(model)))
 
 
 def test_quantize_bmm_survives_the_full_pipeline():

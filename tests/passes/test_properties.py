@@ -90,10 +90,13 @@ def build(program) -> onnx.ModelProto:
             s = b.node("GlobalAveragePool", [y])
             s = b.node("Sigmoid", [conv(conv(s, k=1, act="relu"), k=1)])
             y = b.node("Mul", [y, s])
+        elif kind == "tap":
+            b.output(y)  # an intermediate tensor that is also a graph output (feature taps, FPN levels)
         elif kind == "float_fanout":
             # y feeds a quantized conv and a float elementwise reader (C1's near miss)
             y = b.node("Add", [conv(y, act="relu"), b.node("Sigmoid", [y])])
-        b.channels[y] = c
+        if kind != "tap":
+            b.channels[y] = c
     if head == "gap_gemm":
         y = b.node("Flatten", [b.node("GlobalAveragePool", [y])], axis=1)
         b.output(b.gemm(y, b.channels[y] if y in b.channels else C, 10, qx=False, qw=False))
@@ -191,6 +194,43 @@ def test_fix_pipeline_properties(program):
     assert [c for c in again.changes if c.kind != "note"] == []
     feeds = calib_feeds(model)
     assert sqnr(run(model, feeds)[0], run(fixed.model, feeds)[0]) > 25.0
+
+
+TAPPED = st.tuples(
+    st.tuples(st.just("stem"), ACTS),
+    st.lists(st.one_of(BLOCKS, st.tuples(st.just("tap"), st.just(None))), min_size=2, max_size=6),
+    st.sampled_from(["gap_gemm", "conv"]),
+)
+
+
+def _check_settles(program, caplog) -> None:
+    model = build(program)
+    ranges = ranges_of(model)
+    with caplog.at_level("WARNING"):
+        ours = optimize(model, None, ranges)
+    assert "fixpoint" not in caplog.text
+    assert inspect_model(ours.model).problems == []
+    producers = {o: n.op_type for n in ours.model.graph.node for o in n.output}
+    assert all(producers.get(o.name) not in ("QuantizeLinear", "DequantizeLinear") for o in ours.model.graph.output)
+    plain = optimize(model, list(PIPELINES["insert-only"]), ranges)
+    assert predict(ours.model).standalone_qdq_layers <= predict(plain.model).standalone_qdq_layers
+    again = optimize(ours.model, None, ranges)
+    assert [c for c in again.changes if c.kind != "note"] == []
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(program=TAPPED)
+def test_pipeline_settles_with_tapped_outputs(program, caplog):
+    """Intermediate tensors that are also graph outputs: one run reaches the fixpoint, a second changes nothing (issue 17.8)."""
+    caplog.clear()
+    _check_settles(program, caplog)
+
+
+def test_tapped_output_before_a_residual_classifier(caplog):
+    """Found by issue 17.8: a tapped stem output put the classifier's input pair in the 'float head', and
+    exclude-output-layers added and removed it on every iteration (8 iterations, no fixpoint)."""
+    _check_settles((("stem", "relu"), [("tap", None), ("residual", False), ("maxpool", None)], "conv"), caplog)
 
 
 def test_se_gate_mul_reads_int8_on_both_inputs():
