@@ -18,11 +18,11 @@ import onnx
 from .config import Config
 from .errors import ModelError, UsageError
 from .graph import export_model, import_model
-from .inspection import has_qdq
+from .inspection import has_qdq, validity_problems
 from .io import is_large
 from .opset import UPGRADE_PASS, ensure_opset
 from .passes.base import Instrument, Pass, PassContext, PassManager, PassStat, RangeProvider, TimingInstrument, VerifyInstrument
-from .pipelines import PIPELINES, RUN_ONCE
+from .pipelines import BASELINES, PIPELINES, RUN_ONCE
 from .registry import Registry
 from .rewriter import Change
 
@@ -42,6 +42,10 @@ class OptimizeResult:
     stats: dict[str, PassStat] = field(default_factory=dict)
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
+    #: What "before" is: "input" (fix path) or "insert-only" (PTQ: the naive placement of the same model).
+    before_label: str = "input"
+    #: Ways the result is worse than ``before`` (fix path: more standalone Q/DQ or validity problems); empty if none.
+    regressions: list[str] = field(default_factory=list)
 
     def by_pass(self) -> dict[str, dict[str, int]]:
         """{pass: {rule: number of changes}}, in pipeline order."""
@@ -62,6 +66,8 @@ class OptimizeResult:
             "timing_s": {k: round(v.seconds, 4) for k, v in self.stats.items()},
             "analysis_before": self.before,
             "analysis_after": self.after,
+            "before_is": self.before_label,
+            "regressions": list(self.regressions),
         }
 
 
@@ -159,17 +165,57 @@ def optimize(
     pass_objs = pipeline + extras
     model, upgraded = prepare_opset(model, pass_objs, config, allow_upgrade=opset_upgrade)
 
+    ctx = PassContext(config=config, ranges=ranges)
     graph = import_model(model)
     before = _analysis(graph) if analyze else None
+    if before is not None:
+        before["validity_problems"] = len(validity_problems(graph))
+    run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze)
+    names = [p.name for p in pass_objs]
+    label, regressions = "input", []
+    baseline_mode = BASELINES.get(mode) if passes is None else None
+    if analyze and run.analysis is not None and baseline_mode is not None:
+        # Never worse (issue 12 item 3): the same model through a plainer pipeline is the yardstick.
+        # PTQ's is the naive insert-only placement (it also becomes the "before" column); the fix
+        # path's is the input's own placement, repaired only where TensorRT would reject it.
+        _, base_pipeline, _ = _resolve(model, None, baseline_mode, registry)
+        base = _run(model, import_model(model), base_pipeline, extras, ctx, (), verify, fixpoint=True, analyze=True)
+        if mode == "ptq":
+            before, label = base.analysis, "insert-only"
+        if base.analysis is not None and _score(base.analysis) < _score(run.analysis):
+            lost = f"{run.analysis['standalone_qdq_layers']} standalone Q/DQ and {run.analysis['validity_problems']} validity problems"
+            run = base
+            names = [p.name for p in base_pipeline + extras]
+            run.changes.insert(0, Change("optimize", "P2", "note", "<model>",
+                                         f"the {mode} pipeline would leave {lost}; the {baseline_mode} pipeline leaves "
+                                         f"{base.analysis['standalone_qdq_layers']} and {base.analysis['validity_problems']}: kept that"))
+        if mode == "fix" and before is not None:
+            regressions = _regressions(before, run.analysis)
+    changes = [*prior_changes, *upgraded, *run.changes]
+    if any(c.pass_name == UPGRADE_PASS for c in changes):
+        names.insert(0, UPGRADE_PASS)
+    return OptimizeResult(run.model, changes, mode, names, run.stats, before, run.analysis, label, regressions)
+
+
+@dataclass
+class _Run:
+    model: onnx.ModelProto
+    changes: list[Change]
+    stats: dict[str, PassStat]
+    analysis: dict[str, Any] | None
+
+
+def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
+         instruments: Sequence[Instrument], verify: bool, *, fixpoint: bool, analyze: bool) -> _Run:
+    """One pipeline over ``graph`` (imported from ``model``), then the exported, checked model and its analysis."""
     timing = TimingInstrument()
     insts: list[Instrument] = [timing, *instruments]
     if verify:
         insts.append(VerifyInstrument(source=model))
-    ctx = PassContext(config=config, ranges=ranges)
     once = 0
-    while passes is None and once < len(pipeline) and pipeline[once].name in RUN_ONCE:
+    while fixpoint and once < len(pipeline) and pipeline[once].name in RUN_ONCE:
         once += 1
-    result = PassManager(pipeline, instruments=insts, fixpoint=passes is None, repeat_from=once).run(graph, ctx)
+    result = PassManager(pipeline, instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx)
     if extras:
         tail = PassManager(extras, instruments=insts).run(result.graph, ctx)
         result = replace(tail, changes=result.changes + tail.changes, modified=result.modified or tail.modified)
@@ -181,9 +227,20 @@ def optimize(
             onnx.checker.check_model(out)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    after = _analysis(result.graph) if analyze else None
-    changes = [*prior_changes, *upgraded, *result.changes]
-    names = [p.name for p in pass_objs]
-    if any(c.pass_name == UPGRADE_PASS for c in changes):
-        names.insert(0, UPGRADE_PASS)
-    return OptimizeResult(out, changes, mode, names, timing.stats, before, after)
+    analysis = _analysis(result.graph) if analyze else None
+    if analysis is not None:
+        analysis["validity_problems"] = len(validity_problems(result.graph))
+    return _Run(out, list(result.changes), timing.stats, analysis)
+
+
+def _score(analysis: dict[str, Any]) -> tuple[int, int]:
+    """Lower is better: TensorRT validity problems first, then predicted standalone Q/DQ kernels."""
+    return analysis["validity_problems"], analysis["standalone_qdq_layers"]
+
+
+def _regressions(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    out = []
+    for key, what in (("validity_problems", "TensorRT validity problems"), ("standalone_qdq_layers", "predicted standalone Q/DQ layers")):
+        if after[key] > before[key]:
+            out.append(f"{what} {before[key]} -> {after[key]}")
+    return out

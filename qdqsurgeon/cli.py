@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import QdqError, UsageError
+from .errors import ModelError, QdqError, UsageError
 
 __all__ = ["cli", "main"]
 
@@ -216,12 +216,18 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
         total = sum(rules.values())
         detail = ", ".join(f"{r}:{c}" for r, c in sorted(rules.items(), key=lambda kv: -kv[1]))
         click.echo(f"  {name:<{width}}  {total:5d}  {detail}")
+    for c in res.changes:
+        if c.pass_name == "optimize":
+            click.echo(f"  note: {c.detail}")
     if res.before is not None and res.after is not None:
         b, a = res.before, res.after
-        click.echo("  static TensorRT analysis         before   after")
-        click.echo(f"    standalone Q/DQ layers        {b['standalone_qdq_layers']:6d}  {a['standalone_qdq_layers']:6d}")
-        click.echo(f"    INT8 weighted ops             {b['int8_weighted_ops']:6d}  {a['int8_weighted_ops']:6d}")
-        click.echo(f"    INT8 MAC fraction             {b['int8_mac_fraction']:6.3f}  {a['int8_mac_fraction']:6.3f}")
+        click.echo(f"  static TensorRT analysis   {res.before_label:>12}   after")
+        click.echo(f"    standalone Q/DQ layers    {b['standalone_qdq_layers']:12d}  {a['standalone_qdq_layers']:6d}")
+        click.echo(f"    validity problems         {b.get('validity_problems', 0):12d}  {a.get('validity_problems', 0):6d}")
+        click.echo(f"    INT8 weighted ops         {b['int8_weighted_ops']:12d}  {a['int8_weighted_ops']:6d}")
+        click.echo(f"    INT8 MAC fraction         {b['int8_mac_fraction']:12.3f}  {a['int8_mac_fraction']:6.3f}")
+    for r in res.regressions:
+        click.echo(click.style(f"  REGRESSION: {r} (worse than the input)", fg="red", bold=True))
 
 
 @cli.command("optimize")
@@ -254,13 +260,16 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--eval", "eval_path", type=click.Path(), help="Data for --check (default: the calibration data).")
 @click.option("--build", "engine_path", type=click.Path(), help="Build a TensorRT engine from the result (needs TensorRT).")
 @click.option("--no-analysis", is_flag=True, help="Skip the before/after static TensorRT analysis.")
+@click.option("--allow-regression", is_flag=True,
+              help="Exit 0 even when the fixed model is predicted worse than the input (more standalone Q/DQ or validity problems).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, pattern_paths: tuple[str, ...],
                  report_path: str | None, opset: int | None, no_opset_upgrade: bool, calib: str | None, method: str | None, percentile: float,
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
                  keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, run_check: bool,
-                 eval_path: str | None, engine_path: str | None, no_analysis: bool, quiet: bool) -> None:
+                 eval_path: str | None, engine_path: str | None, no_analysis: bool, allow_regression: bool,
+                 quiet: bool) -> None:
     """Optimize IN into OUT: insert (FP32 input) or repair (Q/DQ input) Q/DQ for TensorRT.
 
     An FP32 model takes the PTQ pipeline and needs calibration data (--calib, --calib-cache or
@@ -364,6 +373,9 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
             click.echo(f"  check {name}: SQNR {float(o['sqnr_db']):.2f} dB, cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
         if report.top1_agreement is not None:
             click.echo(f"  check top-1 agreement: {report.top1_agreement:.3f}")
+    if res.regressions and not allow_regression:
+        raise ModelError(f"the fixed model is predicted worse than the input ({'; '.join(res.regressions)}); it was written "
+                         f"to {dst} anyway: pass --allow-regression to accept it")
     if engine_path:
         from .trt.build import build_engine
 

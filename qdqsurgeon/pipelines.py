@@ -34,7 +34,7 @@ epilogue chains (onnxruntime's placement) is gone before residuals and scales ar
 
 from __future__ import annotations
 
-__all__ = ["PIPELINES", "CLEANUP", "PLACEMENT", "RUN_ONCE"]
+__all__ = ["PIPELINES", "CLEANUP", "PLACEMENT", "RUN_ONCE", "BASELINES"]
 
 CLEANUP: tuple[str, ...] = ("fold-qdq-pairs", "dedupe-qdq", "remove-unused-domains")
 RUN_ONCE: frozenset[str] = frozenset({"insert-qdq"})
@@ -54,4 +54,11 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "ptq": ("insert-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
     "fix": ("normalize-qdq", "remove-misplaced-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
     "insert-only": ("insert-qdq", *CLEANUP),
+    "repair-only": ("normalize-qdq", *CLEANUP),
 }
+
+#: The plainer pipeline each named pipeline must not be worse than (by the static TensorRT model:
+#: validity problems, then standalone Q/DQ). ``optimize`` runs it too and keeps it when it wins:
+#: PTQ against the naive insert-only placement, fix against the input's own placement repaired
+#: only where TensorRT would reject it (never worse than what the user brought, issue 12).
+BASELINES: dict[str, str] = {"ptq": "insert-only", "fix": "repair-only"}

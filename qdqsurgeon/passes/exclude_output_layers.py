@@ -147,21 +147,21 @@ def _head_region(excluded: list[gs.Node]) -> list[gs.Tensor]:
     return list(seen.values())
 
 
-def _feeds_quantized_weighted(tensor: gs.Tensor, excluded: set[int], depth: int = 0) -> bool:
-    """Whether a weighted op that is not excluded and has a quantized weight reads ``tensor`` (through commuting ops)."""
-    from ..trt_rules import commutes
+def _feeds_backbone(tensor: gs.Tensor, excluded: set[int], memo: dict[int, bool] | None = None) -> bool:
+    """Whether a weighted op that is not an excluded output layer reads ``tensor`` through non-weighted ops.
 
-    for n in tensor.outputs:
-        if is_weighted(n) and id(n) not in excluded:
-            widx = weight_input_index(n)
-            if widx is not None and n.inputs[widx] is not tensor and is_dq(producer(n.inputs[widx])):
-                return True
-        elif depth < 16 and (commutes(n) or is_q(n) or is_dq(n)) \
-                and any(_feeds_quantized_weighted(o, excluded, depth + 1) for o in n.outputs):
-            # through commuting ops and through a pair further down (a moved pair and the one below
-            # it describe the same INT8 read; judging them differently makes the passes undo each other)
-            return True
-    return False
+    Such a tensor is backbone, not head, even when it is computed from an output layer: a tapped
+    intermediate output makes the stem an output layer while the network goes on from it. Its
+    pairs are the other passes' business (residual, pooling, moves); removing them here made
+    this pass and those undo each other on every iteration (issue 17 item 8).
+    """
+    memo = {} if memo is None else memo
+    key = id(tensor)
+    if key not in memo:
+        memo[key] = False  # ONNX graphs are acyclic; this only stops re-walking shared tensors
+        memo[key] = any((id(n) not in excluded) if is_weighted(n) else any(_feeds_backbone(o, excluded, memo) for o in n.outputs)
+                        for n in tensor.outputs)
+    return memo[key]
 
 
 class ExcludeOutputLayers(Pass):
@@ -220,12 +220,11 @@ class ExcludeOutputLayers(Pass):
         ``keep_int8``: output layers that read INT8 (P9 second form); pairs feeding them stay.
         """
         head = {id(n) for n in excluded} - {id(n) for n in keep_int8}
+        memo: dict[int, bool] = {}
         for t in _head_region(excluded):
             for q in [n for n in t.outputs if is_q(n)]:
                 for dq in [n for n in q.outputs[0].outputs if is_dq(n)]:
-                    if _feeds_quantized_weighted(dq.outputs[0], head):
-                        # The region stops at weighted readers: a quantized one outside the head
-                        # (the backbone continuing from a tapped output) keeps its input pair (C1).
+                    if _feeds_backbone(dq.outputs[0], head, memo):
                         continue
                     rw.replace_uses(dq.outputs[0], t, detail=f"{t.name} is computed by the float head", rule="P9")
                     rw.remove_node(dq, detail="Q/DQ inside the float head (after the output layers)", rule="P9")

@@ -215,7 +215,10 @@ def _check_settles(program, caplog) -> None:
     plain = optimize(model, list(PIPELINES["insert-only"]), ranges)
     assert predict(ours.model).standalone_qdq_layers <= predict(plain.model).standalone_qdq_layers
     again = optimize(ours.model, None, ranges)
-    assert [c for c in again.changes if c.kind != "note"] == []
+    if again.mode == "ptq":  # every weighted op an output layer: nothing quantized, so PTQ runs again
+        assert onnx.printer.to_text(again.model.graph) == onnx.printer.to_text(ours.model.graph)
+    else:
+        assert [c for c in again.changes if c.kind != "note"] == []
 
 
 @settings(max_examples=25, deadline=None, derandomize=True,
@@ -227,10 +230,16 @@ def test_pipeline_settles_with_tapped_outputs(program, caplog):
     _check_settles(program, caplog)
 
 
-def test_tapped_output_before_a_residual_classifier(caplog):
-    """Found by issue 17.8: a tapped stem output put the classifier's input pair in the 'float head', and
-    exclude-output-layers added and removed it on every iteration (8 iterations, no fixpoint)."""
-    _check_settles((("stem", "relu"), [("tap", None), ("residual", False), ("maxpool", None)], "conv"), caplog)
+@pytest.mark.parametrize("program", [
+    # a tapped stem output put the classifier's input pair in the 'float head': exclude-output-layers
+    # added and removed it on every iteration (8 iterations, no fixpoint)
+    (("stem", "relu"), [("tap", None), ("residual", False), ("maxpool", None)], "conv"),
+    # found by the property test: the same head removed the pair quantize-pooling put before an SE GAP
+    (("stem", "relu"), [("conv", "relu"), ("inverted", None), ("se", None), ("tap", None), ("float_fanout", None),
+                        ("se", None)], "conv"),
+])
+def test_tapped_output_known_cases(program, caplog):
+    _check_settles(program, caplog)
 
 
 def test_se_gate_mul_reads_int8_on_both_inputs():
