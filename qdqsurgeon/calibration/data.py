@@ -308,7 +308,8 @@ class DataSource:
 
 def _concat(parts: list[Feed], names: list[str], origins: list[str]) -> Feed:
     if len(parts) == 1:
-        return {k: np.ascontiguousarray(parts[0][k]) for k in names}
+        # ascontiguousarray would give a scalar input a batch axis (it returns at least 1-d)
+        return {k: np.ascontiguousarray(parts[0][k]) if np.ndim(parts[0][k]) else np.asarray(parts[0][k]) for k in names}
     out = {}
     for k in names:
         if not np.ndim(parts[0][k]):
