@@ -358,3 +358,22 @@ def test_unknown_domain_is_still_refused_in_one_line(tmp_path):
     onnx.save(model, src)
     _assert_one_line_error(_cli("optimize", src, tmp_path / "o.onnx", "--calib-random", "1"), 1,
                            "unknown opset domain 'example.custom'")
+
+
+def test_rnn_state_batched_on_axis_one_is_sliced_on_that_axis(tmp_path):
+    """silero VAD's ``state [2, batch, 128]``: the batch axis is the one named like the first input's batch dim."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"], name="ix"), helper.make_node("Identity", ["state"], ["s"], name="is")],
+        "rnn", [helper.make_tensor_value_info("x", F, ["batch", 4]), helper.make_tensor_value_info("state", F, [2, "batch", 3]),
+                helper.make_tensor_value_info("sr", I64, [])],
+        [helper.make_tensor_value_info("y", F, ["batch", 4]), helper.make_tensor_value_info("s", F, [2, "batch", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.arange(12, dtype=np.float32).reshape(3, 4), state=np.arange(18, dtype=np.float32).reshape(2, 3, 3),
+             sr=np.array(8000))
+    batches = list(open_data(data, model, batch_size=2))
+    assert [(b["x"].shape, b["state"].shape) for b in batches] == [((2, 4), (2, 2, 3)), ((1, 4), (2, 1, 3))]
+    np.testing.assert_array_equal(batches[1]["state"][:, 0], np.arange(18, dtype=np.float32).reshape(2, 3, 3)[:, 2])
+    assert [b["sr"].item() for b in batches] == [8000, 8000]
+    feed = next(iter(random_data(model, 1)))
+    assert feed["x"].shape == (1, 4) and feed["state"].shape == (2, 1, 3) and feed["sr"].item() == 1

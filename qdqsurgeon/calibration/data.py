@@ -60,6 +60,9 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...] | None  # None when the model declares no shape at all
+    # Where the samples are stacked: 0, or the axis named like the first input's batch dim (an RNN
+    # state [layers, batch, hidden], as silero VAD's ``state [2, batch, 128]``).
+    batch_axis: int = 0
 
     @property
     def rank(self) -> int | None:
@@ -79,6 +82,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The inputs a caller must feed (graph inputs that are not initializers), in graph order."""
     initializers = {t.name for t in model.graph.initializer}
     specs = []
+    batch_name: str | None = None
     for vi in model.graph.input:
         if vi.name in initializers:
             continue
@@ -87,9 +91,15 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             raise DataError(f"model input {vi.name!r} is not a typed tensor; cannot feed it from data")
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
         shape = None
+        axis = 0
         if tt.HasField("shape"):
             shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, dtype, shape))
+            params = [d.dim_param if d.HasField("dim_param") else None for d in tt.shape.dim]
+            if batch_name is None and params:
+                batch_name = params[0]
+            elif batch_name and params and params[0] != batch_name and batch_name in params:
+                axis = params.index(batch_name)
+        specs.append(InputSpec(vi.name, dtype, shape, axis))
     if not specs:
         raise DataError("the model has no inputs to feed")
     return specs
@@ -104,7 +114,11 @@ def _static_batch(specs: Sequence[InputSpec]) -> int | None:
     batched = _batched(specs)
     if not batched or not batched[0].shape:
         return None
-    return batched[0].shape[0]
+    return batched[0].shape[batched[0].batch_axis]
+
+
+def _take(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    return a[(slice(None),) * axis + (slice(start, stop),)]
 
 
 def _kind(dtype: np.dtype) -> str:
@@ -278,21 +292,22 @@ class DataSource:
 
     def __iter__(self) -> Iterator[Feed]:
         names = [s.name for s in self.inputs]
+        axes = {s.name: s.batch_axis for s in self.inputs}
         pending: list[Feed] = []
         origins: list[str] = []
         count = 0
         for chunk, origin in self._chunks():
             # A scalar input is the same for every sample of the chunk: it goes with each batch unsliced.
-            n = next((len(v) for v in chunk.values() if np.ndim(v)), 1)
+            n = next((v.shape[axes[k]] for k, v in chunk.items() if np.ndim(v)), 1)
             start = 0
             while start < n:
                 take = min(self.batch_size - count, n - start)
-                pending.append({k: v[start : start + take] if np.ndim(v) else v for k, v in chunk.items()})
+                pending.append({k: _take(v, axes[k], start, start + take) if np.ndim(v) else v for k, v in chunk.items()})
                 origins.append(origin)
                 count += take
                 start += take
                 if count == self.batch_size:
-                    yield _concat(pending, names, origins)
+                    yield _concat(pending, names, origins, axes)
                     pending, origins, count = [], [], 0
         if count:
             if self.drop_last:
@@ -303,10 +318,10 @@ class DataSource:
                     self.batch_size,
                 )
             else:
-                yield _concat(pending, names, origins)
+                yield _concat(pending, names, origins, axes)
 
 
-def _concat(parts: list[Feed], names: list[str], origins: list[str]) -> Feed:
+def _concat(parts: list[Feed], names: list[str], origins: list[str], axes: dict[str, int]) -> Feed:
     if len(parts) == 1:
         # ascontiguousarray would give a scalar input a batch axis (it returns at least 1-d)
         return {k: np.ascontiguousarray(parts[0][k]) if np.ndim(parts[0][k]) else np.asarray(parts[0][k]) for k in names}
@@ -319,13 +334,14 @@ def _concat(parts: list[Feed], names: list[str], origins: list[str]) -> Feed:
                                 "so their samples cannot share a batch; use batch size 1")
             out[k] = parts[0][k]
             continue
-        shapes = {p[k].shape[1:] for p in parts}
+        ax = axes[k]
+        shapes = {p[k].shape[:ax] + p[k].shape[ax + 1:] for p in parts}
         if len(shapes) > 1:
             raise DataError(
                 f"input {k!r}: samples in {origins[0]} .. {origins[-1]} have different shapes "
                 f"{sorted(shapes)} and cannot form one batch; use batch size 1"
             )
-        out[k] = np.concatenate([p[k] for p in parts], axis=0)
+        out[k] = np.concatenate([p[k] for p in parts], axis=ax)
     return out
 
 
@@ -351,7 +367,7 @@ class _ArraySource(DataSource):
             for spec in self.inputs:
                 a = arrays[f.key_of[spec.name]]
                 if not f.batched and not spec.scalar:
-                    a = a[np.newaxis]
+                    a = np.expand_dims(a, spec.batch_axis)
                 if a.dtype != spec.dtype:
                     a = a.astype(spec.dtype)
                 chunk[spec.name] = a
@@ -414,7 +430,7 @@ def _concrete_shape(spec: InputSpec) -> tuple[int, ...]:
     for axis, d in enumerate(spec.shape):
         if d is not None:
             shape.append(d)
-        elif axis == 0:
+        elif axis == spec.batch_axis:
             shape.append(1)
         elif spec.rank == 4 and _kind(spec.dtype) == "float" and axis >= 1:
             shape.append(224 if (axis >= 2 or spec.shape[3] in (1, 3)) else 3)
@@ -492,7 +508,7 @@ def _check_shape(spec: InputSpec, shape: tuple[int, ...], where: str, what: str 
             path=where,
         )
     for axis, (got, want) in enumerate(zip(shape, spec.shape)):
-        if axis == 0:
+        if axis == spec.batch_axis:
             continue  # batching regroups samples; the batch dim is checked by the caller
         if want is not None and got != want:
             raise DataError(
@@ -538,16 +554,18 @@ def _inspect_array_file(path: Path, specs: Sequence[InputSpec]) -> _ArrayFile:
         this_batched = True
         if spec.rank is not None and len(shape) == spec.rank - 1:
             this_batched = False  # one sample without its batch axis
-            shape = (1, *shape)
+            shape = shape[:spec.batch_axis] + (1,) + shape[spec.batch_axis:]
         elif spec.rank is not None and len(shape) == 0:
             raise DataError(f"input {spec.name!r}: got a scalar, the model expects {spec.describe()}", path=str(path))
         if batched is not None and this_batched != batched:
             raise DataError("some arrays have a batch axis and others do not", path=str(path))
         batched = this_batched
         _check_shape(spec, shape, str(path))
-        counts.add(shape[0])
+        counts.add(shape[spec.batch_axis])
     if len(counts) > 1:
-        raise DataError(f"arrays disagree on the number of samples (axis 0): {sorted(counts)}", path=str(path))
+        axes = sorted({s.batch_axis for s in specs if not s.scalar})
+        raise DataError(f"arrays disagree on the number of samples (batch axis {'/'.join(map(str, axes))}): {sorted(counts)}",
+                        path=str(path))
     return _ArrayFile(path, shapes, dtypes, bool(batched), counts.pop() if counts else 1, key_of)
 
 
