@@ -187,6 +187,16 @@ def cut_at_plugins(
 
 
 def _constant_bool(model: onnx.ModelProto, name: str) -> bool | None:
+    """The value of a one-element constant (an initializer or Constant, seen through Identity/Cast), else None.
+
+    The same constants :func:`qdqsurgeon.graph.const_value` sees, so this inlines exactly the Ifs insert-qdq inlines.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for _ in range(16):
+        node = producers.get(name)
+        if node is None or node.op_type not in ("Identity", "Cast"):
+            break
+        name = node.input[0]
     for t in model.graph.initializer:
         if t.name == name:
             value = onnx.numpy_helper.to_array(t)

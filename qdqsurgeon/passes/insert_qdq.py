@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
-from ..graph import DQ_OP, Q_OP, after_plugins, const_value, is_dq, nested_nodes, opset_version, producer, subgraphs
+from ..graph import DQ_OP, Q_OP, after_plugins, const_value, is_dq, nested_nodes, opset_version, producer
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..quant import quantize_int8, scale_from_amax, weight_scales
 from ..rewriter import Rewriter
