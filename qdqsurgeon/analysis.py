@@ -37,7 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import trt_rules as R
-from .graph import const_value, is_dq, is_q, producer, qparams, weight_input_index
+from .graph import const_value, is_dq, is_q, nested_nodes, producer, qparams, weight_input_index
 
 __all__ = ["StandaloneLayer", "WeightedOpPrediction", "TrtPrediction", "predict", "weighted_op_macs"]
 
@@ -665,6 +665,42 @@ def _fuse_mha(sim: _Sim, chains: list[_Chain], absorbed_q: set[int]) -> None:
             absorbed_q.add(id(q))
 
 
+def _trip_count(loop: gs.Node) -> int:
+    """How many times a Loop surely runs its body: its constant trip count when no condition can end it
+    early; else 1 (the count is only an upper bound, e.g. Paddle's 1024 for a decoder that stops at EOS)."""
+    if loop.op != "Loop" or not loop.inputs or loop.inputs[0] is None or not loop.inputs[0].name:
+        return 1
+    if len(loop.inputs) > 1 and loop.inputs[1] is not None and loop.inputs[1].name:
+        return 1
+    value = const_value(loop.inputs[0])
+    return max(1, int(np.asarray(value).reshape(()))) if value is not None and np.size(value) == 1 else 1
+
+
+def _nested_weighted_ops(graph: gs.Graph) -> list[dict[str, Any]]:
+    """Weighted ops inside If/Loop/Scan bodies, so the MAC share counts them (they used to be invisible).
+
+    The simulation covers the top-level graph only. A body op is INT8 (writing float: nothing
+    outside the body can absorb its output Q) when its activation and weight come from DQs in its
+    own body (F1); otherwise float. Both branches of an If count (the engine holds both); a Loop
+    body counts once, or trip-count times when the count is a constant and no condition ends it early.
+    """
+    out: list[dict[str, Any]] = []
+    for node, path in nested_nodes(graph):
+        rule = R.rule_for(node.op)
+        if rule is None or rule.role != "weighted":  # GEMMs on loop-carried weights (Paddle exports) count too
+            continue
+        repeat = int(np.prod([_trip_count(p) for p, _ in path]))
+        widx = weight_input_index(node)
+        body = {id(n) for n in path[-1][0].attrs[path[-1][1]].nodes}
+        local_dq = [producer(t) for t in node.inputs[:2]]
+        int8 = widx is not None and all(p is not None and is_dq(p) and id(p) in body for p in local_dq)
+        where = " > ".join(f"{p.op} '{p.name}' {attr}" for p, attr in path)
+        out.append(asdict(WeightedOpPrediction(
+            node.name, node.op, INT8_FLOAT if int8 else FLOAT, weighted_op_macs(node) * repeat, (node.name,),
+            f"inside {where}" + ("" if int8 else ": runs float"))))
+    return out
+
+
 def predict(model_or_graph: onnx.ModelProto | gs.Graph) -> TrtPrediction:
     """Predict the TensorRT engine for a Q/DQ model (see the module docstring for the semantics).
 
@@ -722,6 +758,7 @@ def predict(model_or_graph: onnx.ModelProto | gs.Graph) -> TrtPrediction:
         weighted.append(asdict(WeightedOpPrediction(
             n.name, n.op, prec, int(macs[id(n)]), tuple(m.name for m in c.members) if c else (n.name,),
             c.reason if c else "")))
+    weighted.extend(_nested_weighted_ops(graph))
     total = sum(w["macs"] for w in weighted)
     int8_macs = sum(w["macs"] for w in weighted if w["precision"] != FLOAT)
     reasons: dict[str, str] = {}

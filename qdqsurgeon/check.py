@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from qdqsurgeon.calibration.collect import expose_tensors, make_session, progress_bar
+from qdqsurgeon.calibration.collect import cut_at_plugins, expose_tensors, make_session, progress_bar
 from qdqsurgeon.errors import DataError, ModelError
 
 __all__ = ["OutputMetrics", "LayerMetric", "CheckReport", "compare", "sqnr_db"]
@@ -232,7 +232,15 @@ def compare(
     per_layer: bool = False,
     progress: bool = False,
 ) -> CheckReport:
-    """Run both models on ``data`` and measure how closely the candidate follows the reference."""
+    """Run both models on ``data`` and measure how closely the candidate follows the reference.
+
+    onnxruntime cannot run TensorRT plugins: models with one are compared at the plugins' inputs.
+    """
+    reference, ref_after = cut_at_plugins(reference)
+    candidate, _ = cut_at_plugins(candidate)
+    if ref_after:
+        logger.warning("onnxruntime cannot run TensorRT plugin(s) %s: comparing the tensors they read instead of "
+                       "the outputs computed from them", ", ".join(sorted(set(ref_after.values()))))
     pairs = _pair_outputs(reference, candidate)
     layer_pairs = _quantized_tensors(reference, candidate) if per_layer else {}
     if per_layer and not layer_pairs:

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .io import is_plugin_domain
+
 __all__ = [
     "Graph",
     "Node",
@@ -43,6 +45,10 @@ __all__ = [
     "behind_constant",
     "opset_version",
     "iter_qdq_pairs",
+    "is_plugin",
+    "subgraphs",
+    "nested_nodes",
+    "after_plugins",
 ]
 
 logger = logging.getLogger(__name__)
@@ -283,3 +289,50 @@ def iter_qdq_pairs(graph: gs.Graph) -> Iterator[tuple[gs.Node, gs.Node]]:
             for cons in node.outputs[0].outputs:
                 if is_dq(cons):
                     yield node, cons
+
+
+# --------------------------------------------------------------------------------------------
+# Control flow and plugins
+
+
+def is_plugin(node: gs.Node) -> bool:
+    """A TensorRT plugin node (``TRT::EfficientNMS_TRT`` and the like): TensorRT runs it, onnxruntime cannot."""
+    return is_plugin_domain(node.domain or "")
+
+
+def subgraphs(node: gs.Node) -> list[tuple[str, gs.Graph]]:
+    """The bodies of an If (then_branch, else_branch), Loop or Scan (body), as (attribute, graph)."""
+    return [(k, v) for k, v in node.attrs.items() if isinstance(v, gs.Graph)]
+
+
+def nested_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Node, list[tuple[gs.Node, str]]]]:
+    """Every node inside a control-flow body, with its path of (If/Loop/Scan node, attribute) from the top.
+
+    The top-level nodes themselves are not yielded: passes see them in ``graph.nodes``.
+    """
+    def walk(g: gs.Graph, path: list[tuple[gs.Node, str]]):
+        for node in g.nodes:
+            if path:
+                yield node, path
+            for attr, body in subgraphs(node):
+                yield from walk(body, [*path, (node, attr)])
+    yield from walk(graph, [])
+
+
+def after_plugins(graph: gs.Graph) -> dict[int, gs.Node]:
+    """id(node) -> the plugin it (transitively) reads from, for every top-level node downstream of a plugin.
+
+    onnxruntime cannot run a plugin, so nothing after one can be calibrated or checked numerically.
+    """
+    top = {id(n) for n in graph.nodes}
+    below: dict[int, gs.Node] = {}
+    for plugin in (n for n in graph.nodes if is_plugin(n)):
+        work = [plugin]
+        while work:
+            node = work.pop()
+            for t in node.outputs:
+                for c in t.outputs:
+                    if id(c) in top and id(c) not in below and not is_plugin(c):
+                        below[id(c)] = plugin
+                        work.append(c)
+    return below

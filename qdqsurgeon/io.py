@@ -18,7 +18,8 @@ from onnx import shape_inference
 
 from .errors import ModelError, UsageError
 
-__all__ = ["load", "save", "same_file", "is_large", "check_opset", "PROTOBUF_LIMIT", "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS"]
+__all__ = ["load", "save", "same_file", "is_large", "check_opset", "PROTOBUF_LIMIT", "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS",
+           "PLUGIN_DOMAINS", "is_plugin_domain"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,20 @@ PROTOBUF_LIMIT = 2**31 - 1
 MIN_PER_CHANNEL_OPSET = 13
 # TensorRT's parser reads opsets 9..25 (11.x); below 10 there is no QuantizeLinear at all.
 MIN_OPSET, MAX_OPSET = 10, 25
+# Domains of TensorRT plugin nodes. TensorRT's ONNX parser dispatches on the op type alone: an op it has
+# no importer for is looked up in the plugin registry by name, ``plugin_version`` and ``plugin_namespace``
+# (onnx-tensorrt ModelImporter.cpp, FallbackPluginImporter), so the domain is the exporter's choice.
+# These are the ones exporters write: ``TRT`` (torch ``g.op("TRT::EfficientNMS_TRT")`` in public YOLOv7/YOLOv8
+# exports), ``trt``, ``com.nvidia``, and ``trt.plugins`` (NVIDIA ModelOpt's ``set_trt_plugin_domain`` and
+# onnxruntime's TensorRT execution provider). onnxruntime cannot run any of them.
+PLUGIN_DOMAINS = frozenset({"TRT", "trt", "com.nvidia", "trt.plugins"})
 # Operator domains TensorRT or onnxruntime can make sense of.
-KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "trt", "com.nvidia", "ai.onnx.preview.training"})
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}) | PLUGIN_DOMAINS
+
+
+def is_plugin_domain(domain: str) -> bool:
+    """Whether a node of this domain is a TensorRT plugin (which onnxruntime cannot run)."""
+    return domain in PLUGIN_DOMAINS
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -107,12 +120,25 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def _graph_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of the If/Loop/Scan bodies inside it."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _graph_nodes(g)
+
+
 def _check_domains(model: onnx.ModelProto, where: str) -> None:
     local_functions = {(f.domain, f.name) for f in model.functions}
-    used = {n.domain for n in model.graph.node if (n.domain, n.op_type) not in local_functions}
+    used = {n.domain for n in _graph_nodes(model.graph) if (n.domain, n.op_type) not in local_functions}
     for domain in sorted(used - KNOWN_DOMAINS):
         if not any(f.domain == domain for f in model.functions):
-            raise ModelError(f"unknown opset domain '{domain}' (neither ONNX nor TensorRT defines it)", path=where)
+            raise ModelError(f"unknown opset domain '{domain}' (not ONNX, onnxruntime's com.microsoft, nor a TensorRT "
+                             f"plugin domain: {', '.join(sorted(PLUGIN_DOMAINS))})", path=where)
 
 
 def _strings(model: onnx.ModelProto):

@@ -30,10 +30,13 @@ from qdqsurgeon.calibration.methods import (
     compute_amax,
 )
 from qdqsurgeon.errors import DataError, ModelError, UsageError
+from qdqsurgeon.io import is_plugin_domain
 
 __all__ = [
     "tensor_elem_types",
     "expose_tensors",
+    "cut_at_plugins",
+    "inline_constant_ifs",
     "make_session",
     "collect_stats",
     "calibrate",
@@ -125,6 +128,119 @@ def expose_tensors(
     return copy
 
 
+def _referenced(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads, including the outer-scope names its If/Loop/Scan bodies read."""
+    names = set(node.input)
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for inner in g.node:
+                names |= _referenced(inner)
+    return names
+
+
+def cut_at_plugins(
+    model: onnx.ModelProto, types: dict[str, onnx.TypeProto] | None = None
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The part of ``model`` onnxruntime can run: TensorRT plugin nodes and everything after them dropped.
+
+    onnxruntime has no kernel for a TensorRT plugin (``TRT::EfficientNMS_TRT``, ``com.nvidia``
+    ...), so the model is cut at the plugins' inputs, which become its outputs in place of the
+    graph outputs computed from a plugin. Returns the cut model (``model`` itself when it has no
+    plugin) and {tensor: plugin node} for every tensor computed from a plugin: those cannot be
+    calibrated or compared.
+    """
+    plugins = [n for n in model.graph.node if is_plugin_domain(n.domain)]
+    if not plugins:
+        return model, {}
+    after: dict[str, str] = {}
+    keep: list[onnx.NodeProto] = []
+    for node in model.graph.node:  # ONNX keeps nodes in topological order
+        source = node.name or node.op_type if is_plugin_domain(node.domain) else \
+            next((after[i] for i in _referenced(node) if i in after), None)
+        if source is None:
+            keep.append(node)
+            continue
+        for out in node.output:
+            if out:
+                after[out] = source
+    if types is None:
+        types = _inferred_types(model)
+    outputs = [o for o in model.graph.output if o.name not in after]
+    have = {o.name for o in outputs}
+    for plugin in plugins:
+        for name in plugin.input:
+            if name and name not in after and name not in have and name in types:
+                outputs.append(helper.make_value_info(name, types[name]))
+                have.add(name)
+    if not outputs:
+        raise ModelError("onnxruntime cannot run TensorRT plugin(s) "
+                         f"{', '.join(sorted({n.name or n.op_type for n in plugins}))} and nothing before them has a known type")
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    del cut.graph.node[:]
+    cut.graph.node.extend(keep)
+    del cut.graph.output[:]
+    cut.graph.output.extend(outputs)
+    logger.info("onnxruntime runs the model up to the inputs of TensorRT plugin(s) %s",
+                ", ".join(sorted({n.name or n.op_type for n in plugins})))
+    return cut, after
+
+
+def _constant_bool(model: onnx.ModelProto, name: str) -> bool | None:
+    """The value of a one-element constant (an initializer or Constant, seen through Identity/Cast), else None.
+
+    The same constants :func:`qdqsurgeon.graph.const_value` sees, so this inlines exactly the Ifs insert-qdq inlines.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for _ in range(16):
+        node = producers.get(name)
+        if node is None or node.op_type not in ("Identity", "Cast"):
+            break
+        name = node.input[0]
+    for t in model.graph.initializer:
+        if t.name == name:
+            value = onnx.numpy_helper.to_array(t)
+            return bool(value.reshape(())) if value.size == 1 else None
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            attr = next((a for a in node.attribute if a.name in ("value", "value_int")), None)
+            if attr is None:
+                return None
+            value = onnx.numpy_helper.to_array(attr.t) if attr.name == "value" else np.asarray(attr.i)
+            return bool(value.reshape(())) if value.size == 1 else None
+    return None
+
+
+def inline_constant_ifs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every top-level If whose condition is a constant replaced by the branch it takes.
+
+    insert-qdq inlines such Ifs too (as TensorRT's parser does) and then asks for ranges of the
+    branch's tensors; onnxruntime can expose them only once they are top-level. The branch
+    outputs reach the If's output names through Identity nodes.
+    """
+    if not any(n.op_type == "If" for n in model.graph.node):
+        return model
+    changed = False
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        cond = _constant_bool(model, node.input[0]) if node.op_type == "If" else None
+        if cond is None:
+            nodes.append(node)
+            continue
+        body = next(a.g for a in node.attribute if a.name == ("then_branch" if cond else "else_branch"))
+        nodes.extend(body.node)
+        nodes.extend(helper.make_node("Identity", [src.name], [dst], name=f"{node.name}_{dst}_inlined")
+                     for src, dst in zip(body.output, node.output) if dst)
+        changed = True
+    if not changed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return inline_constant_ifs(out)
+
+
 def make_session(
     model: onnx.ModelProto,
     *,
@@ -199,13 +315,19 @@ def collect_stats(
     Graph inputs and initializers among ``tensors`` are read from the feed / the model directly.
     Tensors that are not floating point are skipped with a warning (absent from the result).
     """
+    model = inline_constant_ifs(model)
     full_types = _inferred_types(model)
     types = {name: t.tensor_type.elem_type for name, t in full_types.items()}
+    model, after_plugin = cut_at_plugins(model, full_types)
     initializers = {t.name: t for t in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input} - set(initializers)
     produced = {o for n in model.graph.node for o in n.output}
     stats: dict[str, TensorStats] = {}
     for name in dict.fromkeys(tensors):
+        if name in after_plugin:
+            logger.warning("skipping %s: it is computed from TensorRT plugin %s, which onnxruntime cannot run",
+                           name, after_plugin[name])
+            continue
         elem = types.get(name)
         if elem is None and name not in initializers:
             if name in produced:

@@ -60,10 +60,18 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...] | None  # None when the model declares no shape at all
+    # Where the samples are stacked: 0, or the axis named like the first input's batch dim (an RNN
+    # state [layers, batch, hidden], as silero VAD's ``state [2, batch, 128]``).
+    batch_axis: int = 0
 
     @property
     def rank(self) -> int | None:
         return None if self.shape is None else len(self.shape)
+
+    @property
+    def scalar(self) -> bool:
+        """A rank-0 input (a sample rate, an If condition): a setting, not data; it has no batch axis."""
+        return self.shape == ()
 
     def describe(self) -> str:
         dims = "?" if self.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
@@ -74,6 +82,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The inputs a caller must feed (graph inputs that are not initializers), in graph order."""
     initializers = {t.name for t in model.graph.initializer}
     specs = []
+    batch_name: str | None = None
     for vi in model.graph.input:
         if vi.name in initializers:
             continue
@@ -82,23 +91,34 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             raise DataError(f"model input {vi.name!r} is not a typed tensor; cannot feed it from data")
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
         shape = None
+        axis = 0
         if tt.HasField("shape"):
             shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
-            if not shape:
-                # Calibration data is batched along axis 0; a scalar input (an If condition) has none.
-                raise DataError(f"model input {vi.name!r} is a scalar (rank 0): calibration data is batched along its first "
-                                f"axis, so models with scalar inputs cannot be calibrated from data")
-        specs.append(InputSpec(vi.name, dtype, shape))
+            params = [d.dim_param if d.HasField("dim_param") else None for d in tt.shape.dim]
+            if batch_name is None and params:
+                batch_name = params[0]
+            elif batch_name and params and params[0] != batch_name and batch_name in params:
+                axis = params.index(batch_name)
+        specs.append(InputSpec(vi.name, dtype, shape, axis))
     if not specs:
         raise DataError("the model has no inputs to feed")
     return specs
 
 
+def _batched(specs: Sequence[InputSpec]) -> list[InputSpec]:
+    """The inputs that carry a batch axis (every one but the scalars)."""
+    return [s for s in specs if not s.scalar]
+
+
 def _static_batch(specs: Sequence[InputSpec]) -> int | None:
-    first = specs[0]
-    if not first.shape:
+    batched = _batched(specs)
+    if not batched or not batched[0].shape:
         return None
-    return first.shape[0]
+    return batched[0].shape[batched[0].batch_axis]
+
+
+def _take(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    return a[(slice(None),) * axis + (slice(start, stop),)]
 
 
 def _kind(dtype: np.dtype) -> str:
@@ -272,20 +292,22 @@ class DataSource:
 
     def __iter__(self) -> Iterator[Feed]:
         names = [s.name for s in self.inputs]
+        axes = {s.name: s.batch_axis for s in self.inputs}
         pending: list[Feed] = []
         origins: list[str] = []
         count = 0
         for chunk, origin in self._chunks():
-            n = len(next(iter(chunk.values())))
+            # A scalar input is the same for every sample of the chunk: it goes with each batch unsliced.
+            n = next((v.shape[axes[k]] for k, v in chunk.items() if np.ndim(v)), 1)
             start = 0
             while start < n:
                 take = min(self.batch_size - count, n - start)
-                pending.append({k: v[start : start + take] for k, v in chunk.items()})
+                pending.append({k: _take(v, axes[k], start, start + take) if np.ndim(v) else v for k, v in chunk.items()})
                 origins.append(origin)
                 count += take
                 start += take
                 if count == self.batch_size:
-                    yield _concat(pending, names, origins)
+                    yield _concat(pending, names, origins, axes)
                     pending, origins, count = [], [], 0
         if count:
             if self.drop_last:
@@ -296,21 +318,30 @@ class DataSource:
                     self.batch_size,
                 )
             else:
-                yield _concat(pending, names, origins)
+                yield _concat(pending, names, origins, axes)
 
 
-def _concat(parts: list[Feed], names: list[str], origins: list[str]) -> Feed:
+def _concat(parts: list[Feed], names: list[str], origins: list[str], axes: dict[str, int]) -> Feed:
     if len(parts) == 1:
-        return {k: np.ascontiguousarray(parts[0][k]) for k in names}
+        # ascontiguousarray would give a scalar input a batch axis (it returns at least 1-d)
+        return {k: np.ascontiguousarray(parts[0][k]) if np.ndim(parts[0][k]) else np.asarray(parts[0][k]) for k in names}
     out = {}
     for k in names:
-        shapes = {p[k].shape[1:] for p in parts}
+        if not np.ndim(parts[0][k]):
+            values = {p[k].item() for p in parts}
+            if len(values) > 1:
+                raise DataError(f"scalar input {k!r} differs between {origins[0]} .. {origins[-1]} ({sorted(values)}), "
+                                "so their samples cannot share a batch; use batch size 1")
+            out[k] = parts[0][k]
+            continue
+        ax = axes[k]
+        shapes = {p[k].shape[:ax] + p[k].shape[ax + 1:] for p in parts}
         if len(shapes) > 1:
             raise DataError(
                 f"input {k!r}: samples in {origins[0]} .. {origins[-1]} have different shapes "
                 f"{sorted(shapes)} and cannot form one batch; use batch size 1"
             )
-        out[k] = np.concatenate([p[k] for p in parts], axis=0)
+        out[k] = np.concatenate([p[k] for p in parts], axis=ax)
     return out
 
 
@@ -335,8 +366,8 @@ class _ArraySource(DataSource):
             chunk = {}
             for spec in self.inputs:
                 a = arrays[f.key_of[spec.name]]
-                if not f.batched:
-                    a = a[np.newaxis]
+                if not f.batched and not spec.scalar:
+                    a = np.expand_dims(a, spec.batch_axis)
                 if a.dtype != spec.dtype:
                     a = a.astype(spec.dtype)
                 chunk[spec.name] = a
@@ -364,12 +395,14 @@ class _ImageSource(DataSource):
 
 
 class _RandomSource(DataSource):
-    def __init__(self, specs: Sequence[InputSpec], n: int, seed: int):
+    def __init__(self, specs: Sequence[InputSpec], n: int, seed: int, settings: dict[str, np.ndarray] | None = None):
         shapes = {spec.name: _concrete_shape(spec) for spec in specs}
-        batch = shapes[specs[0].name][0]
+        batched = _batched(specs)
+        batch = shapes[batched[0].name][0] if batched else 1
         super().__init__(specs, batch, False, n * batch, f"random data (seed {seed})")
         self._shapes = shapes
         self._seed = seed
+        self._settings = settings or {}
 
     def _chunks(self) -> Iterator[tuple[Feed, str]]:
         rng = np.random.default_rng(self._seed)
@@ -378,7 +411,9 @@ class _RandomSource(DataSource):
             for spec in self.inputs:
                 shape = self._shapes[spec.name]
                 kind = _kind(spec.dtype)
-                if kind == "float":
+                if spec.name in self._settings:
+                    feed[spec.name] = self._settings[spec.name]
+                elif kind == "float":
                     feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
                 elif kind == "bool":
                     feed[spec.name] = rng.integers(0, 2, shape).astype(bool)
@@ -395,7 +430,7 @@ def _concrete_shape(spec: InputSpec) -> tuple[int, ...]:
     for axis, d in enumerate(spec.shape):
         if d is not None:
             shape.append(d)
-        elif axis == 0:
+        elif axis == spec.batch_axis:
             shape.append(1)
         elif spec.rank == 4 and _kind(spec.dtype) == "float" and axis >= 1:
             shape.append(224 if (axis >= 2 or spec.shape[3] in (1, 3)) else 3)
@@ -473,7 +508,7 @@ def _check_shape(spec: InputSpec, shape: tuple[int, ...], where: str, what: str 
             path=where,
         )
     for axis, (got, want) in enumerate(zip(shape, spec.shape)):
-        if axis == 0:
+        if axis == spec.batch_axis:
             continue  # batching regroups samples; the batch dim is checked by the caller
         if want is not None and got != want:
             raise DataError(
@@ -511,20 +546,27 @@ def _inspect_array_file(path: Path, specs: Sequence[InputSpec]) -> _ArrayFile:
                 f"({_kind(dtype)} vs {_kind(spec.dtype)})",
                 path=str(path),
             )
+        if spec.scalar:
+            if shape != ():
+                raise DataError(f"input {spec.name!r} is a scalar (rank 0), a setting shared by every sample: store it as "
+                                f"a 0-d array, not shape {list(shape)}", path=str(path))
+            continue
         this_batched = True
         if spec.rank is not None and len(shape) == spec.rank - 1:
             this_batched = False  # one sample without its batch axis
-            shape = (1, *shape)
+            shape = shape[:spec.batch_axis] + (1,) + shape[spec.batch_axis:]
         elif spec.rank is not None and len(shape) == 0:
             raise DataError(f"input {spec.name!r}: got a scalar, the model expects {spec.describe()}", path=str(path))
         if batched is not None and this_batched != batched:
             raise DataError("some arrays have a batch axis and others do not", path=str(path))
         batched = this_batched
         _check_shape(spec, shape, str(path))
-        counts.add(shape[0])
+        counts.add(shape[spec.batch_axis])
     if len(counts) > 1:
-        raise DataError(f"arrays disagree on the number of samples (axis 0): {sorted(counts)}", path=str(path))
-    return _ArrayFile(path, shapes, dtypes, bool(batched), counts.pop(), key_of)
+        axes = sorted({s.batch_axis for s in specs if not s.scalar})
+        raise DataError(f"arrays disagree on the number of samples (batch axis {'/'.join(map(str, axes))}): {sorted(counts)}",
+                        path=str(path))
+    return _ArrayFile(path, shapes, dtypes, bool(batched), counts.pop() if counts else 1, key_of)
 
 
 def _batching(specs: Sequence[InputSpec], batch_size: int | None, label: str) -> tuple[int, bool]:
@@ -615,11 +657,60 @@ def open_data(
     return source
 
 
+def _compared_constant(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The constant a scalar input is tested against (``Equal(Gather(Reshape(sr)), 16000)``), or None.
+
+    Follows the input through shape-only ops (Reshape, Squeeze, Unsqueeze, Gather, Cast, Identity)
+    to an Equal whose other operand is an initializer or a Constant.
+    """
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    names, seen = [name], set()
+    while names:
+        current = names.pop()
+        seen.add(current)
+        for node in model.graph.node:
+            if current not in node.input:
+                continue
+            if node.op_type == "Equal":
+                other = next((i for i in node.input if i != current), None)
+                if other in consts and consts[other].size == 1:
+                    return consts[other].reshape(())
+            elif node.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Gather", "Cast", "Identity") \
+                    and node.input[0] == current and node.output[0] not in seen:
+                names.append(node.output[0])
+    return None
+
+
+def _scalar_settings(model: onnx.ModelProto, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """A fixed value for each scalar input of random data: a setting such as a sample rate, not a sample.
+
+    Random values would pick an arbitrary branch or break the model (silero VAD takes sr = 16000
+    or 8000 only). The value the model compares the input with is used (the branch it was exported
+    for); without one, 1 (True for bool).
+    """
+    settings = {}
+    for spec in specs:
+        if not spec.scalar:
+            continue
+        value = _compared_constant(model, spec.name)
+        settings[spec.name] = np.asarray(value if value is not None else 1).astype(spec.dtype)
+        logger.warning("random data: scalar input %r fixed at %s%s", spec.name, settings[spec.name].item(),
+                       " (the value the model tests it against)" if value is not None else "")
+    return settings
+
+
 def random_data(model: onnx.ModelProto, n: int, seed: int = 0) -> DataSource:
-    """``n`` batches of random inputs (normal floats, 0/1 integers). Only for smoke tests."""
+    """``n`` batches of random inputs (normal floats, 0/1 integers). Only for smoke tests.
+
+    Scalar inputs are settings, not data: each gets one fixed value (see :func:`_scalar_settings`).
+    """
     if n < 1:
         raise UsageError(f"random data needs n >= 1, got {n}")
     logging.warning(
         "calibrating on random data: the scales are meaningless for real inputs; use it as a smoke test only"
     )
-    return _RandomSource(model_inputs(model), n, seed)
+    specs = model_inputs(model)
+    return _RandomSource(specs, n, seed, _scalar_settings(model, specs))

@@ -23,14 +23,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
-from ..graph import DQ_OP, Q_OP, const_value, is_dq, opset_version, producer
+from ..graph import DQ_OP, Q_OP, after_plugins, const_value, is_dq, nested_nodes, opset_version, producer
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..quant import quantize_int8, scale_from_amax, weight_scales
 from ..rewriter import Rewriter
 from ..trt_rules import attention_gemms, commutes, is_weighted, weight_axis
 from .base import Pass, PassContext
 
-__all__ = ["InsertQdq", "is_excluded"]
+__all__ = ["InsertQdq", "is_excluded", "inline_constant_ifs", "unreachable_ops"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,11 @@ class InsertQdq(Pass):
         return weighted, acts
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
+        inline_constant_ifs(graph, rw)
         weighted, acts = self._targets(graph, rw, ctx)
+        skip = unreachable_ops(graph, rw)
+        weighted = [w for w in weighted if id(w[0]) not in skip]
+        acts = [a for a in acts if id(a[0]) not in skip]
         self.quantize_activations(graph, rw, ctx, acts)
         self.quantize_weights(rw, ctx, weighted)
 
@@ -195,3 +199,85 @@ class InsertQdq(Pass):
         rw.add_node(DQ_OP, [q_out, scale_c, zp_c], name=f"{src.name}_DequantizeLinear", attrs=attrs, outputs=[dq_out],
                     detail=f"weight DQ, {detail}", rule="V3")
         return dq_out
+
+
+# --------------------------------------------------------------------------------------------
+# Control flow and TensorRT plugins
+#
+# Where Q/DQ may go inside an If/Loop/Scan body, and why most bodies stay float:
+#
+# * An If whose condition is a constant is not control flow at all: onnx-tensorrt's If importer
+#   parses only the selected branch, inline, when the condition is a build-time constant
+#   (onnxOpImporters.cpp, "For constant conditions, parse only the selected subgraph"). We do the
+#   same (exact: that branch is what every run executes), so its weighted ops become ordinary
+#   top-level ops, quantized and calibrated like the rest (the calibration model is inlined alike).
+# * An If with a run-time condition becomes a TensorRT IIfConditional; a Loop an ILoop. TensorRT
+#   documents no Q/DQ fusion inside or across these boundaries (operators.md restricts If only on
+#   branch output ranks/names, Loop on scan outputs and carried shapes), and onnxruntime cannot
+#   expose a tensor inside a body as a graph output, so its activations cannot be calibrated (a
+#   loop body would need one range over every iteration). Their weighted ops stay float, each with
+#   a note saying why, and the static analysis counts their MACs as float.
+# * Nodes after a TensorRT plugin (``TRT::EfficientNMS_TRT``...) cannot be calibrated: onnxruntime
+#   cannot run the plugin. They stay float with a note; the plugin itself is never touched.
+
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _constant_condition(node: gs.Node) -> bool | None:
+    value = const_value(node.inputs[0]) if node.op == "If" and node.inputs else None
+    if value is None or np.size(value) != 1:
+        return None
+    return bool(np.asarray(value).reshape(()))
+
+
+def inline_constant_ifs(graph: gs.Graph, rw: Rewriter) -> int:
+    """Replace every top-level If with a constant condition by the branch it always takes; returns how many."""
+    done = 0
+    while True:
+        target = next((n for n in graph.nodes if not rw.is_removed(n) and _constant_condition(n) is not None), None)
+        if target is None:
+            return done
+        taken = "then_branch" if _constant_condition(target) else "else_branch"
+        body: gs.Graph = target.attrs[taken]
+        moved = [(n, list(n.inputs), list(n.outputs)) for n in body.nodes]
+        results = list(body.outputs)
+        outs = list(target.outputs)
+        rw.remove_node(target, detail=f"condition is the constant {taken == 'then_branch'}: inlined its {taken} "
+                                      f"({len(moved)} node(s)), as TensorRT's parser does", rule="P1")
+        for node, ins, node_outs in moved:
+            node.inputs.clear()  # the branch goes with the If; its tensors move to the graph
+            node.outputs.clear()
+            rw.add_node(node.op, ins, name=node.name or node.op, attrs=node.attrs, outputs=node_outs,
+                        domain=node.domain, detail=f"from {target.name} {taken}", rule="P1")
+        for old, new in zip(outs, results):
+            rw.replace_uses(old, new, detail=f"{target.name} output {old.name} now comes from its {taken}", rule="P1")
+        done += 1
+
+
+def _where(path: list[tuple[gs.Node, str]]) -> str:
+    return " > ".join(f"{n.op} '{n.name}' {attr}" for n, attr in path)
+
+
+def unreachable_ops(graph: gs.Graph, rw: Rewriter) -> set[int]:
+    """Weighted ops insert-qdq must leave float: inside control-flow bodies or after a plugin; each gets a note.
+
+    Returns the ids of the top-level ops to skip (those after a plugin); ops inside bodies are
+    never targets, they are only reported.
+    """
+    for node, path in nested_nodes(graph):
+        if node.op not in _WEIGHTED:
+            continue
+        owner, attr = path[-1]
+        if any(p.op != "If" for p, _ in path):
+            why = ("onnxruntime cannot expose tensors inside a loop body, so its activations cannot be calibrated "
+                   "(and one range would have to hold for every iteration)")
+        else:
+            why = ("the condition is computed at run time, so TensorRT builds an IIfConditional, inside which it "
+                   "documents no Q/DQ fusion, and onnxruntime cannot calibrate tensors inside a branch")
+        rw.note(node, f"inside {_where(path)}: left float because {why}", rule="P1")
+    below = after_plugins(graph)
+    for node in graph.nodes:
+        if id(node) in below and node.op in _WEIGHTED:
+            rw.note(node, f"after TensorRT plugin '{below[id(node)].name}' ({below[id(node)].op}): left float because "
+                          "onnxruntime cannot run the plugin, so nothing after it can be calibrated", rule="P1")
+    return set(below)
