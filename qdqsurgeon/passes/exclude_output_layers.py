@@ -29,7 +29,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import activation_input_index, const_value, is_dq, is_graph_output, is_q, opset_version, producer, qparams
+from ..graph import (activation_input_index, const_value, is_blocked, is_dq, is_graph_output, is_q, opset_version, producer,
+                     qparams)
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading, unquantize_graph_output
 from ..quant import dequantize
@@ -111,13 +112,23 @@ def drop_output_qdq(graph: gs.Graph, rw: Rewriter) -> None:
 
 
 def restore_float_weight(rw: Rewriter, node: gs.Node, *, rule: str, detail: str) -> bool:
-    """Make a weighted op read its weight in float again: Q→DQ bypassed, int8 + DQ dequantized."""
+    """Make a weighted op read its weight in float again: Q→DQ bypassed, int8 + DQ dequantized.
+
+    Block-quantized weights (``block_size``, INT4/INT8 weight-only as ModelOpt and onnxruntime
+    write them) are left exactly as they are: they are a storage format the user chose (an INT4
+    model quadruples in size when dequantized), and TensorRT runs such a GEMM in float with the
+    weight dequantized in its prologue, so the layer's output is float either way.
+    """
     idx = weight_input_index(node)
     if idx is None:
         return False
     t = node.inputs[idx]
     dq = producer(t)
     if not is_dq(dq):
+        return False
+    if is_blocked(dq):
+        rw.note(node, f"weight {t.name} is block-quantized ({qparams(dq).qdtype}, block_size "
+                      f"{dq.attrs.get('block_size')}): kept as it is", rule=rule)
         return False
     q = producer(dq.inputs[0])
     if is_q(q):

@@ -47,10 +47,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
-from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_dq, is_graph_output, is_q, producer, qparams,
-                     weight_input_index)
-from ..inspection import OPERATOR_QUANT_OPS
-from ..quant import MIN_SCALE, QMAX, weight_scales
+from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_dq, is_float_dtype, is_graph_output, is_q, producer,
+                     qparams, weight_input_index)
+from ..inspection import OPERATOR_QUANT_OPS, layout_problem, unsupported_qtype
+from ..quant import MIN_SCALE, QMAX, expand_blocks, weight_scales
 from ..qdq import unquantize_graph_output
 from ..rewriter import Rewriter
 from ..trt_rules import commutes, weight_axis
@@ -90,18 +90,27 @@ _BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
 # -- arithmetic -----------------------------------------------------------------------------------
-def dequantize_exact(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int | None) -> np.ndarray:
-    """``(q - zp)·s`` in float32, the way onnxruntime's DequantizeLinear computes it (int32 included)."""
+def dequantize_exact(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int | None,
+                     block_size: int = 0) -> np.ndarray:
+    """``(q - zp)·s`` in float32, the way onnxruntime's DequantizeLinear computes it (int32, int4, blocked included)."""
     q = np.asarray(q)
     scale = np.asarray(scale)
     zp = np.zeros((), np.int64) if zero_point is None else np.asarray(zero_point).astype(np.int64)
-    if scale.size > 1 and axis is not None:
+    if block_size and axis is not None:
+        ax = axis % q.ndim
+        scale = expand_blocks(scale, ax, block_size, q.shape[ax])
+        zp = expand_blocks(zp, ax, block_size, q.shape[ax]) if zp.ndim else zp
+    elif scale.size > 1 and axis is not None:
         shape = [1] * q.ndim
         shape[axis % q.ndim] = scale.size
         scale, zp = scale.reshape(shape), (zp.reshape(shape) if zp.size > 1 else zp)
-    out = (q.astype(np.int64) - zp).astype(np.float32) * scale.astype(np.float32)
-    # DequantizeLinear's output type is its scale's type (an FP16 scale gives an FP16 tensor).
-    return out.astype(scale.dtype if scale.dtype.kind == "f" else np.float32)
+    if not np.issubdtype(q.dtype, np.integer) and q.dtype.name not in ("int4", "uint4"):
+        # float8: the code is the value; (q - zp) is computed in float.
+        out = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
+    else:
+        out = (q.astype(np.int64) - zp).astype(np.float32) * scale.astype(np.float32)
+    # DequantizeLinear's output type is its scale's type (an FP16 or BF16 scale gives that tensor type).
+    return out.astype(scale.dtype if is_float_dtype(scale.dtype) else np.float32)
 
 
 def symmetric_scale(scale: float, zero_point: int, qdtype: np.dtype) -> np.float32:
