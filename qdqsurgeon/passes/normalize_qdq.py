@@ -316,6 +316,15 @@ class NormalizeQdq(Pass):
             qp = qparams(node)
             if qp is None:
                 continue
+            layout = layout_problem(node)
+            if layout is not None:
+                raise ModelError(f"{layout}; re-export the model")
+            bad_type = unsupported_qtype(qp)
+            if bad_type is not None:
+                # Narrowing INT16 to INT8 would silently cost 256x resolution (an A16W8 model's very
+                # point), so it is not done behind the user's back: strip and recalibrate instead.
+                raise ModelError(f"{node.op} {node.name}: {bad_type}; use --requantize --calib DATA to re-quantize "
+                                 f"it as INT8")
             scale = qp.scale.astype(np.float64)
             if not np.all(np.isfinite(scale)) or np.any(scale < 0):
                 # A negative scale flips signs and a NaN poisons everything: no faithful repair exists (V1).
@@ -371,7 +380,7 @@ class NormalizeQdq(Pass):
             qp = qparams(dq)
             if qp is None:
                 continue
-            flt = dequantize_exact(value, qp.scale, qp.zero_point, qp.axis)
+            flt = dequantize_exact(value, qp.scale, qp.zero_point, qp.axis, qp.block_size)
             const = rw.constant(f"{dq.inputs[0].name}_float", flt)
             s = qp.scale.ravel()
             rw.replace_uses(dq.outputs[0], const, rule="V4",
@@ -470,6 +479,9 @@ class NormalizeQdq(Pass):
             qp = qparams(dq)
             if value is None or qp is None or np.asarray(value).dtype not in _QRANGE:
                 continue
+            if qp.blocked:
+                # Blocked weights (INT8/INT4 weight-only, opset 21) are a layout TensorRT takes as written.
+                continue
             value = np.asarray(value)
             wreaders = _weight_readers(dq)
             target = self._target_axis(rw, dq, wreaders, qp, value.ndim, ctx)
@@ -561,7 +573,7 @@ class NormalizeQdq(Pass):
         for q in self._live(graph, rw, Q_OP):
             value = const_value(q.inputs[0])
             qp = qparams(q)
-            if value is None or qp is None or qp.qdtype not in _QRANGE:
+            if value is None or qp is None or qp.qdtype not in _QRANGE or qp.blocked:
                 continue
             dqs = list(q.outputs[0].outputs)
             if not dqs or not all(is_dq(d) for d in dqs):
@@ -603,6 +615,9 @@ class NormalizeQdq(Pass):
                 continue
             qp = qparams(q)
             if qp is None or qp.qdtype not in _QRANGE:
+                continue
+            if qp.blocked:
+                rw.note(q, "blocked activation quantization; left alone", rule="V2")
                 continue
             zp_val = 0 if qp.zero_point is None else qp.zero_point
             if qp.qdtype == np.int8 and not np.any(zp_val):
