@@ -165,41 +165,42 @@ def _data_shape(node: gs.Node) -> list[int] | None:
     return [int(d) for d in shape]
 
 
-def layout_problem(node: gs.Node) -> str | None:
+def layout_problem(node: gs.Node, *, zero_point: bool = True) -> str | None:
     """Why a Q/DQ's scale / zero point layout is not one ONNX defines, or None.
 
     ONNX (QuantizeLinear 21): scale and zero point have the same shape; a scalar (per-tensor),
     a 1-D tensor of the ``axis`` extent (per-axis), or, with ``block_size``, the input's rank with
     ``ceil(extent / block_size)`` along ``axis`` and the input's extent elsewhere (blocked).
+    ``zero_point=False`` checks the scale alone.
     """
     qp = qparams(node)
     if qp is None:
         return None
     scale, zp = qp.scale, qp.zero_point
-    if zp is not None and zp.shape != scale.shape and not (zp.size == 1 and scale.size == 1):
-        return (f"{node.op} {node.name}: zero point shape {list(zp.shape)} differs from the scale's {list(scale.shape)} "
+    if zero_point and zp is not None and zp.shape != scale.shape and not (zp.size == 1 and scale.size == 1):
+        return (f"zero point shape {list(zp.shape)} differs from the scale's {list(scale.shape)} "
                 f"(ONNX requires the same shape)")
     shape = _data_shape(node)
     if qp.blocked:
         if shape is None:
             return None
         if scale.ndim != len(shape):
-            return (f"{node.op} {node.name}: block_size {qp.block_size} needs a scale of the input's rank {len(shape)}, "
+            return (f"block_size {qp.block_size} needs a scale of the input's rank {len(shape)}, "
                     f"got shape {list(scale.shape)}")
         axis = qp.axis % len(shape)
         want = [-(-d // qp.block_size) if i == axis else d for i, d in enumerate(shape)]
         if list(scale.shape) != want:
-            return (f"{node.op} {node.name}: blocked scale shape {list(scale.shape)} does not match input {shape} with "
+            return (f"blocked scale shape {list(scale.shape)} does not match input {shape} with "
                     f"block_size {qp.block_size} on axis {qp.axis} (expected {want})")
         return None
     if scale.size > 1:
         if scale.ndim != 1:
-            return (f"{node.op} {node.name}: scale of shape {list(scale.shape)} is neither per-tensor nor 1-D per-axis "
+            return (f"scale of shape {list(scale.shape)} is neither per-tensor nor 1-D per-axis "
                     f"(and no block_size is set)")
         if shape is not None and shape:
             axis = (qp.axis if qp.axis is not None else 1) % len(shape)
             if shape[axis] != scale.size:
-                return (f"{node.op} {node.name}: {scale.size} per-axis scales for axis {qp.axis} of extent {shape[axis]}")
+                return (f"{scale.size} per-axis scales for axis {qp.axis} of extent {shape[axis]}")
     return None
 
 

@@ -316,9 +316,11 @@ class NormalizeQdq(Pass):
             qp = qparams(node)
             if qp is None:
                 continue
-            layout = layout_problem(node)
+            # A one-element zero point beside a per-axis/blocked scale is repaired in run() (exact).
+            zp_one = qp.zero_point is not None and qp.zero_point.size == 1
+            layout = layout_problem(node, zero_point=not zp_one)
             if layout is not None:
-                raise ModelError(f"{layout}; re-export the model")
+                raise ModelError(f"{node.op} {node.name}: {layout}; re-export the model")
             bad_type = unsupported_qtype(qp)
             if bad_type is not None:
                 # Narrowing INT16 to INT8 would silently cost 256x resolution (an A16W8 model's very
@@ -337,6 +339,7 @@ class NormalizeQdq(Pass):
         self._remove_integer_qdq(graph, rw)
         self._remove_output_qdq(graph, rw)
         self._constant_qparams(graph, rw)
+        self._zero_point_shapes(graph, rw)
         self._zero_scales(graph, rw)
         self._constant_dqs(graph, rw, ctx)
         self._float_weight_qs(graph, rw, ctx)
@@ -456,6 +459,22 @@ class NormalizeQdq(Pass):
                 how = "held in a Constant/Identity/Cast chain" if not isinstance(tensor, gs.Constant) else "1-element 1-D"
                 rw.set_constant(node, idx, value.reshape(()) if reshape else value, base=f"{node.name}_{what.replace(' ', '_')}",
                                 rule="V1", detail=f"{what} {how} -> {'0-D ' if reshape else ''}initializer (exact)")
+
+    # V3: zero point layout ----------------------------------------------------------------------
+    def _zero_point_shapes(self, graph: gs.Graph, rw: Rewriter) -> None:
+        """A one-element zero point beside a per-axis or blocked scale gets the scale's shape.
+
+        ONNX and TensorRT both want the two of the same shape; onnxruntime broadcasts the single
+        value, so repeating it is exact.
+        """
+        for node in [n for n in graph.nodes if n.op in (Q_OP, DQ_OP) and not rw.is_removed(n)]:
+            qp = qparams(node)
+            if qp is None or qp.zero_point is None or qp.zero_point.shape == qp.scale.shape or qp.scale.size == 1:
+                continue
+            zp = np.broadcast_to(qp.zero_point.reshape(()), qp.scale.shape).copy()
+            rw.set_constant(node, 2, zp, base=f"{node.name}_zero_point", rule="V3",
+                            detail=f"zero point of shape {list(qp.zero_point.shape)} repeated to the scale's "
+                                   f"{list(qp.scale.shape)} (exact)")
 
     # V1: zero scales -----------------------------------------------------------------------------
     def _zero_scales(self, graph: gs.Graph, rw: Rewriter) -> None:
