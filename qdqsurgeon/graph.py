@@ -70,6 +70,12 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     distinct ones, so those (and only those) get ``<op>_<index>`` style names.
     """
     graph = gs.import_onnx(model)
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for t in g.tensors().values():
+            # gs leaves types numpy cannot name (bfloat16, float8) as ONNX enum integers; their
+            # ml_dtypes types compare and print like any other, and gs exports them back the same.
+            if isinstance(t, gs.Variable) and isinstance(t.dtype, (int, np.integer)):
+                t.dtype = np_dtype(t.dtype) or t.dtype
     seen: set[str] = set()
     renamed = 0
     for i, node in enumerate(graph.nodes):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MIN_SCALE", "QMAX", "scale_from_amax", "weight_scales", "quantize_int8", "dequantize", "expand_blocks", "fake_quant"]
+__all__ = ["MIN_SCALE", "QMAX", "scale_from_amax", "weight_scales", "quantize_int8", "dequantize", "expand_blocks", "fake_quant", "scale_in"]
 
 QMAX = 127.0
 # The smallest scale emitted. Far above float32's denormal range, so that TensorRT's
@@ -21,6 +21,20 @@ def scale_from_amax(amax: float | np.ndarray) -> np.ndarray:
     s = np.asarray(amax, dtype=np.float64) / QMAX
     s = np.where(np.isfinite(s) & (s > MIN_SCALE), s, MIN_SCALE)
     return s.astype(np.float32)
+
+
+def scale_in(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``scale`` in the float type of the tensor it quantizes (opset 19: the DQ output type is the scale's).
+
+    float16 scales are clamped to [2^-14, 65504]: a subnormal or zero scale breaks V1, an
+    infinite one every value. bfloat16 shares float32's exponent range, so MIN_SCALE survives.
+    """
+    dtype = np.dtype(dtype)
+    scale = np.asarray(scale, dtype=np.float32)
+    if dtype == np.float16:
+        info = np.finfo(np.float16)
+        scale = np.clip(scale, float(info.tiny), float(info.max))
+    return scale.astype(dtype)
 
 
 def weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
