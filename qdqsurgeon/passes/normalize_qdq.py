@@ -49,7 +49,7 @@ import onnx_graphsurgeon as gs
 from ..errors import ModelError
 from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_dq, is_float_dtype, is_graph_output, is_q, producer,
                      qparams, weight_input_index)
-from ..inspection import OPERATOR_QUANT_OPS, layout_problem, unsupported_qtype
+from ..inspection import OPERATOR_QUANT_OPS, blocked_problem, layout_problem, unsupported_qtype
 from ..quant import MIN_SCALE, QMAX, expand_blocks, weight_scales
 from ..qdq import unquantize_graph_output
 from ..rewriter import Rewriter
@@ -496,10 +496,16 @@ class NormalizeQdq(Pass):
         for dq in self._live(graph, rw, DQ_OP):
             value = const_value(dq.inputs[0])
             qp = qparams(dq)
-            if value is None or qp is None or np.asarray(value).dtype not in _QRANGE:
+            if value is None or qp is None:
                 continue
             if qp.blocked:
-                # Blocked weights (INT8/INT4 weight-only, opset 21) are a layout TensorRT takes as written.
+                # Blocked weights (INT8/INT4 weight-only, opset 21) are kept exactly as written: a
+                # storage format the user chose, and one TensorRT takes on 2-D GEMM weights.
+                why = blocked_problem(dq)
+                if why:
+                    rw.note(dq, f"{why}; left as it is (re-export it per-channel to run it in TensorRT)", rule="V3")
+                continue
+            if np.asarray(value).dtype not in _QRANGE:
                 continue
             value = np.asarray(value)
             wreaders = _weight_readers(dq)
