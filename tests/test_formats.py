@@ -366,3 +366,9 @@ def test_bfloat16_mlp_opset_raised_for_qdq(tmp_path):
     assert {t.data_type for t in out.graph.initializer} <= {TP.BFLOAT16, TP.INT8}
     feeds = random_feeds(float32_copy(out), seed=4)
     assert _cosine(run(float32_copy(bfloat16_mlp()), feeds)[0], run(float32_copy(out), feeds)[0]) > 0.99
+
+
+def test_bfloat16_check_compares_float32_copies(tmp_path):
+    result, _, _ = _optimize(tmp_path, float_cnn(TP.BFLOAT16), "--check", calib=True)
+    assert result.exit_code == 0, result.output
+    assert "cosine 0.99" in result.output
