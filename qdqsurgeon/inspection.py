@@ -40,10 +40,17 @@ logger = logging.getLogger(__name__)
 OPERATOR_QUANT_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul",
                       "QLinearGlobalAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid",
                       "DynamicQuantizeLinear")
-# Quantized types TensorRT's Quantize/Dequantize layers take (TensorRT operator reference, Quantize:
-# "T3: int4, int8, float4, float8"; float8 is E4M3, "Working with Quantized Types"). INT4 is
-# weight-only; FP8 runs on Hopper and later (Ada for GEMMs). uint8 is not listed: it is read as
-# int8 with a symmetric range, which normalize-qdq converts (V2); int32 is a bias DQ (V4).
+# Quantized types TensorRT's Quantize/Dequantize layers take. Sources (TensorRT 10/11 docs):
+# - operator reference, Quantize: "T3: int4, int8, float4, float8"; block quantization "supported for
+#   DataType::kINT4, DataType::kFP4, DataType::kFP8 and DataType::kINT8"; zero point all zeros, same
+#   shape as the scale (docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/Quantize.html);
+# - "Working with Quantized Types": INT8, INT4, FP8E4M3, FP4E2M1; "TensorRT quantizes activations and
+#   weights for INT8, FP8, and FP4. Weight-only quantization is supported for INT4"
+#   (docs.nvidia.com/deeplearning/tensorrt/10.11.0/inference-library/work-quantized-types.html);
+# - NvInfer.h IQuantizeLayer: scale and zero point "rank lower or equal to 2"; FP8 clamps to [-448, 448].
+# FP8 kernels need compute capability 8.9 or later (Ada GEMMs, Hopper). No 16-bit integer type is
+# listed. uint8 is read as int8 with a symmetric range, which normalize-qdq converts (V2); int32 is a
+# bias DQ (V4).
 TRT_QTYPES = ("int8", "int4", "float8_e4m3fn", "float4_e2m1fn")
 #: Types the engine computes in per data type label (the analysis's precision labels).
 QTYPE_LABELS = {"int8": "int8", "uint8": "int8", "int4": "int4", "uint4": "int4", "float8_e4m3fn": "fp8",

@@ -329,10 +329,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+@pytest.mark.parametrize("weights", ["float", "int8"])
 @pytest.mark.parametrize("elem", [TP.FLOAT16, TP.BFLOAT16])
-def test_reduced_float_cnn_through_ptq(tmp_path, elem):
+def test_reduced_float_cnn_through_ptq(tmp_path, elem, weights):
     model = float_cnn(elem)
-    result, dst, report = _optimize(tmp_path, model, calib=True)
+    result, dst, report = _optimize(tmp_path, model, "--weights", weights, calib=True)
     assert result.exit_code == 0, result.output
     assert result.stderr.strip() == ""
     out = onnx.load(dst)
@@ -372,3 +373,22 @@ def test_bfloat16_check_compares_float32_copies(tmp_path):
     result, _, _ = _optimize(tmp_path, float_cnn(TP.BFLOAT16), "--check", calib=True)
     assert result.exit_code == 0, result.output
     assert "cosine 0.99" in result.output
+
+
+def test_per_channel_int4_output_layer_weight_kept(tmp_path):
+    # INT4 is weight-only in TensorRT: an output layer's INT4 weight is storage, not an INT8 input to undo
+    rng = np.random.default_rng(17)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    scale = (np.abs(w).max(axis=0) / 7).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -8, 7).astype(ml_dtypes.int4)
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="w_DQ", axis=1),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    model = _model(nodes, [_vi("x", TP.FLOAT, [2, 64])], [_vi("y", TP.FLOAT, [2, 48])],
+                   [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(scale, "ws")])
+    result, dst, report = _optimize(tmp_path, model)
+    assert result.exit_code == 0, result.output
+    assert _edits(report) == []
+    out = onnx.load(dst)
+    assert _inits(out)["wq"].data_type == TP.INT4
+    feeds = random_feeds(model, seed=5)
+    assert np.array_equal(run(model, feeds)[0], run(out, feeds)[0])
