@@ -318,9 +318,26 @@ def test_int16_requantize_gives_a_valid_int8_model(tmp_path):
     assert inspect_model(out).quantized_dtypes == {"int8": inspect_model(out).quantize + inspect_model(out).dequantize}
 
 
-def test_uint4_block_weights_refused(tmp_path):
-    result, _, _ = _optimize(tmp_path, weight_only_mlp(2, TP.UINT4, zero_point=8))
-    _refused(result, "uint4 quantization is not importable")
+def test_uint4_block_weights_with_zero_point_8_become_int4_exactly(tmp_path):
+    model = weight_only_mlp(2, TP.UINT4, zero_point=8)
+    result, dst, report = _optimize(tmp_path, model)
+    assert result.exit_code == 0, result.output
+    assert {c["rule"] for c in _edits(report)} == {"V2"}
+    out = onnx.load(dst)
+    onnx.checker.check_model(out, full_check=True)
+    assert inspect_model(out).problems == [] and inspect_model(out).quantized_dtypes == {"int4": 2}
+    feeds = random_feeds(model, seed=6)
+    assert np.array_equal(run(model, feeds)[0], run(out, feeds)[0])
+
+
+def test_asymmetric_uint4_weights_refused(tmp_path):
+    model = weight_only_mlp(2, TP.UINT4, zero_point=8)
+    zp = _inits(model)["w1_zp"]
+    values = numpy_helper.to_array(zp).copy()
+    values[0, 0] = 9
+    zp.CopyFrom(numpy_helper.from_array(values, "w1_zp"))
+    result, _, _ = _optimize(tmp_path, model)
+    _refused(result, "w1_DQ", "uint4 with zero points other than 8", "--requantize")
 
 
 # -- 17.2 / 12.4: float16 and bfloat16 float models through PTQ ----------------------------------

@@ -236,6 +236,12 @@ def _fake_quant(value: np.ndarray, qp: QParams) -> np.ndarray:
     return dequantize_exact(q.astype(np.int64), qp.scale, qp.zero_point, qp.axis)
 
 
+def _uint4_convertible(node: gs.Node, qp: QParams) -> bool:
+    """A DQ of a constant uint4 tensor whose zero points are all 8: exactly an int4 tensor with zero point 0."""
+    return (is_dq(node) and np.dtype(qp.qdtype).name == "uint4" and qp.zero_point is not None
+            and bool(np.all(qp.zero_point.astype(np.int16) == 8)) and const_value(node.inputs[0]) is not None)
+
+
 def _fmt(x: float) -> str:
     return f"{float(x):.6g}"
 
@@ -322,7 +328,11 @@ class NormalizeQdq(Pass):
             if layout is not None:
                 raise ModelError(f"{node.op} {node.name}: {layout}; re-export the model")
             bad_type = unsupported_qtype(qp)
-            if bad_type is not None:
+            if bad_type is not None and np.dtype(qp.qdtype).name == "uint4" and not _uint4_convertible(node, qp):
+                raise ModelError(f"{node.op} {node.name}: uint4 with zero points other than 8 (or on an activation) is "
+                                 f"asymmetric, and TensorRT takes symmetric int4 weights only; use --requantize --calib DATA "
+                                 f"to re-quantize it as INT8")
+            if bad_type is not None and not _uint4_convertible(node, qp):
                 # Narrowing INT16 to INT8 would silently cost 256x resolution (an A16W8 model's very
                 # point), so it is not done behind the user's back: strip and recalibrate instead.
                 raise ModelError(f"{node.op} {node.name}: {bad_type}; use --requantize --calib DATA to re-quantize "
@@ -340,6 +350,7 @@ class NormalizeQdq(Pass):
         self._remove_output_qdq(graph, rw)
         self._constant_qparams(graph, rw)
         self._zero_point_shapes(graph, rw)
+        self._uint4_weights(graph, rw)
         self._zero_scales(graph, rw)
         self._constant_dqs(graph, rw, ctx)
         self._float_weight_qs(graph, rw, ctx)
@@ -475,6 +486,26 @@ class NormalizeQdq(Pass):
             rw.set_constant(node, 2, zp, base=f"{node.name}_zero_point", rule="V3",
                             detail=f"zero point of shape {list(qp.zero_point.shape)} repeated to the scale's "
                                    f"{list(qp.scale.shape)} (exact)")
+
+    # V2/V4: uint4 weights with the midpoint zero point ------------------------------------------
+    def _uint4_weights(self, graph: gs.Graph, rw: Rewriter) -> None:
+        """``uint4 q, zp = 8 → DQ``  →  ``int4 (q - 8), zp = 0 → DQ``: the same values, in the type TensorRT takes.
+
+        Exact: ``(q - 8)·s`` is what the DQ computed, and ``q - 8`` spans [-8, 7], int4's range.
+        Other uint4 zero points are asymmetric and refused in :meth:`requires`.
+        """
+        import ml_dtypes
+
+        for dq in [n for n in graph.nodes if n.op == DQ_OP and not rw.is_removed(n)]:
+            qp = qparams(dq)
+            if qp is None or not _uint4_convertible(dq, qp):
+                continue
+            value = np.asarray(const_value(dq.inputs[0])).astype(np.int16)
+            with rw.rule("V2"):
+                rw.set_constant(dq, 0, (value - 8).astype(ml_dtypes.int4), base=f"{dq.inputs[0].name}_s4",
+                                detail="uint4 weight with zero point 8 -> int4 with zero point 0 (same values, exact)")
+                rw.set_constant(dq, 2, np.zeros(qp.scale.shape, ml_dtypes.int4), base=f"{dq.name}_zero_point",
+                                detail="zero point -> int4 0")
 
     # V1: zero scales -----------------------------------------------------------------------------
     def _zero_scales(self, graph: gs.Graph, rw: Rewriter) -> None:
