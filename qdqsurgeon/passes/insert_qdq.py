@@ -11,6 +11,12 @@ positive), V2 (zero point int8 0), V3 (per-channel weights on the output-channel
 shared by every weighted consumer). Error bound: activations round to within half a step of
 ``amax/127`` inside the calibrated range and clip outside it; weights within half a step of
 their channel's ``max|w|/127``. Needs opset ≥ 13 (per-channel ``axis``).
+
+float16 and bfloat16 models keep their type: scales are written in the type of the tensor they
+quantize (the DQ output type is its scale's), weights stay in the model's type, and the opset is
+raised to 19 in place (where QuantizeLinear starts taking float16/bfloat16) when no op present
+changes meaning on the way (``float16_regions.opset_blockers``), else :class:`ModelError` asks for
+``--opset 19``. float16 scales are clamped to [2^-14, 65504] (V1).
 """
 
 from __future__ import annotations
