@@ -409,3 +409,20 @@ def test_per_channel_int4_output_layer_weight_kept(tmp_path):
     assert _inits(out)["wq"].data_type == TP.INT4
     feeds = random_feeds(model, seed=5)
     assert np.array_equal(run(model, feeds)[0], run(out, feeds)[0])
+
+
+def test_float16_opset_raise_blocked_is_one_line_and_opset_19_works(tmp_path):
+    rng = np.random.default_rng(19)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("ReduceMean", ["r"], ["m"], name="rm", axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["m", "w2"], ["y"], name="fc", transB=1)]
+    model = _model(nodes, [_vi("x", TP.FLOAT16, [1, 3, 8, 8])], [_vi("y", TP.FLOAT16, [1, 4])],
+                   [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float16), "w"),
+                    numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float16), "w2")], 17, 8)
+    result, _, _ = _optimize(tmp_path, model, calib=True)
+    _refused(result, "float16 Q/DQ scales need opset 19", "ReduceMean rm", "--opset 19")
+    result, dst, _ = _optimize(tmp_path, model, "--opset", "19", calib=True)
+    assert result.exit_code == 0, result.output
+    out = onnx.load(dst)
+    onnx.checker.check_model(out, full_check=True)
+    assert inspect_model(out).problems == [] and inspect_model(out).quantize > 0
