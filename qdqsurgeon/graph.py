@@ -243,8 +243,8 @@ class QParams:
 
     @property
     def per_channel(self) -> bool:
-        """One scale per channel of ``axis`` (a blocked layout is not per-channel: see :attr:`blocked`)."""
-        return self.scale.size > 1 and not self.blocked
+        """More than one scale: per-channel along ``axis``, or blocked (check :attr:`blocked` before reading it as per-axis)."""
+        return self.scale.size > 1
 
     @property
     def blocked(self) -> bool:

@@ -279,7 +279,7 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
             src = node.inputs[0]
             if src.dtype is not None and np.dtype(src.dtype) == np.int32:
                 problems.append(Problem("V4", node.name, "int32 dequantization (bias?) is not importable"))
-        if qp.per_channel:
+        if qp.per_channel and not qp.blocked:
             if opset < 13:
                 problems.append(Problem("V3", node.name, f"per-channel Q/DQ needs opset 13, model has {opset}"))
             if not qp.axis_written:
@@ -290,7 +290,7 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
             for cons in node.outputs[0].outputs:
                 if cons.op in ("Conv", "ConvTranspose", "Gemm") and len(cons.inputs) > 2 and cons.inputs[2] is node.outputs[0]:
                     problems.append(Problem("V4", node.name, f"Q/DQ on the bias of {cons.name}; keep biases float"))
-                elif qp.per_channel and cons.op in WEIGHTED_OPS and weight_input_index(cons) is not None \
+                elif qp.per_channel and not qp.blocked and cons.op in WEIGHTED_OPS and weight_input_index(cons) is not None \
                         and cons.inputs[weight_input_index(cons)] is node.outputs[0]:
                     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 2
                     axis = qp.axis if qp.axis is not None and qp.axis >= 0 else (qp.axis or 0) + rank
@@ -321,13 +321,13 @@ def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False) -> In
             scale_dtypes[str(qp.scale.dtype)] += 1
             zp_dtypes[str(qp.zero_point.dtype) if qp.zero_point is not None else "none"] += 1
             q_dtypes[np.dtype(qp.qdtype).name] += 1
-            if qp.per_channel:
-                per_channel.append({"node": node.name, "axis": qp.axis, "channels": int(qp.scale.size),
-                                    "axis_written": qp.axis_written})
-            elif qp.blocked:
+            if qp.blocked:
                 blocked.append({"node": node.name, "dtype": np.dtype(qp.qdtype).name, "axis": qp.axis,
                                 "block_size": qp.block_size, "scale_shape": list(qp.scale.shape),
                                 "weight": behind_constant(node.inputs[0])})
+            elif qp.per_channel:
+                per_channel.append({"node": node.name, "axis": qp.axis, "channels": int(qp.scale.size),
+                                    "axis_written": qp.axis_written})
     result = Inspection(
         opset=opset_version(graph),
         nodes=len(graph.nodes),
