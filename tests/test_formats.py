@@ -253,7 +253,7 @@ def test_dequantize_blocked():
     want = q.astype(np.float32) * np.repeat(scale, 3, axis=0)
     assert np.array_equal(dequantize(q, scale, 0, None, 3), want)
     qp = qparams(next(n for n in import_model(weight_only_mlp(1)).nodes if n.op == "DequantizeLinear"))
-    assert qp.blocked and not qp.per_channel and qp.qdtype == np.dtype(ml_dtypes.int4) and qp.axis == 0
+    assert qp.blocked and qp.block_size == 16 and qp.qdtype == np.dtype(ml_dtypes.int4) and qp.axis == 0
 
 
 # -- zero point and scale layouts -----------------------------------------------------------------
