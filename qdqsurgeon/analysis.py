@@ -229,6 +229,18 @@ def _qkey(node: gs.Node) -> tuple:
     return (scale, zp, str(qp.qdtype), qp.axis if qp.per_channel else None)
 
 
+def _qlabel(sim: "_Sim", node: gs.Node) -> str:
+    """``int8``, ``fp8``... : the quantized type of the activation DQ feeding ``node`` (int8 when unknown)."""
+    from .inspection import QTYPE_LABELS
+
+    for t in node.inputs:
+        dq = sim.dq_of(t)
+        qp = qparams(dq) if dq is not None else None
+        if qp is not None:
+            return QTYPE_LABELS.get(np.dtype(qp.qdtype).name, "int8")
+    return "int8"
+
+
 class _Sim:
     """TensorRT's Q/DQ processing on a private graph; see the module docstring for the steps."""
 
@@ -523,7 +535,8 @@ def _fuse(sim: _Sim):
         weight_ok = widx is None or sim.qweight(n.inputs[widx])
         int8_in = not missing_act and weight_ok
         if missing_act:
-            reason = ("F1", f"{n.name}: activation input not from a DQ; runs float")
+            reason = ("F1", f"{n.name}: activation input not from a DQ; runs float"
+                      + (" with its quantized weight dequantized (weight-only)" if widx is not None and weight_ok else ""))
         elif not weight_ok:
             reason = ("F1", f"{n.name}: weight not quantized (no DQ); runs float")
         else:
@@ -754,13 +767,15 @@ def predict(model_or_graph: onnx.ModelProto | gs.Graph) -> TrtPrediction:
         if id(n) not in macs:
             continue
         c = by_head.get(id(n))
-        prec = FLOAT if c is None or not c.int8_in else (INT8_INT8 if c.int8_out else INT8_FLOAT)
+        # The chain's quantized type (its activation DQ's): FP8 layers are labelled fp8, not int8.
+        q = "int8" if c is None or not c.int8_in else _qlabel(sim, n)
+        prec = FLOAT if c is None or not c.int8_in else (f"{q}->{q}" if c.int8_out else f"{q}->float")
         weighted.append(asdict(WeightedOpPrediction(
             n.name, n.op, prec, int(macs[id(n)]), tuple(m.name for m in c.members) if c else (n.name,),
             c.reason if c else "")))
     weighted.extend(_nested_weighted_ops(graph))
     total = sum(w["macs"] for w in weighted)
-    int8_macs = sum(w["macs"] for w in weighted if w["precision"] != FLOAT)
+    int8_macs = sum(w["macs"] for w in weighted if w["precision"].startswith("int8"))
     reasons: dict[str, str] = {}
     for s in layers:
         text = f"{s.rule}: {s.reason}"
@@ -768,7 +783,7 @@ def predict(model_or_graph: onnx.ModelProto | gs.Graph) -> TrtPrediction:
     int8_ops = [n.name for n in sim.nodes if id(n) in sim.int8_ops] + [n.name for n in int8_units]
     pred = TrtPrediction(
         weighted_ops=weighted,
-        int8_weighted_ops=sum(1 for w in weighted if w["precision"] != FLOAT),
+        int8_weighted_ops=sum(1 for w in weighted if w["precision"].startswith("int8")),
         int8_mac_fraction=float(int8_macs / total) if total else 0.0,
         standalone_qdq=[s.node for s in layers],
         standalone_qdq_layers=len(layers),

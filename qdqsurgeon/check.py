@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from qdqsurgeon.calibration.collect import cut_at_plugins, expose_tensors, make_session, progress_bar
+from qdqsurgeon.calibration.collect import cut_at_plugins, expose_tensors, float32_copy, has_bfloat16, make_session, progress_bar
 from qdqsurgeon.errors import DataError, ModelError
 
 __all__ = ["OutputMetrics", "LayerMetric", "CheckReport", "compare", "sqnr_db"]
@@ -241,6 +241,10 @@ def compare(
     if ref_after:
         logger.warning("onnxruntime cannot run TensorRT plugin(s) %s: comparing the tensors they read instead of "
                        "the outputs computed from them", ", ".join(sorted(set(ref_after.values()))))
+    if has_bfloat16(reference) or has_bfloat16(candidate):
+        # onnxruntime's CPU provider has no bfloat16 kernels: compare float32 copies (same weights and scales).
+        logger.warning("bfloat16 model: comparing float32 copies (onnxruntime has no bfloat16 CPU kernels)")
+        reference, candidate = float32_copy(reference), float32_copy(candidate)
     pairs = _pair_outputs(reference, candidate)
     layer_pairs = _quantized_tensors(reference, candidate) if per_layer else {}
     if per_layer and not layer_pairs:

@@ -181,6 +181,9 @@ def inspect_cmd(model: str, as_json: bool, trt: bool) -> None:
     if d["per_channel"]:
         axes = sorted({str(p['axis']) for p in d['per_channel']})
         click.echo(f"  per-channel Q/DQ: {len(d['per_channel'])} (axes {', '.join(axes)})")
+    if d["blocked"]:
+        kinds = sorted({f"{b['dtype']} block {b['block_size']}" for b in d["blocked"]})
+        click.echo(f"  block-quantized Q/DQ: {len(d['blocked'])} ({', '.join(kinds)})")
     if trt and d.get("trt"):
         t = d["trt"]
         click.echo(f"  TensorRT (static prediction): {t['int8_weighted_ops']} INT8 weighted ops, "

@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .io import is_plugin_domain
 
@@ -49,6 +50,9 @@ __all__ = [
     "subgraphs",
     "nested_nodes",
     "after_plugins",
+    "np_dtype",
+    "is_float_dtype",
+    "is_blocked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,12 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     distinct ones, so those (and only those) get ``<op>_<index>`` style names.
     """
     graph = gs.import_onnx(model)
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for t in g.tensors().values():
+            # gs leaves types numpy cannot name (bfloat16, float8) as ONNX enum integers; their
+            # ml_dtypes types compare and print like any other, and gs exports them back the same.
+            if isinstance(t, gs.Variable) and isinstance(t.dtype, (int, np.integer)):
+                t.dtype = np_dtype(t.dtype) or t.dtype
     seen: set[str] = set()
     renamed = 0
     for i, node in enumerate(graph.nodes):
@@ -88,12 +98,50 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def np_dtype(dtype: object) -> np.dtype | None:
+    """The numpy dtype of a gs tensor's ``dtype``, or None when unknown.
+
+    gs keeps ONNX types numpy cannot name (bfloat16, float8) as the TensorProto enum integer;
+    onnx maps those to their ml_dtypes types, which the rest of the package can compare.
+    """
+    if dtype is None:
+        return None
+    try:
+        if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(dtype)))
+        return np.dtype(dtype)
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def is_float_dtype(dtype: object) -> bool:
+    """Whether ``dtype`` (numpy, ml_dtypes or an ONNX enum) is a floating-point type: float16/32/64, bfloat16."""
+    dt = np_dtype(dtype)
+    if dt is None:
+        return False
+    # ml_dtypes' bfloat16 reports kind 'V'; float8 types are storage formats, not compute types.
+    return dt.kind == "f" or dt.name == "bfloat16"
+
+
+# 4-bit types numpy stores one per byte but ONNX packs two per byte: gs's exporter writes
+# ``values.tobytes()`` as raw data, which is twice too long for them once their values were read.
+_PACKED_DTYPES = ("int4", "uint4", "float4_e2m1fn")
+
+
+def _repack_subbyte_constants(graph: gs.Graph) -> None:
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray) and t._values.dtype.name in _PACKED_DTYPES:
+                t._values = LazyValues(onnx.numpy_helper.from_array(t._values, t.name))
+
+
 def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export ``graph`` to a model, carrying over what gs drops from ``template``.
 
     gs keeps nodes, tensors, opsets and producer fields; model-level metadata, doc strings and
     the model version live only in the original proto, so they are copied from there.
     """
+    _repack_subbyte_constants(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     if template is not None:
         model.ir_version = template.ir_version
@@ -196,14 +244,23 @@ class QParams:
     zero_point: np.ndarray | None
     axis: int | None  # None when per-tensor
     axis_written: bool  # whether the node carries an explicit ``axis`` attribute (rule V3)
+    block_size: int = 0  # > 0: blocked quantization (opset 21), ``axis`` is the blocked axis
+    data_dtype: np.dtype | None = None  # the quantized side's type when no zero point says it
 
     @property
     def per_channel(self) -> bool:
+        """More than one scale: per-channel along ``axis``, or blocked (check :attr:`blocked` before reading it as per-axis)."""
         return self.scale.size > 1
 
     @property
+    def blocked(self) -> bool:
+        return self.block_size > 0
+
+    @property
     def qdtype(self) -> np.dtype:
-        return self.zero_point.dtype if self.zero_point is not None else np.dtype(np.uint8)
+        if self.zero_point is not None:
+            return self.zero_point.dtype
+        return self.data_dtype if self.data_dtype is not None else np.dtype(np.uint8)
 
 
 def qparams(node: gs.Node) -> QParams | None:
@@ -217,8 +274,19 @@ def qparams(node: gs.Node) -> QParams | None:
     elif node.op == Q_OP and "output_dtype" in node.attrs and node.attrs["output_dtype"]:
         zp = np.zeros((), dtype=onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["output_dtype"])))
     written = "axis" in node.attrs
-    axis = int(node.attrs.get("axis", 1)) if np.asarray(scale).size > 1 else None
-    return QParams(np.asarray(scale), None if zp is None else np.asarray(zp), axis, written)
+    block = int(node.attrs.get("block_size", 0) or 0)
+    axis = int(node.attrs.get("axis", 1)) if np.asarray(scale).size > 1 or block else None
+    data = None
+    if zp is None and node.op == DQ_OP:
+        # Without a zero point, a DQ's quantized type is its input's (int8, int4, float8...).
+        src = node.inputs[0]
+        data = np_dtype(src.dtype)  # a Constant's dtype is read without loading its values
+    return QParams(np.asarray(scale), None if zp is None else np.asarray(zp), axis, written, block, data)
+
+
+def is_blocked(node: gs.Node | None) -> bool:
+    """A Q/DQ with blocked quantization (``block_size`` > 0, opset 21): one scale per block of ``axis``."""
+    return node is not None and node.op in (Q_OP, DQ_OP) and int(node.attrs.get("block_size", 0) or 0) > 0
 
 
 def same_qparams(a: gs.Node, b: gs.Node) -> bool:
@@ -236,9 +304,9 @@ def same_qparams(a: gs.Node, b: gs.Node) -> bool:
     zb = pb.zero_point if pb.zero_point is not None else np.zeros_like(pb.scale, dtype=pb.qdtype)
     if not np.array_equal(np.broadcast_to(za, pa.scale.shape), np.broadcast_to(zb, pb.scale.shape)):
         return False
-    if pa.per_channel and pa.axis != pb.axis:
+    if (pa.per_channel or pa.blocked) and pa.axis != pb.axis:
         return False
-    return True
+    return pa.block_size == pb.block_size
 
 
 def graph_output_names(graph: gs.Graph) -> set[str]:

@@ -31,7 +31,8 @@ from .graph import (
     weight_input_index,
 )
 
-__all__ = ["Problem", "Inspection", "inspect_model", "validity_problems", "OPERATOR_QUANT_OPS", "has_qdq"]
+__all__ = ["Problem", "Inspection", "inspect_model", "validity_problems", "OPERATOR_QUANT_OPS", "has_qdq", "TRT_QTYPES",
+           "QTYPE_LABELS", "layout_problem", "unsupported_qtype", "blocked_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,21 @@ logger = logging.getLogger(__name__)
 OPERATOR_QUANT_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul",
                       "QLinearGlobalAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid",
                       "DynamicQuantizeLinear")
-_TRT_QTYPES = (np.dtype(np.int8),)
+# Quantized types TensorRT's Quantize/Dequantize layers take. Sources (TensorRT 10/11 docs):
+# - operator reference, Quantize: "T3: int4, int8, float4, float8"; block quantization "supported for
+#   DataType::kINT4, DataType::kFP4, DataType::kFP8 and DataType::kINT8"; zero point all zeros, same
+#   shape as the scale (docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/Quantize.html);
+# - "Working with Quantized Types": INT8, INT4, FP8E4M3, FP4E2M1; "TensorRT quantizes activations and
+#   weights for INT8, FP8, and FP4. Weight-only quantization is supported for INT4"
+#   (docs.nvidia.com/deeplearning/tensorrt/10.11.0/inference-library/work-quantized-types.html);
+# - NvInfer.h IQuantizeLayer: scale and zero point "rank lower or equal to 2"; FP8 clamps to [-448, 448].
+# FP8 kernels need compute capability 8.9 or later (Ada GEMMs, Hopper). No 16-bit integer type is
+# listed. uint8 is read as int8 with a symmetric range, which normalize-qdq converts (V2); int32 is a
+# bias DQ (V4).
+TRT_QTYPES = ("int8", "int4", "float8_e4m3fn", "float4_e2m1fn")
+#: Types the engine computes in per data type label (the analysis's precision labels).
+QTYPE_LABELS = {"int8": "int8", "uint8": "int8", "int4": "int4", "uint4": "int4", "float8_e4m3fn": "fp8",
+                "float8_e5m2": "fp8", "float4_e2m1fn": "fp4", "int16": "int16", "uint16": "int16"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,8 @@ class Inspection:
     zero_point_dtypes: dict[str, int]
     per_channel: list[dict[str, Any]]
     problems: list[Problem] = field(default_factory=list)
+    blocked: list[dict[str, Any]] = field(default_factory=list)
+    quantized_dtypes: dict[str, int] = field(default_factory=dict)
     trt: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +97,8 @@ class Inspection:
             "scale_dtypes": self.scale_dtypes,
             "zero_point_dtypes": self.zero_point_dtypes,
             "per_channel": self.per_channel,
+            "blocked": self.blocked,
+            "quantized_dtypes": self.quantized_dtypes,
             "problems": [p.to_dict() for p in self.problems],
         }
         if self.trt is not None:
@@ -100,6 +119,18 @@ def _from_dq(tensor: gs.Tensor) -> bool:
     return is_dq(node)
 
 
+def _weight_format(tensor: gs.Tensor) -> str:
+    """How a weight is stored: ``float``, or the quantized type and granularity of its DQ (``int4 block 32``)."""
+    node = producer(tensor)
+    while node is not None and node.op in ("Transpose", "Reshape", "Identity", "Cast"):
+        node = producer(node.inputs[0])
+    qp = qparams(node) if is_dq(node) else None
+    if qp is None:
+        return "float"
+    how = f"block {qp.block_size}" if qp.blocked else "per-channel" if qp.per_channel else "per-tensor"
+    return f"{np.dtype(qp.qdtype).name} {how}"
+
+
 def _weighted_ops(graph: gs.Graph) -> list[dict[str, Any]]:
     out = []
     for node in graph.nodes:
@@ -114,6 +145,7 @@ def _weighted_ops(graph: gs.Graph) -> list[dict[str, Any]]:
             "op": node.op,
             "activation_quantized": _from_dq(node.inputs[aidx]),
             "weight_quantized": _from_dq(node.inputs[widx]),
+            "weight_format": _weight_format(node.inputs[widx]),
         })
     return out
 
@@ -131,6 +163,81 @@ def _output_channel_axis(node: gs.Node, weight_rank: int) -> tuple[int, ...]:
     return tuple(range(weight_rank))
 
 
+def _data_shape(node: gs.Node) -> list[int] | None:
+    """The quantized side's static shape (a Q's input, a DQ's input), or None when unknown or dynamic."""
+    t = node.inputs[0] if node.inputs else None
+    shape = getattr(t, "shape", None)
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def layout_problem(node: gs.Node, *, zero_point: bool = True) -> str | None:
+    """Why a Q/DQ's scale / zero point layout is not one ONNX defines, or None.
+
+    ONNX (QuantizeLinear 21): scale and zero point have the same shape; a scalar (per-tensor),
+    a 1-D tensor of the ``axis`` extent (per-axis), or, with ``block_size``, the input's rank with
+    ``ceil(extent / block_size)`` along ``axis`` and the input's extent elsewhere (blocked).
+    ``zero_point=False`` checks the scale alone.
+    """
+    qp = qparams(node)
+    if qp is None:
+        return None
+    scale, zp = qp.scale, qp.zero_point
+    if zero_point and zp is not None and zp.shape != scale.shape and not (zp.size == 1 and scale.size == 1):
+        return (f"zero point shape {list(zp.shape)} differs from the scale's {list(scale.shape)} "
+                f"(ONNX requires the same shape)")
+    shape = _data_shape(node)
+    if qp.blocked:
+        if shape is None:
+            return None
+        if scale.ndim != len(shape):
+            return (f"block_size {qp.block_size} needs a scale of the input's rank {len(shape)}, "
+                    f"got shape {list(scale.shape)}")
+        axis = qp.axis % len(shape)
+        want = [-(-d // qp.block_size) if i == axis else d for i, d in enumerate(shape)]
+        if list(scale.shape) != want:
+            return (f"blocked scale shape {list(scale.shape)} does not match input {shape} with "
+                    f"block_size {qp.block_size} on axis {qp.axis} (expected {want})")
+        return None
+    if scale.size > 1:
+        if scale.ndim != 1:
+            return (f"scale of shape {list(scale.shape)} is neither per-tensor nor 1-D per-axis "
+                    f"(and no block_size is set)")
+        if shape is not None and shape:
+            axis = (qp.axis if qp.axis is not None else 1) % len(shape)
+            if shape[axis] != scale.size:
+                return (f"{scale.size} per-axis scales for axis {qp.axis} of extent {shape[axis]}")
+    return None
+
+
+def unsupported_qtype(qp: "object") -> str | None:
+    """Why TensorRT cannot import a Q/DQ of this quantized type (V4), or None (int8, uint8 -> V2, int32 -> bias)."""
+    name = np.dtype(qp.qdtype).name
+    if name in TRT_QTYPES or name in ("uint8", "int32"):
+        return None
+    return (f"{name} quantization is not importable by TensorRT (its Quantize/Dequantize layers take "
+            f"{', '.join(TRT_QTYPES)})")
+
+
+def blocked_problem(node: gs.Node) -> str | None:
+    """Why TensorRT refuses a blocked Q/DQ (V3), or None.
+
+    TensorRT (IQuantizeLayer / IDequantizeLayer, 10.x) takes block quantization for INT4, INT8,
+    FP8 and FP4 with a build-time constant scale of the input's rank, "rank lower or equal to 2",
+    symmetric; INT4 is weight-only ("Working with Quantized Types"): the blocked tensor must be a
+    constant weight, and TensorRT runs the GEMM in float with the weight dequantized in its prologue.
+    """
+    qp = qparams(node)
+    if qp is None or not qp.blocked:
+        return None
+    if qp.scale.ndim > 2:
+        return f"block-quantized {qp.scale.ndim}-D tensor: TensorRT takes block quantization on 2-D weights only"
+    if np.dtype(qp.qdtype).name == "int4" and not behind_constant(node.inputs[0]):
+        return "INT4 block quantization of an activation: TensorRT supports INT4 as weight-only quantization"
+    return None
+
+
 def validity_problems(graph: gs.Graph) -> list[Problem]:
     """Everything in ``graph`` that TensorRT refuses or misreads (V1–V5), plus Q/DQ on graph outputs (P9)."""
     problems: list[Problem] = []
@@ -145,6 +252,16 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
         if qp is None:
             problems.append(Problem("V1", node.name, "scale is computed at run time; TensorRT needs a constant scale"))
             continue
+        layout = layout_problem(node)
+        if layout is not None:
+            problems.append(Problem("V3", node.name, layout))
+            continue
+        bad_type = unsupported_qtype(qp)
+        if bad_type is not None:
+            problems.append(Problem("V4", node.name, bad_type))
+        blocked = blocked_problem(node)
+        if blocked is not None:
+            problems.append(Problem("V3", node.name, blocked))
         scale = qp.scale.astype(np.float64)
         if not np.all(np.isfinite(scale)):
             problems.append(Problem("V1", node.name, "scale has NaN or infinite values"))
@@ -154,15 +271,15 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
         if qp.zero_point is not None:
             if qp.zero_point.dtype == np.uint8:
                 problems.append(Problem("V2", node.name, "uint8 zero point: TensorRT reads it as int8 and quantizes symmetrically"))
-            if np.any(qp.zero_point.astype(np.int64) != 0):
+            if np.any(qp.zero_point.astype(np.float64) != 0):
                 problems.append(Problem("V2", node.name, "non-zero zero point: TensorRT supports symmetric quantization only"))
-            if qp.zero_point.dtype == np.int32 or (is_dq(node) and qp.zero_point.dtype not in (np.int8, np.uint8)):
+            if qp.zero_point.dtype == np.int32:
                 problems.append(Problem("V4", node.name, f"{qp.zero_point.dtype} dequantization (bias?) is not importable"))
         elif is_dq(node):
             src = node.inputs[0]
             if src.dtype is not None and np.dtype(src.dtype) == np.int32:
                 problems.append(Problem("V4", node.name, "int32 dequantization (bias?) is not importable"))
-        if qp.per_channel:
+        if qp.per_channel and not qp.blocked:
             if opset < 13:
                 problems.append(Problem("V3", node.name, f"per-channel Q/DQ needs opset 13, model has {opset}"))
             if not qp.axis_written:
@@ -173,7 +290,7 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
             for cons in node.outputs[0].outputs:
                 if cons.op in ("Conv", "ConvTranspose", "Gemm") and len(cons.inputs) > 2 and cons.inputs[2] is node.outputs[0]:
                     problems.append(Problem("V4", node.name, f"Q/DQ on the bias of {cons.name}; keep biases float"))
-                elif qp.per_channel and cons.op in WEIGHTED_OPS and weight_input_index(cons) is not None \
+                elif qp.per_channel and not qp.blocked and cons.op in WEIGHTED_OPS and weight_input_index(cons) is not None \
                         and cons.inputs[weight_input_index(cons)] is node.outputs[0]:
                     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 2
                     axis = qp.axis if qp.axis is not None and qp.axis >= 0 else (qp.axis or 0) + rank
@@ -193,7 +310,9 @@ def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False) -> In
     ops = Counter(n.op for n in graph.nodes)
     scale_dtypes: Counter[str] = Counter()
     zp_dtypes: Counter[str] = Counter()
-    per_channel = []
+    per_channel: list[dict[str, Any]] = []
+    blocked: list[dict[str, Any]] = []
+    q_dtypes: Counter[str] = Counter()
     for node in graph.nodes:
         if node.op in (Q_OP, DQ_OP):
             qp = qparams(node)
@@ -201,7 +320,12 @@ def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False) -> In
                 continue
             scale_dtypes[str(qp.scale.dtype)] += 1
             zp_dtypes[str(qp.zero_point.dtype) if qp.zero_point is not None else "none"] += 1
-            if qp.per_channel:
+            q_dtypes[np.dtype(qp.qdtype).name] += 1
+            if qp.blocked:
+                blocked.append({"node": node.name, "dtype": np.dtype(qp.qdtype).name, "axis": qp.axis,
+                                "block_size": qp.block_size, "scale_shape": list(qp.scale.shape),
+                                "weight": behind_constant(node.inputs[0])})
+            elif qp.per_channel:
                 per_channel.append({"node": node.name, "axis": qp.axis, "channels": int(qp.scale.size),
                                     "axis_written": qp.axis_written})
     result = Inspection(
@@ -215,6 +339,8 @@ def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False) -> In
         zero_point_dtypes=dict(zp_dtypes),
         per_channel=per_channel,
         problems=validity_problems(graph),
+        blocked=blocked,
+        quantized_dtypes=dict(q_dtypes),
     )
     if trt:
         from .analysis import predict

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MIN_SCALE", "QMAX", "scale_from_amax", "weight_scales", "quantize_int8", "dequantize", "fake_quant"]
+__all__ = ["MIN_SCALE", "QMAX", "scale_from_amax", "weight_scales", "quantize_int8", "dequantize", "expand_blocks", "fake_quant", "scale_in"]
 
 QMAX = 127.0
 # The smallest scale emitted. Far above float32's denormal range, so that TensorRT's
@@ -23,6 +23,20 @@ def scale_from_amax(amax: float | np.ndarray) -> np.ndarray:
     return s.astype(np.float32)
 
 
+def scale_in(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``scale`` in the float type of the tensor it quantizes (opset 19: the DQ output type is the scale's).
+
+    float16 scales are clamped to [2^-14, 65504]: a subnormal or zero scale breaks V1, an
+    infinite one every value. bfloat16 shares float32's exponent range, so MIN_SCALE survives.
+    """
+    dtype = np.dtype(dtype)
+    scale = np.asarray(scale, dtype=np.float32)
+    if dtype == np.float16:
+        info = np.finfo(np.float16)
+        scale = np.clip(scale, float(info.tiny), float(info.max))
+    return scale.astype(dtype)
+
+
 def weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
     """Per-channel (along ``axis``) or per-tensor (``axis`` None) symmetric scales of a weight."""
     w = np.asarray(w, dtype=np.float32)
@@ -34,7 +48,7 @@ def weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
 
 
 def _bshape(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    if scale.ndim == 0 or axis is None:
+    if scale.ndim == 0 or axis is None or scale.ndim == ndim:
         return scale
     shape = [1] * ndim
     shape[axis % ndim] = scale.size
@@ -48,11 +62,26 @@ def quantize_int8(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> 
     return np.clip(q, -128, 127).astype(np.int8)
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None = None, zero_point: np.ndarray | None = None) -> np.ndarray:
+def expand_blocks(values: np.ndarray, axis: int, block_size: int, extent: int) -> np.ndarray:
+    """Blocked scale/zero point (one value per ``block_size`` elements of ``axis``) repeated to the data's extent."""
+    values = np.asarray(values)
+    return np.repeat(values, block_size, axis=axis).take(np.arange(extent), axis=axis)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None = None, zero_point: np.ndarray | None = None,
+               block_size: int = 0) -> np.ndarray:
+    """``(q - zp)·s`` in float32: per-tensor, per-channel along ``axis``, or blocked (``block_size`` > 0, opset 21)."""
     q = np.asarray(q).astype(np.float32)
-    if zero_point is not None:
-        q = q - _bshape(np.asarray(zero_point).astype(np.float32), q.ndim, axis)
-    return (q * _bshape(np.asarray(scale, dtype=np.float32), q.ndim, axis)).astype(np.float32)
+    scale = np.asarray(scale, dtype=np.float32)
+    zp = None if zero_point is None else np.asarray(zero_point).astype(np.float32)
+    if block_size and axis is not None:
+        axis = axis % q.ndim
+        scale = expand_blocks(scale, axis, block_size, q.shape[axis])
+        zp = None if zp is None else expand_blocks(zp, axis, block_size, q.shape[axis])
+        axis = None  # now elementwise
+    if zp is not None:
+        q = q - _bshape(zp, q.ndim, axis)
+    return (q * _bshape(scale, q.ndim, axis)).astype(np.float32)
 
 
 def fake_quant(x: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:

@@ -132,7 +132,8 @@ class Rewriter:
         attrs = {} if axis is None else {"axis": int(axis)}
         scale = np.asarray(scale)
         # The scale type is the precision of the DQ output (trt-rules section 1): float16 data keeps float16 scales.
-        scale_c = self.constant(f"{base}_scale", scale if scale.dtype in (np.float16, np.float32) else scale.astype(np.float32))
+        keep = scale.dtype in (np.float16, np.float32) or scale.dtype.name == "bfloat16"
+        scale_c = self.constant(f"{base}_scale", scale if keep else scale.astype(np.float32))
         zp_c = self.constant(f"{base}_zero_point", np.asarray(zero_point))
         q_out = gs.Variable(self.fresh_name(f"{base}_quantized"), dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
         # Without a known type, the DQ's output type is its scale's type (opset 19 semantics, V1).

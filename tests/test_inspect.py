@@ -88,7 +88,8 @@ def test_per_channel_activation_and_bias_dq():
     assert any(p.rule == "V4" and "bias" in p.message and p.node == "biasDQ" for p in probs)
     # the weighted op counts as not quantized: its weight is float
     assert inspect_model(m).to_dict()["weighted_ops"] == {"total": 1, "quantized": 0, "details": [
-        {"node": "conv", "op": "Conv", "activation_quantized": True, "weight_quantized": False}]}
+        {"node": "conv", "op": "Conv", "activation_quantized": True, "weight_quantized": False,
+         "weight_format": "float"}]}
 
 
 def test_inspect_text_output(tmp_path):

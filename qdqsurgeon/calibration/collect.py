@@ -41,6 +41,8 @@ __all__ = [
     "collect_stats",
     "calibrate",
     "progress_bar",
+    "has_bfloat16",
+    "float32_copy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,60 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
+
+
+_BF16 = onnx.TensorProto.BFLOAT16
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def has_bfloat16(model: onnx.ModelProto) -> bool:
+    """Whether the model's inputs, outputs or initializers are bfloat16."""
+    g = model.graph
+    return (any(t.data_type == _BF16 for t in g.initializer)
+            or any(v.type.tensor_type.elem_type == _BF16 for v in [*g.input, *g.output]))
+
+
+def float32_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a bfloat16 model computing in float32, with the same tensor names.
+
+    onnxruntime's CPU provider has almost no bfloat16 kernels (Relu, Conv, Add... are missing), so
+    a bfloat16 model is calibrated through this copy: initializers, declared types, Cast targets
+    and Constant values in bfloat16 become float32. Every bfloat16 value is exactly a float32
+    value, so the weights are the model's own; activations differ by bfloat16's rounding of
+    intermediate results (relative 2^-8), far below the INT8 step the ranges are used for.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for g in _graphs(out.graph):
+        for i, t in enumerate(g.initializer):
+            if t.data_type == _BF16:
+                g.initializer[i].CopyFrom(onnx.numpy_helper.from_array(
+                    onnx.numpy_helper.to_array(t).astype(np.float32), t.name))
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.tensor_type.elem_type == _BF16:
+                vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.INT and attr.name in ("to", "dtype") and attr.i == _BF16:
+                    attr.i = onnx.TensorProto.FLOAT
+                elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == _BF16:
+                    attr.t.CopyFrom(onnx.numpy_helper.from_array(
+                        onnx.numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
+    return out
+
+
+def _as_float32(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float32) if np.asarray(v).dtype.name == "bfloat16" else v for k, v in batch.items()}
 
 
 def _too_big(model: onnx.ModelProto) -> bool:
@@ -316,6 +372,10 @@ def collect_stats(
     Tensors that are not floating point are skipped with a warning (absent from the result).
     """
     model = inline_constant_ifs(model)
+    bf16 = has_bfloat16(model)
+    if bf16:
+        logger.info("bfloat16 model: calibrating a float32 copy (onnxruntime's CPU provider lacks bfloat16 kernels)")
+        model = float32_copy(model)
     full_types = _inferred_types(model)
     types = {name: t.tensor_type.elem_type for name, t in full_types.items()}
     model, after_plugin = cut_at_plugins(model, full_types)
@@ -354,6 +414,8 @@ def collect_stats(
     batches = 0
     with bar:
         for batch in data:
+            if bf16:
+                batch = _as_float32(batch)
             for name in feed_names:
                 stats[name].update(batch[name])
             if session is not None:

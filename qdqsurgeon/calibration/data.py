@@ -124,7 +124,7 @@ def _take(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
 def _kind(dtype: np.dtype) -> str:
     if dtype == np.bool_:
         return "bool"
-    if np.issubdtype(dtype, np.floating):
+    if np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16":  # ml_dtypes' bfloat16 is not np.floating
         return "float"
     if np.issubdtype(dtype, np.integer):
         return "int"

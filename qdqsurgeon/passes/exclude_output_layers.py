@@ -29,7 +29,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import activation_input_index, const_value, is_dq, is_graph_output, is_q, opset_version, producer, qparams
+from ..graph import (activation_input_index, const_value, is_blocked, is_dq, is_float_dtype, is_graph_output, is_q, opset_version,
+                     producer, qparams)
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading, unquantize_graph_output
 from ..quant import dequantize
@@ -110,8 +111,18 @@ def drop_output_qdq(graph: gs.Graph, rw: Rewriter) -> None:
         unquantize_graph_output(graph, rw, q, dq, detail="Q/DQ on a graph output only adds a Quantize+Dequantize pair", rule="P9")
 
 
+#: 4-bit weight types: TensorRT runs them weight-only (the GEMM in float), so an output layer keeps them.
+_WEIGHT_ONLY_TYPES = ("int4", "uint4", "float4_e2m1fn")
+
+
 def restore_float_weight(rw: Rewriter, node: gs.Node, *, rule: str, detail: str) -> bool:
-    """Make a weighted op read its weight in float again: Q→DQ bypassed, int8 + DQ dequantized."""
+    """Make a weighted op read its weight in float again: Q→DQ bypassed, int8 + DQ dequantized.
+
+    Block-quantized weights (``block_size``, INT4/INT8 weight-only as ModelOpt and onnxruntime
+    write them) are left exactly as they are: they are a storage format the user chose (an INT4
+    model quadruples in size when dequantized), and TensorRT runs such a GEMM in float with the
+    weight dequantized in its prologue, so the layer's output is float either way.
+    """
     idx = weight_input_index(node)
     if idx is None:
         return False
@@ -119,15 +130,24 @@ def restore_float_weight(rw: Rewriter, node: gs.Node, *, rule: str, detail: str)
     dq = producer(t)
     if not is_dq(dq):
         return False
+    qp = qparams(dq)
+    if is_blocked(dq):
+        rw.note(node, f"weight {t.name} is block-quantized ({qp.qdtype if qp else '?'}, block_size "
+                      f"{dq.attrs.get('block_size')}): kept as it is", rule=rule)
+        return False
+    if qp is not None and np.dtype(qp.qdtype).name in _WEIGHT_ONLY_TYPES:
+        rw.note(node, f"weight {t.name} is {qp.qdtype} (weight-only storage): kept as it is", rule=rule)
+        return False
     q = producer(dq.inputs[0])
     if is_q(q):
         rw.set_input(node, idx, q.inputs[0], detail=detail, rule=rule)
         return True
     value = const_value(dq.inputs[0])
-    qp = qparams(dq)
     if value is None or qp is None:
         return False
+    # The DQ's output type is its scale's: a float16/bfloat16 model's weight stays in its type.
     w = dequantize(value, qp.scale, qp.axis, qp.zero_point)
+    w = w.astype(qp.scale.dtype) if is_float_dtype(qp.scale.dtype) else w
     rw.set_input(node, idx, rw.constant(f"{node.name}_weight_float", w), detail=detail, rule=rule)
     return True
 

@@ -84,7 +84,7 @@ from ..graph import DQ_OP, Q_OP, export_model, opset_version, producer
 from ..rewriter import Rewriter
 from .base import Pass, PassContext
 
-__all__ = ["Float16Regions", "FP16_SCALE_OPSET", "opset_blockers"]
+__all__ = ["Float16Regions", "FP16_SCALE_OPSET", "opset_blockers", "raise_opset_for_float_scales"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,26 @@ def opset_blockers(graph: gs.Graph, target: int = FP16_SCALE_OPSET) -> list[str]
             if why:
                 out.append(f"{node.op} {node.name}: {why}")
     return out
+
+
+def raise_opset_for_float_scales(graph: gs.Graph, rw: Rewriter, what: str, *, rule: str) -> None:
+    """Raise the opset to 19, where Q/DQ take float16/bfloat16 data and scales, when no op changes meaning.
+
+    Below 19, QuantizeLinear reads float32 (and int32) only. Raises :class:`ModelError` naming
+    the ops that block an in-place raise (then ``--opset 19`` runs onnx's version converter).
+    """
+    old = opset_version(graph)
+    if old >= FP16_SCALE_OPSET:
+        return
+    blockers = opset_blockers(graph, FP16_SCALE_OPSET)
+    if blockers:
+        raise ModelError(
+            f"{what} Q/DQ scales need opset {FP16_SCALE_OPSET}; the model has opset {old} and raising it in place "
+            f"would change {'; '.join(blockers[:3])}{' ...' if len(blockers) > 3 else ''}: "
+            f"pass --opset {FP16_SCALE_OPSET} (onnx version converter) or load with opset={FP16_SCALE_OPSET}")
+    _set_opset(graph, FP16_SCALE_OPSET)
+    rw.log("opset", "<model>", f"opset {old} -> {FP16_SCALE_OPSET} for {what} Q/DQ scales; no op present "
+                               f"changed meaning between the two", rule=rule)
 
 
 def _set_opset(graph: gs.Graph, version: int) -> None:
@@ -267,15 +287,7 @@ class Float16Regions(Pass):
 
     # -- opset --------------------------------------------------------------------------------
     def _raise_opset(self, graph: gs.Graph, rw: Rewriter, old: int) -> None:
-        blockers = opset_blockers(graph, FP16_SCALE_OPSET)
-        if blockers:
-            raise ModelError(
-                f"float16 Q/DQ scales need opset {FP16_SCALE_OPSET}; the model has opset {old} and raising it in place "
-                f"would change {'; '.join(blockers[:3])}{' ...' if len(blockers) > 3 else ''}: "
-                f"pass --opset {FP16_SCALE_OPSET} (onnx version converter) or load with opset={FP16_SCALE_OPSET}")
-        _set_opset(graph, FP16_SCALE_OPSET)
-        rw.log("opset", "<model>", f"opset {old} -> {FP16_SCALE_OPSET} for float16 Q/DQ scales; no op present "
-                                   f"changed meaning between the two", rule="P10")
+        raise_opset_for_float_scales(graph, rw, "float16", rule="P10")
 
     # -- planning (pure) ----------------------------------------------------------------------
     def _dtype(self, t: gs.Tensor) -> np.dtype | None:

@@ -11,6 +11,12 @@ positive), V2 (zero point int8 0), V3 (per-channel weights on the output-channel
 shared by every weighted consumer). Error bound: activations round to within half a step of
 ``amax/127`` inside the calibrated range and clip outside it; weights within half a step of
 their channel's ``max|w|/127``. Needs opset ≥ 13 (per-channel ``axis``).
+
+float16 and bfloat16 models keep their type: scales are written in the type of the tensor they
+quantize (the DQ output type is its scale's), weights stay in the model's type, and the opset is
+raised to 19 in place (where QuantizeLinear starts taking float16/bfloat16) when no op present
+changes meaning on the way (``float16_regions.opset_blockers``), else :class:`ModelError` asks for
+``--opset 19``. float16 scales are clamped to [2^-14, 65504] (V1).
 """
 
 from __future__ import annotations
@@ -20,15 +26,18 @@ import re
 from collections import defaultdict
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
+from ..config import Config
 from ..errors import ModelError
-from ..graph import DQ_OP, Q_OP, after_plugins, const_value, is_dq, nested_nodes, opset_version, producer
+from ..graph import DQ_OP, Q_OP, after_plugins, const_value, is_dq, is_float_dtype, nested_nodes, np_dtype, opset_version, producer
 from ..io import MIN_PER_CHANNEL_OPSET
-from ..quant import quantize_int8, scale_from_amax, weight_scales
+from ..quant import quantize_int8, scale_from_amax, scale_in, weight_scales
 from ..rewriter import Rewriter
 from ..trt_rules import attention_gemms, commutes, is_weighted, weight_axis
 from .base import Pass, PassContext
+from .float16_regions import FP16_SCALE_OPSET
 
 __all__ = ["InsertQdq", "is_excluded", "inline_constant_ifs", "unreachable_ops"]
 
@@ -73,7 +82,23 @@ def _reads_quantized(tensor: gs.Tensor) -> bool:
 
 
 def _is_float(tensor: gs.Tensor) -> bool:
-    return tensor.dtype is None or np.dtype(tensor.dtype).kind == "f"
+    return tensor.dtype is None or is_float_dtype(tensor.dtype)
+
+
+def _float_type(tensor: gs.Tensor) -> np.dtype:
+    """The float type Q/DQ on ``tensor`` compute in: its own (float16, bfloat16), float32 when unknown or wider."""
+    dt = np_dtype(tensor.dtype)
+    return dt if dt is not None and dt.name in ("float16", "bfloat16") else np.dtype(np.float32)
+
+
+def _model_float_types(graph: gs.Graph) -> set[str]:
+    """Names of the reduced float types (float16, bfloat16) the graph's inputs, outputs and initializers use."""
+    found = set()
+    for t in [*graph.inputs, *graph.outputs, *(t for t in graph.tensors().values() if isinstance(t, gs.Constant))]:
+        dt = np_dtype(t.dtype)
+        if dt is not None and dt.name in ("float16", "bfloat16"):
+            found.add(dt.name)
+    return found
 
 
 class InsertQdq(Pass):
@@ -84,6 +109,15 @@ class InsertQdq(Pass):
     rules = ("P1", "F1", "V1", "V2", "V3", "V4", "P6")
     min_opset = MIN_PER_CHANNEL_OPSET
     opset_reason = "per-channel weight Q/DQ (the axis attribute, V3)"
+
+    def opset_needed(self, model: onnx.ModelProto, config: Config) -> tuple[int, str]:
+        """13 for per-channel weights; 19 when the model computes in float16/bfloat16 (scales of that type)."""
+        reduced = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+        g = model.graph
+        if any(v.type.tensor_type.elem_type in reduced for v in [*g.input, *g.output]) or \
+                any(t.data_type in reduced for t in g.initializer):
+            return FP16_SCALE_OPSET, f"{self.name}: Q/DQ scales in the model's float16/bfloat16 type (P1)"
+        return super().opset_needed(model, config)
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if opset_version(graph) < MIN_PER_CHANNEL_OPSET:
@@ -116,6 +150,13 @@ class InsertQdq(Pass):
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         inline_constant_ifs(graph, rw)
+        reduced = _model_float_types(graph)
+        if reduced:
+            # float16/bfloat16 data is quantized with scales of its own type (the DQ output type is the
+            # scale's), which QuantizeLinear accepts from opset 19 on.
+            from .float16_regions import raise_opset_for_float_scales
+
+            raise_opset_for_float_scales(graph, rw, "/".join(sorted(reduced)), rule="P1")
         weighted, acts = self._targets(graph, rw, ctx)
         skip = unreachable_ops(graph, rw)
         weighted = [w for w in weighted if id(w[0]) not in skip]
@@ -144,7 +185,7 @@ class InsertQdq(Pass):
                 for n in nodes:
                     rw.note(n, f"activation {name} has no calibrated range; left float", rule="P1")
                 continue
-            scale = scale_from_amax(amax[name]).reshape(())
+            scale = scale_in(scale_from_amax(amax[name]).reshape(()), _float_type(tensors[name]))
             detail = f"amax {amax[name]:.6g} -> scale {float(scale):.6g}, shared by {len(nodes)} consumer(s)"
             rw.insert_qdq(tensors[name], scale, np.zeros((), np.int8), consumers=nodes, detail=detail, rule="P1")
             if len(nodes) > 1:
@@ -157,24 +198,27 @@ class InsertQdq(Pass):
             if is_dq(producer(src)):
                 continue
             value = _folded_weight(src)
-            if value is None or value.dtype.kind != "f":
+            if value is None or not is_float_dtype(value.dtype):
                 rw.note(node, "weight is not a float constant; left as is", rule="F1")
                 continue
             key = (id(src), axis)
             if key in shared:
                 rw.set_input(node, widx, shared[key], detail=f"share weight Q/DQ of {src.name}", rule="P6")
                 continue
-            if not isinstance(src, gs.Constant) or src.values.dtype != np.float32:
-                # Fold Transpose/Identity/Cast (and fp16) into a float32 initializer so the Q reads a constant (V1).
-                src = rw.constant(f"{node.name}_weight", value.astype(np.float32))
+            # The weight keeps the float type its op computes in (float16, bfloat16; float64 -> float32).
+            ftype = value.dtype if value.dtype.name in ("float16", "bfloat16") else np.dtype(np.float32)
+            if not isinstance(src, gs.Constant) or src.values.dtype != ftype:
+                # Fold Transpose/Identity/Cast into an initializer so the Q reads a constant (V1).
+                src = rw.constant(f"{node.name}_weight", value.astype(ftype))
                 rw.log("constant", node.name, f"weight folded into initializer {src.name}", rule="F1")
-            scales = weight_scales(value, axis)
-            if axis is not None and scales.size == 1:
+            raw = weight_scales(value.astype(np.float32), axis)
+            if axis is not None and raw.size == 1:
                 # One output channel: per-channel is per-tensor; written as normalize-qdq wants a per-tensor
                 # scale (0-D, no axis, V1), or a second run would rewrite it.
-                scales, axis = scales.reshape(()), None
+                raw, axis = raw.reshape(()), None
+            scales = scale_in(raw, ftype)
             zero = np.zeros(scales.shape, np.int8)
-            dead = int(np.sum(scales <= 1e-8)) if axis is not None else 0
+            dead = int(np.sum(raw <= 1e-8)) if axis is not None else 0
             detail = (f"per-channel axis {axis} ({scales.size} channels)" if axis is not None else "per-tensor") + \
                      (f", {dead} zero-range channel(s) given the minimum scale" if dead else "")
             dq_out = self._weight_qdq(rw, ctx, src, value, scales, zero, axis, detail)
@@ -187,9 +231,9 @@ class InsertQdq(Pass):
         attrs = {} if axis is None else {"axis": int(axis)}
         scale_c = rw.constant(f"{src.name}_scale", scales)
         zp_c = rw.constant(f"{src.name}_zero_point", zero)
-        dq_out = gs.Variable(rw.fresh_name(f"{src.name}_dequantized"), dtype=np.float32, shape=list(value.shape))
+        dq_out = gs.Variable(rw.fresh_name(f"{src.name}_dequantized"), dtype=scales.dtype, shape=list(value.shape))
         if ctx.config.weights == "int8":
-            q = rw.constant(f"{src.name}_int8", quantize_int8(value, scales, axis))
+            q = rw.constant(f"{src.name}_int8", quantize_int8(value.astype(np.float32), scales.astype(np.float32), axis))
             rw.add_node(DQ_OP, [q, scale_c, zp_c], name=f"{src.name}_DequantizeLinear", attrs=attrs, outputs=[dq_out],
                         detail=f"int8 weight + DQ, {detail}", rule="V3")
             return dq_out

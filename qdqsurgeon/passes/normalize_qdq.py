@@ -48,10 +48,10 @@ import onnx_graphsurgeon as gs
 
 from ..config import Config
 from ..errors import ModelError
-from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_dq, is_graph_output, is_q, opset_version,
-                     producer, qparams, weight_input_index)
-from ..inspection import OPERATOR_QUANT_OPS
-from ..quant import MIN_SCALE, QMAX, weight_scales
+from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_dq, is_float_dtype, is_graph_output, is_q,
+                     opset_version, producer, qparams, weight_input_index)
+from ..inspection import OPERATOR_QUANT_OPS, blocked_problem, layout_problem, unsupported_qtype
+from ..quant import MIN_SCALE, QMAX, expand_blocks, weight_scales
 from ..qdq import unquantize_graph_output
 from ..rewriter import Rewriter
 from ..trt_rules import commutes, weight_axis
@@ -91,18 +91,27 @@ _BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
 # -- arithmetic -----------------------------------------------------------------------------------
-def dequantize_exact(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int | None) -> np.ndarray:
-    """``(q - zp)·s`` in float32, the way onnxruntime's DequantizeLinear computes it (int32 included)."""
+def dequantize_exact(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int | None,
+                     block_size: int = 0) -> np.ndarray:
+    """``(q - zp)·s`` in float32, the way onnxruntime's DequantizeLinear computes it (int32, int4, blocked included)."""
     q = np.asarray(q)
     scale = np.asarray(scale)
     zp = np.zeros((), np.int64) if zero_point is None else np.asarray(zero_point).astype(np.int64)
-    if scale.size > 1 and axis is not None:
+    if block_size and axis is not None:
+        ax = axis % q.ndim
+        scale = expand_blocks(scale, ax, block_size, q.shape[ax])
+        zp = expand_blocks(zp, ax, block_size, q.shape[ax]) if zp.ndim else zp
+    elif scale.size > 1 and axis is not None:
         shape = [1] * q.ndim
         shape[axis % q.ndim] = scale.size
         scale, zp = scale.reshape(shape), (zp.reshape(shape) if zp.size > 1 else zp)
-    out = (q.astype(np.int64) - zp).astype(np.float32) * scale.astype(np.float32)
-    # DequantizeLinear's output type is its scale's type (an FP16 scale gives an FP16 tensor).
-    return out.astype(scale.dtype if scale.dtype.kind == "f" else np.float32)
+    if not np.issubdtype(q.dtype, np.integer) and q.dtype.name not in ("int4", "uint4"):
+        # float8: the code is the value; (q - zp) is computed in float.
+        out = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
+    else:
+        out = (q.astype(np.int64) - zp).astype(np.float32) * scale.astype(np.float32)
+    # DequantizeLinear's output type is its scale's type (an FP16 or BF16 scale gives that tensor type).
+    return out.astype(scale.dtype if is_float_dtype(scale.dtype) else np.float32)
 
 
 def symmetric_scale(scale: float, zero_point: int, qdtype: np.dtype) -> np.float32:
@@ -228,6 +237,12 @@ def _fake_quant(value: np.ndarray, qp: QParams) -> np.ndarray:
     return dequantize_exact(q.astype(np.int64), qp.scale, qp.zero_point, qp.axis)
 
 
+def _uint4_convertible(node: gs.Node, qp: QParams) -> bool:
+    """A DQ of a constant uint4 tensor whose zero points are all 8: exactly an int4 tensor with zero point 0."""
+    return (is_dq(node) and np.dtype(qp.qdtype).name == "uint4" and qp.zero_point is not None
+            and bool(np.all(qp.zero_point.astype(np.int16) == 8)) and const_value(node.inputs[0]) is not None)
+
+
 def _fmt(x: float) -> str:
     return f"{float(x):.6g}"
 
@@ -322,6 +337,21 @@ class NormalizeQdq(Pass):
             qp = qparams(node)
             if qp is None:
                 continue
+            # A one-element zero point beside a per-axis/blocked scale is repaired in run() (exact).
+            zp_one = qp.zero_point is not None and qp.zero_point.size == 1
+            layout = layout_problem(node, zero_point=not zp_one)
+            if layout is not None:
+                raise ModelError(f"{node.op} {node.name}: {layout}; re-export the model")
+            bad_type = unsupported_qtype(qp)
+            if bad_type is not None and np.dtype(qp.qdtype).name == "uint4" and not _uint4_convertible(node, qp):
+                raise ModelError(f"{node.op} {node.name}: uint4 with zero points other than 8 (or on an activation) is "
+                                 f"asymmetric, and TensorRT takes symmetric int4 weights only; use --requantize --calib DATA "
+                                 f"to re-quantize it as INT8")
+            if bad_type is not None and not _uint4_convertible(node, qp):
+                # Narrowing INT16 to INT8 would silently cost 256x resolution (an A16W8 model's very
+                # point), so it is not done behind the user's back: strip and recalibrate instead.
+                raise ModelError(f"{node.op} {node.name}: {bad_type}; use --requantize --calib DATA to re-quantize "
+                                 f"it as INT8")
             scale = qp.scale.astype(np.float64)
             if not np.all(np.isfinite(scale)) or np.any(scale < 0):
                 # A negative scale flips signs and a NaN poisons everything: no faithful repair exists (V1).
@@ -334,6 +364,8 @@ class NormalizeQdq(Pass):
         self._remove_integer_qdq(graph, rw)
         self._remove_output_qdq(graph, rw)
         self._constant_qparams(graph, rw)
+        self._zero_point_shapes(graph, rw)
+        self._uint4_weights(graph, rw)
         self._zero_scales(graph, rw)
         self._constant_dqs(graph, rw, ctx)
         self._float_weight_qs(graph, rw, ctx)
@@ -376,7 +408,7 @@ class NormalizeQdq(Pass):
             qp = qparams(dq)
             if qp is None:
                 continue
-            flt = dequantize_exact(value, qp.scale, qp.zero_point, qp.axis)
+            flt = dequantize_exact(value, qp.scale, qp.zero_point, qp.axis, qp.block_size)
             const = rw.constant(f"{dq.inputs[0].name}_float", flt)
             s = qp.scale.ravel()
             rw.replace_uses(dq.outputs[0], const, rule="V4",
@@ -453,6 +485,42 @@ class NormalizeQdq(Pass):
                 rw.set_constant(node, idx, value.reshape(()) if reshape else value, base=f"{node.name}_{what.replace(' ', '_')}",
                                 rule="V1", detail=f"{what} {how} -> {'0-D ' if reshape else ''}initializer (exact)")
 
+    # V3: zero point layout ----------------------------------------------------------------------
+    def _zero_point_shapes(self, graph: gs.Graph, rw: Rewriter) -> None:
+        """A one-element zero point beside a per-axis or blocked scale gets the scale's shape.
+
+        ONNX and TensorRT both want the two of the same shape; onnxruntime broadcasts the single
+        value, so repeating it is exact.
+        """
+        for node in [n for n in graph.nodes if n.op in (Q_OP, DQ_OP) and not rw.is_removed(n)]:
+            qp = qparams(node)
+            if qp is None or qp.zero_point is None or qp.zero_point.shape == qp.scale.shape or qp.scale.size == 1:
+                continue
+            zp = np.broadcast_to(qp.zero_point.reshape(()), qp.scale.shape).copy()
+            rw.set_constant(node, 2, zp, base=f"{node.name}_zero_point", rule="V3",
+                            detail=f"zero point of shape {list(qp.zero_point.shape)} repeated to the scale's "
+                                   f"{list(qp.scale.shape)} (exact)")
+
+    # V2/V4: uint4 weights with the midpoint zero point ------------------------------------------
+    def _uint4_weights(self, graph: gs.Graph, rw: Rewriter) -> None:
+        """``uint4 q, zp = 8 → DQ``  →  ``int4 (q - 8), zp = 0 → DQ``: the same values, in the type TensorRT takes.
+
+        Exact: ``(q - 8)·s`` is what the DQ computed, and ``q - 8`` spans [-8, 7], int4's range.
+        Other uint4 zero points are asymmetric and refused in :meth:`requires`.
+        """
+        import ml_dtypes
+
+        for dq in [n for n in graph.nodes if n.op == DQ_OP and not rw.is_removed(n)]:
+            qp = qparams(dq)
+            if qp is None or not _uint4_convertible(dq, qp):
+                continue
+            value = np.asarray(const_value(dq.inputs[0])).astype(np.int16)
+            with rw.rule("V2"):
+                rw.set_constant(dq, 0, (value - 8).astype(ml_dtypes.int4), base=f"{dq.inputs[0].name}_s4",
+                                detail="uint4 weight with zero point 8 -> int4 with zero point 0 (same values, exact)")
+                rw.set_constant(dq, 2, np.zeros(qp.scale.shape, ml_dtypes.int4), base=f"{dq.name}_zero_point",
+                                detail="zero point -> int4 0")
+
     # V1: zero scales -----------------------------------------------------------------------------
     def _zero_scales(self, graph: gs.Graph, rw: Rewriter) -> None:
         """A zero scale (a dead channel after calibration) fails TensorRT's parse: give it MIN_SCALE.
@@ -473,7 +541,16 @@ class NormalizeQdq(Pass):
         for dq in self._live(graph, rw, DQ_OP):
             value = const_value(dq.inputs[0])
             qp = qparams(dq)
-            if value is None or qp is None or np.asarray(value).dtype not in _QRANGE:
+            if value is None or qp is None:
+                continue
+            if qp.blocked:
+                # Blocked weights (INT8/INT4 weight-only, opset 21) are kept exactly as written: a
+                # storage format the user chose, and one TensorRT takes on 2-D GEMM weights.
+                why = blocked_problem(dq)
+                if why:
+                    rw.note(dq, f"{why}; left as it is (re-export it per-channel to run it in TensorRT)", rule="V3")
+                continue
+            if np.asarray(value).dtype not in _QRANGE:
                 continue
             value = np.asarray(value)
             wreaders = _weight_readers(dq)
@@ -566,7 +643,7 @@ class NormalizeQdq(Pass):
         for q in self._live(graph, rw, Q_OP):
             value = const_value(q.inputs[0])
             qp = qparams(q)
-            if value is None or qp is None or qp.qdtype not in _QRANGE:
+            if value is None or qp is None or qp.qdtype not in _QRANGE or qp.blocked:
                 continue
             dqs = list(q.outputs[0].outputs)
             if not dqs or not all(is_dq(d) for d in dqs):
@@ -608,6 +685,9 @@ class NormalizeQdq(Pass):
                 continue
             qp = qparams(q)
             if qp is None or qp.qdtype not in _QRANGE:
+                continue
+            if qp.blocked:
+                rw.note(q, "blocked activation quantization; left alone", rule="V2")
                 continue
             zp_val = 0 if qp.zero_point is None else qp.zero_point
             if qp.qdtype == np.int8 and not np.any(zp_val):

@@ -65,7 +65,7 @@ class RemoveQdq(Pass):
             qp = qparams(dq)
             if value is None or qp is None:
                 continue
-            flt = dequantize_exact(np.asarray(value), qp.scale, qp.zero_point, qp.axis)
+            flt = dequantize_exact(np.asarray(value), qp.scale, qp.zero_point, qp.axis, qp.block_size)
             const = rw.constant(f"{dq.inputs[0].name}_float", flt)
             rw.replace_uses(dq.outputs[0], const, detail=f"read the dequantized constant {const.name}")
             rw.remove_node(dq, detail=f"{np.asarray(value).dtype} constant -> DQ replaced by its float values "
