@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import QdqError, UsageError
+from .errors import DataError, QdqError, UsageError
 
 __all__ = ["cli", "main"]
 
@@ -354,10 +354,16 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
             raise UsageError("--check needs --eval PATH or --calib PATH")
         pre = Preprocess.parse(preprocess) if preprocess else None
         report = compare(model, res.model, open_data(data_path, model, pre))
-        for name, o in report.to_dict()["outputs"].items():
-            click.echo(f"  check {name}: SQNR {float(o['sqnr_db']):.2f} dB, cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
+        nonfinite = report.nonfinite_error()
+        if isinstance(nonfinite, DataError):
+            raise nonfinite
+        for name, o in report.outputs.items():
+            bad = f", NaN/inf in {o.nonfinite_candidate} of {o.values} values" if o.nonfinite_candidate else ""
+            click.echo(f"  check {name}: SQNR {o.sqnr_db:.2f} dB, cosine {o.cosine:.6f}, max abs {o.max_abs:.4g}{bad}")
         if report.top1_agreement is not None:
             click.echo(f"  check top-1 agreement: {report.top1_agreement:.3f}")
+        if nonfinite is not None:
+            raise nonfinite
     if engine_path:
         from .trt.build import build_engine
 

@@ -13,7 +13,7 @@ import onnx
 
 from qdqsurgeon.calibration import Preprocess, open_data
 from qdqsurgeon.check import CheckReport, compare
-from qdqsurgeon.errors import ModelError
+from qdqsurgeon.errors import DataError, ModelError
 
 __all__ = ["check_command"]
 
@@ -47,10 +47,16 @@ def _print_table(report: CheckReport, min_sqnr: float | None) -> None:
     table.add_column("SQNR dB", justify="right")
     table.add_column("cosine", justify="right")
     table.add_column("max |err|", justify="right")
+    nonfinite = any(m.nonfinite_reference or m.nonfinite_candidate for m in report.outputs.values())
+    if nonfinite:
+        table.add_column("NaN/inf ref / cand", justify="right")
     low = set(report.below(min_sqnr)) if min_sqnr is not None else set()
     for name, m in report.outputs.items():
         sqnr = _fmt(m.sqnr_db)
-        table.add_row(name, f"[red]{sqnr}[/red]" if name in low else sqnr, _fmt(m.cosine, 6), f"{m.max_abs:.4g}")
+        row = [name, f"[red]{sqnr}[/red]" if name in low else sqnr, _fmt(m.cosine, 6), f"{m.max_abs:.4g}"]
+        if nonfinite:
+            row.append(f"{m.nonfinite_reference} / {m.nonfinite_candidate} of {m.values}")
+        table.add_row(*row)
     console.print(table)
     if report.top1_agreement is not None:
         console.print(f"top-1 agreement ({report.top1_output}): {report.top1_agreement:.2%}")
@@ -104,10 +110,15 @@ def check_command(
     preprocess = Preprocess.parse(preprocess_spec, Preprocess.from_model(reference)) if preprocess_spec else None
     data = open_data(data_path, reference, preprocess, batch_size=batch_size)
     report = compare(reference, candidate, data, per_layer=per_layer, progress=not as_json and sys.stderr.isatty())
+    nonfinite = report.nonfinite_error()
+    if isinstance(nonfinite, DataError):
+        raise nonfinite  # no report at all: the float model gave nothing finite to compare with
     if as_json:
         click.echo(json.dumps(report.to_dict(), allow_nan=False, indent=2))
     else:
         _print_table(report, min_sqnr)
+    if nonfinite is not None:
+        raise nonfinite
     if min_sqnr is not None:
         low = report.below(min_sqnr)
         if low:
