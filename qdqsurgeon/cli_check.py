@@ -72,9 +72,9 @@ def _print_table(report: CheckReport, min_sqnr: float | None) -> None:
 
 
 @click.command("check")
-@click.argument("fp32", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("qdq", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+@click.argument("fp32", type=click.Path(dir_okay=False, readable=False, path_type=Path))
+@click.argument("qdq", type=click.Path(dir_okay=False, readable=False, path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(readable=False, path_type=Path),
               help="Evaluation data: .npz/.npy, an image, or a folder of them.")
 @click.option("--preprocess", "preprocess_spec", default=None, metavar="SPEC",
               help="Image preprocessing, e.g. 'size=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225'.")
