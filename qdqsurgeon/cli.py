@@ -314,9 +314,17 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     for data_path in (calib, eval_path, calib_cache):
         if data_path and not Path(data_path).exists():
             raise UsageError("no such file or folder", path=data_path)
+    if run_check and not (eval_path or calib):
+        raise UsageError("--check needs --eval PATH or --calib PATH")
     exclude = _checked_regexes(exclude)
 
     model = load(src, opset=opset)
+    check_data = None
+    if run_check:
+        from .calibration import Preprocess, open_data
+
+        # Opened (names, shapes, dtypes checked) now, before calibration, not after the run.
+        check_data = open_data(eval_path or calib, model, Preprocess.parse(preprocess) if preprocess else None)
     registry = Registry.builtin()
     registry.load_entry_points()
     user = [e.name for p in pattern_paths for e in registry.load_path(p)]
@@ -351,15 +359,10 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         _write_atomic(Path(report_path), json.dumps(payload, indent=2))
     if not quiet:
         _print_summary(res, src, dst, time.perf_counter() - t0)
-    if run_check:
-        from .calibration import Preprocess, open_data
+    if check_data is not None:
         from .check import compare
 
-        data_path = eval_path or calib
-        if data_path is None:
-            raise UsageError("--check needs --eval PATH or --calib PATH")
-        pre = Preprocess.parse(preprocess) if preprocess else None
-        report = compare(model, res.model, open_data(data_path, model, pre))
+        report = compare(model, res.model, check_data)
         nonfinite = report.nonfinite_error()
         if isinstance(nonfinite, DataError):
             raise nonfinite
