@@ -98,7 +98,9 @@ def check_command(
 
     Reports SQNR (dB), cosine similarity and max abs error per output, top-1 agreement for
     classifiers, and with --per-layer the SQNR of every fake-quantized tensor. In JSON an
-    infinite SQNR (identical outputs) is written as the string "inf".
+    infinite SQNR (identical outputs) is written as the string "inf". NaN/inf values are
+    counted, not averaged in: a float model that gives no finite value on the data is refused
+    (exit 2), and a Q/DQ model giving NaN/inf where the float model does not fails (exit 1).
 
     \b
     Example:
