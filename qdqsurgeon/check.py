@@ -14,6 +14,13 @@ of the candidate whose input tensor also exists in the reference is scored: the 
 DequantizeLinear's output (the fake-quantized value) against the reference float tensor,
 worst first.
 
+Non-finite values (NaN, inf) are never averaged in: the sums run over the elements where both
+models give finite values, and each output counts the elements where the reference is not
+finite (``nonfinite_reference``) and where only the candidate is not (``nonfinite_candidate``).
+An output whose reference is non-finite everywhere has nothing to compare, and a candidate that
+gives NaN/inf where the reference does not is broken: :meth:`CheckReport.nonfinite_error` names
+either case, so a caller can refuse instead of printing ``SQNR nan, cosine 1.0`` (issue 17).
+
 JSON: :meth:`CheckReport.to_dict` writes an infinite SQNR as the *string* ``"inf"`` (or
 ``"-inf"`` when the reference is all zeros and the candidate is not) and NaN as ``null``, so
 ``json.dumps(..., allow_nan=False)`` works and no reader mistakes a sentinel for a measurement.
@@ -33,7 +40,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from qdqsurgeon.calibration.collect import cut_at_plugins, expose_tensors, float32_copy, has_bfloat16, make_session, progress_bar
-from qdqsurgeon.errors import DataError, ModelError
+from qdqsurgeon.errors import DataError, ModelError, QdqError
 
 __all__ = ["OutputMetrics", "LayerMetric", "CheckReport", "compare", "sqnr_db"]
 
@@ -76,6 +83,9 @@ class OutputMetrics:
     sqnr_db: float
     cosine: float
     max_abs: float
+    values: int = 0
+    nonfinite_reference: int = 0
+    nonfinite_candidate: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,8 @@ class CheckReport:
     num_batches: int = 0
     num_samples: int = 0
     output_pairs: dict[str, str] = field(default_factory=dict)  # reference name -> candidate name
+    input_values: int = 0  # float input elements fed, over all batches
+    nonfinite_inputs: int = 0  # of those, NaN or inf
 
     @property
     def worst_sqnr(self) -> float:
@@ -110,22 +122,44 @@ class CheckReport:
         """Outputs whose SQNR is below ``min_sqnr`` dB (or NaN)."""
         return [n for n, m in self.outputs.items() if math.isnan(m.sqnr_db) or m.sqnr_db < min_sqnr]
 
+    def nonfinite_error(self) -> QdqError | None:
+        """Why the comparison is meaningless, when NaN/inf make it so; ``None`` otherwise.
+
+        A reference that is non-finite on every element is a data problem (:class:`DataError`);
+        a candidate that is non-finite where the reference is finite is a broken model
+        (:class:`ModelError`). Counts are over all batches.
+        """
+        for name, m in self.outputs.items():
+            if m.values and m.nonfinite_reference == m.values:
+                data = (f"; the data itself has NaN/inf in {self.nonfinite_inputs} of {self.input_values} input values"
+                        if self.nonfinite_inputs else "")
+                return DataError(f"nothing to compare: the float model's output {name!r} is NaN/inf in all "
+                                 f"{m.values} values on this data{data}")
+        for name, m in self.outputs.items():
+            if m.nonfinite_candidate:
+                return ModelError(f"the quantized model's output {name!r} is NaN/inf in {m.nonfinite_candidate} of "
+                                  f"{m.values} values where the float model's is finite")
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (see the module docstring for how inf/NaN are written)."""
-        result: dict[str, Any] = {
-            "outputs": {
-                name: {"sqnr_db": _json_float(m.sqnr_db), "cosine": _json_float(m.cosine), "max_abs": _json_float(m.max_abs)}
-                for name, m in self.outputs.items()
-            },
-            "top1_agreement": self.top1_agreement,
-        }
+        outputs: dict[str, Any] = {}
+        for name, m in self.outputs.items():
+            row: dict[str, Any] = {"sqnr_db": _json_float(m.sqnr_db), "cosine": _json_float(m.cosine),
+                                   "max_abs": _json_float(m.max_abs)}
+            # Only when present, so the common report keeps its three keys.
+            if m.nonfinite_reference or m.nonfinite_candidate:
+                row.update(values=m.values, nonfinite_reference=m.nonfinite_reference,
+                           nonfinite_candidate=m.nonfinite_candidate)
+            outputs[name] = row
+        result: dict[str, Any] = {"outputs": outputs, "top1_agreement": self.top1_agreement}
         if self.layers is not None:
             result["layers"] = [{"tensor": lm.tensor, "sqnr_db": _json_float(lm.sqnr_db)} for lm in self.layers]
         return result
 
 
 class _Agreement:
-    """Running sums for SQNR, cosine and max abs error of one tensor pair."""
+    """Running sums for SQNR, cosine and max abs error of one tensor pair, over finite elements."""
 
     def __init__(self) -> None:
         self.ref2 = 0.0
@@ -133,12 +167,22 @@ class _Agreement:
         self.err2 = 0.0
         self.dot = 0.0
         self.max_abs = 0.0
+        self.values = 0
+        self.nonfinite_reference = 0
+        self.nonfinite_candidate = 0
 
     def update(self, ref: np.ndarray, cand: np.ndarray, what: str) -> None:
         if ref.shape != cand.shape:
             raise ModelError(f"{what}: reference shape {list(ref.shape)} != candidate shape {list(cand.shape)}")
         r = np.asarray(ref, dtype=np.float64).ravel()
         c = np.asarray(cand, dtype=np.float64).ravel()
+        ref_ok = np.isfinite(r)
+        both_ok = ref_ok & np.isfinite(c)
+        self.values += r.size
+        self.nonfinite_reference += int(r.size - np.count_nonzero(ref_ok))
+        self.nonfinite_candidate += int(np.count_nonzero(ref_ok & ~both_ok))
+        if not both_ok.all():
+            r, c = r[both_ok], c[both_ok]
         d = r - c
         self.ref2 += float(r @ r)
         self.cand2 += float(c @ c)
@@ -148,13 +192,20 @@ class _Agreement:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(d))))
 
     @property
+    def _meaningless(self) -> bool:
+        """Nothing finite to compare, or the candidate broke where the reference did not."""
+        return self.nonfinite_candidate > 0 or (self.values > 0 and self.nonfinite_reference == self.values)
+
+    @property
     def sqnr(self) -> float:
-        if math.isnan(self.err2) or math.isnan(self.ref2):
+        if self._meaningless or math.isnan(self.err2) or math.isnan(self.ref2):
             return math.nan
         return sqnr_db(self.ref2, self.err2)
 
     @property
     def cosine(self) -> float:
+        if self._meaningless:
+            return math.nan
         if self.ref2 == 0.0 and self.cand2 == 0.0:
             return 1.0
         if self.ref2 == 0.0 or self.cand2 == 0.0:
@@ -162,7 +213,9 @@ class _Agreement:
         return max(-1.0, min(1.0, self.dot / math.sqrt(self.ref2 * self.cand2)))
 
     def metrics(self) -> OutputMetrics:
-        return OutputMetrics(self.sqnr, self.cosine, self.max_abs)
+        max_abs = math.inf if self.nonfinite_candidate else math.nan if self._meaningless else self.max_abs
+        return OutputMetrics(self.sqnr, self.cosine, max_abs, self.values, self.nonfinite_reference,
+                             self.nonfinite_candidate)
 
 
 def _class_scores(a: np.ndarray, single_output: bool) -> np.ndarray | None:
@@ -274,6 +327,7 @@ def compare(
     top1_decided = False
     agree = seen = 0
     batches = samples = 0
+    input_values = nonfinite_inputs = 0
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     bar, task = progress_bar(progress, "checking", total)
     with bar:
@@ -297,12 +351,20 @@ def compare(
                 if r is not None and c is not None:
                     agree += int(np.sum(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
                     seen += r.shape[0]
+            for value in batch.values():
+                if np.issubdtype(np.asarray(value).dtype, np.floating):
+                    input_values += value.size
+                    nonfinite_inputs += int(value.size - np.count_nonzero(np.isfinite(value)))
             first = next(iter(batch.values()), None)
             samples += int(first.shape[0]) if first is not None and first.ndim else 1
             batches += 1
             bar.advance(task)
     if batches == 0:
         raise DataError("the evaluation data yielded no batches")
+    for name, acc in outputs.items():
+        if 0 < acc.nonfinite_reference < acc.values:
+            logger.warning("the float model's output %r is NaN/inf in %d of %d values; those are left out of the "
+                           "comparison", name, acc.nonfinite_reference, acc.values)
 
     layer_list = None
     if per_layer:
@@ -319,4 +381,6 @@ def compare(
         num_batches=batches,
         num_samples=samples,
         output_pairs=pairs,
+        input_values=input_values,
+        nonfinite_inputs=nonfinite_inputs,
     )

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ModelError, QdqError, UsageError
+from .errors import DataError, ModelError, QdqError, UsageError
 
 __all__ = ["cli", "main"]
 
@@ -30,6 +30,12 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            # Bad arguments to a command (an unreadable path, an unknown option, a bad choice):
+            # one line like every other refusal, not click's three-line usage block.
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -150,7 +156,7 @@ def passes_cmd(pattern_paths: tuple[str, ...], as_json: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 # inspect
 @cli.command("inspect")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--trt", is_flag=True, help="Add the static TensorRT analysis (predicted INT8 layers, standalone Q/DQ).")
 def inspect_cmd(model: str, as_json: bool, trt: bool) -> None:
@@ -234,20 +240,20 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 
 
 @cli.command("optimize")
-@click.argument("paths", nargs=-1, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path(readable=False))
 @click.option("--example", is_flag=True, help="Use the bundled example model and calibration data as input.")
 @click.option("--passes", "pass_names", default=None, help="Comma-separated pass names to run instead of the default pipeline.")
 @click.option("--patterns", "pattern_paths", multiple=True, type=click.Path(), help="User pattern file or folder (PATTERNS/PASSES); run after the pipeline.")
-@click.option("--report", "report_path", type=click.Path(), help="Write the full change log as JSON.")
+@click.option("--report", "report_path", type=click.Path(readable=False), help="Write the full change log as JSON.")
 @click.option("--opset", type=int, default=None, help="Upgrade the model to this opset first (onnx version converter).")
 @click.option("--no-opset-upgrade", is_flag=True,
               help="Refuse a model below the opset a pass needs (13 for per-channel weights) instead of upgrading it.")
-@click.option("--calib", type=click.Path(), help="Calibration data: .npz, folder of .npz/.npy, or folder of images.")
+@click.option("--calib", type=click.Path(readable=False), help="Calibration data: .npz, folder of .npz/.npy, or folder of images.")
 @click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default=None, help="Calibration method.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --method percentile.")
 @click.option("--preprocess", default=None, help="Image preprocessing, e.g. 'size=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,scale=1/255'.")
 @click.option("--calib-random", type=int, default=None, help="Smoke test only: calibrate on N random inputs.")
-@click.option("--calib-cache", type=click.Path(), help="Import activation scales from a TensorRT calibration cache.")
+@click.option("--calib-cache", type=click.Path(readable=False), help="Import activation scales from a TensorRT calibration cache.")
 @click.option("--weights", type=click.Choice(["float", "int8"]), default="float", show_default=True, help="Weights as float+Q/DQ or int8 initializer+DQ.")
 @click.option("--exclude", multiple=True, help="Regex over node names to leave unquantized (repeatable).")
 @click.option("--exclude-op", multiple=True, help="Op type to leave unquantized (repeatable).")
@@ -260,8 +266,8 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--io-float16", is_flag=True, help="With --float16: make graph inputs/outputs FP16 too.")
 @click.option("--requantize", is_flag=True, help="Model already has Q/DQ: drop it and calibrate afresh (needs --calib).")
 @click.option("--check", "run_check", is_flag=True, help="Compare the result with the input in onnxruntime (SQNR).")
-@click.option("--eval", "eval_path", type=click.Path(), help="Data for --check (default: the calibration data).")
-@click.option("--build", "engine_path", type=click.Path(), help="Build a TensorRT engine from the result (needs TensorRT).")
+@click.option("--eval", "eval_path", type=click.Path(readable=False), help="Data for --check (default: the calibration data).")
+@click.option("--build", "engine_path", type=click.Path(readable=False), help="Build a TensorRT engine from the result (needs TensorRT).")
 @click.option("--no-analysis", is_flag=True, help="Skip the before/after static TensorRT analysis.")
 @click.option("--allow-regression", is_flag=True,
               help="Exit 0 even when the fixed model is predicted worse than the input (more standalone Q/DQ or validity problems).")
@@ -307,24 +313,32 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     if float16 is False and io_float16:
         raise UsageError("--io-float16 needs --float16")
     t0 = time.perf_counter()
-    # Validate the output location before any expensive work.
-    from .io import same_file
+    # Every path is checked before any expensive work (loading, calibration): a run must not
+    # spend minutes and then fail on an unwritable output (issue 17 item 9).
+    from .io import check_output_path, check_readable, same_file
 
-    if same_file(Path(dst), Path(src)):
-        raise UsageError("output path is the input path; qdqsurgeon never overwrites its input", path=dst)
-    out_dir = Path(dst).parent if str(Path(dst).parent) else Path(".")
-    if not out_dir.is_dir():
-        raise UsageError("output folder does not exist", path=dst)
-
+    check_readable(src)
+    check_output_path(dst, src)
     if report_path:
-        rep = Path(report_path)
-        if same_file(rep, Path(src)) or same_file(rep, Path(dst)):
+        if same_file(Path(report_path), Path(src)) or same_file(Path(report_path), Path(dst)):
             raise UsageError("--report path is the input or output model; give the change log its own file", path=report_path)
-        if rep.is_dir() or not (rep.parent if str(rep.parent) else Path(".")).is_dir():
-            raise UsageError("--report folder does not exist (or the path is a folder)", path=report_path)
+        check_output_path(report_path, src)
+    if engine_path:
+        check_output_path(engine_path, src)
+    for data_path in (calib, eval_path, calib_cache):
+        if data_path and not Path(data_path).exists():
+            raise UsageError("no such file or folder", path=data_path)
+    if run_check and not (eval_path or calib):
+        raise UsageError("--check needs --eval PATH or --calib PATH")
     exclude = _checked_regexes(exclude)
 
     model = load(src, opset=opset)
+    check_data = None
+    if run_check:
+        from .calibration import Preprocess, open_data
+
+        # Opened (names, shapes, dtypes checked) now, before calibration, not after the run.
+        check_data = open_data(eval_path or calib, model, Preprocess.parse(preprocess) if preprocess else None)
     registry = Registry.builtin()
     registry.load_entry_points()
     user = [e.name for p in pattern_paths for e in registry.load_path(p)]
@@ -363,19 +377,20 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         _write_atomic(Path(report_path), json.dumps(payload, indent=2))
     if not quiet:
         _print_summary(res, src, dst, time.perf_counter() - t0)
-    if run_check:
-        from .calibration import Preprocess, open_data
+    if check_data is not None:
         from .check import compare
 
-        data_path = eval_path or calib
-        if data_path is None:
-            raise UsageError("--check needs --eval PATH or --calib PATH")
-        pre = Preprocess.parse(preprocess) if preprocess else None
-        report = compare(model, res.model, open_data(data_path, model, pre))
-        for name, o in report.to_dict()["outputs"].items():
-            click.echo(f"  check {name}: SQNR {float(o['sqnr_db']):.2f} dB, cosine {o['cosine']:.6f}, max abs {o['max_abs']:.4g}")
+        report = compare(model, res.model, check_data)
+        nonfinite = report.nonfinite_error()
+        if isinstance(nonfinite, DataError):
+            raise nonfinite
+        for name, o in report.outputs.items():
+            bad = f", NaN/inf in {o.nonfinite_candidate} of {o.values} values" if o.nonfinite_candidate else ""
+            click.echo(f"  check {name}: SQNR {o.sqnr_db:.2f} dB, cosine {o.cosine:.6f}, max abs {o.max_abs:.4g}{bad}")
         if report.top1_agreement is not None:
             click.echo(f"  check top-1 agreement: {report.top1_agreement:.3f}")
+        if nonfinite is not None:
+            raise nonfinite
     if res.regressions and not allow_regression:
         raise ModelError(f"the fixed model is predicted worse than the input ({'; '.join(res.regressions)}); it was written "
                          f"to {dst} anyway: pass --allow-regression to accept it")

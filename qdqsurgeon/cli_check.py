@@ -13,7 +13,7 @@ import onnx
 
 from qdqsurgeon.calibration import Preprocess, open_data
 from qdqsurgeon.check import CheckReport, compare
-from qdqsurgeon.errors import ModelError
+from qdqsurgeon.errors import DataError, ModelError
 
 __all__ = ["check_command"]
 
@@ -47,10 +47,16 @@ def _print_table(report: CheckReport, min_sqnr: float | None) -> None:
     table.add_column("SQNR dB", justify="right")
     table.add_column("cosine", justify="right")
     table.add_column("max |err|", justify="right")
+    nonfinite = any(m.nonfinite_reference or m.nonfinite_candidate for m in report.outputs.values())
+    if nonfinite:
+        table.add_column("NaN/inf ref / cand", justify="right")
     low = set(report.below(min_sqnr)) if min_sqnr is not None else set()
     for name, m in report.outputs.items():
         sqnr = _fmt(m.sqnr_db)
-        table.add_row(name, f"[red]{sqnr}[/red]" if name in low else sqnr, _fmt(m.cosine, 6), f"{m.max_abs:.4g}")
+        row = [name, f"[red]{sqnr}[/red]" if name in low else sqnr, _fmt(m.cosine, 6), f"{m.max_abs:.4g}"]
+        if nonfinite:
+            row.append(f"{m.nonfinite_reference} / {m.nonfinite_candidate} of {m.values}")
+        table.add_row(*row)
     console.print(table)
     if report.top1_agreement is not None:
         console.print(f"top-1 agreement ({report.top1_output}): {report.top1_agreement:.2%}")
@@ -66,9 +72,9 @@ def _print_table(report: CheckReport, min_sqnr: float | None) -> None:
 
 
 @click.command("check")
-@click.argument("fp32", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("qdq", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+@click.argument("fp32", type=click.Path(dir_okay=False, readable=False, path_type=Path))
+@click.argument("qdq", type=click.Path(dir_okay=False, readable=False, path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(readable=False, path_type=Path),
               help="Evaluation data: .npz/.npy, an image, or a folder of them.")
 @click.option("--preprocess", "preprocess_spec", default=None, metavar="SPEC",
               help="Image preprocessing, e.g. 'size=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225'.")
@@ -92,7 +98,9 @@ def check_command(
 
     Reports SQNR (dB), cosine similarity and max abs error per output, top-1 agreement for
     classifiers, and with --per-layer the SQNR of every fake-quantized tensor. In JSON an
-    infinite SQNR (identical outputs) is written as the string "inf".
+    infinite SQNR (identical outputs) is written as the string "inf". NaN/inf values are
+    counted, not averaged in: a float model that gives no finite value on the data is refused
+    (exit 2), and a Q/DQ model giving NaN/inf where the float model does not fails (exit 1).
 
     \b
     Example:
@@ -104,10 +112,15 @@ def check_command(
     preprocess = Preprocess.parse(preprocess_spec, Preprocess.from_model(reference)) if preprocess_spec else None
     data = open_data(data_path, reference, preprocess, batch_size=batch_size)
     report = compare(reference, candidate, data, per_layer=per_layer, progress=not as_json and sys.stderr.isatty())
+    nonfinite = report.nonfinite_error()
+    if isinstance(nonfinite, DataError):
+        raise nonfinite  # no report at all: the float model gave nothing finite to compare with
     if as_json:
         click.echo(json.dumps(report.to_dict(), allow_nan=False, indent=2))
     else:
         _print_table(report, min_sqnr)
+    if nonfinite is not None:
+        raise nonfinite
     if min_sqnr is not None:
         low = report.below(min_sqnr)
         if low:

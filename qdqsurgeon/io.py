@@ -18,8 +18,8 @@ from onnx import shape_inference
 
 from .errors import ModelError, UsageError
 
-__all__ = ["load", "save", "same_file", "is_large", "check_opset", "PROTOBUF_LIMIT", "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS",
-           "PLUGIN_DOMAINS", "is_plugin_domain"]
+__all__ = ["load", "save", "same_file", "check_readable", "check_output_path", "is_large", "check_opset", "PROTOBUF_LIMIT",
+           "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS", "PLUGIN_DOMAINS", "is_plugin_domain"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,11 @@ def load(
     Raises :class:`UsageError` for a missing path and :class:`ModelError` for anything that is
     not a valid ONNX model. Shape inference failures only warn: passes work without shapes.
     """
-    p = Path(path)
-    if not p.exists():
-        raise UsageError("no such file", path=str(p))
-    if p.is_dir():
-        raise UsageError("is a folder, expected an .onnx file", path=str(p))
+    p = check_readable(path)
     try:
         model = onnx.load(str(p), load_external_data=False)
+    except OSError as exc:  # permission denied despite os.access (ACLs, network file systems)
+        raise UsageError(f"cannot read: {exc.strerror or exc}", path=str(p)) from exc
     except Exception as exc:  # protobuf DecodeError, or onnx's own wrapper of it
         raise ModelError(f"not an ONNX model (cannot parse protobuf: {type(exc).__name__})", path=str(p)) from exc
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
@@ -111,6 +109,53 @@ def load(
     if infer_shapes:
         model = _infer_shapes(model, str(p))
     return model
+
+
+def check_readable(path: str | os.PathLike[str]) -> Path:
+    """Refuse an input that is missing, a folder, not a regular file or not readable: one line, exit 2.
+
+    A FIFO or a device is refused rather than read, which could block or never end.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UsageError("no such file", path=str(p))
+    if p.is_dir():
+        raise UsageError("is a folder, expected an .onnx file", path=str(p))
+    if not p.is_file():
+        raise UsageError("is not a regular file (a pipe, socket or device)", path=str(p))
+    if not os.access(p, os.R_OK):
+        raise UsageError("cannot read: permission denied", path=str(p))
+    return p
+
+
+def check_output_path(
+    path: str | os.PathLike[str], input_path: str | os.PathLike[str] | None = None, *, probe: bool = True
+) -> Path:
+    """Refuse an output path that cannot be written, before any work is spent on the result.
+
+    ``probe`` creates and removes a temporary file in the folder: permission bits do not tell
+    (root ignores them; a read-only file system, ``/proc`` or ``/sys`` refuse root too).
+    """
+    out = Path(path)
+    if input_path is not None and same_file(out, Path(input_path)):
+        raise UsageError("output path is the input path; qdqsurgeon never overwrites its input", path=str(out))
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.exists():
+        raise UsageError("output folder does not exist", path=str(out))
+    if not folder.is_dir():
+        raise UsageError(f"output folder {str(folder)!r} is a file, not a folder", path=str(out))
+    if out.is_dir():
+        raise UsageError("output path is a folder", path=str(out))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError("output folder is not writable", path=str(out))
+    if probe:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.probe.", dir=folder)
+        except OSError as exc:
+            raise UsageError(f"output folder is not writable: {exc.strerror or exc}", path=str(out)) from None
+        os.close(fd)
+        os.unlink(tmp)
+    return out
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -165,11 +210,46 @@ def _check_model(model: onnx.ModelProto, path: Path) -> None:
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"fails onnx.checker: {first}", path=str(path)) from exc
+        cycle = _cycle(model) if "topologically sorted" in str(exc) else None
+        if cycle:
+            raise ModelError(f"the graph has a cycle: {' -> '.join(cycle)}", path=str(path)) from exc
+        raise ModelError(f"fails onnx.checker: {_one_line(exc)}", path=str(path)) from exc
     except UnicodeDecodeError as exc:  # a name or string attribute that is not UTF-8: a damaged file
         raise ModelError(f"not a valid ONNX model: a string is not UTF-8 ({exc.reason} at byte {exc.start})",
                          path=str(path)) from exc
+
+
+def _one_line(exc: Exception) -> str:
+    """The checker's message on one line: its text wraps node descriptions over several lines."""
+    text = str(exc).split("==> Context:")[0]
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _cycle(model: onnx.ModelProto) -> list[str] | None:
+    """Node names (or op types) along one cycle of the main graph, the first repeated at the end; None if acyclic."""
+    producer = {out: i for i, n in enumerate(model.graph.node) for out in n.output if out}
+    label = [n.name or f"{n.op_type}#{i}" for i, n in enumerate(model.graph.node)]
+    state = [0] * len(model.graph.node)  # 0 unseen, 1 on the current path, 2 done
+    for start in range(len(state)):
+        if state[start]:
+            continue
+        path, stack = [start], [iter(model.graph.node[start].input)]
+        state[start] = 1
+        while stack:  # iterative DFS: real graphs are deeper than Python's recursion limit
+            nxt = next((producer[t] for t in stack[-1] if t in producer), None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state[nxt] == 1:
+                loop = path[path.index(nxt):][::-1]  # the path runs consumer -> producer; data flows back
+                first = loop.index(min(loop))  # start at the node listed first in the file
+                loop = loop[first:] + loop[:first]
+                return [label[i] for i in loop + loop[:1]]
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(model.graph.node[nxt].input))
+    return None
 
 
 def check_opset(model: onnx.ModelProto, minimum: int, why: str, path: str | None = None) -> None:
@@ -218,16 +298,9 @@ def save(
     limit; True forces it (weights go to ``<name>.data`` beside the model). Refuses to write
     over ``input_path``.
     """
-    out = Path(path)
-    if input_path is not None and same_file(out, Path(input_path)):
-        raise UsageError("output path is the input path; qdqsurgeon never overwrites its input", path=str(out))
+    # No probe: the temporary folder below is one, and its error is reported the same way.
+    out = check_output_path(path, input_path, probe=False)
     folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError("output folder does not exist", path=str(out))
-    if not os.access(folder, os.W_OK):
-        raise UsageError("output folder is not writable", path=str(out))
-    if out.is_dir():
-        raise UsageError("output path is a folder", path=str(out))
     if external_data is None:
         external_data = is_large(model)
     try:

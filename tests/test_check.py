@@ -227,3 +227,41 @@ def test_modelopt_resnet18_against_its_float_original():
     assert 10.0 < m.sqnr_db < 60.0 and m.cosine > 0.9
     assert report.top1_agreement is not None and report.top1_agreement >= 0.5
     assert report.layers and all(math.isfinite(lm.sqnr_db) for lm in report.layers)
+
+
+# ----------------------------------------------------------------------------- NaN and inf (issue 17 item 7)
+
+
+def test_all_nan_data_is_refused_not_reported_as_agreement(files):
+    np.savez(files / "nan.npz", x=np.full_like(X, np.nan))
+    report = compare(classifier(), qdq_classifier(), [{"x": np.full_like(X, np.nan)}])
+    m = report.outputs["logits"]
+    assert math.isnan(m.sqnr_db) and math.isnan(m.cosine)  # was cosine 1.0
+    assert m.nonfinite_reference == m.values == X.shape[0] * 5
+    err = report.nonfinite_error()
+    assert isinstance(err, DataError) and "NaN/inf in all 60 values" in str(err) and "96 of 96 input values" in str(err)
+    result = CliRunner().invoke(check_command, [str(files / "fp32.onnx"), str(files / "qdq.onnx"),
+                                                                "--data", str(files / "nan.npz")])
+    assert isinstance(result.exception, DataError) and result.exception.exit_code == 2
+    assert result.stdout == ""  # no table of nan pretending to be a measurement
+
+
+def test_candidate_nan_where_reference_is_finite_fails(files):
+    w = W.copy()
+    w[:, 2] = np.nan
+    onnx.save(classifier(w), files / "broken.onnx")
+    result = run(files / "fp32.onnx", files / "broken.onnx", "--data", files / "data.npz", "--json")
+    assert isinstance(result.exception, ModelError) and result.exception.exit_code == 1
+    assert "NaN/inf in 12 of 60 values" in str(result.exception)
+    row = json.loads(result.output)["outputs"]["logits"]
+    assert row["sqnr_db"] is None and row["cosine"] is None and row["nonfinite_candidate"] == 12
+
+
+def test_partly_nan_reference_compares_the_finite_values(caplog):
+    x = X.copy()
+    x[0] = np.nan
+    report = compare(classifier(), classifier(), [{"x": x}])
+    m = report.outputs["logits"]
+    assert m.sqnr_db == math.inf and m.cosine == pytest.approx(1.0) and m.nonfinite_reference == 5
+    assert report.nonfinite_error() is None
+    assert "left out of the comparison" in caplog.text

@@ -250,3 +250,97 @@ def test_model_failing_the_full_check_is_named_not_the_pass(tmp_path):
     _assert_one_line_error(_invoke("optimize", str(p), str(tmp_path / "o.onnx")), 1,
                            "fails onnx's full check", conv.name)
     assert _sha(p) == digest and not (tmp_path / "o.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- late and badly worded checks (issue 17 item 9)
+
+
+def _deny(monkeypatch, path, mode_bit):
+    """Simulate permission bits that root would ignore: os.access says no for ``path``."""
+    import os
+
+    real = os.access
+
+    def access(p, mode, *args, **kwargs):
+        if Path(p).resolve() == Path(path).resolve() and mode & mode_bit:
+            return False
+        return real(p, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def _no_loading(monkeypatch):
+    import qdqsurgeon.io
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(qdqsurgeon.io, "load", load)
+
+
+def test_unwritable_output_folder_is_refused_before_loading(good, tmp_path, monkeypatch):
+    import os
+
+    out_dir = tmp_path / "ro"
+    out_dir.mkdir()
+    _deny(monkeypatch, out_dir, os.W_OK)
+    _no_loading(monkeypatch)
+    _assert_one_line_error(_invoke("optimize", str(good), str(out_dir / "o.onnx"), "--calib-random", "2"), 2, "not writable")
+    report = _invoke("optimize", str(good), str(tmp_path / "o.onnx"), "--calib-random", "2", "--report", str(out_dir / "r.json"))
+    _assert_one_line_error(report, 2, "r.json", "not writable")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_folder_even_root_cannot_write_is_refused_before_loading(good, monkeypatch):
+    """Root passes every os.access check; the probe file finds what really happens (/proc refuses creation)."""
+    _no_loading(monkeypatch)
+    _assert_one_line_error(_invoke("optimize", str(good), "/proc/out.onnx", "--calib-random", "2"), 2, "not writable")
+
+
+def test_output_inside_a_file_says_so(good, tmp_path):
+    _assert_one_line_error(_invoke("optimize", str(good), str(good / "o.onnx"), "--calib-random", "2"), 2,
+                           "is a file, not a folder")
+
+
+@pytest.mark.parametrize("command", ["inspect", "optimize", "check"])
+def test_unreadable_input_is_one_line(good, tmp_path, monkeypatch, command):
+    import os
+
+    _deny(monkeypatch, good, os.R_OK)
+    args = {"inspect": ["inspect", str(good)],
+            "optimize": ["optimize", str(good), str(tmp_path / "o.onnx"), "--calib-random", "2"],
+            "check": ["check", str(good), str(good), "--data", str(qdqsurgeon.examples.example_calibration())]}[command]
+    _assert_one_line_error(_invoke(*args), 2, "cannot read", str(good))
+
+
+@pytest.mark.timeout(60)  # before the fix, reading the pipe blocked forever
+def test_fifo_input_is_refused_not_read(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)  # reading it would block forever
+    _assert_one_line_error(_invoke("inspect", str(fifo)), 2, "not a regular file")
+
+
+def test_click_argument_errors_are_one_line(good):
+    _assert_one_line_error(_invoke("optimize", str(good), "o.onnx", "--method", "bogus"), 2, "--method", "--help")
+    _assert_one_line_error(_invoke("inspect", str(good), "--no-such-flag"), 2, "--no-such-flag")
+
+
+def test_cycle_is_named_in_full(tmp_path):
+    nodes = [helper.make_node("Add", ["x", "c"], ["a"], name="add_1"), helper.make_node("Relu", ["a"], ["b"], name="relu_1"),
+             helper.make_node("Neg", ["b"], ["c"], name="neg_1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1])], [helper.make_tensor_value_info("c", F, [1])])
+    path = tmp_path / "cycle.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    result = _invoke("inspect", str(path))
+    _assert_one_line_error(result, 1, "the graph has a cycle: add_1 -> relu_1 -> neg_1 -> add_1")
+
+
+def test_unsorted_graph_message_is_not_cut(tmp_path):
+    nodes = [helper.make_node("Relu", ["a"], ["b"], name="relu_1"), helper.make_node("Neg", ["x"], ["a"], name="neg_1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1])], [helper.make_tensor_value_info("b", F, [1])])
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    result = _invoke("inspect", str(path))
+    _assert_one_line_error(result, 1, "topologically sorted", "relu_1", "is not output of any previous nodes")

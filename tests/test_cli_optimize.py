@@ -111,3 +111,13 @@ def test_quantize_bmm_flags(tmp_path, flag, quantized):
     got = {n.name for n in model.graph.node if n.name in ("scores", "context")
            and all(prod.get(t) == "DequantizeLinear" for t in n.input)}
     assert got == quantized
+
+
+def test_check_on_all_nan_eval_data_is_refused(tmp_path):
+    """--check used to print `SQNR nan dB, cosine 1.000000` and exit 0 (issue 17 item 7)."""
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, input=np.full((2, 3, 32, 32), np.nan, np.float32))
+    res = _invoke("optimize", "--example", tmp_path / "out.onnx", "--check", "--eval", nan)
+    assert res.exit_code == 2, res.output
+    assert "cosine 1.0" not in res.output
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: nothing to compare")

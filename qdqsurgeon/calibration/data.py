@@ -390,7 +390,7 @@ class _ImageSource(DataSource):
                     x = self._preprocess(img)
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
                 raise DataError(f"cannot decode image: {exc}", path=str(path)) from None
-            _check_shape(spec, x[np.newaxis].shape, str(path), "preprocessed image ")
+            _check_shape(spec, x[np.newaxis].shape, str(path), "the preprocessed image has ")
             yield {spec.name: x[np.newaxis].astype(spec.dtype, copy=False)}, path.name
 
 
@@ -498,24 +498,27 @@ def _load_arrays(f: _ArrayFile) -> dict[str, np.ndarray]:
         raise DataError(f"cannot read: {exc}", path=str(f.path)) from None
 
 
-def _check_shape(spec: InputSpec, shape: tuple[int, ...], where: str, what: str = "") -> None:
+def _check_shape(spec: InputSpec, shape: tuple[int, ...], where: str, what: str = "the data has ",
+                 sample: bool = False) -> None:
+    """Refuse data whose shape cannot feed ``spec``; the message labels the data's and the model's shape.
+
+    ``sample``: ``shape`` is one sample without its batch axis (a file of rank one less than the
+    model's input), checked as ``[1, *shape]`` but reported as the file holds it.
+    """
     if spec.shape is None:
         return
-    if len(shape) != len(spec.shape):
-        raise DataError(
-            f"input {spec.name!r}: {what}shape {list(shape)} has rank {len(shape)}, "
-            f"the model expects rank {len(spec.shape)} ({spec.describe()})",
-            path=where,
-        )
-    for axis, (got, want) in enumerate(zip(shape, spec.shape)):
+    model_side = f"the model's is {spec.describe().split(' ', 1)[1]} (rank {len(spec.shape)})"
+    shown = (f"input {spec.name!r}: {what}shape {list(shape)} (rank {len(shape)}"
+             + (", read as one sample without the batch axis)" if sample else ")"))
+    checked = (*shape[:spec.batch_axis], 1, *shape[spec.batch_axis:]) if sample else shape
+    if len(checked) != len(spec.shape):
+        raise DataError(f"{shown}, {model_side}", path=where)
+    for axis, (got, want) in enumerate(zip(checked, spec.shape)):
         if axis == spec.batch_axis:
             continue  # batching regroups samples; the batch dim is checked by the caller
         if want is not None and got != want:
-            raise DataError(
-                f"input {spec.name!r}: {what}shape {list(shape)} does not match the model's {spec.describe()} "
-                f"(axis {axis}: {got} != {want})",
-                path=where,
-            )
+            raise DataError(f"{shown}, {model_side}: on the model's axis {axis} the data has {got}, the model {want}",
+                            path=where)
 
 
 def _inspect_array_file(path: Path, specs: Sequence[InputSpec]) -> _ArrayFile:
@@ -551,17 +554,14 @@ def _inspect_array_file(path: Path, specs: Sequence[InputSpec]) -> _ArrayFile:
                 raise DataError(f"input {spec.name!r} is a scalar (rank 0), a setting shared by every sample: store it as "
                                 f"a 0-d array, not shape {list(shape)}", path=str(path))
             continue
-        this_batched = True
-        if spec.rank is not None and len(shape) == spec.rank - 1:
-            this_batched = False  # one sample without its batch axis
-            shape = shape[:spec.batch_axis] + (1,) + shape[spec.batch_axis:]
-        elif spec.rank is not None and len(shape) == 0:
+        this_batched = not (spec.rank is not None and len(shape) == spec.rank - 1)  # else one sample, no batch axis
+        if spec.rank is not None and len(shape) == 0:
             raise DataError(f"input {spec.name!r}: got a scalar, the model expects {spec.describe()}", path=str(path))
         if batched is not None and this_batched != batched:
             raise DataError("some arrays have a batch axis and others do not", path=str(path))
         batched = this_batched
-        _check_shape(spec, shape, str(path))
-        counts.add(shape[spec.batch_axis])
+        _check_shape(spec, shape, str(path), "the file's array has ", sample=not this_batched)
+        counts.add(shape[spec.batch_axis] if this_batched else 1)
     if len(counts) > 1:
         axes = sorted({s.batch_axis for s in specs if not s.scalar})
         raise DataError(f"arrays disagree on the number of samples (batch axis {'/'.join(map(str, axes))}): {sorted(counts)}",
@@ -641,7 +641,7 @@ def open_data(
 
         pre = preprocess or Preprocess.from_model(model)
         h, w = pre.size
-        _check_shape(specs[0], (1, 3, h, w) if pre.layout == "NCHW" else (1, h, w, 3), label, f"preprocess {pre.layout} size {h}x{w}: ")
+        _check_shape(specs[0], (1, 3, h, w) if pre.layout == "NCHW" else (1, h, w, 3), label, f"preprocess {pre.layout} size {h}x{w} gives ")
         for p in images:
             try:
                 with Image.open(p):  # reads the header only: fail early on a non-image

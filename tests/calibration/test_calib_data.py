@@ -188,11 +188,21 @@ def test_wrong_input_names(tmp_path):
 
 def test_wrong_shape(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((1, 3, 9, 8), np.float32))
-    with pytest.raises(DataError, match=r"d.npz: input 'x'.*axis 2: 9 != 8"):
+    with pytest.raises(DataError, match=r"d.npz: input 'x': the file's array has shape \[1, 3, 9, 8\].*axis 2 the data has 9, the model 8"):
         open_data(tmp_path / "d.npz", image_model())
     np.savez(tmp_path / "r.npz", x=np.zeros((8, 8), np.float32))
     with pytest.raises(DataError, match="rank 2"):
         open_data(tmp_path / "r.npz", image_model())
+
+
+def test_wrong_rank_names_the_files_shape_and_the_models(tmp_path):
+    """A rank-3 batch for a rank-4 input was reported as shape [1, 5, 8, 8], neither the file's nor the model's."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 8, 8), np.float32))
+    with pytest.raises(DataError) as err:
+        open_data(tmp_path / "d.npz", image_model())
+    msg = str(err.value)
+    assert "the file's array has shape [5, 8, 8] (rank 3" in msg and "[1, 5, 8, 8]" not in msg
+    assert "the model's is float32 [1, 3, 8, 8] (rank 4)" in msg
 
 
 def test_wrong_dtype(tmp_path):
