@@ -25,7 +25,7 @@ import wave
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -37,6 +37,9 @@ __all__ = [
     "Inputs",
     "models",
     "build",
+    "model_path",
+    "model_feeds",
+    "save_npz",
     "unstack",
     "zoo_model_path",
     "wheel_member",
@@ -70,7 +73,6 @@ class ZooModel:
     metric: str  # name of the task metric (zoo.py implements it)
     reference: str | None = None  # fix path: name of the float original in fp32/, None = compare with the input model
     default_eval: int = 8
-    note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -460,7 +462,7 @@ def orientation(ctx: "Ctx") -> tuple[list[Feed], str]:
     for p in documents(ctx.shared):
         base = _rgb(p)
         for k in range(4):
-            img = base.rotate(90 * k, expand=True)
+            img = base.rotate(-90 * k, expand=True)  # class k = turned k*90 degrees clockwise (PIL turns anticlockwise)
             s = 256 / min(img.size)
             img = img.resize((max(256, round(img.width * s)), max(256, round(img.height * s))), Image.LANCZOS)
             left, top = (img.width - 224) // 2, (img.height - 224) // 2
@@ -729,5 +731,3 @@ def save_npz(path: Path, arrays: Feed) -> Path:
     np.savez(path, **model_feeds(arrays))
     return path
 
-
-Builder = Callable[[Ctx], tuple[list[Feed], str]]
