@@ -657,13 +657,21 @@ def encode_reaction(rxn: str) -> Feed:
 
 
 def rxnmap(ctx: "Ctx") -> tuple[list[Feed], str]:
-    """Hand-encoded reactions, zero-padded to the longest (as chython's collate pads a batch)."""
+    """Hand-encoded reactions, zero-padded to the longest (as chython's collate pads a batch).
+
+    Distance code 0 is -inf in the model's spatial encoder (the padding mask), so a padding token's own
+    row would be all -inf and its softmax NaN, which spreads to every token in the next layer. Padding
+    tokens therefore get code 2 (self) on their own diagonal: the real tokens' outputs are then bit-exact
+    those of the unpadded reaction (checked on the esterification).
+    """
     enc = [encode_reaction(r) for r in REACTIONS]
     seq = max(e["atoms"].shape[1] for e in enc)
     feeds = []
     for e in enc:
         n = e["atoms"].shape[1]
         pad = {k: np.pad(v, [(0, 0)] + [(0, seq - n)] * (v.ndim - 1)) for k, v in e.items()}
+        idx = np.arange(n, seq)
+        pad["distances"][0, idx, idx] = 2
         feeds.append(pad)
     return feeds, f"{len(REACTIONS)} textbook reactions, hand-encoded, padded to {seq} tokens"
 
