@@ -735,7 +735,11 @@ def unstack(arrays: Feed) -> Iterator[Feed]:
 
 
 def save_npz(path: Path, arrays: Feed) -> Path:
+    """The arrays as qdqsurgeon reads them: batch on each input's batch axis, a scalar input as a 0-d array."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **model_feeds(arrays))
+    feeds = model_feeds(arrays)
+    if "sr" in feeds and "state" in feeds:  # silero: sr is one setting, state [2, batch, 128]
+        feeds = {**feeds, "sr": np.asarray(feeds["sr"][0]), "state": np.ascontiguousarray(feeds["state"].transpose(1, 0, 2))}
+    np.savez(path, **feeds)
     return path
 
