@@ -85,10 +85,21 @@ def is_fix_path(path: Path) -> bool:
     return any(n.op_type in QUANT_OPS for n in model.graph.node)
 
 
+def _drop_value_info(graph) -> None:
+    """Remove shape annotations from a graph and every subgraph (If/Loop bodies carry their own)."""
+    del graph.value_info[:]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _drop_value_info(attr.g)
+            for sub in attr.graphs:
+                _drop_value_info(sub)
+
+
 def graph_difference(a: Path, b: Path) -> str:
     """'' if the two models' graphs serialize identically, else what differs ("changed N nodes", ...).
 
-    ``value_info`` is left out: it only annotates intermediate shapes (a second run may infer a few more),
+    ``value_info`` is left out, in subgraphs too: it only annotates intermediate shapes (a second run may infer a few more),
     it is not part of what the graph computes. Graph input/output declarations do count.
     """
     from collections import Counter
@@ -96,7 +107,8 @@ def graph_difference(a: Path, b: Path) -> str:
     import onnx
 
     ga, gb = onnx.load(str(a)).graph, onnx.load(str(b)).graph
-    del ga.value_info[:], gb.value_info[:]
+    for g in (ga, gb):
+        _drop_value_info(g)
     if ga.SerializeToString() == gb.SerializeToString():
         return ""
     na = Counter(n.SerializeToString() for n in ga.node)

@@ -76,6 +76,13 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     distinct ones, so those (and only those) get ``<op>_<index>`` style names.
     """
     graph = gs.import_onnx(model)
+    # gs lets a value_info entry for a graph input/output override its declaration (ModelOpt's fp16
+    # YOLOv8n carries one with unknown dims for its output): the declaration is the model's contract.
+    declared = {v.name: v for v in [*model.graph.input, *model.graph.output]}
+    for t in [*graph.inputs, *graph.outputs]:
+        vi = declared.get(t.name)
+        if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for t in g.tensors().values():
             # gs leaves types numpy cannot name (bfloat16, float8) as ONNX enum integers; their

@@ -120,3 +120,20 @@ def test_shape_inference_failure_warns_and_continues(tmp_path, caplog, monkeypat
     model = qdqsurgeon.load(qdqsurgeon.examples.example_model())
     assert len(model.graph.node) > 0
     assert "shape inference failed" in caplog.text
+
+
+def test_graph_output_declaration_wins_over_value_info():
+    """ModelOpt's fp16 YOLOv8n carries a value_info entry for its output with unknown dims; gs let it replace the
+    declared [batch, 22, N] shape, so optimize's output declared [unk, unk, unk] and a second run changed it."""
+    from onnx import TensorProto, helper
+
+    from qdqsurgeon.graph import export_model, import_model
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+                              value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT, ["unk__1", "unk__2"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = export_model(import_model(model), template=model)
+    dims = [d.dim_param or d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 4]

@@ -50,13 +50,7 @@ def _one_line_refusal(src: Path, calib: Path, tmp_path: Path) -> bool:
     return True
 
 
-# Known and open (issue 12 note): a second optimize differs from the first without logging an edit.
-KNOWN = {"yolov8n_320_modelopt_ptq_fp16": "second run re-declares output shapes (no edit logged)",
-         "silero_vad_v6_op18_ifless": "second run differs in 2 nodes inside the If (no edit logged)"}
-
-
-@pytest.mark.parametrize("entry", [pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN[m.name], strict=True))
-                                   if m.name in KNOWN else m for m in ALL], ids=[m.name for m in ALL])
+@pytest.mark.parametrize("entry", ALL, ids=[m.name for m in ALL])
 def test_zoo_model(entry: zd.ZooModel, tmp_path: Path) -> None:
     need_shared()
     shared = MODELS.parent
