@@ -2,6 +2,8 @@
 
 Why the PTQ order is what it is:
 
+0. ``remove-identity`` bypasses Identity nodes (exact; TensorRT removes them too), so they split no
+   conv chain for the passes or the analysis (F3). It runs once, like insertion.
 1. ``insert-qdq`` puts Q/DQ on every weighted op's inputs (P1): the starting point.
 2. ``exclude-output-layers`` runs next so that every later pass sees the final set of quantized
    consumers; run later, the residual and pooling passes would add Q/DQ feeding layers that end
@@ -37,7 +39,7 @@ from __future__ import annotations
 __all__ = ["PIPELINES", "CLEANUP", "PLACEMENT", "RUN_ONCE", "BASELINES"]
 
 CLEANUP: tuple[str, ...] = ("fold-qdq-pairs", "dedupe-qdq", "remove-unused-domains")
-RUN_ONCE: frozenset[str] = frozenset({"insert-qdq"})
+RUN_ONCE: frozenset[str] = frozenset({"remove-identity", "insert-qdq"})
 PLACEMENT: tuple[str, ...] = (
     "exclude-output-layers",
     "quantize-residual",
@@ -51,10 +53,10 @@ PLACEMENT: tuple[str, ...] = (
 
 PIPELINES: dict[str, tuple[str, ...]] = {
     "cleanup": CLEANUP,
-    "ptq": ("insert-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
-    "fix": ("normalize-qdq", "remove-misplaced-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
-    "insert-only": ("insert-qdq", *CLEANUP),
-    "repair-only": ("normalize-qdq", *CLEANUP),
+    "ptq": ("remove-identity", "insert-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
+    "fix": ("remove-identity", "normalize-qdq", "remove-misplaced-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
+    "insert-only": ("remove-identity", "insert-qdq", *CLEANUP),
+    "repair-only": ("remove-identity", "normalize-qdq", *CLEANUP),
 }
 
 #: The plainer pipeline each named pipeline must not be worse than (by the static TensorRT model:

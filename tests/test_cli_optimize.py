@@ -29,7 +29,7 @@ def test_example_summary_and_report(tmp_path):
     assert "pipeline: PTQ" in res.output and "insert-qdq" in res.output and "standalone Q/DQ layers" in res.output
     assert "check logits: SQNR" in res.output
     log = json.loads(report.read_text())
-    assert log["mode"] == "ptq" and log["passes"][0] == "insert-qdq"
+    assert log["mode"] == "ptq" and log["passes"][:2] == ["remove-identity", "insert-qdq"]
     assert log["analysis_after"]["standalone_qdq_layers"] == 1
     assert {"pass", "rule", "kind", "node", "detail"} <= set(log["changes"][0])
     model = onnx.load(str(out))

@@ -38,7 +38,7 @@ def test_fix_path_keeps_the_input_placement_when_the_pipeline_would_be_worse(mon
     monkeypatch.setattr(api, "_score", lambda analysis: next(scores))
     res = qdqsurgeon.optimize(model)
     assert res.mode == "fix" and res.before_label == "input"
-    assert res.passes[0] == "normalize-qdq" and "align-scales" not in res.passes  # the repair-only pipeline
+    assert res.passes[:2] == ["remove-identity", "normalize-qdq"] and "align-scales" not in res.passes  # repair-only
     assert any(c.pass_name == "optimize" and "kept that" in c.detail for c in res.changes)
     assert res.after["standalone_qdq_layers"] == res.before["standalone_qdq_layers"]  # the input's own placement
     assert res.regressions == []

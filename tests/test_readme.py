@@ -19,7 +19,7 @@ def test_api_snippet(tmp_path, monkeypatch, capsys):
     exec(compile(_snippet("api"), "README.md", "exec"), {})
     assert (tmp_path / "example.int8.onnx").exists()
     out = capsys.readouterr().out
-    assert out.startswith("ptq {'insert-qdq'")
+    assert out.startswith("ptq {'remove-identity': {}, 'insert-qdq'")
 
 
 def test_pattern_snippet_matches_example_file():

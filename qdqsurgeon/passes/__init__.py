@@ -16,6 +16,7 @@ from .quantize_pooling import QuantizePooling
 from .remove_misplaced_qdq import RemoveMisplacedQdq
 from .float16_regions import Float16Regions
 from .remove_unused_domains import RemoveUnusedDomains
+from .remove_identity import RemoveIdentity
 
 __all__ = [
     "BUILTIN_PASSES",
@@ -43,4 +44,5 @@ BUILTIN_PASSES: tuple[type[Pass], ...] = (
     FoldQdqPairs,
     DedupeQdq,
     RemoveUnusedDomains,
+    RemoveIdentity,
 )
