@@ -345,6 +345,12 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     config = Config(weights=weights, exclude=list(exclude), exclude_ops=_split(exclude_op), quantize_bmm=quantize_bmm,
                     align=align, keep_output_layers=keep_output_layers, float16=float16, io_float16=io_float16)
     mode = detect_mode(model)
+    from .inspection import OPERATOR_QUANT_OPS
+    from .passes.normalize_qdq import OPERATOR_QUANT_MESSAGE
+
+    operator_ops = sorted({n.op_type for n in model.graph.node if n.op_type in OPERATOR_QUANT_OPS})
+    if operator_ops:  # refused now, not after calibration (normalize-qdq would refuse it too)
+        raise ModelError(OPERATOR_QUANT_MESSAGE.format(ops=", ".join(operator_ops)), path=src)
     ranges = None
     if requantize:
         if mode != "fix":

