@@ -38,6 +38,7 @@ import onnx_graphsurgeon as gs
 
 from . import trt_rules as R
 from .graph import const_value, is_dq, is_q, nested_nodes, producer, qparams, weight_input_index
+from .qdq import conv_chain, source_of
 
 __all__ = ["StandaloneLayer", "WeightedOpPrediction", "TrtPrediction", "predict", "weighted_op_macs"]
 
@@ -86,6 +87,10 @@ class TrtPrediction:
     transitions: list[dict[str, str]] = field(default_factory=list)
     int8_ops: list[str] = field(default_factory=list)
     fused_groups: list[list[str]] = field(default_factory=list)
+    trt_version: str = ""
+    #: Predictions that rest on rules no engine or document confirms for ``trt_version``:
+    #: [{"rule", "claim", "nodes"}], one entry per rule.
+    unverified: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def standalone_quantize(self) -> int:
@@ -117,6 +122,8 @@ class TrtPrediction:
             "standalone_layers": [asdict(s) for s in self.standalone_layers],
             "requantize_layers": self.requantize,
             "int8_ops": list(self.int8_ops),
+            "trt_version": self.trt_version,
+            "unverified": [dict(u, nodes=list(u["nodes"])) for u in self.unverified],
         }
 
 
@@ -244,8 +251,9 @@ def _qlabel(sim: "_Sim", node: gs.Node) -> str:
 class _Sim:
     """TensorRT's Q/DQ processing on a private graph; see the module docstring for the steps."""
 
-    def __init__(self, graph: gs.Graph) -> None:
+    def __init__(self, graph: gs.Graph, version: R.Version | None = None) -> None:
         self.g = graph
+        self.version = R.parse_version(version)
         self.nodes: list[gs.Node] = list(graph.nodes)
         for i, n in enumerate(self.nodes):
             if not n.name:
@@ -553,6 +561,8 @@ def _fuse(sim: _Sim):
                     other = e.inputs[1] if e.inputs[0] is t else e.inputs[0]
                     if other is t:
                         break
+                    if not R.residual_add_joins_chain(members, sim.version):
+                        break  # E8.1: after an activation the Add is a PointWise layer of its own
                     residual, skip, skip_dq = e, other, sim.dq_of(other)
                 elif (R.is_epilogue(e) and not R.is_residual_add(e) and not R.is_silu_mul(e)
                       and er is not None and n.op in er.fuses_after):
@@ -714,13 +724,48 @@ def _nested_weighted_ops(graph: gs.Graph) -> list[dict[str, Any]]:
     return out
 
 
-def predict(model_or_graph: onnx.ModelProto | gs.Graph) -> TrtPrediction:
+def _unverified(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node]) -> list[dict[str, Any]]:
+    """Which parts of the prediction rest on rules tagged "inferred, unverified" for ``sim.version``:
+    fusions and INT8 kernels of ops whose table entry has no documented or seen confidence, and the
+    version-dependent rules (E8.1) applied outside the releases their evidence covers."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def add(rule: str, claim: str, name: str) -> None:
+        entry = found.setdefault(rule, {"rule": rule, "claim": claim, "nodes": []})
+        if name not in entry["nodes"]:
+            entry["nodes"].append(name)
+
+    def check(n: gs.Node, as_what: str) -> None:
+        rule = R.rule_for(n.op)
+        if rule is not None and set(rule.confidence) == {R._INF}:
+            add("/".join(rule.rules), f"{n.op} {as_what} ({rule.note or 'inferred'})", n.name)
+
+    for c in chains:
+        if c.int8_in:
+            for m in c.members[1:]:
+                check(m, "fuses into the INT8 kernel before it")
+    for n in int8_units:
+        check(n, "runs as an INT8 layer when wrapped in Q/DQ")
+    e81 = R.VERSIONED_RULES["E8.1"]
+    if e81.confidence_at(sim.version) == R._INF:
+        # Residual Adds after an activated conv chain: their kernels (and the placement chosen for them) rest on E8.1.
+        for n in sim.nodes:
+            if not sim.live(n) or not R.is_residual_add(n):
+                continue
+            chains = [c for c in (conv_chain(source_of(t), exclusive=False) for t in n.inputs) if c is not None]
+            if chains and not any(R.residual_add_joins_chain(c, sim.version) for c in chains):
+                add(e81.id, e81.describe(sim.version), n.name)
+    return list(found.values())
+
+
+def predict(model_or_graph: onnx.ModelProto | gs.Graph, *, trt_version: R.Version | str | None = None) -> TrtPrediction:
     """Predict the TensorRT engine for a Q/DQ model (see the module docstring for the semantics).
 
-    Takes an ``onnx.ModelProto`` or a ``gs.Graph``; neither is modified.
+    Takes an ``onnx.ModelProto`` or a ``gs.Graph``; neither is modified. ``trt_version``
+    (default: the newest release the rules describe) selects the version-dependent rules.
     """
     graph = _working_graph(model_or_graph)
-    sim = _Sim(graph)
+    sim = _Sim(graph, R.parse_version(trt_version))
     macs = {id(n): weighted_op_macs(n) for n in sim.nodes if R.is_weighted(n)}
     sim.move()
     chains, absorbed_edges, absorbed_q, float_reason, end_reason, int8_units = _fuse(sim)
@@ -793,6 +838,8 @@ def predict(model_or_graph: onnx.ModelProto | gs.Graph) -> TrtPrediction:
         transitions=transitions,
         int8_ops=int8_ops,
         fused_groups=[[m.name for m in c.members] for c in chains if len(c.members) > 1],
+        trt_version=R.version_label(sim.version),
+        unverified=_unverified(sim, chains, int8_units),
     )
     logger.debug("predicted %d standalone Q/DQ, %d/%d INT8 weighted ops", pred.standalone_qdq_layers,
                  pred.int8_weighted_ops, len(weighted))

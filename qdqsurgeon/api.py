@@ -76,13 +76,13 @@ def detect_mode(model: onnx.ModelProto) -> str:
     return "fix" if has_qdq(model) else "ptq"
 
 
-def _analysis(model_graph: Any) -> dict[str, Any] | None:
+def _analysis(model_graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
     try:
         from .analysis import predict
     except ImportError:
         return None
     try:
-        return predict(model_graph).to_dict()
+        return predict(model_graph, trt_version=trt_version).to_dict()
     except Exception as exc:  # the analysis is a report, never a reason to fail an optimization
         logger.warning("static TensorRT analysis failed: %s", exc)
         return None
@@ -167,7 +167,7 @@ def optimize(
 
     ctx = PassContext(config=config, ranges=ranges)
     graph = import_model(model)
-    before = _analysis(graph) if analyze else None
+    before = _analysis(graph, config.trt_version) if analyze else None
     if before is not None:
         before["validity_problems"] = len(validity_problems(graph))
     run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze)
@@ -227,7 +227,7 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
             onnx.checker.check_model(out)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    analysis = _analysis(result.graph) if analyze else None
+    analysis = _analysis(result.graph, ctx.config.trt_version) if analyze else None
     if analysis is not None:
         analysis["validity_problems"] = len(validity_problems(result.graph))
     return _Run(out, list(result.changes), timing.stats, analysis)

@@ -110,6 +110,23 @@ def _checked_regexes(patterns: tuple[str, ...]) -> tuple[str, ...]:
     return patterns
 
 
+def _trt_version(text: str | None) -> tuple[int, int] | None:
+    """``--trt-version`` as (major, minor), None for the default (the newest release the rules describe)."""
+    if text is None:
+        return None
+    from .trt_rules import parse_version
+
+    try:
+        return parse_version(text)
+    except ValueError as exc:
+        raise UsageError(f"--trt-version: {exc}") from None
+
+
+_TRT_VERSION_HELP = ("TensorRT release to target, e.g. 10.6 (default: the newest the rules describe). Selects the "
+                     "version-dependent rules (ConvTranspose weight axis, INT8 weight initializers, E8.1) and which "
+                     "predictions are flagged unverified.")
+
+
 def _split(values: tuple[str, ...] | str | None) -> list[str]:
     if not values:
         return []
@@ -159,7 +176,8 @@ def passes_cmd(pattern_paths: tuple[str, ...], as_json: bool) -> None:
 @click.argument("model", type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--trt", is_flag=True, help="Add the static TensorRT analysis (predicted INT8 layers, standalone Q/DQ).")
-def inspect_cmd(model: str, as_json: bool, trt: bool) -> None:
+@click.option("--trt-version", "trt_version", default=None, help=_TRT_VERSION_HELP)
+def inspect_cmd(model: str, as_json: bool, trt: bool, trt_version: str | None) -> None:
     """Q/DQ census of MODEL and its validity problems against TensorRT (rules V1-V6).
 
     Exit code 0 whether or not problems are found; problems are listed.
@@ -171,7 +189,8 @@ def inspect_cmd(model: str, as_json: bool, trt: bool) -> None:
     from .inspection import inspect_model
     from .io import load
 
-    result = inspect_model(load(model, infer_shapes=True), trt=trt)
+    version = _trt_version(trt_version)
+    result = inspect_model(load(model, infer_shapes=True), trt=trt, trt_version=version)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -197,6 +216,11 @@ def inspect_cmd(model: str, as_json: bool, trt: bool) -> None:
                    f"{t['precision_transitions']} precision transitions")
         for name in t["standalone_qdq"][:20]:
             click.echo(f"    standalone: {name}")
+        if t.get("unverified"):
+            click.echo(f"  predictions resting on rules unverified for TensorRT {t['trt_version']}:")
+            for u in t["unverified"]:
+                names = ", ".join(u["nodes"][:3]) + (f", ... ({len(u['nodes'])} in all)" if len(u["nodes"]) > 3 else "")
+                click.echo(f"    [{u['rule']}] {u['claim']}: {names}")
     probs = d["problems"]
     click.echo(f"  problems: {len(probs)}")
     for p in probs[:30]:
@@ -255,6 +279,7 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--calib-random", type=int, default=None, help="Smoke test only: calibrate on N random inputs.")
 @click.option("--calib-cache", type=click.Path(readable=False), help="Import activation scales from a TensorRT calibration cache.")
 @click.option("--weights", type=click.Choice(["float", "int8"]), default="float", show_default=True, help="Weights as float+Q/DQ or int8 initializer+DQ.")
+@click.option("--trt-version", "trt_version", default=None, help=_TRT_VERSION_HELP)
 @click.option("--exclude", multiple=True, help="Regex over node names to leave unquantized (repeatable).")
 @click.option("--exclude-op", multiple=True, help="Op type to leave unquantized (repeatable).")
 @click.option("--quantize-bmm/--no-quantize-bmm", default=None,
@@ -274,7 +299,7 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, pattern_paths: tuple[str, ...],
                  report_path: str | None, opset: int | None, no_opset_upgrade: bool, calib: str | None, method: str | None, percentile: float,
-                 preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str,
+                 preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str, trt_version: str | None,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
                  keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, run_check: bool,
                  eval_path: str | None, engine_path: str | None, no_analysis: bool, allow_regression: bool,
@@ -312,6 +337,13 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         logger.warning("output %s does not end in .onnx", dst)
     if float16 is False and io_float16:
         raise UsageError("--io-float16 needs --float16")
+    version = _trt_version(trt_version)
+    if version is not None and weights == "int8":
+        from .trt_rules import int8_weight_initializers
+
+        if not int8_weight_initializers(version):
+            raise UsageError(f"--weights int8: TensorRT {trt_version} does not read INT8 weight initializers "
+                             "(from 10.0 only); use --weights float")
     t0 = time.perf_counter()
     # Every path is checked before any expensive work (loading, calibration): a run must not
     # spend minutes and then fail on an unwritable output (issue 17 item 9).
@@ -343,7 +375,12 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     registry.load_entry_points()
     user = [e.name for p in pattern_paths for e in registry.load_path(p)]
     config = Config(weights=weights, exclude=list(exclude), exclude_ops=_split(exclude_op), quantize_bmm=quantize_bmm,
-                    align=align, keep_output_layers=keep_output_layers, float16=float16, io_float16=io_float16)
+                    align=align, keep_output_layers=keep_output_layers, float16=float16, io_float16=io_float16,
+                    trt_version=version)
+    if version is not None:
+        from .trt_rules import convtranspose_axis_for
+
+        config.convtranspose_axis = convtranspose_axis_for(version)
     mode = detect_mode(model)
     from .inspection import OPERATOR_QUANT_OPS
     from .passes.normalize_qdq import OPERATOR_QUANT_MESSAGE

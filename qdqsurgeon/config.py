@@ -21,6 +21,9 @@ class Config:
     # fusion, NVIDIA/TensorRT#3243) and leaves other batch GEMMs float; True quantizes every one; False none.
     quantize_bmm: bool | None = None
     convtranspose_axis: int | None = 1  # None: per-tensor weights (target TRT unknown)
+    # The TensorRT release placement targets, (major, minor); None: the newest the rules describe
+    # (trt_rules.NEWEST_VERSION). Version-dependent rules: trt_rules.VERSIONED_RULES.
+    trt_version: tuple[int, int] | None = None
     # placement
     align: str = "max"  # "max" (union of ranges) or "output" (the consumer's scale), P4-P6
     keep_output_layers: bool = False  # P9

@@ -304,7 +304,8 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
     return problems
 
 
-def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False) -> Inspection:
+def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False,
+                  trt_version: tuple[int, int] | str | None = None) -> Inspection:
     """Census and validity problems of a model; with ``trt`` also the static TensorRT prediction."""
     graph = import_model(model) if isinstance(model, onnx.ModelProto) else model
     ops = Counter(n.op for n in graph.nodes)
@@ -345,5 +346,5 @@ def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False) -> In
     if trt:
         from .analysis import predict
 
-        result.trt = predict(graph).to_dict()
+        result.trt = predict(graph, trt_version=trt_version).to_dict()
     return result

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from .graph import const_value, is_dq, is_graph_output, is_q, producer, qparams, same_qparams
 from .rewriter import Rewriter
-from .trt_rules import is_epilogue, is_residual_add, is_silu_mul, is_weighted
+from .trt_rules import is_epilogue, is_residual_add, is_silu_mul, is_weighted, residual_add_joins_chain
 
 __all__ = [
     "pair_reading",
@@ -25,6 +25,7 @@ __all__ = [
     "scale_of",
     "ensure_pair",
     "dequantized_input",
+    "conv_chain",
     "conv_chain_head",
     "reads_fused_chain",
     "chain_is_exclusive",
@@ -118,41 +119,56 @@ def dequantized_input(rw: Rewriter, node: gs.Node, index: int, *, detail: str, r
     return True
 
 
-def conv_chain_head(tensor: gs.Tensor, *, exclusive: bool = True) -> gs.Node | None:
-    """The weighted op whose fused chain (F3 epilogues) produces ``tensor``, or None.
+def conv_chain(tensor: gs.Tensor, *, exclusive: bool = True) -> list[gs.Node] | None:
+    """The nodes of the fused chain (F3 epilogues) that produces ``tensor``, weighted head first, or None.
 
     Walks back through BN, ReLU/Clip/LeakyReLU, bias Add and SiLU (Sigmoid·Mul). With
     ``exclusive`` every intermediate tensor must feed only the chain (otherwise TensorRT cannot
     fuse it into one kernel with a residual Add).
     """
     t = tensor
+    nodes: list[gs.Node] = []
     for _ in range(16):
         node = producer(t)
         if node is None:
             return None
-        if is_weighted(node):
-            if exclusive and len(t.outputs) > 1 and not _silu_fanout_ok(t):
-                return None
-            return node
-        if not is_epilogue(node) or is_residual_add(node):
-            return None
         if exclusive and len(t.outputs) > 1 and not _silu_fanout_ok(t):
             return None
+        if is_weighted(node):
+            return [node, *reversed(nodes)]
+        if not is_epilogue(node) or is_residual_add(node):
+            return None
         if is_silu_mul(node):
-            t = next((i for i in node.inputs if not (producer(i) is not None and producer(i).op == "Sigmoid")), node.inputs[0])
+            sig = next((i for i in node.inputs if producer(i) is not None and producer(i).op == "Sigmoid"), None)
+            nodes += [node] + ([producer(sig)] if sig is not None else [])
+            t = next((i for i in node.inputs if i is not sig), node.inputs[0])
         else:
             data = [i for i in node.inputs if const_value(i) is None]
             if len(data) != 1:
                 return None
+            nodes.append(node)
             t = data[0]
     return None
+
+
+def conv_chain_head(tensor: gs.Tensor, *, exclusive: bool = True) -> gs.Node | None:
+    """The weighted op whose fused chain (:func:`conv_chain`) produces ``tensor``, or None."""
+    chain = conv_chain(tensor, exclusive=exclusive)
+    return chain[0] if chain else None
 
 
 def reads_fused_chain(node: gs.Node, tensor: gs.Tensor) -> bool:
     """Whether epilogue ``node`` reading ``tensor`` (through a pair or not) belongs to the fused chain
     of the weighted op behind it (F3): a pair there splits the chain. remove-misplaced-qdq takes such
     pairs out and quantize-pooling must not put them in; both ask this."""
-    return is_epilogue(node) and conv_chain_head(source_of(tensor), exclusive=False) is not None
+    if not is_epilogue(node):
+        return False
+    chain = conv_chain(source_of(tensor), exclusive=False)
+    if chain is None:
+        return False
+    # E8.1: a residual Add after an activation is a PointWise layer of its own, not part of the chain;
+    # its pair on the branch is the placement quantize-residual chooses there.
+    return not is_residual_add(node) or residual_add_joins_chain(chain)
 
 
 def wraps_standalone(node: gs.Node) -> bool:

@@ -60,6 +60,18 @@ __all__ = [
     "fuses_with_conv_act",
     "MHA_BETWEEN",
     "attention_gemms",
+    "Version",
+    "NEWEST_VERSION",
+    "VersionedRule",
+    "VERSIONED_RULES",
+    "parse_version",
+    "version_label",
+    "is_activation",
+    "activation_add_fuses",
+    "residual_add_joins_chain",
+    "residual_placement",
+    "convtranspose_axis_for",
+    "int8_weight_initializers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -577,3 +589,142 @@ def attention_gemms(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
         if score is not None:
             pairs.append((score, context[0]))
     return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT versions (trt-rules.md §1, §8). Rules whose behaviour or whose evidence depends on the
+# release. ``--trt-version`` picks the release; the default is the newest the rules describe, and
+# a behaviour asked for outside the releases its evidence covers is the newest evidence's,
+# extrapolated and therefore tagged "inferred, unverified".
+
+Version = tuple[int, int]
+
+#: The newest TensorRT release trt-rules.md §1 describes (11.x). The default target.
+NEWEST_VERSION: Version = (11, 1)
+
+
+def parse_version(text: str | Version | None) -> Version:
+    """``"10.6"``, ``"10"``, ``"8.6.1.6"`` or ``(10, 6)`` as (major, minor); None is :data:`NEWEST_VERSION`."""
+    if text is None:
+        return NEWEST_VERSION
+    if isinstance(text, tuple):
+        return (int(text[0]), int(text[1]) if len(text) > 1 else 0)
+    parts = str(text).strip().split(".")
+    try:
+        major = int(parts[0])
+        minor = int(parts[1]) if len(parts) > 1 and parts[1] != "" else 0
+    except ValueError:
+        raise ValueError(f"TensorRT version {text!r} is not MAJOR[.MINOR], e.g. 10.6") from None
+    if not 8 <= major <= NEWEST_VERSION[0]:
+        raise ValueError(f"TensorRT version {text!r}: the rules cover 8.x to {NEWEST_VERSION[0]}.x")
+    return major, minor
+
+
+def version_label(v: Version) -> str:
+    return f"{v[0]}.{v[1]}"
+
+
+@dataclass(frozen=True)
+class VersionedRule:
+    """A rule whose evidence covers the TensorRT releases ``seen`` (inclusive)."""
+
+    id: str
+    claim: str
+    seen: tuple[Version, Version]
+    confidence: str
+    sources: str
+
+    def covers(self, version: Version | None = None) -> bool:
+        v = parse_version(version)
+        return self.seen[0] <= v <= self.seen[1]
+
+    def confidence_at(self, version: Version | None = None) -> str:
+        return self.confidence if self.covers(version) else _INF
+
+    def describe(self, version: Version | None = None) -> str:
+        span = f"{version_label(self.seen[0])}-{version_label(self.seen[1])}"
+        if self.covers(version):
+            return f"{self.id} ({self.confidence}, TensorRT {span}): {self.claim}"
+        return (f"{self.id} (unverified for TensorRT {version_label(parse_version(version))}: evidence covers "
+                f"{span} only): {self.claim}")
+
+
+VERSIONED_RULES: Mapping[str, VersionedRule] = {r.id: r for r in (
+    VersionedRule("E8.1", "an activation between a conv and a residual Add keeps the Add out of the INT8 conv "
+                          "kernel; the activation and the Add run as their own PointWise layer",
+                  ((8, 4), (10, 6)), _SEEN, "NVIDIA/TensorRT#2204 (8.4.1), #3861 (8.5, 10.6)"),
+    VersionedRule("E8.2", "a residual Add followed by its activation (ResNet order) fuses into the conv",
+                  ((8, 5), (10, 16)), _SEEN, "verbose build log, 8.5.2 Orin; F5 in NVIDIA's Q/DQ placement guide"),
+    VersionedRule("V3.convtranspose", "ConvTranspose weights are quantized per output channel on axis 1",
+                  ((10, 2), NEWEST_VERSION), _INF, "trt-rules.md V3; 8.x quantizes axis 0"),
+    VersionedRule("V.int8-weights", "an INT8 weight initializer read by a DequantizeLinear is accepted",
+                  ((10, 0), NEWEST_VERSION), _DOC, "trt-rules.md §1 table (not supported on 8.6)"),
+)}
+
+#: Epilogue ops that are linear (they fold into the conv's scale and bias): not an activation.
+_LINEAR_EPILOGUES = ("BatchNormalization",)
+
+
+def is_activation(node: gs.Node) -> bool:
+    """A non-linear epilogue of a fused chain: ReLU/Clip/LeakyReLU/HardSigmoid/HardSwish, SiLU's halves,
+    GELU; not BN or a bias Add (they are folded into the weights), not a residual Add."""
+    if node.op in _LINEAR_EPILOGUES or node.op == "Add":
+        return False
+    return node.op == "Erf" or is_epilogue(node)  # Erf: the non-linear node of an Erf-form GELU region
+
+
+def activation_add_fuses(version: Version | None = None) -> bool:
+    """Whether TensorRT fuses ``Conv → activation → Add(skip)`` into one INT8 kernel (E8.1).
+
+    No explicit-quantization engine of any release shows it: 8.4-10.6 run the activation and the
+    Add as a separate PointWise layer and the conv writes float. Releases after 10.6 are assumed to
+    behave the same (NVIDIA ModelOpt's skip-only placement hints they might not; no engine confirms
+    it), which :meth:`VersionedRule.confidence_at` reports as unverified.
+    """
+    parse_version(version)
+    return False
+
+
+def residual_add_joins_chain(chain: Iterable[gs.Node], version: Version | None = None) -> bool:
+    """Whether a residual Add reading the end of the fused ``chain`` (its nodes, head included)
+    joins the chain's kernel: always when no activation precedes it (F5, E8.2), else per E8.1."""
+    return activation_add_fuses(version) or not any(is_activation(n) for n in chain)
+
+
+def residual_placement(version: Version | None = None, *, float_bytes: int = 4) -> tuple[str, str]:
+    """Where a residual Add after an activated conv chain gets its Q/DQ: ``"skip"`` (the skip input
+    only, so the Add fuses into the conv) or ``"both"`` (NVIDIA's YOLOv5/YOLOv7 QAT recipe: both
+    Add inputs quantized, the Add an INT8 PointWise layer), with the reason.
+
+    Chosen by predicted kernels, then bytes moved per output element of the block (the conv's
+    input read is the same either way):
+
+    * fused (``activation_add_fuses``): skip-only = 1 kernel [Conv+act+Add: read skip 1 B, write
+      1 B] = 2 B; both = 2 kernels [Conv+act writes 1 B; Add reads 1+1 B, writes 1 B] = 4 B.
+    * not fused (E8.1): skip-only = 2 kernels [Conv writes ``float_bytes``; PointWise(act, Add)
+      reads ``float_bytes`` + 1 B, writes 1 B]; both = 2 kernels, 4 B.
+    """
+    fused = activation_add_fuses(version)
+    skip = (1, 2) if fused else (2, 2 * float_bytes + 2)
+    both = (2, 4)
+    choice = "skip" if skip <= both else "both"
+    rule = VERSIONED_RULES["E8.1"]
+    why = (f"{rule.id}: TensorRT {version_label(parse_version(version))} "
+           f"{'fuses' if fused else 'does not fuse'} activation+Add into the conv "
+           f"({rule.confidence_at(version)}); skip-only {skip[0]} kernels/{skip[1]} B per element, "
+           f"both inputs {both[0]} kernels/{both[1]} B")
+    return choice, why
+
+
+def convtranspose_axis_for(version: Version | None = None) -> int | None:
+    """ConvTranspose's per-channel weight axis on ``version`` (V3): 0 on 8.x, 1 from 10.2, None
+    (per-tensor: safe on both) for 10.0-10.1, where the parser's choice is not known."""
+    v = parse_version(version)
+    if v < (10, 0):
+        return 0
+    return 1 if VERSIONED_RULES["V3.convtranspose"].covers(v) else None
+
+
+def int8_weight_initializers(version: Version | None = None) -> bool:
+    """Whether ``version`` accepts INT8 weight initializers read by a DQ (§1: from 10.0)."""
+    return VERSIONED_RULES["V.int8-weights"].covers(version)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import activation_input_index, const_value, producer, qparams
-from ..qdq import conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on, source_of
+from ..qdq import conv_chain, conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on, source_of
 from ..quant import scale_from_amax
 from ..rewriter import Rewriter
+from ..trt_rules import residual_add_joins_chain, residual_placement
 from .base import Pass, PassContext
 
 __all__ = ["QuantizeResidual", "residual_sides"]
@@ -111,12 +113,21 @@ def _int8_downstream(graph: gs.Graph, t: gs.Tensor, decided: dict[int, bool], de
     return True
 
 
+def _float_bytes(node: gs.Node) -> int:
+    """Bytes per element of the float type ``node`` computes in (2 for float16/bfloat16, else 4)."""
+    dtype = node.outputs[0].dtype if node.outputs else None
+    try:
+        return 2 if dtype is not None and np.dtype(dtype).itemsize == 2 else 4
+    except TypeError:
+        return 4
+
+
 class QuantizeResidual(Pass):
     """Quantize the skip input of residual Adds and keep the conv-branch input float."""
 
     name = "quantize-residual"
     summary = "Residual Add: Q/DQ on the skip input, none between the conv chain and the Add"
-    rules = ("P3", "F5", "F6", "F7")
+    rules = ("P3", "F5", "F6", "F7", "E8.1")
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         decided: dict[int, bool] = {}
@@ -130,7 +141,16 @@ class QuantizeResidual(Pass):
             if not decided[id(add)]:
                 rw.note(add, "output is read in float (head or graph output): skip left float, no standalone Dequantize", rule="P3")
                 continue
-            if pair_reading(add.inputs[conv_i]) is not None:
+            chain = conv_chain(source_of(add.inputs[conv_i]))
+            both = chain is not None and not residual_add_joins_chain(chain, ctx.config.trt_version)
+            if both:
+                # E8.1: an activation before the Add keeps the Add out of the conv kernel whatever the
+                # placement; quantizing both inputs lets Conv+activation write INT8 (fewer bytes, same kernels).
+                placement, cost = residual_placement(ctx.config.trt_version, float_bytes=_float_bytes(add))
+                both = placement == "both"
+                if both and not self._quantize_branch(add, conv_i, chain, cost, rw, ctx):
+                    both = False
+            if not both and pair_reading(add.inputs[conv_i]) is not None:
                 dequantized_input(rw, add, conv_i, detail=f"conv-side operand of {add.name} read in float so the chain fuses ({why})",
                                   rule="F7")
             if pair_reading(add.inputs[skip_i]) is not None:
@@ -141,6 +161,22 @@ class QuantizeResidual(Pass):
                 rw.note(add, f"skip input {skip.name} has no Q/DQ to share and no calibrated range; left float", rule="P3")
                 continue
             ensure_pair(rw, skip, [add], scale, detail=f"skip input of residual {add.name} ({why})", rule="P3")
+
+    def _quantize_branch(self, add: gs.Node, conv_i: int, chain: list[gs.Node], cost: str, rw: Rewriter,
+                         ctx: PassContext) -> bool:
+        """Q/DQ on the activated branch operand of ``add`` (E8.1); False when no scale is known for it."""
+        if pair_reading(add.inputs[conv_i]) is not None:
+            return True  # the input's own (learned or calibrated) pair stays
+        branch = add.inputs[conv_i]
+        amax = ctx.amax([branch.name])
+        if branch.name not in amax:
+            rw.note(add, f"activated branch {branch.name} has no calibrated range; skip-only placement kept ({cost})",
+                    rule="E8.1")
+            return False
+        ensure_pair(rw, branch, [add], scale_from_amax(amax[branch.name]),
+                    detail=f"both inputs of residual {add.name} quantized: {chain[-1].op} after {chain[0].name} "
+                           f"keeps the Add a PointWise layer of its own ({cost})", rule="E8.1")
+        return True
 
     def _skip_scale(self, skip: gs.Tensor, ctx: PassContext):
         # Share the pair other consumers already read (P6): usually the next block's first conv.
