@@ -37,7 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import trt_rules as R
-from .graph import const_value, is_dq, is_q, nested_nodes, producer, qparams, weight_input_index
+from .graph import const_value, is_dq, is_q, nested_nodes, producer, qparams, qparams_key, weight_input_index
 from .qdq import conv_chain, source_of
 
 __all__ = ["StandaloneLayer", "WeightedOpPrediction", "TrtPrediction", "predict", "weighted_op_macs"]
@@ -220,20 +220,13 @@ def weighted_op_macs(node: gs.Node) -> int:
 
 
 def _qkey(node: gs.Node) -> tuple:
-    """Hashable identity of a Q/DQ's quantization: scale values, zero point, quantized type, axis.
+    """Hashable identity of a Q/DQ's quantization: the passes' own :func:`graph.qparams_key`.
 
-    Bit-exact on values (trt-rules §7.5 leaves tolerances unverified). The zero point's absence
-    means uint8 by ONNX's default, which keeps it apart from an explicit int8 zero.
+    Bit-exact (trt-rules §7.5 leaves tolerances unverified). A computed scale (invalid for TRT,
+    V1) is unique, so it never merges or cancels.
     """
-    qp = qparams(node)
-    if qp is None:  # a computed scale (invalid for TRT, V1): unique, so it never merges or cancels
-        return ("dynamic", id(node))
-    scale = tuple(np.asarray(qp.scale, dtype=np.float64).ravel().tolist())
-    if qp.zero_point is not None:
-        zp = tuple(np.broadcast_to(np.asarray(qp.zero_point).astype(np.int64), np.shape(qp.scale)).ravel().tolist())
-    else:
-        zp = (0,) * len(scale)
-    return (scale, zp, str(qp.qdtype), qp.axis if qp.per_channel else None)
+    key = qparams_key(node)
+    return key if key is not None else ("dynamic", id(node))
 
 
 def _qlabel(sim: "_Sim", node: gs.Node) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "QParams",
     "qparams",
     "same_qparams",
+    "qparams_key",
     "graph_output_names",
     "is_graph_output",
     "weight_input_index",
@@ -296,24 +297,28 @@ def is_blocked(node: gs.Node | None) -> bool:
     return node is not None and node.op in (Q_OP, DQ_OP) and int(node.attrs.get("block_size", 0) or 0) > 0
 
 
+def qparams_key(node: gs.Node) -> tuple | None:
+    """Hashable identity of a Q/DQ's quantization, or None when its parameters are not constants.
+
+    Bit-exact on the scale's values *and* its type (the scale type is the DQ's output type, a
+    precision switch under strong typing), the quantized type, the zero point (absent = zeros of
+    that type), the axis when there is more than one scale, and the block size. The passes
+    (:func:`same_qparams`) and the static analysis merge and cancel Q/DQ by this one key.
+    """
+    qp = qparams(node)
+    if qp is None:
+        return None
+    scale = np.asarray(qp.scale)
+    zp = qp.zero_point if qp.zero_point is not None else np.zeros_like(scale, dtype=qp.qdtype)
+    zp = np.broadcast_to(np.asarray(zp).astype(np.int64), scale.shape)
+    axis = qp.axis if (qp.per_channel or qp.blocked) else None
+    return (scale.dtype.str, scale.shape, scale.tobytes(), str(qp.qdtype), zp.tobytes(), axis, qp.block_size)
+
+
 def same_qparams(a: gs.Node, b: gs.Node) -> bool:
-    """Bit-exact equality of scale, zero point (value and dtype) and axis of two Q/DQ nodes."""
-    pa, pb = qparams(a), qparams(b)
-    if pa is None or pb is None:
-        return False
-    if pa.scale.shape != pb.scale.shape or pa.scale.dtype != pb.scale.dtype:
-        return False
-    if not np.array_equal(pa.scale, pb.scale):
-        return False
-    if pa.qdtype != pb.qdtype:
-        return False
-    za = pa.zero_point if pa.zero_point is not None else np.zeros_like(pa.scale, dtype=pa.qdtype)
-    zb = pb.zero_point if pb.zero_point is not None else np.zeros_like(pb.scale, dtype=pb.qdtype)
-    if not np.array_equal(np.broadcast_to(za, pa.scale.shape), np.broadcast_to(zb, pb.scale.shape)):
-        return False
-    if (pa.per_channel or pa.blocked) and pa.axis != pb.axis:
-        return False
-    return pa.block_size == pb.block_size
+    """Bit-exact equality of the quantization of two Q/DQ nodes (:func:`qparams_key`)."""
+    ka = qparams_key(a)
+    return ka is not None and ka == qparams_key(b)
 
 
 def graph_output_names(graph: gs.Graph) -> set[str]:

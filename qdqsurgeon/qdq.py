@@ -15,7 +15,8 @@ import onnx_graphsurgeon as gs
 
 from .graph import const_value, is_dq, is_graph_output, is_q, producer, qparams, same_qparams
 from .rewriter import Rewriter
-from .trt_rules import is_epilogue, is_residual_add, is_silu_mul, is_weighted, residual_add_joins_chain
+from .trt_rules import (fuses_after, gelu_region, is_epilogue, is_residual_add, is_silu_mul, is_weighted,
+                        residual_add_joins_chain)
 
 __all__ = [
     "pair_reading",
@@ -119,12 +120,36 @@ def dequantized_input(rw: Rewriter, node: gs.Node, index: int, *, detail: str, r
     return True
 
 
+def _gelu_ending_at(t: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor] | None:
+    """The Erf-form GELU region (:func:`trt_rules.gelu_region`) whose output is ``t``: (its nodes, its input)."""
+    seen: set[int] = set()
+    frontier = [t]
+    for _ in range(5):  # the region has five nodes: its input is at most five producers up
+        nxt = []
+        for cur in frontier:
+            node = producer(cur)
+            if node is None:
+                continue
+            for x in node.inputs:
+                if x is None or id(x) in seen or const_value(x) is not None:
+                    continue
+                seen.add(id(x))
+                region = gelu_region(x)
+                if region is not None and region[1] is t:
+                    return region[0], x
+                nxt.append(x)
+        frontier = nxt
+    return None
+
+
 def conv_chain(tensor: gs.Tensor, *, exclusive: bool = True) -> list[gs.Node] | None:
     """The nodes of the fused chain (F3 epilogues) that produces ``tensor``, weighted head first, or None.
 
-    Walks back through BN, ReLU/Clip/LeakyReLU, bias Add and SiLU (Sigmoid·Mul). With
-    ``exclusive`` every intermediate tensor must feed only the chain (otherwise TensorRT cannot
-    fuse it into one kernel with a residual Add).
+    Walks back through BN, ReLU/Clip/LeakyReLU/HardSigmoid/HardSwish, bias Add, SiLU (Sigmoid·Mul)
+    and an Erf-form GELU, keeping only links that fuse after the head (F9: no BN after
+    ConvTranspose): the same chain the static analysis walks forward. With ``exclusive`` every
+    intermediate tensor must feed only the chain (otherwise TensorRT cannot fuse it into one kernel
+    with a residual Add).
     """
     t = tensor
     nodes: list[gs.Node] = []
@@ -135,19 +160,26 @@ def conv_chain(tensor: gs.Tensor, *, exclusive: bool = True) -> list[gs.Node] | 
         if exclusive and len(t.outputs) > 1 and not _silu_fanout_ok(t):
             return None
         if is_weighted(node):
+            if not all(fuses_after(n, node) for n in nodes):
+                return None
             return [node, *reversed(nodes)]
-        if not is_epilogue(node) or is_residual_add(node):
-            return None
         if is_silu_mul(node):
             sig = next((i for i in node.inputs if producer(i) is not None and producer(i).op == "Sigmoid"), None)
             nodes += [node] + ([producer(sig)] if sig is not None else [])
             t = next((i for i in node.inputs if i is not sig), node.inputs[0])
-        else:
-            data = [i for i in node.inputs if const_value(i) is None]
-            if len(data) != 1:
+            continue
+        if not is_epilogue(node) or is_residual_add(node):
+            gelu = _gelu_ending_at(t)
+            if gelu is None:
                 return None
-            nodes.append(node)
-            t = data[0]
+            nodes += list(reversed(gelu[0]))
+            t = gelu[1]
+            continue
+        data = [i for i in node.inputs if const_value(i) is None]
+        if len(data) != 1:
+            return None
+        nodes.append(node)
+        t = data[0]
     return None
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "data_input_indices",
     "commutes",
     "is_epilogue",
+    "fuses_after",
     "gelu_region",
     "is_bias_add",
     "is_residual_add",
@@ -67,6 +68,7 @@ __all__ = [
     "parse_version",
     "version_label",
     "is_activation",
+    "is_pointwise_activation",
     "activation_add_fuses",
     "residual_add_joins_chain",
     "residual_placement",
@@ -432,6 +434,15 @@ def is_epilogue(node: gs.Node) -> bool:
     return True
 
 
+def fuses_after(node: gs.Node, head: gs.Node) -> bool:
+    """Whether chain link ``node`` (an epilogue, a SiLU half, or a node of an Erf-form GELU) fuses
+    after weighted op ``head`` (``OpRule.fuses_after``; F9: no BN after ConvTranspose)."""
+    rule = rule_for(node.op)
+    if rule is not None and rule.epilogue:
+        return head.op in rule.fuses_after
+    return node.op in _GELU_OPS + ("Erf",) and head.op in RULES["Gelu"].fuses_after
+
+
 def is_weighted(node: gs.Node) -> bool:
     """Conv/ConvTranspose/Gemm, or MatMul with a constant operand (F1)."""
     rule = rule_for(node.op)
@@ -671,6 +682,12 @@ def is_activation(node: gs.Node) -> bool:
     if node.op in _LINEAR_EPILOGUES or node.op == "Add":
         return False
     return node.op == "Erf" or is_epilogue(node)  # Erf: the non-linear node of an Erf-form GELU region
+
+
+def is_pointwise_activation(node: gs.Node) -> bool:
+    """A one-input activation epilogue (ReLU, Clip, LeakyReLU, HardSigmoid, HardSwish, Gelu): the
+    activation that follows a residual Add in ResNet order and joins its kernel (F5, E8.2)."""
+    return is_activation(node) and node.op != "Erf" and not is_silu_mul(node)
 
 
 def activation_add_fuses(version: Version | None = None) -> bool:

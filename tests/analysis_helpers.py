@@ -318,3 +318,48 @@ def mobilenet_v2_from_shared(residual: bool, classes: int = 1000) -> onnx.ModelP
     graph.outputs = [logits]
     graph.cleanup().toposort()
     return gs.export_onnx(graph)
+
+
+# --- drift between the passes' and the analysis's view of fused chains (issue 13 item 1) ----------
+
+def chain_disagreements(model: onnx.ModelProto) -> list[str]:
+    """Where the analysis's forward chain walk (``predict(...).weighted_ops[i]["fused"]``) and the passes'
+    backward walk (:func:`qdqsurgeon.qdq.conv_chain`) disagree, one line per chain; empty when they agree.
+
+    Both directions: every chain the analysis fuses, walked back from its last epilogue (before a residual
+    Add, which only the forward walk takes in), gives the same nodes; and every tensor the backward walk
+    calls the end of an exclusive chain lies on the chain the analysis found for that head.
+    """
+    from qdqsurgeon.analysis import predict
+    from qdqsurgeon.graph import import_model
+    from qdqsurgeon.qdq import conv_chain
+    from qdqsurgeon import trt_rules as R
+
+    graph = import_model(model)
+    by_name = {n.name: n for n in graph.nodes}
+    fused = {w["node"]: list(w["fused"]) for w in predict(graph).weighted_ops}
+    problems: list[str] = []
+    for head, names in fused.items():
+        core = []
+        for name in names:
+            node = by_name.get(name)
+            if node is None or R.is_residual_add(node) or (core and R.fuses_with_conv_act(node)):
+                break
+            core.append(node)
+        if len(core) < 2:
+            continue
+        end = core[-1].outputs[0]
+        back = conv_chain(end, exclusive=False)
+        got = [n.name for n in back] if back else None
+        if got != [n.name for n in core]:
+            problems.append(f"analysis fuses {[n.name for n in core]}; conv_chain({end.name}) gives {got}")
+    for node in graph.nodes:
+        if not node.outputs or R.is_weighted(node) or not R.is_epilogue(node):
+            continue
+        back = conv_chain(node.outputs[0], exclusive=True)
+        if back is None or R.is_residual_add(node):
+            continue
+        head = back[0].name
+        if head in fused and node.name not in fused[head]:
+            problems.append(f"conv_chain puts {node.name} on {head}'s chain; the analysis fuses {fused[head]}")
+    return problems

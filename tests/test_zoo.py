@@ -23,6 +23,7 @@ import pytest
 import qdqsurgeon
 from qdqsurgeon.inspection import inspect_model
 
+from .analysis_helpers import chain_disagreements
 from .helpers import MODELS, REPO, need_shared
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -71,6 +72,8 @@ def test_zoo_model(entry: zd.ZooModel, tmp_path: Path) -> None:
         full = False
     onnx.checker.check_model(str(out), full_check=full)
     assert [str(p) for p in inspect_model(result.model).problems] == []
+    # the passes and the analysis see the same fused chains (issue 13 item 1)
+    assert chain_disagreements(result.model) == []
     if fix:
         assert result.before is not None and result.after is not None, "the static TensorRT analysis failed"
         before, after = result.before["standalone_qdq_layers"], result.after["standalone_qdq_layers"]

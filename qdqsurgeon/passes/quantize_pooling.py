@@ -28,7 +28,7 @@ from ..graph import qparams
 from ..qdq import conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on, wraps_standalone
 from ..quant import scale_from_amax
 from ..rewriter import Rewriter
-from ..trt_rules import commutes, data_input_indices
+from ..trt_rules import commutes, data_input_indices, is_pointwise_activation
 from .base import Pass, PassContext
 from .move_qdq import agreed_output_scale
 from .quantize_residual import residual_sides
@@ -47,7 +47,7 @@ def _int8_source(t: gs.Tensor, depth: int = 0) -> bool:
         return True
     if node.op == "Add" and residual_sides(node) is not None:
         return True  # Conv + residual Add fuse into one kernel (F5)
-    if node.op in ("Relu", "Clip", "LeakyRelu") and node.inputs and _int8_source(node.inputs[0], depth + 1):
+    if is_pointwise_activation(node) and node.inputs and _int8_source(node.inputs[0], depth + 1):
         return True  # the activation after a fused residual Add
     if commutes(node) or wraps_standalone(node):
         data = [node.inputs[i] for i in data_input_indices(node) if node.inputs[i] is not None]

@@ -91,14 +91,14 @@ def _int8_downstream(graph: gs.Graph, t: gs.Tensor, decided: dict[int, bool], de
     add a standalone Dequantize (the ``qat-residual`` engine of trt-rules.md section 5).
     """
     from ..graph import is_graph_output, is_q
-    from ..trt_rules import commutes, is_quantizable_wrapped
+    from ..trt_rules import commutes, is_pointwise_activation, is_quantizable_wrapped
 
     if depth > 12 or is_graph_output(graph, t) or not t.outputs:
         return False
     for n in t.outputs:
         if is_q(n):
             continue
-        if n.op in ("Relu", "Clip", "LeakyRelu") and depth == 0:
+        if is_pointwise_activation(n) and depth == 0:
             if _int8_downstream(graph, n.outputs[0], decided, depth + 1):
                 continue
             return False
