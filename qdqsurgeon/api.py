@@ -9,6 +9,7 @@ takes the fix pipeline (repair and re-place, keeping learned scales).
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -212,6 +213,10 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
     insts: list[Instrument] = [timing, *instruments]
     if verify:
         insts.append(VerifyInstrument(source=model))
+    if os.environ.get("QDQSURGEON_AUDIT") or logger.isEnabledFor(logging.DEBUG):
+        from .passes.audit import AuditInstrument  # --debug and the test suite: no edit escapes the log
+
+        insts.append(AuditInstrument())
     once = 0
     while fixpoint and once < len(pipeline) and pipeline[once].name in RUN_ONCE:
         once += 1

@@ -1,0 +1,126 @@
+"""AuditInstrument: fails a pass whose edits escaped the change log (issue 13 item 6).
+
+Every pass edits through a :class:`~qdqsurgeon.rewriter.Rewriter`, which logs each edit. This
+debug instrument checks that promise from outside: it fingerprints every node (op, inputs,
+outputs, attributes, constant inputs by content), the graph's inputs, outputs and opset before a
+pass and after it, and raises when
+
+* a node was added, removed or changed but no logged edit names it, or
+* the graph's inputs, outputs or opset changed and the pass logged no edit at all.
+
+It hashes constant contents, so it costs a pass over the weights each time: on under ``--debug``
+and in the test suite (``QDQSURGEON_AUDIT=1``), off in normal runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import Instrument, Pass, PassContext, PassResult
+
+__all__ = ["AuditInstrument", "EscapedEdit", "fingerprint"]
+
+
+class EscapedEdit(AssertionError):
+    """A pass changed the graph without logging the change."""
+
+
+def _value_digest(values: Any) -> str:
+    arr = np.asarray(values)
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _tensor_sig(t: gs.Tensor | None, digests: dict[int, str]) -> str:
+    if t is None or not t.name:
+        return ""
+    if isinstance(t, gs.Constant):
+        key = id(t)
+        if key not in digests:
+            digests[key] = _value_digest(t.values)
+        return f"{t.name}={digests[key]}"
+    return f"{t.name}:{t.dtype}"
+
+
+def _attr_sig(value: Any, digests: dict[int, str]) -> str:
+    if isinstance(value, gs.Graph):
+        return fingerprint(value, digests)[1]
+    if isinstance(value, gs.Tensor):
+        return _tensor_sig(value, digests)
+    if isinstance(value, np.ndarray):
+        return _value_digest(value)
+    return repr(value)
+
+
+def fingerprint(graph: gs.Graph, digests: dict[int, str] | None = None) -> tuple[dict[str, tuple], str]:
+    """({node name: (op, domain, input sigs, output sigs, attrs)}, whole-graph digest) for ``graph``;
+    unnamed nodes are keyed by position."""
+    digests = {} if digests is None else digests
+    nodes: dict[str, tuple] = {}
+    for i, n in enumerate(graph.nodes):
+        attrs = ";".join(f"{k}={_attr_sig(v, digests)}" for k, v in sorted(n.attrs.items()))
+        nodes[n.name or f"#{i}:{n.op}"] = (n.op, n.domain or "", tuple(_tensor_sig(t, digests) for t in n.inputs),
+                                           tuple(_tensor_sig(t, digests) for t in n.outputs), attrs)
+    top = "|".join([",".join(_tensor_sig(t, digests) for t in graph.inputs),
+                    ",".join(_tensor_sig(t, digests) for t in graph.outputs),
+                    str(graph.opset), repr(sorted((graph.import_domains or []), key=repr))])
+    whole = hashlib.blake2b("\n".join([top, *sorted(f"{k}\t{v}" for k, v in nodes.items())]).encode(),
+                            digest_size=16).hexdigest()
+    return nodes, whole
+
+
+def _name(sig: str) -> str:
+    return sig.split("=")[0].split(":")[0]
+
+
+def _rewired_to_logged(old: tuple, new: tuple, logged: set[str]) -> bool:
+    """Whether a node changed only in which tensors it reads or writes, each such tensor named by the
+    log or made by a node the log names: the consumers :meth:`Rewriter.insert_qdq` rewires, a producer
+    whose output takes a graph output's name (:meth:`Rewriter.redirect_output`)."""
+    if old[:2] != new[:2] or old[4] != new[4] or len(old[2]) != len(new[2]) or len(old[3]) != len(new[3]):
+        return False
+    pairs = list(zip(old[2], new[2])) + list(zip(old[3], new[3]))
+    return all(a == b or _name(a) in logged or _name(b) in logged for a, b in pairs)
+
+
+class AuditInstrument(Instrument):
+    """Raise :class:`EscapedEdit` when a pass edits nodes its change log does not name."""
+
+    def __init__(self) -> None:
+        self._before: tuple[dict[str, str], str] | None = None
+        self._top: str = ""
+
+    @staticmethod
+    def _top_sig(graph: gs.Graph) -> str:
+        return fingerprint(gs.Graph(inputs=graph.inputs, outputs=graph.outputs, opset=graph.opset,
+                                    import_domains=graph.import_domains))[1]
+
+    def before_pass(self, pass_: Pass, graph: gs.Graph, ctx: PassContext) -> None:
+        self._before = fingerprint(graph)
+        self._top = self._top_sig(graph)
+
+    def after_pass(self, pass_: Pass, result: PassResult, ctx: PassContext) -> None:
+        if self._before is None:
+            return
+        before, whole_before = self._before
+        after, whole_after = fingerprint(result.graph)
+        self._before = None
+        if whole_before == whole_after:
+            return
+        edits = [c for c in result.changes if c.kind != "note"]
+        named = {c.node for c in edits}
+        touched = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        logged = named | {_name(sig) for nodes in (before, after) for k in named if k in nodes for sig in nodes[k][3]}
+        escaped = [k for k in touched if k not in named and not any(k in c.detail for c in edits)
+                   and not (k in before and k in after and _rewired_to_logged(before[k], after[k], logged))]
+        if escaped:
+            raise EscapedEdit(f"pass {pass_.name} changed {len(escaped)} node(s) without logging it: "
+                              f"{', '.join(escaped[:5])}{' ...' if len(escaped) > 5 else ''}")
+        if not edits and self._top_sig(result.graph) != self._top:
+            raise EscapedEdit(f"pass {pass_.name} changed the graph's inputs, outputs or opset without logging it")
