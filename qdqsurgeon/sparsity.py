@@ -71,7 +71,9 @@ GROUP = 4  # 2:4: at most 2 non-zeros in each group of 4 along the reduction axi
 KEEP = 2
 # Ops a weight passes through between its stored constant and the weighted op.
 _CHAIN_OPS = (Q_OP, DQ_OP, "Transpose", "Identity", "Cast")
-# Below these sizes TensorRT usually times a dense kernel faster (advisory, not a condition; S6).
+# Below these sizes TensorRT usually times a dense kernel faster (advisory, not a condition; S6:
+# "sparse conv kernels are faster than dense conv kernels if C and K are large enough (>256)",
+# NVIDIA/TensorRT#3849; "256 or above", #4065).
 _FAST_REDUCTION = 256
 _FAST_OUTPUTS = 256
 
@@ -246,11 +248,16 @@ def _precision(node: gs.Node, src: _Source | None, w: np.ndarray | None) -> str:
 def _conditions(node: gs.Node, src: _Source | None, w: np.ndarray | None, axis: int | None) -> dict[str, str | None]:
     """Each structural condition of TensorRT's sparse kernels: None when it holds, else why not (S-rule first)."""
     out: dict[str, str | None] = {}
+    # S4: kSPARSE_WEIGHTS lets the builder "examine weights" (NvInfer.h BuilderFlag doc), so they
+    # must be constant at build time.
     if src is None or w is None:
         out["constant"] = "S4: the weight is not a build-time constant"
         return out
     out["constant"] = None
     rank = w.ndim
+    # S3: "the convolution kernel weights and the fully connected weights" (TensorRT Developer
+    # Guide, Structured Sparsity); MatMul/Gemm layers appear as "eligible for sparse math" in the
+    # build logs of NVIDIA/TensorRT#2169 and #4054. Nothing documents deconvolution or 3-D kernels.
     if node.op == "Conv":
         out["op"] = None if rank in (3, 4) else f"S3: {rank - 2}-D convolution; sparse kernels are documented for [K, C, R, S] weights"
     elif node.op == "ConvTranspose":
@@ -265,8 +272,10 @@ def _conditions(node: gs.Node, src: _Source | None, w: np.ndarray | None, axis: 
             out["op"] = f"S3: {rank}-D constant B (batched); only 2-D fully connected weights are documented"
         else:
             out["op"] = None
+    # S2: "TRT does not consider sparse conv kernels for group convs" (maintainer, NVIDIA/TensorRT#4054).
     group = int(node.attrs.get("group", 1)) if node.op in ("Conv", "ConvTranspose") else 1
     out["groups"] = None if group == 1 else f"S2: grouped convolution (group={group}); TensorRT does not consider sparse kernels for it"
+    # S1: the guide's check presupposes kernel weights [K, C, R, S] with C % 4 == 0.
     c = int(w.shape[axis]) if axis is not None else 0
     out["channels"] = None if c % GROUP == 0 else f"S1: reduction dimension {c} is not a multiple of 4"
     return out
@@ -347,6 +356,8 @@ def _layer(node: gs.Node) -> tuple[LayerSparsity, _Source | None, np.ndarray | N
     reasons = [r for r in cond.values() if r]
     sparse, total = group_stats(w, axis) if w is not None and axis is not None else (0, 0)
     precision = _precision(node, src, w)
+    # S5: "make sure that kFP16 or kINT8 modes are enabled" (Developer Guide); under strong typing
+    # the graph's Q/DQ or FP16 weights are what enables them.
     prec_ok = precision in ("int8", "fp16")
     if not prec_ok:
         reasons.append(f"S5: runs {precision}; sparse kernels need INT8 (Q/DQ on both inputs) or FP16")
