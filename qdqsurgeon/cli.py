@@ -431,9 +431,10 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
 # commands defined beside their features
 def _add_feature_commands() -> None:
     from .cli_check import check_command
+    from .cli_sparsify import sparsify_command
     from .trt.commands import COMMANDS
 
-    for command in (check_command, *COMMANDS):
+    for command in (check_command, sparsify_command, *COMMANDS):
         cli.add_command(command)
 
 
