@@ -250,8 +250,11 @@ def _conditions(node: gs.Node, src: _Source | None, w: np.ndarray | None, axis: 
     out: dict[str, str | None] = {}
     # S4: kSPARSE_WEIGHTS lets the builder "examine weights" (NvInfer.h BuilderFlag doc), so they
     # must be constant at build time.
-    if src is None or w is None:
+    if src is None:
         out["constant"] = "S4: the weight is not a build-time constant"
+        return out
+    if w is None:
+        out["constant"] = "S5: the weight's quantization (float8, blocked or computed scales) has no INT8/FP16 sparse kernel"
         return out
     out["constant"] = None
     rank = w.ndim
@@ -392,7 +395,7 @@ def sparsity_report(model: onnx.ModelProto | gs.Graph) -> SparsityReport:
 # Pruning
 
 
-def _prune_source(src: _Source, node: gs.Node, axis: int, keep_effective: np.ndarray) -> None:
+def _prune_source(src: _Source, keep_effective: np.ndarray) -> None:
     """Zero the stored values that the op sees outside ``keep_effective`` (mapped back through the chain)."""
     keep = keep_effective
     for n in src.chain:  # from the op back to the stored constant
@@ -481,15 +484,13 @@ def sparsify(model: onnx.ModelProto, *, exclude: Iterable[str] = (), data: Itera
             plans[node.name] = (src, m4n2_mask(w, row.reduction_axis))
             macs[node.name] = row.macs
     originals = {name: src.values.copy() for name, (src, _) in plans.items()}
-    by_name = {n.name: n for n in graph.nodes}
 
     def build(chosen: Iterable[str]) -> onnx.ModelProto:
         chosen = set(chosen)
         for name, (src, keep) in plans.items():
             src.set_values(originals[name].copy())
             if name in chosen:
-                node = by_name[name]
-                _prune_source(src, node, reduction_axis(node, keep.ndim), keep)
+                _prune_source(src, keep)
         return export_model(graph, template=model)
 
     order = list(plans)
