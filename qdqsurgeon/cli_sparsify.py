@@ -47,9 +47,9 @@ def sparsify_command(src: str, dst: str, exclude: tuple[str, ...], data_path: st
 
     check_readable(src)
     check_output_path(dst, src)
+    if report_path and any(same_file(Path(report_path), Path(p)) for p in (src, dst)):
+        raise UsageError("--report path is the input or output model; give the report its own file", path=report_path)
     if report_path:
-        if same_file(Path(report_path), Path(src)) or same_file(Path(report_path), Path(dst)):
-            raise UsageError("--report path is the input or output model; give the report its own file", path=report_path)
         check_output_path(report_path, src)
     if max_drop is not None and data_path is None:
         raise UsageError("--max-drop needs evaluation data: --calib PATH")
