@@ -221,12 +221,31 @@ def inspect_cmd(model: str, as_json: bool, trt: bool, trt_version: str | None) -
             for u in t["unverified"]:
                 names = ", ".join(u["nodes"][:3]) + (f", ... ({len(u['nodes'])} in all)" if len(u["nodes"]) > 3 else "")
                 click.echo(f"    [{u['rule']}] {u['claim']}: {names}")
+    _print_sparsity(d.get("sparsity"))
     probs = d["problems"]
     click.echo(f"  problems: {len(probs)}")
     for p in probs[:30]:
         click.echo(f"    [{p['rule']}] {p['node']}: {p['message']}")
     if len(probs) > 30:
         click.echo(f"    ... {len(probs) - 30} more (use --json)")
+
+
+def _print_sparsity(s: dict[str, Any] | None) -> None:
+    """2:4 sparsity lines of ``inspect`` (issue 16); the per-layer rows only when some weight is sparse."""
+    if not s or not s["layers_total"]:
+        return
+    click.echo(f"  2:4 sparsity: {s['layers_2_4']}/{s['layers_total']} weighted ops 2:4 along the reduction axis, "
+               f"{s['layers_sparse_ready']} could run TensorRT sparse kernels; sparse-ready MAC share "
+               f"{s['sparse_mac_fraction']:.3f} ({s['sparse_mac_fraction_int8']:.3f} if every layer ran INT8)")
+    rows = s["details"]
+    if not any(r["is_2_4"] or (r["eligible"] and r["sparse_group_fraction"] >= 0.5) for r in rows):
+        return
+    for r in rows[:30]:
+        why = "; ".join(r["reasons"]) or "all conditions hold"
+        click.echo(f"    {r['node']} ({r['op']}): {100 * r['sparse_group_fraction']:.0f}% of groups 2:4, "
+                   f"{r['precision']}, {'sparse-ready' if r['sparse_ready'] else 'not sparse-ready'}: {why}")
+    if len(rows) > 30:
+        click.echo(f"    ... {len(rows) - 30} more (use --json)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,9 +468,10 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
 # commands defined beside their features
 def _add_feature_commands() -> None:
     from .cli_check import check_command
+    from .cli_sparsify import sparsify_command
     from .trt.commands import COMMANDS
 
-    for command in (check_command, *COMMANDS):
+    for command in (check_command, sparsify_command, *COMMANDS):
         cli.add_command(command)
 
 

@@ -82,6 +82,7 @@ class Inspection:
     blocked: list[dict[str, Any]] = field(default_factory=list)
     quantized_dtypes: dict[str, int] = field(default_factory=dict)
     trt: dict[str, Any] | None = None
+    sparsity: dict[str, Any] | None = None  # 2:4 structured sparsity per weighted op (qdqsurgeon.sparsity)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -101,6 +102,8 @@ class Inspection:
             "quantized_dtypes": self.quantized_dtypes,
             "problems": [p.to_dict() for p in self.problems],
         }
+        if self.sparsity is not None:
+            out["sparsity"] = self.sparsity
         if self.trt is not None:
             out["trt"] = self.trt
         return out
@@ -343,6 +346,9 @@ def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False,
         blocked=blocked,
         quantized_dtypes=dict(q_dtypes),
     )
+    from .sparsity import sparsity_report
+
+    result.sparsity = sparsity_report(graph).to_dict()
     if trt:
         from .analysis import predict
 

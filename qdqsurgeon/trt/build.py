@@ -68,6 +68,7 @@ class BuildResult:
     layer_info_path: Path | None = None
     profile_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    sparsity: bool = False
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -377,6 +378,7 @@ def build_engine(
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
     shapes: Mapping[str, ShapeRange | Sequence[int]] | str | None = None,
     profile_iterations: int = DEFAULT_PROFILE_ITERATIONS,
+    sparsity: bool = False,
 ) -> BuildResult:
     """Build ``onnx_path`` into a serialized engine at ``engine_path``.
 
@@ -385,7 +387,8 @@ def build_engine(
     optimization profile for dynamic inputs (a plain tuple per input, or trtexec text such as
     ``"input:1x3x224x224"``, fixes min = opt = max). Raises :class:`TensorRTMissingError` without
     TensorRT, :class:`UsageError` for bad arguments, :class:`ModelError` when TensorRT refuses
-    the model (parser errors name the ONNX node).
+    the model (parser errors name the ONNX node). ``sparsity`` lets TensorRT use 2:4 sparse
+    kernels for layers whose weights qualify (``docs/sparsity.md``).
     """
     src = Path(onnx_path)
     if not src.is_file():
@@ -416,6 +419,11 @@ def build_engine(
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     _set_profile(trt, builder, network, config, ranges)
     # No precision flags: under strong typing the Q/DQ and the ONNX float types decide (§1).
+    if sparsity:
+        # "Allow the builder to examine weights and use optimized functions when weights have
+        # suitable sparsity" (NvInfer.h, BuilderFlag::kSPARSE_WEIGHTS, 10.x and 11.x); Python name
+        # trt.BuilderFlag.SPARSE_WEIGHTS as in the Developer Guide's Structured Sparsity example.
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ModelError(
@@ -432,6 +440,7 @@ def build_engine(
         strongly_typed=strongly_typed,
         build_seconds=time.perf_counter() - started,
         engine_bytes=len(data),
+        sparsity=sparsity,
     )
     logger.info("built %s (%d bytes) with TensorRT %s in %.1f s", out, len(data), version, result.build_seconds)
 

@@ -49,6 +49,8 @@ Example:
 @click.option("--opt-shapes", default=None, help="name:1x3x224x224,... shapes to optimize for.")
 @click.option("--max-shapes", default=None, help="name:1x3x224x224,... maximum shapes.")
 @click.option("--iterations", type=int, default=DEFAULT_PROFILE_ITERATIONS, show_default=True, help="Profiled runs for --profile.")
+@click.option("--sparsity", is_flag=True,
+              help="Let TensorRT use 2:4 sparse kernels where the weights qualify (BuilderFlag.SPARSE_WEIGHTS; see inspect).")
 def build_command(
     model: Path,
     engine_path: Path,
@@ -59,6 +61,7 @@ def build_command(
     opt_shapes: str | None,
     max_shapes: str | None,
     iterations: int,
+    sparsity: bool,
 ) -> None:
     shapes = shape_ranges(
         parse_shapes(min_shapes, flag="--min-shapes"),
@@ -73,10 +76,12 @@ def build_command(
         workspace_mb=workspace,
         shapes=shapes,
         profile_iterations=iterations,
+        sparsity=sparsity,
     )
     click.echo(
         f"engine: {result.engine_path} ({result.engine_bytes} bytes, TensorRT {result.tensorrt_version}, "
-        f"{'strongly typed' if result.strongly_typed else 'weakly typed'}, {result.build_seconds:.1f} s)"
+        f"{'strongly typed' if result.strongly_typed else 'weakly typed'}{', sparse weights allowed' if result.sparsity else ''}, "
+        f"{result.build_seconds:.1f} s)"
     )
     if result.layer_info_path:
         click.echo(f"layer info: {result.layer_info_path}")

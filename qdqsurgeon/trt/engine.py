@@ -180,6 +180,17 @@ class Layer:
             return False
         return self.kind not in {"NoOp", "Shuffle", "Slice", "Padding", "Reformat", "Constant", "Unknown"}
 
+    @property
+    def has_sparse_weights(self) -> bool:
+        """The builder found the weights 2:4 (``HasSparseWeights`` 1; ``AllowSparse`` in 8.x guides' example)."""
+        return any(str(self.raw.get(k, 0)).strip() in ("1", "True", "true") for k in ("HasSparseWeights", "AllowSparse"))
+
+    @property
+    def sparse_kernel(self) -> bool:
+        """The chosen tactic is a sparse Tensor Core kernel: its name contains ``sparse``
+        (``sm80_xmma_fprop_sparse_conv_*``, ``sm80_xmma_fprop_avdt_sparse_int8int8_*``; docs/sparsity.md)."""
+        return "sparse" in (self.tactic_name or "").lower()
+
     def onnx_names(self) -> list[str]:
         """ONNX node names this layer came from (E4), unfiltered: Metadata, else the Name."""
         names = onnx_names_from_metadata(self.metadata)

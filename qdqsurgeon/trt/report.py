@@ -163,6 +163,10 @@ class EngineReport:
     onnx_nodes_mapped: int | None = None
     onnx_nodes_total: int | None = None
     prediction: PredictionComparison | None = None
+    # 2:4 sparsity (docs/sparsity.md): layers whose weights TensorRT found 2:4, and layers that run a
+    # sparse kernel (tactic name); None for names-only dumps, which show neither.
+    sparse_weight_layers: int | None = None
+    sparse_kernel_layers: list[str] | None = None
 
     def share(self, value: float | None) -> float | None:
         """Percentage of the total per-layer time."""
@@ -194,6 +198,9 @@ class EngineReport:
             "onnx_nodes_mapped": self.onnx_nodes_mapped,
             "onnx_nodes_total": self.onnx_nodes_total,
             "findings": [f.to_dict() for f in self.findings],
+            "sparse_weight_layers": self.sparse_weight_layers,
+            "sparse_kernel_layers": None if self.sparse_kernel_layers is None else len(self.sparse_kernel_layers),
+            "sparse_kernel_layer_names": self.sparse_kernel_layers,
         }
         if self.prediction is not None:
             out["prediction"] = self.prediction.to_dict()
@@ -227,6 +234,9 @@ class EngineReport:
                 lines.append(
                     f"INT8 compute: {self.int8_compute_time_ms:.4f} ms, float compute: {self.float_compute_time_ms:.4f} ms"
                 )
+        if self.sparse_kernel_layers is not None and (self.sparse_weight_layers or self.sparse_kernel_layers):
+            lines.append(f"2:4 sparsity: {self.sparse_weight_layers} layer(s) with 2:4 weights, "
+                         f"{len(self.sparse_kernel_layers)} running sparse kernels")
         if self.onnx_model:
             lines.append(f"ONNX: {self.onnx_model} ({self.onnx_nodes_mapped}/{self.onnx_nodes_total} nodes mapped to layers)")
         if self.prediction is not None:
@@ -565,6 +575,8 @@ def build_report(
         onnx_nodes_mapped=mapped,
         onnx_nodes_total=len(onnx_node_names) if onnx_node_names is not None else None,
         prediction=prediction,
+        sparse_weight_layers=sum(1 for l in engine.layers if l.has_sparse_weights) if engine.detailed else None,
+        sparse_kernel_layers=[l.name for l in engine.layers if l.sparse_kernel] if engine.detailed else None,
     )
 
 
