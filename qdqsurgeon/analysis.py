@@ -40,7 +40,7 @@ from . import trt_rules as R
 from .graph import const_value, is_dq, is_q, nested_nodes, producer, qparams, qparams_key, weight_input_index
 from .qdq import conv_chain, source_of
 
-__all__ = ["StandaloneLayer", "WeightedOpPrediction", "TrtPrediction", "predict", "weighted_op_macs"]
+__all__ = ["Kernel", "StandaloneLayer", "WeightedOpPrediction", "TrtPrediction", "predict", "weighted_op_macs"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,22 @@ class WeightedOpPrediction:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """One predicted engine layer: the ONNX nodes it runs (``nodes``, weight initializers in
+    ``weights``), the tensors it reads and writes (Q/DQ looked through), and its precision."""
+
+    name: str
+    kind: str  # "Convolution" | "Gemm" | "PointWise" | "Pooling" | "Quantize" | "Dequantize" | "Requantize" | op type
+    nodes: tuple[str, ...]
+    weights: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    in_precision: str = "float"
+    out_precision: str = "float"
+    standalone_qdq: bool = False
+
+
 @dataclass
 class TrtPrediction:
     """What the TensorRT engine built from a Q/DQ model is predicted to contain."""
@@ -88,6 +104,8 @@ class TrtPrediction:
     int8_ops: list[str] = field(default_factory=list)
     fused_groups: list[list[str]] = field(default_factory=list)
     trt_version: str = ""
+    #: The predicted engine layers in graph order (:class:`Kernel`).
+    kernels: list[Kernel] = field(default_factory=list)
     #: Predictions that rest on rules no engine or document confirms for ``trt_version``:
     #: [{"rule", "claim", "nodes"}], one entry per rule.
     unverified: list[dict[str, Any]] = field(default_factory=list)
@@ -123,6 +141,7 @@ class TrtPrediction:
             "requantize_layers": self.requantize,
             "int8_ops": list(self.int8_ops),
             "trt_version": self.trt_version,
+            "kernels": [asdict(k) for k in self.kernels],
             "unverified": [dict(u, nodes=list(u["nodes"])) for u in self.unverified],
         }
 
@@ -717,6 +736,95 @@ def _nested_weighted_ops(graph: gs.Graph) -> list[dict[str, Any]]:
     return out
 
 
+#: Ops TensorRT runs without a kernel of their own (shape changes of a buffer, removed no-ops; a
+#: Concat writes its inputs into one buffer).
+_FREE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Concat")
+_POOLING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
+
+
+def _kernels(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node], layers: list[StandaloneLayer]) -> list[Kernel]:
+    """The engine as a list of kernels, in graph order.
+
+    A weighted chain is one kernel (its epilogue included); an INT8 wrapped op (or SiLU pair) is one;
+    every standalone Q/DQ is one. Float compute left over is grouped the way TensorRT's PointWise
+    fusion does it: a run of float elementwise/activation nodes, each read only by the next, is one
+    PointWise kernel; other float ops are one kernel each; pure data movement is free (_FREE_OPS,
+    shape ops). Tensors are named by their float source (a DQ(Q(x)) output is ``x``), so kernels link.
+    """
+    def src(t: gs.Tensor | None) -> str:
+        return source_of(t).name if t is not None and t.name else ""
+
+    def weight_names(n: gs.Node) -> tuple[str, ...]:
+        out = []
+        for t in n.inputs:
+            for _ in range(8):
+                if t is None:
+                    break
+                if const_value(t) is not None:
+                    if t.name:
+                        out.append(t.name)
+                    break
+                p = producer(t)
+                if p is None or not (is_q(p) or is_dq(p) or p.op in R.WEIGHT_PASSTHROUGH_OPS):
+                    break
+                t = p.inputs[0]
+        return tuple(out)
+
+    placed: dict[int, Kernel] = {}  # first node id -> kernel, to emit in graph order
+    taken: set[int] = set()
+    for c in chains:
+        ins = [src(t) for t in c.head.inputs[:1]] + ([src(c.skip_dq.outputs[0])] if c.skip_dq is not None else [])
+        kind = "Convolution" if c.head.op in ("Conv", "ConvTranspose") else "Gemm"
+        q = _qlabel(sim, c.head) if c.int8_in else "float"
+        placed[id(c.head)] = Kernel(" + ".join(m.name for m in c.members), kind, tuple(m.name for m in c.members),
+                                    weight_names(c.head), tuple(ins), (c.end.name,), q,
+                                    q if c.int8_out else "float")
+        taken.update(id(m) for m in c.members)
+    unit: list[gs.Node] = []
+    for n in int8_units:  # a SiLU pair comes as (Sigmoid, Mul): one kernel
+        unit.append(n)
+        if R.is_silu_sigmoid(n):
+            continue
+        kind = "Pooling" if n.op in _POOLING_OPS else "PointWise"
+        data = [src(t) for t in unit[0].inputs if t is not None and t.name and not sim.const_path(t)]
+        placed[id(unit[0])] = Kernel(" + ".join(u.name for u in unit), kind, tuple(u.name for u in unit), (),
+                                     tuple(dict.fromkeys(data)), tuple(o.name for o in n.outputs), "int8", "int8")
+        taken.update(id(u) for u in unit)
+        unit = []
+    by_node = {s.layer: s for s in layers}
+    float_nodes = [n for n in sim.nodes if sim.live(n) and id(n) not in taken and not is_q(n) and not is_dq(n)
+                   and not R.is_shape_op(n) and n.op not in _FREE_OPS and not sim.const_path(n.outputs[0] if n.outputs else None)]
+    pointwise = {id(n) for n in float_nodes
+                 if (R.rule_for(n.op) is not None and R.rule_for(n.op).role in ("epilogue", "wrapped")
+                     and n.op not in _POOLING_OPS and n.op != "Resize") or n.op in ("Erf", "Exp", "Log", "Pow", "Sqrt", "Reciprocal")}
+    grouped: set[int] = set()
+    for n in float_nodes:
+        if id(n) in grouped:
+            continue
+        group = [n]
+        grouped.add(id(n))
+        while id(group[-1]) in pointwise and len(group[-1].outputs) == 1 and not sim.is_graph_output(group[-1].outputs[0]):
+            nxt = [c for c in group[-1].outputs[0].outputs]
+            if len(nxt) != 1 or id(nxt[0]) not in pointwise or id(nxt[0]) in grouped or id(nxt[0]) in taken:
+                break
+            group.append(nxt[0])
+            grouped.add(id(nxt[0]))
+        kind = "PointWise" if id(n) in pointwise else ("Pooling" if n.op in _POOLING_OPS else n.op)
+        data = [src(t) for g in group for t in g.inputs if t is not None and t.name and not sim.const_path(t)
+                and t.inputs and t.inputs[0] not in group]
+        prec = "int8" if id(n) in sim.int8_ops else "float"  # a commuting op the Q/DQ moved across runs INT8
+        placed[id(n)] = Kernel(" + ".join(g.name for g in group), kind, tuple(g.name for g in group), weight_names(n),
+                               tuple(dict.fromkeys(data)), tuple(o.name for o in group[-1].outputs), prec, prec)
+    for n in sim.nodes:
+        s_layer = by_node.get(n.name)
+        if s_layer is None or not sim.live(n):
+            continue
+        prec = {"quantize": ("float", "int8"), "dequantize": ("int8", "float"), "requantize": ("int8", "int8")}[s_layer.kind]
+        placed[id(n)] = Kernel(s_layer.node, s_layer.kind.capitalize(), (s_layer.node,), (),
+                               (n.inputs[0].name,), (n.outputs[0].name,), *prec, standalone_qdq=True)
+    return [placed[id(n)] for n in sim.nodes if id(n) in placed]
+
+
 def _unverified(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node]) -> list[dict[str, Any]]:
     """Which parts of the prediction rest on rules tagged "inferred, unverified" for ``sim.version``:
     fusions and INT8 kernels of ops whose table entry has no documented or seen confidence, and the
@@ -832,6 +940,7 @@ def predict(model_or_graph: onnx.ModelProto | gs.Graph, *, trt_version: R.Versio
         int8_ops=int8_ops,
         fused_groups=[[m.name for m in c.members] for c in chains if len(c.members) > 1],
         trt_version=R.version_label(sim.version),
+        kernels=_kernels(sim, chains, int8_units, layers),
         unverified=_unverified(sim, chains, int8_units),
     )
     logger.debug("predicted %d standalone Q/DQ, %d/%d INT8 weighted ops", pred.standalone_qdq_layers,

@@ -134,6 +134,9 @@ def engine_report_command(
     "engine-diff",
     help="""Compare two engines' layer info (and profiles): counts, time, changed layers.
 
+Layers are matched by the ONNX nodes they contain. A side given as an .onnx model stands for the
+engine the static analysis predicts for it (diff a prediction against a real dump).
+
 \b
 Example:
   qdqsurgeon engine-diff before.layers.json after.layers.json \\
@@ -145,15 +148,27 @@ Example:
 @click.option("--profile-a", type=_PATH, default=None, help="Profile of engine A.")
 @click.option("--profile-b", type=_PATH, default=None, help="Profile of engine B.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the diff as a self-contained HTML page.")
+@click.option("--trt-version", "trt_version", default=None,
+              help="For an .onnx side (its predicted engine): the TensorRT release the rules follow.")
 def engine_diff_command(
     layers_a: Path,
     layers_b: Path,
     profile_a: Path | None,
     profile_b: Path | None,
     as_json: bool,
+    html_out: Path | None,
+    trt_version: str | None,
 ) -> None:
-    diff = engine_diff(layers_a, layers_b, profile_a=profile_a, profile_b=profile_b)
+    diff = engine_diff(layers_a, layers_b, profile_a=profile_a, profile_b=profile_b, trt_version=trt_version)
+    if html_out is not None:
+        from qdqsurgeon.trt.html import write_diff_html
+
+        write_diff_html(diff, html_out)
     click.echo(json.dumps(diff.to_dict(), indent=2) if as_json else diff.to_text())
+    if html_out is not None and not as_json:
+        click.echo(f"\nHTML diff: {html_out}")
 
 
 COMMANDS: tuple[click.Command, ...] = (build_command, engine_report_command, engine_diff_command)

@@ -1,8 +1,9 @@
 """Compare two engine reports: did a placement change remove Q/DQ kernels and reformats (E1)?
 
-Layer names change between builds of differently placed models, so layers are matched by
-name only: a layer present in both is checked for precision changes, the rest are listed as
-added or removed.
+Layers are matched by the ONNX nodes they contain (:mod:`qdqsurgeon.trt.match`), not by their
+names, which change between builds of differently placed models: a matched pair is checked for
+precision changes, the rest are listed as added or removed. Either side may be a static
+prediction (:func:`qdqsurgeon.trt.predicted.predicted_engine`) instead of a dump.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdqsurgeon.trt.report import EngineReport, LayerRow, engine_report
+from qdqsurgeon.trt.engine import onnx_names_from_layer_name
+from qdqsurgeon.trt.match import MatchUnit, match_units
+from qdqsurgeon.trt.report import EngineReport, LayerRow, build_report, engine_report
 
-__all__ = ["PrecisionChange", "EngineDiff", "diff_reports", "engine_diff"]
+__all__ = ["PrecisionChange", "EngineDiff", "diff_reports", "engine_diff", "match_rows", "agreement"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class EngineDiff:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     precision_changes: list[PrecisionChange] = field(default_factory=list)
+    matched: list[tuple[str, str]] = field(default_factory=list)
 
     @staticmethod
     def _summary(r: EngineReport) -> dict[str, Any]:
@@ -79,6 +83,7 @@ class EngineDiff:
             "b": self._summary(self.b),
             "delta": self.delta,
             "layer_types": self.layer_types(),
+            "matched": [list(m) for m in self.matched],
             "added": list(self.added),
             "removed": list(self.removed),
             "precision_changes": [c.to_dict() for c in self.precision_changes],
@@ -107,6 +112,8 @@ class EngineDiff:
         for kind, (na, nb) in self.layer_types().items():
             if na != nb:
                 lines.append(row(f"  {kind}", na, nb, nb - na))
+        lines.append("")
+        lines.append(f"matched layers (by the ONNX nodes they contain): {len(self.matched)}")
         for label, names in (("added layers", self.added), ("removed layers", self.removed)):
             lines.append("")
             lines.append(f"{label}: {len(names)}")
@@ -123,18 +130,37 @@ def _prec(row: LayerRow) -> str:
     return ",".join(p or "?" for p in row.in_precisions) + " -> " + ",".join(p or "?" for p in row.out_precisions)
 
 
+def _unit(row: LayerRow) -> MatchUnit:
+    names = frozenset(row.onnx_nodes) | frozenset(onnx_names_from_layer_name(row.name))
+    category = row.category if row.category in ("qdq", "reformat") else "compute"
+    return MatchUnit(row.name, names, category, tuple(row.inputs), tuple(row.outputs))
+
+
+def match_rows(a: EngineReport, b: EngineReport):
+    """The :class:`~qdqsurgeon.trt.match.Matching` of two reports' layers."""
+    return match_units([_unit(r) for r in a.rows], [_unit(r) for r in b.rows])
+
+
 def diff_reports(a: EngineReport, b: EngineReport) -> EngineDiff:
-    """Compare two reports (counts, time, added/removed layers, precision changes)."""
-    rows_a = {r.name: r for r in a.rows}
-    rows_b = {r.name: r for r in b.rows}
-    added = [r.name for r in b.rows if r.name not in rows_a]
-    removed = [r.name for r in a.rows if r.name not in rows_b]
+    """Compare two reports (counts, time, matched/added/removed layers, precision changes)."""
+    m = match_rows(a, b)
     changes = []
-    for r in a.rows:
-        other = rows_b.get(r.name)
-        if other is not None and (r.in_precisions, r.out_precisions) != (other.in_precisions, other.out_precisions):
-            changes.append(PrecisionChange(r.name, _prec(r), _prec(other)))
-    return EngineDiff(a=a, b=b, added=added, removed=removed, precision_changes=changes)
+    for i, j in m.pairs:
+        ra, rb = a.rows[i], b.rows[j]
+        if (ra.in_precisions, ra.out_precisions) != (rb.in_precisions, rb.out_precisions):
+            label = ra.name if ra.name == rb.name else f"{ra.name} => {rb.name}"
+            changes.append(PrecisionChange(label, _prec(ra), _prec(rb)))
+    return EngineDiff(a=a, b=b, added=[b.rows[j].name for j in m.only_b], removed=[a.rows[i].name for i in m.only_a],
+                      precision_changes=changes, matched=[(a.rows[i].name, b.rows[j].name) for i, j in m.pairs])
+
+
+def _report(path: str | Path, profile: str | Path | None, trt_version: str | None) -> EngineReport:
+    """A dump's report, or for an ``.onnx`` path the report of its predicted engine."""
+    if str(path).lower().endswith(".onnx"):
+        from qdqsurgeon.trt.predicted import predicted_engine
+
+        return build_report(predicted_engine(path, trt_version=trt_version))
+    return engine_report(path, profile=profile)
 
 
 def engine_diff(
@@ -143,6 +169,40 @@ def engine_diff(
     *,
     profile_a: str | Path | None = None,
     profile_b: str | Path | None = None,
+    trt_version: str | None = None,
 ) -> EngineDiff:
-    """Read two layer-info dumps (and profiles) and compare them: the ``engine-diff`` API."""
-    return diff_reports(engine_report(layers_a, profile=profile_a), engine_report(layers_b, profile=profile_b))
+    """Read two layer-info dumps (and profiles) and compare them: the ``engine-diff`` API.
+
+    A path ending in ``.onnx`` stands for the engine the static analysis predicts for that model.
+    """
+    return diff_reports(_report(layers_a, profile_a, trt_version), _report(layers_b, profile_b, trt_version))
+
+
+def _cls(precisions: list[str | None]) -> str:
+    """int8 when any tensor is INT8, else float: a weakly typed dump's fp16 and a prediction's "float" agree."""
+    return "int8" if "int8" in precisions else "float"
+
+
+def agreement(predicted: EngineReport, dump: EngineReport) -> dict[str, Any]:
+    """How well a predicted engine agrees with a real dump, layer by layer (issue 13 item 4).
+
+    Kernels are the layers that are not free (``NoOp``); precisions are compared as INT8 vs float
+    on both sides of each matched layer (a weakly typed build's fp16 is float).
+    """
+    m = match_rows(predicted, dump)
+    kernels_dump = sum(1 for r in dump.rows if r.kind != "NoOp")
+    kernels_pred = sum(1 for r in predicted.rows if r.kind != "NoOp")
+    same = sum(1 for i, j in m.pairs
+               if (_cls(predicted.rows[i].in_precisions), _cls(predicted.rows[i].out_precisions))
+               == (_cls(dump.rows[j].in_precisions), _cls(dump.rows[j].out_precisions)))
+    return {
+        "standalone_qdq": [predicted.standalone_qdq_layers, dump.standalone_qdq_layers],
+        "standalone_exact": predicted.standalone_qdq_layers == dump.standalone_qdq_layers,
+        "kernels": [kernels_pred, kernels_dump],
+        "kernel_ratio": kernels_pred / kernels_dump if kernels_dump else None,
+        "matched": len(m.pairs),
+        "matched_by": dict(sorted({h: sum(1 for v in m.how.values() if v == h) for h in set(m.how.values())}.items())),
+        "precision_agreement": same / len(m.pairs) if m.pairs else None,
+        "only_predicted": [predicted.rows[i].name for i in m.only_a],
+        "only_dump": [dump.rows[j].name for j in m.only_b],
+    }

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qdqsurgeon.trt.report import EngineReport, LayerRow
 
-__all__ = ["COLOURS", "render_html", "write_html"]
+__all__ = ["COLOURS", "render_html", "write_html", "render_diff_html", "write_diff_html"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +226,65 @@ def render_html(report: EngineReport, *, title: str | None = None) -> str:
     )
 
 
+def render_diff_html(diff, *, title: str | None = None) -> str:
+    """An ``engine-diff`` (:class:`qdqsurgeon.trt.diff.EngineDiff`) as one self-contained page: the counts
+    of both engines, every matched layer pair (precision changes marked), the layers only one side has."""
+    title = title or "Engine diff"
+    esc = html.escape
+    d = diff.delta
+    rows = []
+    for label, key in (("layers", "layers"), ("standalone Q/DQ layers", "standalone_qdq_layers"),
+                       ("reformat layers", "reformat_layers"), ("total time ms", "total_time_ms")):
+        va, vb = getattr(diff.a, key), getattr(diff.b, key)
+        rows.append(f"<tr><td>{esc(label)}</td><td>{'' if va is None else esc(str(va))}</td>"
+                    f"<td>{'' if vb is None else esc(str(vb))}</td><td>{'' if d[key] is None else esc(str(d[key]))}</td></tr>")
+    changed = {c.layer for c in diff.precision_changes}
+    prec_a = {r.name: r for r in diff.a.rows}
+    prec_b = {r.name: r for r in diff.b.rows}
+
+    def prec(r: LayerRow | None) -> str:
+        return "" if r is None else ",".join(p or "?" for p in r.in_precisions) + " → " + ",".join(p or "?" for p in r.out_precisions)
+
+    pairs = []
+    for a, b in diff.matched:
+        label = a if a == b else f"{a} => {b}"
+        mark = ' style="background:#fff3cd"' if label in changed else ""
+        pairs.append(f"<tr{mark}><td>{esc(a)}</td><td>{esc(prec(prec_a.get(a)))}</td><td>{esc(b)}</td>"
+                     f"<td>{esc(prec(prec_b.get(b)))}</td></tr>")
+    def only(names: list[str], rows_by: dict[str, LayerRow]) -> str:
+        return "".join(f"<tr><td>{esc(n)}</td><td>{esc(prec(rows_by.get(n)))}</td></tr>" for n in names)
+
+    data = json.dumps(diff.to_dict()).replace("</", "<\\/")
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f'<div class="src">A: {esc(diff.a.source or "")}<br>B: {esc(diff.b.source or "")}</div>',
+        "<h2>Counts</h2><table><tr><th></th><th>A</th><th>B</th><th>B − A</th></tr>", *rows, "</table>",
+        f"<h2>Matched layers ({len(diff.matched)}; by the ONNX nodes they contain, "
+        f"{len(diff.precision_changes)} with a precision change, highlighted)</h2>",
+        "<table><tr><th>A layer</th><th>A precision</th><th>B layer</th><th>B precision</th></tr>", *pairs, "</table>",
+        f"<h2>Only in A ({len(diff.removed)})</h2><table><tr><th>layer</th><th>precision</th></tr>",
+        only(diff.removed, prec_a), "</table>",
+        f"<h2>Only in B ({len(diff.added)})</h2><table><tr><th>layer</th><th>precision</th></tr>",
+        only(diff.added, prec_b), "</table>",
+        f'<script type="application/json" id="diff-data">{data}</script>',
+        "</body></html>",
+    ])
+
+
+def write_diff_html(diff, path: str | Path, *, title: str | None = None) -> Path:
+    """Write :func:`render_diff_html`'s page atomically."""
+    return _write_atomic(Path(path), render_diff_html(diff, title=title))
+
+
 def write_html(report: EngineReport, path: str | Path, *, title: str | None = None) -> Path:
     """Write the page atomically (a half-written report is worse than none)."""
-    target = Path(path)
+    return _write_atomic(Path(path), render_html(report, title=title))
+
+
+def _write_atomic(target: Path, text: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = render_html(report, title=title)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=str(target.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

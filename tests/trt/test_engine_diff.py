@@ -29,10 +29,18 @@ def test_mobilenet_pair_diff_reports_the_drop() -> None:
     t_b = sum(r["averageMs"] for r in raw(MB_RES_PROFILE) if "name" in r)
     assert d["delta"]["total_time_ms"] == pytest.approx(t_b - t_a)
     assert d["delta"]["total_time_ms"] < 0
-    # Names differ between the two exports except the network-input Quantize and the GAP reformat... by name only.
-    names_a, names_b = {l["Name"] for l in a}, {l["Name"] for l in b}
-    assert set(diff.added) == names_b - names_a
-    assert set(diff.removed) == names_a - names_b
+    # Layer names differ between the two exports (Conv_12 vs Conv_9), so matching is by the ONNX nodes a layer
+    # contains (weights such as features.3.conv.2.weight): every layer of B is in A; A's extra layers are exactly
+    # the 15 standalone Quantizes the residual Q/DQ removed. A name-only match said "added 57 / removed 72".
+    assert diff.added == [] and len(diff.matched) == len(b)
+    removed = {l["Name"]: l for l in a if l["Name"] in set(diff.removed)}
+    assert len(removed) == origin_a["QDQ"] - origin_b["QDQ"] == 15
+    assert all(l.get("Origin") == "QDQ" for l in removed.values())
+    matched = dict(diff.matched)
+    assert matched["features.3.conv.2.weight + QuantizeLinear_138 + Conv_142 + Add_144"] == \
+        "features.3.conv.2.weight + QuantizeLinear_119 + Conv_121 + Add_123"
+    # and the residual Add's conv now writes INT8 (its skip is quantized)
+    assert any(c.after == "int8,int8 -> int8" and "Add_144" in c.layer for c in diff.precision_changes)
     text = diff.to_text()
     assert "standalone Q/DQ layers" in text and "Reformat-type layers" in text
 
