@@ -241,6 +241,29 @@ class Rewriter:
         self.log("constant", node.name, f"{detail}: {what}" if detail else f"input {index}: {what}", rule)
         return new
 
+    def set_dtype(self, tensor: gs.Tensor, dtype: Any, *, node: gs.Node | None = None, detail: str = "",
+                  rule: str | None = None) -> None:
+        """Declare ``tensor``'s element type (a retyped output, a graph input made float16); logged
+        on ``node`` (the tensor's producer by default) or, for a graph input, on the tensor."""
+        old = tensor.dtype
+        if old is not None and np.dtype(old) == np.dtype(dtype):
+            return
+        tensor.dtype = np.dtype(dtype)
+        owner = node if node is not None else (tensor.inputs[0] if tensor.inputs else None)
+        self.log("retype", owner.name if owner is not None else tensor.name,
+                 detail or f"{tensor.name}: {np.dtype(old).name if old is not None else '?'} -> {np.dtype(dtype).name}", rule)
+
+    def set_opset(self, version: int, *, detail: str = "", rule: str | None = None) -> None:
+        """Set the default-domain opset (graph and opset import) to ``version``; logged on ``<model>``."""
+        old = self.graph.opset
+        if old == version:
+            return
+        self.graph.opset = version
+        for imp in self.graph.import_domains or []:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = version
+        self.log("opset", "<model>", detail or f"opset {old} -> {version}", rule)
+
     # -- cleanup -----------------------------------------------------------------------------
     def cleanup(self) -> None:
         """Drop orphaned nodes, logging those the pass did not remove itself, and re-sort."""

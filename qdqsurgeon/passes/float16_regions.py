@@ -177,16 +177,8 @@ def raise_opset_for_float_scales(graph: gs.Graph, rw: Rewriter, what: str, *, ru
             f"{what} Q/DQ scales need opset {FP16_SCALE_OPSET}; the model has opset {old} and raising it in place "
             f"would change {'; '.join(blockers[:3])}{' ...' if len(blockers) > 3 else ''}: "
             f"pass --opset {FP16_SCALE_OPSET} (onnx version converter) or load with opset={FP16_SCALE_OPSET}")
-    _set_opset(graph, FP16_SCALE_OPSET)
-    rw.log("opset", "<model>", f"opset {old} -> {FP16_SCALE_OPSET} for {what} Q/DQ scales; no op present "
-                               f"changed meaning between the two", rule=rule)
-
-
-def _set_opset(graph: gs.Graph, version: int) -> None:
-    graph.opset = version
-    for imp in graph.import_domains or []:
-        if imp.domain in ("", "ai.onnx"):
-            imp.version = version
+    rw.set_opset(FP16_SCALE_OPSET, detail=f"opset {old} -> {FP16_SCALE_OPSET} for {what} Q/DQ scales; no op present "
+                                          f"changed meaning between the two", rule=rule)
 
 
 def _known_dtypes(graph: gs.Graph) -> dict[str, np.dtype]:
@@ -413,9 +405,8 @@ class Float16Regions(Pass):
             if plan.fp16[key] and plan.outs[key]:
                 names = ", ".join(node.outputs[i].name for i in sorted(plan.outs[key]))
                 what = "float16 scale, so it emits float16" if node.op == DQ_OP else "runs in float16"
-                rw.log("retype", node.name, f"{node.op} {what}: {names} float32 -> float16")
                 for i in plan.outs[key]:
-                    node.outputs[i].dtype = np.float16
+                    rw.set_dtype(node.outputs[i], np.float16, node=node, detail=f"{node.op} {what}: {names} float32 -> float16")
             elif plan.fp16[key] and node.op == Q_OP and plan.ins[key]:
                 rw.log("retype", node.name, "Q reads float16 with a float16 scale")
 
@@ -487,8 +478,7 @@ class Float16Regions(Pass):
         """Graph inputs and outputs keep float32 unless io_float16."""
         for t in graph.inputs:
             if self.io16 and self._dtype(t) == F32:
-                t.dtype = np.float16
-                rw.log("retype", t.name, "graph input float32 -> float16 (io_float16)")
+                rw.set_dtype(t, np.float16, detail="graph input float32 -> float16 (io_float16)")
         for t in list(graph.outputs):
             orig = self._dtype(t)
             if orig is None or orig.kind != "f" or any(t is i for i in graph.inputs):

@@ -669,7 +669,7 @@ class NormalizeQdq(Pass):
                         self._set_zp(rw, node, rw.constant(f"{node.name}_zero_point", np.zeros(scale.shape, np.int8)))
                         if target is not None:
                             rw.set_attr(node, "axis", int(target))
-                q.outputs[0].dtype = np.int8
+                rw.set_dtype(q.outputs[0], np.int8, node=q, detail="quantized tensor int8 (symmetric)")
                 continue
             if qp.per_channel and not qp.axis_written:
                 axis = qp.axis % value.ndim
@@ -739,7 +739,7 @@ class NormalizeQdq(Pass):
                                 base=f"{node.name}_scale", detail=detail if i == 0 else f"pair of {q.name}: same conversion")
                 self._set_zp(rw, node, rw.constant(f"{node.name}_zero_point", zp_new.reshape(qp.scale.shape) if qp.scale.ndim else zp_new))
             # The quantized tensor's declared type follows the new zero point.
-            q.outputs[0].dtype = np.int8
+            rw.set_dtype(q.outputs[0], np.int8, node=q, detail="quantized tensor int8 (follows the zero point)")
 
     # V3: opset -----------------------------------------------------------------------------------
     @staticmethod
@@ -759,11 +759,6 @@ class NormalizeQdq(Pass):
         if blocking:
             raise ModelError(f"per-channel Q/DQ ({pcs[0]}...) needs opset 13, the model has opset {opset}, and "
                              f"{', '.join(blocking)} changed meaning on the way: pass --opset 13 to convert it")
-        graph.opset = MIN_PER_CHANNEL_OPSET
-        if graph.import_domains is not None:
-            for imp in graph.import_domains:
-                if imp.domain in ("", "ai.onnx"):
-                    imp.version = MIN_PER_CHANNEL_OPSET
-        rw.log("opset", "<model>", f"opset {opset} -> 13 for per-channel Q/DQ ({len(pcs)} nodes); no op present "
-                                   f"changed meaning between the two", rule="V3")
+        rw.set_opset(MIN_PER_CHANNEL_OPSET, detail=f"opset {opset} -> 13 for per-channel Q/DQ ({len(pcs)} nodes); no op "
+                                                   f"present changed meaning between the two", rule="V3")
 

@@ -125,7 +125,7 @@ def test_v2_uint8_pair_becomes_symmetric_int8_within_bound():
     lo, hi = _old_range(s, zp, np.uint8)
     x = np.random.default_rng(3).uniform(lo, hi, [1, 4, 3, 3]).astype(np.float32)
     res = contract(model, exact=False, atol=(s + s_new) / 2 + 1e-6, feeds={"x": x})
-    assert kinds(res.changes) == {"constant": 2, "rewire": 2}  # scale + zero point on the Q and on its DQ
+    assert kinds(res.changes) == {"constant": 2, "rewire": 2, "retype": 1}  # scale + zero point on the Q and its DQ; the Q writes int8
     assert set(rules(res.changes)) == {"V2"}
     for scale, zero in node_qparams(res.model, "QuantizeLinear") + node_qparams(res.model, "DequantizeLinear"):
         assert zero.dtype == np.int8 and zero == 0 and np.isclose(scale, s_new)
@@ -173,7 +173,7 @@ def test_v2_folded_activation_reinserted(scale: float, act: str):
     assert ops(res.model) == ["Conv", act, "QuantizeLinear", "DequantizeLinear", "Identity"]
     notes = [c for c in res.changes if c.kind == "note"]
     assert len(notes) == 1 and notes[0].rule == "V2" and "folded" in notes[0].detail
-    assert kinds(res.changes) == {"add": 1, "rewire": 3, "constant": 2}
+    assert kinds(res.changes) == {"add": 1, "rewire": 3, "constant": 2, "retype": 1}
     assert rules(res.changes, "add") == {"V2": 1}
     new, old = run(res.model, {"x": x})[0], run(model, {"x": x})[0]
     conv = run(make_model([helper.make_node("Conv", ["x", "w"], ["y"])], [("x", F, [1, 4, 3, 3])],
@@ -198,7 +198,7 @@ def test_v2_q_with_two_dqs_changes_together():
              helper.make_node("Add", ["d1", "d2"], ["y"], name="add")]
     model = make_model(nodes, [("x", F, [2, 8])], [("y", F, [2, 8])], [init("s", np.float32(0.1)), init("z", np.uint8(100))])
     res = contract(model, exact=False, atol=2 * 0.11)
-    assert kinds(res.changes) == {"constant": 3, "rewire": 3}
+    assert kinds(res.changes) == {"constant": 3, "rewire": 3, "retype": 1}
     params = node_qparams(res.model, "QuantizeLinear") + node_qparams(res.model, "DequantizeLinear")
     assert len({float(s) for s, _ in params}) == 1 and all(z == 0 for _, z in params)
 
