@@ -841,10 +841,17 @@ def _unverified(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node]) -> l
         if rule is not None and set(rule.confidence) == {R._INF}:
             add("/".join(rule.rules), f"{n.op} {as_what} ({rule.note or 'inferred'})", n.name)
 
+    gelu = R.RULES["Gelu"]
     for c in chains:
-        if c.int8_in:
-            for m in c.members[1:]:
-                check(m, "fuses into the INT8 kernel before it")
+        if not c.int8_in:
+            continue
+        in_gelu = any(m.op == "Erf" for m in c.members)  # an Erf-form GELU region: judged as the Gelu epilogue
+        for m in c.members[1:]:
+            if in_gelu and m.op in ("Div", "Mul", "Erf", "Add") and not R.is_bias_add(m) and not R.is_residual_add(m):
+                if set(gelu.confidence) == {R._INF}:
+                    add("/".join(gelu.rules), f"GELU fuses into the kernel before it ({gelu.note})", m.name)
+                continue
+            check(m, "fuses into the INT8 kernel before it")
     for n in int8_units:
         check(n, "runs as an INT8 layer when wrapped in Q/DQ")
     e81 = R.VERSIONED_RULES["E8.1"]
