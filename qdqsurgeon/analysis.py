@@ -736,10 +736,6 @@ def _nested_weighted_ops(graph: gs.Graph) -> list[dict[str, Any]]:
     return out
 
 
-#: Ops TensorRT runs without a kernel of their own (shape changes of a buffer, removed no-ops; a
-#: Concat writes its inputs into one buffer).
-_FREE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Concat")
-_POOLING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
 
 
 def _kernels(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node], layers: list[StandaloneLayer]) -> list[Kernel]:
@@ -748,8 +744,8 @@ def _kernels(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node], layers:
     A weighted chain is one kernel (its epilogue included); an INT8 wrapped op (or SiLU pair) is one;
     every standalone Q/DQ is one. Float compute left over is grouped the way TensorRT's PointWise
     fusion does it: a run of float elementwise/activation nodes, each read only by the next, is one
-    PointWise kernel; other float ops are one kernel each; pure data movement is free (_FREE_OPS,
-    shape ops). Tensors are named by their float source (a DQ(Q(x)) output is ``x``), so kernels link.
+    PointWise kernel; other float ops are one kernel each; pure data movement is free (trt_rules.FREE_OPS,
+    shape ops; trt_rules.FREE_OPS). Tensors are named by their float source (a DQ(Q(x)) output is ``x``), so kernels link.
     """
     def src(t: gs.Tensor | None) -> str:
         return source_of(t).name if t is not None and t.name else ""
@@ -774,7 +770,7 @@ def _kernels(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node], layers:
     taken: set[int] = set()
     for c in chains:
         ins = [src(t) for t in c.head.inputs[:1]] + ([src(c.skip_dq.outputs[0])] if c.skip_dq is not None else [])
-        kind = "Convolution" if c.head.op in ("Conv", "ConvTranspose") else "Gemm"
+        kind = "Gemm" if c.head.op in ("Gemm", "MatMul") else "Convolution"
         q = _qlabel(sim, c.head) if c.int8_in else "float"
         placed[id(c.head)] = Kernel(" + ".join(m.name for m in c.members), kind, tuple(m.name for m in c.members),
                                     weight_names(c.head), tuple(ins), (c.end.name,), q,
@@ -785,7 +781,7 @@ def _kernels(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node], layers:
         unit.append(n)
         if R.is_silu_sigmoid(n):
             continue
-        kind = "Pooling" if n.op in _POOLING_OPS else "PointWise"
+        kind = "Pooling" if n.op in R.POOLING_OPS else "PointWise"
         data = [src(t) for t in unit[0].inputs if t is not None and t.name and not sim.const_path(t)]
         placed[id(unit[0])] = Kernel(" + ".join(u.name for u in unit), kind, tuple(u.name for u in unit), (),
                                      tuple(dict.fromkeys(data)), tuple(o.name for o in n.outputs), "int8", "int8")
@@ -793,10 +789,10 @@ def _kernels(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node], layers:
         unit = []
     by_node = {s.layer: s for s in layers}
     float_nodes = [n for n in sim.nodes if sim.live(n) and id(n) not in taken and not is_q(n) and not is_dq(n)
-                   and not R.is_shape_op(n) and n.op not in _FREE_OPS and not sim.const_path(n.outputs[0] if n.outputs else None)]
+                   and not R.is_shape_op(n) and n.op not in R.FREE_OPS and not sim.const_path(n.outputs[0] if n.outputs else None)]
     pointwise = {id(n) for n in float_nodes
                  if (R.rule_for(n.op) is not None and R.rule_for(n.op).role in ("epilogue", "wrapped")
-                     and n.op not in _POOLING_OPS and n.op != "Resize") or n.op in ("Erf", "Exp", "Log", "Pow", "Sqrt", "Reciprocal")}
+                     and n.op not in R.POOLING_OPS and n.op != "Resize") or n.op in ("Erf", "Exp", "Log", "Pow", "Sqrt", "Reciprocal")}
     grouped: set[int] = set()
     for n in float_nodes:
         if id(n) in grouped:
@@ -809,7 +805,7 @@ def _kernels(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node], layers:
                 break
             group.append(nxt[0])
             grouped.add(id(nxt[0]))
-        kind = "PointWise" if id(n) in pointwise else ("Pooling" if n.op in _POOLING_OPS else n.op)
+        kind = "PointWise" if id(n) in pointwise else ("Pooling" if n.op in R.POOLING_OPS else n.op)
         data = [src(t) for g in group for t in g.inputs if t is not None and t.name and not sim.const_path(t)
                 and t.inputs and t.inputs[0] not in group]
         prec = "int8" if id(n) in sim.int8_ops else "float"  # a commuting op the Q/DQ moved across runs INT8

@@ -78,10 +78,8 @@ def detect_mode(model: onnx.ModelProto) -> str:
 
 
 def _analysis(model_graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
-    try:
-        from .analysis import predict
-    except ImportError:
-        return None
+    from .analysis import predict
+
     try:
         return predict(model_graph, trt_version=trt_version).to_dict()
     except Exception as exc:  # the analysis is a report, never a reason to fail an optimization

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .trt_rules import BIAS_OPS, WEIGHT_PASSTHROUGH_OPS
 from .graph import (
     activation_input_index,
     behind_constant,
@@ -117,7 +118,7 @@ def has_qdq(model: onnx.ModelProto) -> bool:
 def _from_dq(tensor: gs.Tensor) -> bool:
     node = producer(tensor)
     # Transposed weights (TF exports) keep their quantization through the Transpose.
-    while node is not None and node.op in ("Transpose", "Reshape", "Identity", "Cast"):
+    while node is not None and node.op in WEIGHT_PASSTHROUGH_OPS:
         node = producer(node.inputs[0])
     return is_dq(node)
 
@@ -125,7 +126,7 @@ def _from_dq(tensor: gs.Tensor) -> bool:
 def _weight_format(tensor: gs.Tensor) -> str:
     """How a weight is stored: ``float``, or the quantized type and granularity of its DQ (``int4 block 32``)."""
     node = producer(tensor)
-    while node is not None and node.op in ("Transpose", "Reshape", "Identity", "Cast"):
+    while node is not None and node.op in WEIGHT_PASSTHROUGH_OPS:
         node = producer(node.inputs[0])
     qp = qparams(node) if is_dq(node) else None
     if qp is None:
@@ -291,7 +292,7 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
                 problems.append(Problem("V3", node.name, "per-channel quantization of an activation; TensorRT allows it on constant weights only"))
         if is_dq(node):
             for cons in node.outputs[0].outputs:
-                if cons.op in ("Conv", "ConvTranspose", "Gemm") and len(cons.inputs) > 2 and cons.inputs[2] is node.outputs[0]:
+                if cons.op in BIAS_OPS and len(cons.inputs) > 2 and cons.inputs[2] is node.outputs[0]:
                     problems.append(Problem("V4", node.name, f"Q/DQ on the bias of {cons.name}; keep biases float"))
                 elif qp.per_channel and not qp.blocked and cons.op in WEIGHTED_OPS and weight_input_index(cons) is not None \
                         and cons.inputs[weight_input_index(cons)] is node.outputs[0]:

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import const_value, is_dq, is_q, producer, weight_input_index
+from .graph import WEIGHTED_OPS, const_value, is_dq, is_q, producer, weight_input_index
 
 __all__ = [
     "ALL",
@@ -58,6 +58,10 @@ __all__ = [
     "is_float_only",
     "is_shape_op",
     "WEIGHT_PASSTHROUGH_OPS",
+    "WEIGHTED_OPS",
+    "BIAS_OPS",
+    "POOLING_OPS",
+    "FREE_OPS",
     "fuses_with_conv_act",
     "MHA_BETWEEN",
     "attention_gemms",
@@ -88,7 +92,7 @@ _DOC = "documented"
 _SEEN = "seen in real engines"
 _INF = "inferred, unverified"
 
-_WEIGHTED_HEADS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_WEIGHTED_HEADS = WEIGHTED_OPS
 
 
 @dataclass(frozen=True)
@@ -254,6 +258,17 @@ RULES: Mapping[str, OpRule] = {r.op: r for r in _TABLE}
 
 #: Ops kept float by default even though TensorRT might run them INT8 (P9).
 DEFAULT_SENSITIVE_OPS: tuple[str, ...] = ()
+
+#: Weighted ops whose input 2 is a bias (kept float, V4; folded into the kernel's epilogue, F3).
+BIAS_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm")
+
+#: Pooling ops: one INT8 or float "Pooling" kernel (P7); GAP-like means included (ReduceMean, seen as
+#: CudaPooling Int8 in the TF ResNet-50 QAT engine).
+POOLING_OPS: tuple[str, ...] = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
+
+#: Ops that cost no kernel of their own: a buffer reshaped in place, a removed no-op, a Concat whose
+#: inputs are written into one buffer (P4, E8.4).
+FREE_OPS: tuple[str, ...] = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Concat")
 
 #: Ops a weight may sit behind between its constant (or Q/DQ) and the weighted op: TensorRT
 #: constant-folds them (TF exports transpose weights; PyTorch adds Identity for shared weights).

@@ -75,8 +75,6 @@ def output_layers(graph: gs.Graph) -> list[gs.Node]:
     return [n for n in graph.nodes if is_weighted(n) and any(reaches(o) for o in n.outputs)]
 
 
-#: Pooling ops an output layer may read a residual block through (besides activations and data movement).
-_POOLING = ("GlobalAveragePool", "AveragePool", "ReduceMean")
 
 
 def reads_residual_stream(node: gs.Node) -> bool:
@@ -85,7 +83,7 @@ def reads_residual_stream(node: gs.Node) -> bool:
     Such an output layer keeps INT8 inputs: reading the residual stream in float costs a
     standalone Q/DQ kernel (F5), while INT8 in / float out is the other form P9 allows.
     """
-    from ..trt_rules import commutes, is_pointwise_activation, is_residual_add
+    from ..trt_rules import POOLING_OPS, commutes, is_pointwise_activation, is_residual_add
 
     aidx = activation_input_index(node)
     t = node.inputs[aidx] if len(node.inputs) > aidx else None
@@ -95,7 +93,7 @@ def reads_residual_stream(node: gs.Node) -> bool:
             return False
         if is_residual_add(p):
             return True
-        if not (is_dq(p) or is_q(p) or commutes(p) or p.op in _POOLING or is_pointwise_activation(p)):
+        if not (is_dq(p) or is_q(p) or commutes(p) or p.op in POOLING_OPS or is_pointwise_activation(p)):
             return False
         t = p.inputs[0] if p.inputs else None
     return False

@@ -35,15 +35,13 @@ from ..graph import DQ_OP, Q_OP, after_plugins, const_value, is_dq, is_float_dty
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..quant import quantize_int8, scale_from_amax, scale_in, weight_scales
 from ..rewriter import Rewriter
-from ..trt_rules import attention_gemms, commutes, is_weighted, weight_axis
+from ..trt_rules import WEIGHTED_OPS, attention_gemms, commutes, is_weighted, weight_axis
 from .base import Pass, PassContext
 from .float16_regions import FP16_SCALE_OPSET
 
 __all__ = ["InsertQdq", "is_excluded", "inline_constant_ifs", "unreachable_ops"]
 
 logger = logging.getLogger(__name__)
-
-_WEIGHT_VIEW_OPS = ("Identity", "Cast", "Transpose")
 
 
 def is_excluded(node: gs.Node, ctx: PassContext) -> str | None:
@@ -131,7 +129,7 @@ class InsertQdq(Pass):
         bmm = ctx.config.quantize_bmm
         attention = {id(n) for pair in attention_gemms(graph) for n in pair} if bmm is None else set()
         for node in graph.nodes:
-            if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if node.op not in WEIGHTED_OPS:
                 continue
             why = is_excluded(node, ctx)
             if why:
@@ -264,7 +262,6 @@ class InsertQdq(Pass):
 # * Nodes after a TensorRT plugin (``TRT::EfficientNMS_TRT``...) cannot be calibrated: onnxruntime
 #   cannot run the plugin. They stay float with a note; the plugin itself is never touched.
 
-_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _constant_condition(node: gs.Node) -> bool | None:
@@ -309,7 +306,7 @@ def unreachable_ops(graph: gs.Graph, rw: Rewriter) -> set[int]:
     never targets, they are only reported.
     """
     for node, path in nested_nodes(graph):
-        if node.op not in _WEIGHTED:
+        if node.op not in WEIGHTED_OPS:
             continue
         owner, attr = path[-1]
         if any(p.op != "If" for p, _ in path):
@@ -321,7 +318,7 @@ def unreachable_ops(graph: gs.Graph, rw: Rewriter) -> set[int]:
         rw.note(node, f"inside {_where(path)}: left float because {why}", rule="P1")
     below = after_plugins(graph)
     for node in graph.nodes:
-        if id(node) in below and node.op in _WEIGHTED:
+        if id(node) in below and node.op in WEIGHTED_OPS:
             rw.note(node, f"after TensorRT plugin '{below[id(node)].name}' ({below[id(node)].op}): left float because "
                           "onnxruntime cannot run the plugin, so nothing after it can be calibrated", rule="P1")
     return set(below)

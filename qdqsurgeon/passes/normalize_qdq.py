@@ -54,7 +54,7 @@ from ..inspection import OPERATOR_QUANT_OPS, blocked_problem, layout_problem, un
 from ..quant import MIN_SCALE, QMAX, expand_blocks, weight_scales
 from ..qdq import unquantize_graph_output
 from ..rewriter import Rewriter
-from ..trt_rules import commutes, weight_axis
+from ..trt_rules import BIAS_OPS, commutes, weight_axis
 from .base import Pass, PassContext
 
 __all__ = [
@@ -87,7 +87,6 @@ _NONNEG_OPS = ("Relu", "Sigmoid", "Softmax", "Abs", "Exp", "HardSigmoid", "Softp
 _NONNEG_KEEPING = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten", "Squeeze",
                    "Unsqueeze", "Transpose", "Slice", "Split", "Gather", "Expand", "Tile", "Concat", "Resize",
                    "Identity", "Pad", "Mul", "Add", "Div", "Min", "ReduceMean", "ReduceMax", "ReduceMin", "Dropout")
-_BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
 # -- arithmetic -----------------------------------------------------------------------------------
@@ -401,7 +400,7 @@ class NormalizeQdq(Pass):
             value = const_value(dq.inputs[0])
             if value is None:
                 continue
-            is_bias = any(c.op in _BIAS_OPS and len(c.inputs) > 2 and c.inputs[2] is dq.outputs[0]
+            is_bias = any(c.op in BIAS_OPS and len(c.inputs) > 2 and c.inputs[2] is dq.outputs[0]
                           for c in dq.outputs[0].outputs)
             if np.asarray(value).dtype != np.int32 and not is_bias:
                 continue

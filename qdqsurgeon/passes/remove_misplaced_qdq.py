@@ -29,7 +29,7 @@ from ..graph import const_value, is_dq, is_q, producer, qparams
 from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading, reads_fused_chain, source_of
 from ..quant import dequantize
 from ..rewriter import Rewriter
-from ..trt_rules import commutes, is_epilogue
+from ..trt_rules import BIAS_OPS, commutes, is_epilogue
 from .base import Pass, PassContext
 from .exclude_output_layers import drop_output_qdq
 from .quantize_residual import residual_sides
@@ -52,7 +52,7 @@ class RemoveMisplacedQdq(Pass):
                 continue
             if node.op in ("Conv", "ConvTranspose"):
                 self._pad_before_conv(node, rw)
-            if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2:
+            if node.op in BIAS_OPS and len(node.inputs) > 2:
                 self._float_bias(node, rw)
             if node.op == "Mul":
                 self._unsplit_silu(node, rw)

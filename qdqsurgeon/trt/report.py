@@ -324,7 +324,6 @@ class _Graph:
         self.layers = engine.layers
         self.producers = engine.producers()
         self.consumers = engine.consumers()
-        self.network_inputs = {t.name for t in engine.io_tensors if t.mode in (None, "input")}
 
     def _pass_through(self, layer: Layer) -> bool:
         return not layer.is_compute and not layer.is_standalone_qdq
