@@ -213,7 +213,8 @@ def inspect_cmd(model: str, as_json: bool, trt: bool, trt_version: str | None) -
         t = d["trt"]
         click.echo(f"  TensorRT (static prediction): {t['int8_weighted_ops']} INT8 weighted ops, "
                    f"INT8 MAC fraction {t['int8_mac_fraction']:.3f}, {t['standalone_qdq_layers']} standalone Q/DQ layers, "
-                   f"{t['precision_transitions']} precision transitions")
+                   f"{t['precision_transitions']} precision transitions; {len(t.get('kernels', []))} kernels "
+                   f"(engine layers, --json lists them)")
         for name in t["standalone_qdq"][:20]:
             click.echo(f"    standalone: {name}")
         if t.get("unverified"):
