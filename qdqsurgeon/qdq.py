@@ -26,6 +26,8 @@ __all__ = [
     "scale_of",
     "ensure_pair",
     "dequantized_input",
+    "duplicates",
+    "cancels",
     "conv_chain",
     "conv_chain_head",
     "reads_fused_chain",
@@ -53,6 +55,25 @@ def source_of(tensor: gs.Tensor) -> gs.Tensor:
     """The float tensor a DQ(Q(x)) output stands for (``x``), or ``tensor`` itself."""
     pair = pair_reading(tensor)
     return pair[0].inputs[0] if pair else tensor
+
+
+def _same_attrs(a: gs.Node, b: gs.Node) -> bool:
+    keys = set(a.attrs) | set(b.attrs)
+    defaults = {"saturate": 1, "axis": 1, "block_size": 0}
+    return all(a.attrs.get(k, defaults.get(k)) == b.attrs.get(k, defaults.get(k)) for k in keys)
+
+
+def duplicates(a: gs.Node, b: gs.Node) -> bool:
+    """Two Qs (or two DQs) reading one tensor that are one quantizer: same parameters and attributes.
+    TensorRT merges them (P6, E8.7); dedupe-qdq and the static analysis ask this one question."""
+    return a.op == b.op and (is_q(a) or is_dq(a)) and same_qparams(a, b) and _same_attrs(a, b)
+
+
+def cancels(dq: gs.Node | None, q: gs.Node | None) -> bool:
+    """``DQ → Q`` with identical parameters is an identity round trip: TensorRT removes it (C1) and
+    fold-qdq-pairs folds it; the static analysis and the pass ask this one question."""
+    return (dq is not None and q is not None and is_dq(dq) and is_q(q) and q.attrs.get("saturate", 1) == 1
+            and same_qparams(dq, q))
 
 
 def pairs_on(tensor: gs.Tensor) -> list[tuple[gs.Node, gs.Node]]:

@@ -23,7 +23,8 @@ from onnx import TensorProto, helper
 
 import qdqsurgeon
 from qdqsurgeon import trt_rules as R
-from qdqsurgeon.analysis import _qkey, predict
+from qdqsurgeon.analysis import predict
+from qdqsurgeon.analysis.simulate import _qkey
 from qdqsurgeon.graph import import_model, same_qparams
 from qdqsurgeon.qdq import conv_chain
 

@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..graph import DQ_OP, Q_OP, same_qparams
+from ..graph import DQ_OP, Q_OP
+from ..qdq import duplicates
 from ..patterns.base import Match, NoMatch, Pattern, PatternPass
 from ..rewriter import Rewriter
 from .base import PassContext
 
 __all__ = ["MergeDuplicateQdq", "DedupeQdq"]
-
-
-def _same_attrs(a: gs.Node, b: gs.Node) -> bool:
-    keys = set(a.attrs) | set(b.attrs)
-    defaults = {"saturate": 1, "axis": 1, "block_size": 0}
-    return all(a.attrs.get(k, defaults.get(k)) == b.attrs.get(k, defaults.get(k)) for k in keys)
 
 
 class MergeDuplicateQdq(Pattern):
@@ -46,7 +41,7 @@ class MergeDuplicateQdq(Pattern):
         order = {id(n): i for i, n in enumerate(src.outputs)}
         earlier = [n for n in siblings if order[id(n)] < order[id(node)]]
         for sib in earlier:
-            if same_qparams(sib, node) and _same_attrs(sib, node):
+            if duplicates(sib, node):
                 return Match(node, {"keep": sib})
         if not earlier:
             return NoMatch(f"{node.name}: first {node.op} on {src.name}, kept")

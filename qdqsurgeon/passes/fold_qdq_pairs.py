@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import DQ_OP, Q_OP, is_dq, producer, qparams, same_qparams
+from ..graph import Q_OP, is_dq, producer, qparams
+from ..qdq import cancels
 from ..patterns.base import Match, NoMatch, Pattern, PatternPass
 from ..rewriter import Rewriter
 from .base import PassContext
@@ -53,7 +54,7 @@ class FoldDqQ(Pattern):
             return NoMatch(f"{node.name}: input is not produced by a DequantizeLinear")
         if node.attrs.get("saturate", 1) != 1:
             return NoMatch(f"{node.name}: non-default saturate attribute")
-        if not same_qparams(src, node):
+        if not cancels(src, node):
             return NoMatch(f"{src.name} -> {node.name}: {_describe_mismatch(src, node)}")
         return Match(node, {"dq": src})
 

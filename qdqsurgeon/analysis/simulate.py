@@ -1,0 +1,348 @@
+"""Steps 1 and 2 of the static TensorRT model: a private copy of the graph, and TensorRT's Q/DQ
+propagation on it (weights, merging duplicates, DQs forward, Qs backward, DQ→Q cancelling).
+
+See :mod:`qdqsurgeon.analysis` for the whole model; :mod:`.fuse` takes the result from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import trt_rules as R
+from ..graph import const_value, is_dq, is_q, producer, qparams, qparams_key
+from ..qdq import cancels, duplicates
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Preparing a private, shape-inferred graph
+
+
+def _working_graph(model_or_graph: onnx.ModelProto | gs.Graph) -> gs.Graph:
+    """A graph this module may rewrite freely, with inferred shapes where ONNX can infer them."""
+    if isinstance(model_or_graph, onnx.ModelProto):
+        model = model_or_graph
+    elif isinstance(model_or_graph, gs.Graph):
+        try:
+            model = gs.export_onnx(model_or_graph, do_type_check=False)
+        except Exception as exc:  # an unexportable graph is still analysable, just without new shapes
+            logger.debug("gs export failed (%s); analysing a copy without shape inference", exc)
+            return model_or_graph.copy()
+    else:
+        raise TypeError(f"predict() takes an onnx.ModelProto or a gs.Graph, not {type(model_or_graph).__name__}")
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # shapes only feed MAC counts; a model ONNX cannot infer still gets a prediction
+        logger.debug("shape inference failed: %s", exc)
+    return gs.import_onnx(model)
+
+
+def _dim(d: Any) -> int:
+    # Dynamic dims count as 1, so a dynamic batch gives per-sample MACs.
+    return int(d) if isinstance(d, (int, np.integer)) and int(d) > 0 else 1
+
+
+def _shape(t: gs.Tensor | None) -> tuple[int, ...] | None:
+    shape = getattr(t, "shape", None)
+    if shape is None:
+        return None
+    return tuple(_dim(d) for d in shape)
+
+
+def _const_shape(t: gs.Tensor) -> tuple[int, ...] | None:
+    """Shape of a weight tensor, also behind its Q/DQ chain when shape inference did not run."""
+    s = _shape(t)
+    if s is not None:
+        return s
+    for _ in range(8):
+        v = const_value(t)
+        if v is not None:
+            return tuple(np.shape(v))
+        p = producer(t)
+        if p is None or not (is_q(p) or is_dq(p) or p.op in R.WEIGHT_PASSTHROUGH_OPS):
+            return None
+        t = p.inputs[0]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The simulation
+
+
+def _qkey(node: gs.Node) -> tuple:
+    """Hashable identity of a Q/DQ's quantization: the passes' own :func:`graph.qparams_key`.
+
+    Bit-exact (trt-rules §7.5 leaves tolerances unverified). A computed scale (invalid for TRT,
+    V1) is unique, so it never merges or cancels.
+    """
+    key = qparams_key(node)
+    return key if key is not None else ("dynamic", id(node))
+
+
+def _qlabel(sim: "_Sim", node: gs.Node) -> str:
+    """``int8``, ``fp8``... : the quantized type of the activation DQ feeding ``node`` (int8 when unknown)."""
+    from ..inspection import QTYPE_LABELS
+
+    for t in node.inputs:
+        dq = sim.dq_of(t)
+        qp = qparams(dq) if dq is not None else None
+        if qp is not None:
+            return QTYPE_LABELS.get(np.dtype(qp.qdtype).name, "int8")
+    return "int8"
+
+
+class _Sim:
+    """TensorRT's Q/DQ processing on a private graph; see the module docstring for the steps."""
+
+    def __init__(self, graph: gs.Graph, version: R.Version | None = None) -> None:
+        self.g = graph
+        self.version = R.parse_version(version)
+        self.nodes: list[gs.Node] = list(graph.nodes)
+        for i, n in enumerate(self.nodes):
+            if not n.name:
+                n.name = f"{n.op}_{i}"
+        self.outputs = {id(t) for t in graph.outputs}
+        self.dead: set[int] = set()
+        self.origin: dict[int, str] = {id(n): n.name for n in self.nodes}
+        self.keys: dict[int, tuple] = {}
+        self.weight_qdq: set[int] = set()
+        self.int8_ops: set[int] = set()
+        self.used_names = {n.name for n in self.nodes if is_q(n) or is_dq(n)}
+        self.merged: list[str] = []
+        self._var = 0
+
+    # --- small helpers -------------------------------------------------------------------------
+
+    def key(self, n: gs.Node) -> tuple:
+        k = self.keys.get(id(n))
+        if k is None:
+            k = self.keys[id(n)] = _qkey(n)
+        return k
+
+    def live(self, n: gs.Node) -> bool:
+        return id(n) not in self.dead
+
+    def act_q(self, n: gs.Node | None) -> bool:
+        return n is not None and is_q(n) and self.live(n) and id(n) not in self.weight_qdq
+
+    def act_dq(self, n: gs.Node | None) -> bool:
+        return n is not None and is_dq(n) and self.live(n) and id(n) not in self.weight_qdq
+
+    def dq_of(self, t: gs.Tensor | None) -> gs.Node | None:
+        """The activation DQ writing ``t``, if any."""
+        p = producer(t) if t is not None else None
+        return p if self.act_dq(p) else None
+
+    def is_graph_output(self, t: gs.Tensor) -> bool:
+        return id(t) in self.outputs
+
+    def detach(self, n: gs.Node) -> None:
+        self.dead.add(id(n))
+        self.used_names.discard(n.name)
+        n.inputs.clear()
+        n.outputs.clear()
+
+    def fresh_name(self, origin: str) -> str:
+        if origin not in self.used_names:
+            return origin
+        k = 1
+        while f"{origin}_clone_{k}" in self.used_names:
+            k += 1
+        return f"{origin}_clone_{k}"
+
+    def new_var(self, base: str) -> gs.Variable:
+        self._var += 1
+        return gs.Variable(f"{base}__sim{self._var}")
+
+    def template(self, like: gs.Node) -> tuple[str, str, dict, list[gs.Tensor], tuple]:
+        """What a moved copy of ``like`` needs, captured before ``like`` is detached."""
+        return (like.op, self.origin[id(like)], dict(like.attrs), list(like.inputs[1:]), self.key(like))
+
+    def clone_qdq(self, tpl: tuple[str, str, dict, list[gs.Tensor], tuple], data: gs.Tensor,
+                  out: gs.Tensor) -> gs.Node:
+        op, origin, attrs, qinputs, key = tpl
+        node = gs.Node(op, name=self.fresh_name(origin), attrs=dict(attrs), inputs=[data, *qinputs], outputs=[out])
+        self.used_names.add(node.name)
+        self.origin[id(node)] = origin
+        self.keys[id(node)] = key
+        self.nodes.append(node)
+        return node
+
+    def redirect(self, old: gs.Tensor, new: gs.Tensor) -> None:
+        for c in list(old.outputs):
+            for i, t in enumerate(c.inputs):
+                if t is old:
+                    c.inputs[i] = new
+
+    def const_path(self, t: gs.Tensor | None) -> bool:
+        # A weight may sit behind Q, DQ, Identity, Cast or Transpose (TF exports transpose weights).
+        for _ in range(8):
+            if t is None:
+                return False
+            if const_value(t) is not None:
+                return True
+            p = producer(t)
+            if p is None or not (is_q(p) or is_dq(p) or p.op in R.WEIGHT_PASSTHROUGH_OPS):
+                return False
+            t = p.inputs[0]
+        return False
+
+    def qweight(self, t: gs.Tensor | None) -> bool:
+        """``t`` is a quantized weight: a constant behind a DQ (F1)."""
+        for _ in range(8):
+            p = producer(t) if t is not None else None
+            if p is None:
+                return False
+            if is_dq(p) and id(p) in self.weight_qdq:
+                return True
+            if p.op in R.WEIGHT_PASSTHROUGH_OPS and p.inputs:
+                t = p.inputs[0]
+                continue
+            return False
+        return False
+
+    # --- step 1: weights and duplicates --------------------------------------------------------
+
+    def mark_weights(self) -> None:
+        for n in self.nodes:
+            if (is_q(n) or is_dq(n)) and n.inputs and self.const_path(n.inputs[0]):
+                self.weight_qdq.add(id(n))
+
+    def dedupe(self) -> bool:
+        """Merge identical activation Qs (and DQs) reading one tensor (P6)."""
+        changed = False
+        tensors: dict[int, gs.Tensor] = {}
+        for n in self.nodes:
+            if self.live(n) and (is_q(n) or is_dq(n)) and id(n) not in self.weight_qdq and n.inputs:
+                tensors[id(n.inputs[0])] = n.inputs[0]
+        for t in tensors.values():
+            for test in (self.act_q, self.act_dq):
+                seen: list[gs.Node] = []
+                for c in list(t.outputs):
+                    if not test(c) or c.inputs[0] is not t:
+                        continue
+                    keep = next((s for s in seen if duplicates(s, c)), None)  # dedupe-qdq's question
+                    if keep is None:
+                        seen.append(c)
+                        continue
+                    out = c.outputs[0]
+                    if self.is_graph_output(out):
+                        continue
+                    self.redirect(out, keep.outputs[0])
+                    self.merged.append(c.name)
+                    self.detach(c)
+                    changed = True
+        return changed
+
+    # --- step 2: movement ----------------------------------------------------------------------
+
+    def dq_forward(self) -> bool:
+        changed = False
+        work = deque(n for n in self.nodes if self.act_dq(n))
+        while work:
+            d = work.popleft()
+            if not self.live(d):
+                continue
+            for c in list(d.outputs[0].outputs):
+                if not self.live(c) or not R.commutes(c):
+                    continue
+                idx = [i for i in R.data_input_indices(c) if c.inputs[i] is not None and c.inputs[i].name]
+                if not idx or not any(c.inputs[i] is d.outputs[0] for i in idx):
+                    continue
+                srcs = [self.dq_of(c.inputs[i]) for i in idx]
+                if any(s is None for s in srcs):
+                    continue
+                if len({self.key(s) for s in srcs}) != 1:  # P4/P5: unequal scales, the DQ stays put
+                    continue
+                tpl = self.template(srcs[0])
+                for i, s in zip(idx, srcs):
+                    c.inputs[i] = s.inputs[0]
+                for s in {id(s): s for s in srcs}.values():
+                    if not s.outputs[0].outputs and not self.is_graph_output(s.outputs[0]):
+                        self.detach(s)
+                for j, o in enumerate(list(c.outputs)):
+                    o8 = self.new_var(o.name)
+                    c.outputs[j] = o8
+                    work.append(self.clone_qdq(tpl, o8, o))
+                self.int8_ops.add(id(c))
+                changed = True
+        return changed
+
+    def q_backward(self) -> bool:
+        changed = False
+        work = deque(n for n in self.nodes if self.act_q(n))
+        while work:
+            q = work.popleft()
+            if not self.live(q):
+                continue
+            v = q.inputs[0]
+            p = producer(v)
+            if p is None or not R.commutes(p) or id(p) in self.int8_ops:
+                continue
+            # C1: the Q moves only if it is the sole reader of every output of the op (identical Qs
+            # were merged already). For Split that means one Q, at one scale, on each output (P4).
+            qs: list[gs.Node] = []
+            for o in p.outputs:
+                readers = list(o.outputs)
+                if self.is_graph_output(o) or len(readers) != 1 or not self.act_q(readers[0]) \
+                        or self.key(readers[0]) != self.key(q):
+                    break
+                qs.append(readers[0])
+            if len(qs) != len(p.outputs):
+                continue
+            idx = [i for i in R.data_input_indices(p) if p.inputs[i] is not None and p.inputs[i].name]
+            if not idx:
+                continue
+            tpl = self.template(q)
+            for j, qj in enumerate(qs):
+                out = qj.outputs[0]
+                self.detach(qj)
+                p.outputs[j] = out
+            for i in idx:
+                u = p.inputs[i]
+                reuse = next((c for c in u.outputs if self.act_q(c) and self.key(c) == tpl[4]), None)
+                if reuse is None:
+                    reuse = self.clone_qdq(tpl, u, self.new_var(u.name))
+                    work.append(reuse)
+                p.inputs[i] = reuse.outputs[0]
+            self.int8_ops.add(id(p))
+            changed = True
+        return changed
+
+    def cancel(self) -> bool:
+        """``DQ(s)→Q(s)`` disappears; the Q's readers take the INT8 tensor directly."""
+        changed = False
+        for d in [n for n in self.nodes if self.act_dq(n)]:
+            v, a = d.outputs[0], d.inputs[0]
+            for q in list(v.outputs):
+                if self.act_q(q) and cancels(d, q) and not self.is_graph_output(q.outputs[0]):  # fold-qdq-pairs' question
+                    self.redirect(q.outputs[0], a)
+                    self.detach(q)
+                    changed = True
+            if not v.outputs and not self.is_graph_output(v):
+                self.detach(d)
+                changed = True
+        return changed
+
+    def move(self) -> None:
+        self.mark_weights()
+        for _ in range(16):
+            changed = self.dedupe()
+            changed |= self.dq_forward()
+            changed |= self.q_backward()
+            changed |= self.cancel()
+            if not changed:
+                break
+        self.nodes = [n for n in self.nodes if self.live(n)]
+        self.g.nodes = self.nodes
+        try:
+            self.g.toposort()
+            self.nodes = list(self.g.nodes)
+        except Exception as exc:  # a cyclic or odd graph: keep the original order
+            logger.debug("toposort failed: %s", exc)
