@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import DQ_OP, Q_OP, is_graph_output
+from .graph import DQ_OP, Q_OP, is_graph_output, nested_nodes
 
 __all__ = ["Change", "Rewriter"]
 
@@ -268,12 +268,20 @@ class Rewriter:
     def cleanup(self) -> None:
         """Drop orphaned nodes, logging those the pass did not remove itself, and re-sort."""
         before = {id(n): n for n in self.graph.nodes}
+        inner = {id(n): (n, path[0][0]) for n, path in nested_nodes(self.graph)}
         self.graph.cleanup(remove_unused_graph_inputs=False)
         after = {id(n) for n in self.graph.nodes}
         for key, node in before.items():
             if key not in after and key not in self.removed:
                 self.removed.add(key)
                 self.log("cleanup", node.name, f"{node.op} orphaned by {self.pass_name}, removed", "cleanup")
+        if inner:  # gs's cleanup also drops dead nodes inside If/Loop bodies: logged on their top-level node
+            left = {id(n) for n, _ in nested_nodes(self.graph)}
+            for key, (node, top) in inner.items():
+                if key not in left and key not in self.removed:
+                    self.removed.add(key)
+                    self.log("cleanup", top.name, f"{node.op} {node.name} in the body of {top.name} is dead, removed",
+                             "cleanup")
         self.graph.toposort()
 
 
