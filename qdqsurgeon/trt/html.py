@@ -41,7 +41,8 @@ _BOX_MAX = 300
 _TEXT_X = _X0 + _BOX_MAX + 16
 _WIDTH = 1180
 _CHAR_W = 7.0  # a little above the 6.6 px advance of 11 px monospace: labels must fit, not be clipped
-_NAME_CHARS = 64  # wrap layer names at this many characters (at spaces only)
+_NAME_CHARS = 64  # wrap layer names at this many characters (after spaces and '/' only)
+_NAME_CHARS_MIN = 40
 _SLOWEST = 10
 
 _CSS = """
@@ -99,7 +100,7 @@ _JS = """
         parts.push(s.textContent);
         if(s.getBoundingClientRect().right>right) fits=false;
       });
-      if(fits && parts.join(' ')===t.getAttribute('data-name')) whole++;
+      if(fits && parts.join('')===t.getAttribute('data-name')) whole++;
     });
   }
   root.setAttribute('data-names-whole', String(whole));
@@ -167,19 +168,17 @@ def _edge_colour(precision: str | None) -> str:
 
 
 def wrap_name(name: str, width: int = _NAME_CHARS) -> list[str]:
-    """Split ``name`` into lines of at most ``width`` characters at single spaces only, so
-    ``" ".join(lines) == name``; a longer token gets a line of its own, whole."""
+    """Split ``name`` into lines of at most ``width`` characters, breaking only after a space or a
+    ``/`` (TensorFlow-style scope paths), so ``"".join(lines) == name``; a longer token stays whole
+    on a line of its own."""
     lines: list[str] = []
-    current: str | None = None
-    for token in name.split(" "):
-        if current is None:
-            current = token
-        elif len(current) + 1 + len(token) <= width:
-            current += " " + token
-        else:
+    current = ""
+    for piece in _BREAK_AFTER.split(name):
+        if current and len((current + piece).rstrip(" ")) > width:
             lines.append(current)
-            current = token
-    lines.append(current or "")
+            current = ""
+        current += piece
+    lines.append(current)
     return lines
 
 
@@ -199,7 +198,9 @@ def _svg(report: EngineReport) -> str:
     time_w = max((len(_time(r)) for r in rows), default=0)
     prefix_w = 3 + 1 + kind_w + 1 + prec_w + 1 + time_w + 2
     name_x = _TEXT_X + prefix_w * _CHAR_W
-    wrapped = {r.index: wrap_name(r.name) for r in rows}
+    # Names wrap to fit the default width; only a token longer than that widens the drawing.
+    chars = max(_NAME_CHARS_MIN, int((_WIDTH - 24 - name_x) / _CHAR_W))
+    wrapped = {r.index: wrap_name(r.name, chars) for r in rows}
     longest = max((len(line) for lines in wrapped.values() for line in lines), default=0)
     width = max(_WIDTH, int(name_x + longest * _CHAR_W + 24))
     y_of: dict[int, int] = {}
@@ -258,6 +259,7 @@ def _svg(report: EngineReport) -> str:
     return "\n".join(parts)
 
 
+_BREAK_AFTER = re.compile(r"(?<=[ /])")
 _RULE_ID = re.compile(r"\b([CEFPV]\d{1,2})\b")
 
 

@@ -59,17 +59,20 @@ def _labels(page: str) -> dict[str, str]:
     out = {}
     for m in re.finditer(r'<text class="label"[^>]*data-name="([^"]*)">(.*?)</text>', page):
         lines = re.findall(r'<tspan class="nm"[^>]*>(.*?)</tspan>', m.group(2))
-        out[html.unescape(m.group(1))] = " ".join(html.unescape(x) for x in lines)
+        out[html.unescape(m.group(1))] = "".join(html.unescape(x) for x in lines)
     return out
 
 
-def test_wrap_name_breaks_only_at_spaces() -> None:
+def test_wrap_name_breaks_only_between_tokens() -> None:
     name = "features.2.conv.2.weight + QuantizeLinear_90 + Conv_94 + (Unnamed Layer* 849) [Shuffle]_output"
     lines = wrap_name(name, 30)
-    assert " ".join(lines) == name and len(lines) > 1
-    assert all(len(line) <= 30 for line in lines)
+    assert "".join(lines) == name and len(lines) > 1
+    assert all(len(line.rstrip()) <= 30 and line.endswith(" ") for line in lines[:-1])
     long_token = "x" * 50
-    assert wrap_name(f"a {long_token} b", 30) == ["a", long_token, "b"]  # whole, on its own line
+    assert wrap_name(f"a {long_token} b", 30) == ["a ", f"{long_token} ", "b"]  # whole, on its own line
+    scope = "resnet50/quant_conv1_conv/LastValueQuant/QuantizeAndDequantizeV4/ReadVariableOp:0 + Q"
+    lines = wrap_name(scope, 40)
+    assert "".join(lines) == scope and all(line.endswith(("/", " ")) for line in lines[:-1])
 
 
 def test_every_layer_name_is_whole_and_in_the_table() -> None:
@@ -210,3 +213,30 @@ def test_layer_table_sorts_in_headless_chromium(tmp_path) -> None:
     assert 'data-sorted="name:asc"' in attrs
     names = [r[1].lower() for r in rows]
     assert names == sorted(names) and len(names) == report.layers
+
+
+_DUMPS = {
+    "mobilenet_residuals": (MB_RES, None),
+    "resnet50_qat": (ENGINES / "trex_tf_resnet50_rtx3090/qat/resnet-qat.onnx.engine.graph.json",
+                     ENGINES / "trex_tf_resnet50_rtx3090/qat/resnet-qat.onnx.engine.profile.json"),
+    "resnet50_fp32": (ENGINES / "trex_tf_resnet50_rtx3090/fp32/resnet.onnx.engine.graph.json", None),
+    "detr_names_only": (ENGINES / "detr_implicit_int8_names_only/detr-layer-info.json",
+                        ENGINES / "detr_implicit_int8_names_only/detr-profile.json"),
+    "trt10_cookbook": (COOKBOOK / "model-trained-exportLayerInfo.log", None),
+}
+
+
+@pytest.mark.parametrize("dump", sorted(_DUMPS))
+def test_every_dump_shows_whole_names_in_chromium(tmp_path, dump) -> None:
+    """Long TensorFlow scope names (ResNet-50: 464 characters) and 840 DETR layers: every label
+    whole and inside the drawing, as the browser lays it out."""
+    exe = _chromium()
+    layers, profile = _DUMPS[dump]
+    report = engine_report(layers, profile=profile)
+    page = write_html(report, tmp_path / "r.html")
+    assert _labels(page.read_text()) == {r.name: r.name for r in report.rows}
+    dom = subprocess.run(
+        [*_chromium_args(exe, tmp_path / "profile"), "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert f'data-ok="{report.layers}" data-names-whole="{report.layers}"' in dom, dom[:300]
