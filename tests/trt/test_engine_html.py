@@ -44,6 +44,12 @@ def _chromium_args(exe: str, profile_dir: Path) -> list[str]:
     ]
 
 
+def _dump_dom(exe: str, profile_dir: Path, url: str) -> str:
+    """The DOM after the page's scripts ran (stderr appended for a failing assertion's message)."""
+    run = subprocess.run([*_chromium_args(exe, profile_dir), "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    return run.stdout + "\n<!-- stderr: " + run.stderr[-2000:] + " -->"
+
+
 def test_html_is_self_contained() -> None:
     page = render_html(engine_report(MB_QAT, profile=MB_QAT_PROFILE))
     assert "http://" not in page and "https://" not in page
@@ -178,22 +184,16 @@ def test_html_renders_in_headless_chromium(tmp_path) -> None:
         assert any(sum(abs(a - b) for a, b in zip(want, rgb)) < 12 for rgb in present), key
 
     # The page's script ran: it stamps the number of layer boxes and prefixes the title.
-    dom = subprocess.run(
-        [*_chromium_args(exe, tmp_path / "profile2"), "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert f'data-ok="{report.layers}"' in dom.stdout, dom.stderr[-2000:]
-    assert "<title>[ok] " in dom.stdout
+    dom = _dump_dom(exe, tmp_path / "profile2", url)
+    assert f'data-ok="{report.layers}"' in dom, dom[-2000:]
+    assert "<title>[ok] " in dom
     # Measured by the browser: every label holds the whole name and ends inside the drawing.
-    assert f'data-names-whole="{report.layers}"' in dom.stdout
+    assert f'data-names-whole="{report.layers}"' in dom
 
 
 def _rows_after_sort(exe: str, page: Path, profile: Path, fragment: str) -> tuple[str, list[list[str]]]:
     """The layer table as the browser left it after the page's own sort (#sort=key:dir → header click)."""
-    dom = subprocess.run(
-        [*_chromium_args(exe, profile), "--dump-dom", page.resolve().as_uri() + fragment],
-        capture_output=True, text=True, timeout=120,
-    ).stdout
+    dom = _dump_dom(exe, profile, page.resolve().as_uri() + fragment)
     table = re.search(r'<table id="layers"([^>]*)>(.*?)</table>', dom, re.S)
     assert table, dom[-2000:]
     rows = re.findall(r'<tr id="row-\d+"[^>]*>(.*?)</tr>', table.group(2), re.S)
@@ -235,8 +235,5 @@ def test_every_dump_shows_whole_names_in_chromium(tmp_path, dump) -> None:
     report = engine_report(layers, profile=profile)
     page = write_html(report, tmp_path / "r.html")
     assert _labels(page.read_text()) == {r.name: r.name for r in report.rows}
-    dom = subprocess.run(
-        [*_chromium_args(exe, tmp_path / "profile"), "--dump-dom", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120,
-    ).stdout
+    dom = _dump_dom(exe, tmp_path / "profile", page.resolve().as_uri())
     assert f'data-ok="{report.layers}" data-names-whole="{report.layers}"' in dom, dom[:300]
