@@ -1,9 +1,13 @@
-"""Self-contained HTML engine report: the engine graph as inline SVG and the findings table.
+"""Self-contained HTML engine report, laid out to act from: findings grouped by pattern with
+their cost and fixing pass, the slowest layers, the engine graph as inline SVG, a sortable
+per-layer table and the findings; GPU/TensorRT cards when metadata was found.
 
 Everything (CSS, SVG, a small script) is inline and the page loads nothing: it must open from
 a CI artifact or an air-gapped machine. Layers are drawn as boxes in execution order, coloured
 by precision, with Q/DQ and reformat layers outlined; the box width grows with the layer's
-time; edges are rebuilt from tensor names (§4 rule 3), skip edges arc on the left.
+time; edges are rebuilt from tensor names (§4 rule 3), skip edges arc on the left. Layer names
+are never cut: they wrap after spaces and ``/`` and the drawing widens for a longer token. Rule
+IDs carry their one-line meaning (``RULE_TEXT``) as a hover title.
 """
 
 from __future__ import annotations

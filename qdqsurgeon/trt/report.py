@@ -9,8 +9,12 @@ time share, INT8 vs float compute time, and findings for the verification rules 
 * **E3**: a Q/DQ-origin layer with Int8 on both sides (a requantize: scale mismatch);
 * **E4**: every layer and finding is mapped back to ONNX node names.
 
-Each finding names the placement pass that would remove it: ``quantize-residual`` (P3),
-``align-scales`` (P4–P6), ``quantize-pooling`` (P7) or ``move-qdq`` (C1).
+Each finding names the placement rule behind it (its *cause*) and the pass that would remove
+it: ``quantize-residual`` (P3), ``align-scales`` (P4–P6), ``quantize-pooling`` (P7) or
+``move-qdq`` (C1). :meth:`EngineReport.finding_groups` groups findings per pattern (rule and
+cause) with the profile time of the layers the fix removes; :data:`RULE_TEXT` explains each rule
+ID in one line; :func:`load_engine_metadata` reads the GPU and TensorRT version from TREx
+metadata files or trtexec logs.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ RULE_TEXT: dict[str, str] = {
     "P8": "Pad before a Conv: place the Q/DQ before the Pad so the Pad fuses",
     "P9": "The final layer and numerically sensitive ops stay in float",
     "P10": "Float regions run in the ONNX's float type: make them FP16 to match an INT8+FP16 engine",
-    "P11": "INT8 tensor-core convs want channel counts that are multiples of 32 (16 at least)",
+    "P11": "INT8 tensor-core convs want channel counts that are multiples of 16; small convs may be better left FP16",
     "E1": "Count all layers and the Reformat layers by origin (Q/DQ or layout)",
     "E2": "A layer converts between INT8 and float where the model wanted one INT8 path (missing fusion)",
     "E3": "A Q/DQ layer with INT8 on both sides is a requantize: two scales that should be one",
@@ -254,7 +258,7 @@ class EngineReport:
     metadata_sources: list[str] = field(default_factory=list)
 
     def finding_groups(self) -> list[FindingGroup]:
-        """Findings grouped by pattern (:attr:`Finding.pattern`), the costliest first.
+        """Findings grouped by pattern (:attr:`Finding.pattern`): warnings before infos, then the costliest first.
 
         A group's time is the profile time of the layers its fix would remove (standalone
         Q/DQ and reformat kernels), each layer counted once, so an INT8 layer writing float and
