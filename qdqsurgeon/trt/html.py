@@ -109,15 +109,19 @@ _JS = """
   }
   root.setAttribute('data-names-whole', String(whole));
   var last=null, lastRow=null;
-  function show(i){
+  function show(i, jump){
     var el=document.getElementById('layer-'+i);
     if(el){ if(last) last.classList.remove('hl'); el.classList.add('hl'); last=el;
-      if(el.scrollIntoView) el.scrollIntoView({block:'center'}); }
+      if(jump && el.scrollIntoView) el.scrollIntoView({block:'center'}); }
     var row=document.getElementById('row-'+i);
     if(row){ if(lastRow) lastRow.classList.remove('hlrow'); row.classList.add('hlrow'); lastRow=row; }
   }
+  // Findings and the slowest list jump to the layer's box; a row of the layer table only marks it.
   document.querySelectorAll('[data-layer]').forEach(function(el){
-    el.addEventListener('click',function(){show(el.getAttribute('data-layer'));});
+    el.addEventListener('click',function(){show(el.getAttribute('data-layer'), true);});
+  });
+  document.querySelectorAll('#layers tbody tr').forEach(function(tr){
+    tr.addEventListener('click',function(){show(tr.getAttribute('data-i'), false);});
   });
   function sortBy(table, th){
     var col=Array.prototype.indexOf.call(th.parentNode.children, th);
@@ -139,6 +143,8 @@ _JS = """
       th.addEventListener('click',function(){ sortBy(table, th); });
     });
   });
+  var lm=/layer=(\\d+)/.exec(location.hash||'');  // #layer=N: a link to one layer
+  if(lm) show(lm[1], true);
   var m=/sort=([\\w-]+)(?::(asc|desc))?/.exec(location.hash||'');
   if(m){
     var th=document.querySelector('table.sortable th[data-key="'+m[1]+'"]');
@@ -413,7 +419,7 @@ def _layers_table(report: EngineReport) -> str:
         tds = "".join(
             f'<td{f" class={cls}" if cls else ""} data-v="{html.escape(v)}">{shown}</td>' for v, shown, cls in cells
         )
-        out.append(f'<tr id="row-{r.index}" data-i="{r.index}" data-layer="{r.index}">{tds}</tr>')
+        out.append(f'<tr id="row-{r.index}" data-i="{r.index}">{tds}</tr>')
     out.append("</tbody></table></div>")
     return "\n".join(out)
 

@@ -1,6 +1,7 @@
 """HTML report: self-contained (no network references), every layer name whole, findings grouped
 by pattern with their cost, rule IDs explained, GPU/TensorRT cards; rendered in headless Chromium,
-where its script runs (data-ok, data-names-whole) and sorts the layer table (#sort=key:dir)."""
+where its script runs (data-ok, data-names-whole), sorts the layer table (#sort=key:dir) and
+marks a layer (#layer=N)."""
 
 from __future__ import annotations
 
@@ -209,6 +210,11 @@ def test_layer_table_sorts_in_headless_chromium(tmp_path) -> None:
     times = [float(r[5]) for r in rows]
     assert times == sorted(times, reverse=True) and times != [r.time_ms for r in report.rows]
     assert rows[0][1] == report.slowest(1)[0].name
+    # #layer=N marks the layer's box and table row with the same function a click runs.
+    slow = report.slowest(1)[0].index
+    dom = _dump_dom(exe, tmp_path / "p3", page.resolve().as_uri() + f"#layer={slow}&sort=time:desc")
+    assert re.search(rf'<rect id="layer-{slow}" class="[^"]*\bhl\b', dom)
+    assert re.search(rf'<tr id="row-{slow}"[^>]*class="hlrow"', dom) and dom.count('class="hlrow"') == 1
     attrs, rows = _rows_after_sort(exe, page, tmp_path / "p2", "#sort=name:asc")
     assert 'data-sorted="name:asc"' in attrs
     names = [r[1].lower() for r in rows]
