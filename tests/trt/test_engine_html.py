@@ -70,6 +70,16 @@ def _labels(page: str) -> dict[str, str]:
     return out
 
 
+def test_written_atomically_with_the_usual_file_mode(tmp_path) -> None:
+    import os
+
+    page = write_html(engine_report(MB_RES), tmp_path / "r.html")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert page.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temporary file left behind
+
+
 def test_wrap_name_breaks_only_between_tokens() -> None:
     name = "features.2.conv.2.weight + QuantizeLinear_90 + Conv_94 + (Unnamed Layer* 849) [Shuffle]_output"
     lines = wrap_name(name, 30)
