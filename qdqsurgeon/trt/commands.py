@@ -96,8 +96,9 @@ def build_command(
     help="""Report on an engine from its layer-info JSON (trtexec --exportLayerInfo).
 
 Counts layers by type, standalone Q/DQ and reformat layers and their time share, INT8 vs
-float compute time, and lists findings (E2/E3) with the pass that fixes each. With --onnx,
-layers and findings are mapped to ONNX node names (E4).
+float compute time, and lists findings (E2/E3) grouped by pattern with the time they cost and
+the pass that fixes each. With --onnx, layers and findings are mapped to ONNX node names (E4).
+The GPU and TensorRT version come from TREx metadata beside LAYERS or from --metadata.
 
 \b
 Example:
@@ -111,6 +112,9 @@ Example:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--html", "html_out", type=_PATH, default=None, help="Also write a self-contained HTML report.")
 @click.option("--per-layer", "show_layers", is_flag=True, help="Include the per-layer table in the text output.")
+@click.option("--metadata", "metadata", type=_PATH, multiple=True,
+              help="A trtexec log or TREx *.metadata.json with the GPU and TensorRT version (repeatable; "
+                   "TREx metadata files beside LAYERS are read without it).")
 def engine_report_command(
     layers: Path,
     profile: Path | None,
@@ -118,8 +122,9 @@ def engine_report_command(
     as_json: bool,
     html_out: Path | None,
     show_layers: bool,
+    metadata: tuple[Path, ...],
 ) -> None:
-    report = engine_report(layers, profile=profile, onnx_model=onnx_model)
+    report = engine_report(layers, profile=profile, onnx_model=onnx_model, metadata=list(metadata))
     if html_out is not None:
         write_html(report, html_out)
     if as_json:

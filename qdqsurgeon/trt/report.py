@@ -9,13 +9,19 @@ time share, INT8 vs float compute time, and findings for the verification rules 
 * **E3**: a Q/DQ-origin layer with Int8 on both sides (a requantize: scale mismatch);
 * **E4**: every layer and finding is mapped back to ONNX node names.
 
-Each finding names the placement pass that would remove it: ``quantize-residual`` (P3),
-``align-scales`` (P4–P6), ``quantize-pooling`` (P7) or ``move-qdq`` (C1).
+Each finding names the placement rule behind it (its *cause*) and the pass that would remove
+it: ``quantize-residual`` (P3), ``align-scales`` (P4–P6), ``quantize-pooling`` (P7) or
+``move-qdq`` (C1). :meth:`EngineReport.finding_groups` groups findings per pattern (rule and
+cause) with the profile time of the layers the fix removes; :data:`RULE_TEXT` explains each rule
+ID in one line; :func:`load_engine_metadata` reads the GPU and TensorRT version from TREx
+metadata files or trtexec logs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +40,11 @@ from qdqsurgeon.trt.engine import (
 
 __all__ = [
     "FIX_PASSES",
+    "RULE_TEXT",
     "Finding",
+    "FindingGroup",
+    "load_engine_metadata",
+    "metadata_beside",
     "LayerRow",
     "PredictionComparison",
     "EngineReport",
@@ -57,6 +67,31 @@ FIX_PASSES: dict[str, str] = {
     "C1": "move-qdq",
 }
 
+# Rule ID → one line on what it means, for hover texts and summaries (trt-rules.md has the full text).
+RULE_TEXT: dict[str, str] = {
+    "C1": "A Q/DQ slides across an op only when every consumer of the tensor agrees; otherwise the producer writes float",
+    "F1": "Conv, ConvTranspose, Gemm and MatMul run in INT8 only with a DQ on both the activation and the weight",
+    "F2": "A fused chain writes INT8 only when a Q follows it; otherwise it writes float",
+    "F3": "Bias, BatchNorm and pointwise activations after a weighted op fuse into its kernel",
+    "F4": "No Q on a weighted op's output unless the next layer runs in INT8",
+    "F5": "A residual Add fused into a conv takes the precision of its other operand",
+    "P1": "Quantize every input of a weighted op: per-tensor activation, per-channel weight",
+    "P2": "Quantize a chain's output only when every consumer runs in INT8",
+    "P3": "Residual Add: put the Q/DQ on the skip input only, none between the conv and the Add",
+    "P4": "Concat: one scale for every quantized input and the output, all inputs quantized or none",
+    "P5": "MaxPool and other ops that commute with Q/DQ: input and output share one scale",
+    "P6": "Fan-out: one Q/DQ per tensor, shared by every quantized consumer",
+    "P7": "Ops without weights that do not commute (pooling, standalone Add, Resize...) run INT8 only fully wrapped in Q/DQ",
+    "P8": "Pad before a Conv: place the Q/DQ before the Pad so the Pad fuses",
+    "P9": "The final layer and numerically sensitive ops stay in float",
+    "P10": "Float regions run in the ONNX's float type: make them FP16 to match an INT8+FP16 engine",
+    "P11": "INT8 tensor-core convs want channel counts that are multiples of 16; small convs may be better left FP16",
+    "E1": "Count all layers and the Reformat layers by origin (Q/DQ or layout)",
+    "E2": "A layer converts between INT8 and float where the model wanted one INT8 path (missing fusion)",
+    "E3": "A Q/DQ layer with INT8 on both sides is a requantize: two scales that should be one",
+    "E4": "Every engine layer and finding is traced back to the ONNX nodes it came from",
+}
+
 # Layers that only move or copy data: a float tensor passing through them is still "the same"
 # float tensor for the purpose of finding who quantizes it next.
 _PASS_THROUGH_KINDS = frozenset({"NoOp", "Shuffle", "Slice", "Padding", "Reformat"})
@@ -74,6 +109,15 @@ class Finding:
     onnx_nodes: list[str] = field(default_factory=list)
     severity: str = "warning"  # "info" when expected and not fixable by placement (P10)
     layer_index: int = -1
+    cause: str | None = None  # the placement rule that explains it (P3, P7, C1, ...)
+    kind: str = ""  # what the engine shows: "requantize", "standalone Quantize", ...
+    # Layers whose time the fix would save (the standalone Q/DQ or reformat kernel), for the cost.
+    cost_layers: list[int] = field(default_factory=list)
+
+    @property
+    def pattern(self) -> str:
+        """Key of the finding's pattern: its rule and the placement rule behind it (``E2/P3``)."""
+        return f"{self.rule}/{self.cause}" if self.cause else self.rule
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +127,48 @@ class Finding:
             "message": self.message,
             "fix_pass": self.fix_pass,
             "severity": self.severity,
+            "cause": self.cause,
+            "kind": self.kind,
+            "pattern": self.pattern,
+        }
+
+
+_SEVERITY_ORDER = ("info", "warning", "error")
+
+
+def _severity_rank(severity: str) -> int:
+    return _SEVERITY_ORDER.index(severity) if severity in _SEVERITY_ORDER else 0
+
+
+@dataclass
+class FindingGroup:
+    """Findings of one pattern, with the time their layers cost and the pass that removes them."""
+
+    pattern: str
+    rule: str
+    cause: str | None
+    fix_pass: str | None
+    severity: str
+    findings: list[Finding]
+    time_ms: float | None  # Σ time of the layers the fix saves, each counted once; None without a profile
+    cost_layers: list[int]
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        return dict(Counter(f.kind for f in self.findings))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "rule": self.rule,
+            "cause": self.cause,
+            "fix_pass": self.fix_pass,
+            "severity": self.severity,
+            "findings": len(self.findings),
+            "kinds": self.kinds,
+            "layers": [f.layer for f in self.findings],
+            "cost_layers": list(self.cost_layers),
+            "time_ms": self.time_ms,
         }
 
 
@@ -167,6 +253,44 @@ class EngineReport:
     # sparse kernel (tactic name); None for names-only dumps, which show neither.
     sparse_weight_layers: int | None = None
     sparse_kernel_layers: list[str] | None = None
+    # GPU, TensorRT version, trtexec figures from metadata files (load_engine_metadata), display-ready.
+    metadata: dict[str, str] = field(default_factory=dict)
+    metadata_sources: list[str] = field(default_factory=list)
+
+    def finding_groups(self) -> list[FindingGroup]:
+        """Findings grouped by pattern (:attr:`Finding.pattern`): warnings before infos, then the costliest first.
+
+        A group's time is the profile time of the layers its fix would remove (standalone
+        Q/DQ and reformat kernels), each layer counted once, so an INT8 layer writing float and
+        the Quantize behind it are not charged twice.
+        """
+        times = {r.index: r.time_ms for r in self.rows}
+        by: dict[str, list[Finding]] = {}
+        for f in self.findings:
+            by.setdefault(f.pattern, []).append(f)
+        groups = []
+        for pattern, items in by.items():
+            cost = sorted({i for f in items for i in f.cost_layers})
+            time = None
+            if self.total_time_ms is not None:
+                time = sum(times.get(i) or 0.0 for i in cost)
+            groups.append(FindingGroup(
+                pattern=pattern,
+                rule=items[0].rule,
+                cause=items[0].cause,
+                fix_pass=items[0].fix_pass,
+                severity=max((f.severity for f in items), key=_severity_rank),
+                findings=items,
+                time_ms=time,
+                cost_layers=cost,
+            ))
+        groups.sort(key=lambda g: (-_severity_rank(g.severity), -(g.time_ms or 0.0), -len(g.findings), g.pattern))
+        return groups
+
+    def slowest(self, n: int = 10) -> list[LayerRow]:
+        """The ``n`` layers with the largest profile time (empty without a profile)."""
+        timed = [r for r in self.rows if r.time_ms is not None]
+        return sorted(timed, key=lambda r: (-(r.time_ms or 0.0), r.index))[:n]
 
     def share(self, value: float | None) -> float | None:
         """Percentage of the total per-layer time."""
@@ -201,6 +325,9 @@ class EngineReport:
             "sparse_weight_layers": self.sparse_weight_layers,
             "sparse_kernel_layers": None if self.sparse_kernel_layers is None else len(self.sparse_kernel_layers),
             "sparse_kernel_layer_names": self.sparse_kernel_layers,
+            "metadata": dict(self.metadata),
+            "metadata_sources": list(self.metadata_sources),
+            "finding_groups": [g.to_dict() for g in self.finding_groups()],
         }
         if self.prediction is not None:
             out["prediction"] = self.prediction.to_dict()
@@ -213,6 +340,8 @@ class EngineReport:
         lines: list[str] = []
         kind = "detailed" if self.detailed else "names-only (rebuild with --profilingVerbosity=detailed)"
         lines.append(f"engine: {self.source or '-'} ({kind})")
+        if self.metadata:
+            lines.append("built on: " + ", ".join(f"{k} {v}" for k, v in self.metadata.items()))
         lines.append(f"layers: {self.layers}")
         if self.layer_types:
             types = ", ".join(f"{k} {v}" for k, v in sorted(self.layer_types.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -254,6 +383,13 @@ class EngineReport:
                 lines.append(f"{r.index:>3}  {r.kind[:14]:<14}  {prec:<20} {t:>8}  {r.name}")
         lines.append("")
         lines.append(f"findings: {len(self.findings)}")
+        groups = self.finding_groups()
+        if len(groups) > 1 or any(len(g.findings) > 1 for g in groups):
+            for g in groups:
+                share = self.share(g.time_ms)
+                cost = "" if g.time_ms is None or share is None else f", {g.time_ms:.4f} ms ({share:.1f} %)"
+                lines.append(f"  [{g.pattern}] {g.severity}: {len(g.findings)} finding(s){cost}"
+                             f" -> {g.fix_pass or 'no pass (expected)'}")
         for f in self.findings:
             nodes = f" [onnx: {', '.join(f.onnx_nodes)}]" if f.onnx_nodes else ""
             fix = f" -> fix: {f.fix_pass}" if f.fix_pass else ""
@@ -385,21 +521,21 @@ def _has_float_residual(layer: Layer) -> bool:
     return layer.is_compute and len(layer.inputs) > 1 and any_float(t.precision for t in layer.inputs[1:])
 
 
-def _diagnose_quantize(graph: _Graph, tensor: str, src: Layer | None, path: list[Layer], quantizer_index: int) -> tuple[str | None, str]:
-    """Which rule explains a float tensor that is quantized by a separate kernel."""
+def _diagnose_quantize(graph: _Graph, tensor: str, src: Layer | None, path: list[Layer], quantizer_index: int) -> tuple[str, str]:
+    """Which placement rule explains a float tensor that is quantized by a separate kernel."""
     if src is None:
-        return None, "quantizes the float network input; expected unless the input itself is INT8 (P10)"
+        return "P10", "quantizes the float network input; expected unless the input itself is INT8 (P10)"
     if any(l.kind == "Pooling" for l in path) or (src.kind == "Pooling" and src.activation_precision in FLOAT_PRECISIONS):
-        return FIX_PASSES["P7"], "pooling runs in float between INT8 layers; quantize its input too (P7)"
+        return "P7", "pooling runs in float between INT8 layers; quantize its input too (P7)"
     if _has_float_residual(src):
-        return FIX_PASSES["P3"], "the fused residual Add has a float skip operand, so its output is float (F5); quantize the skip input (P3)"
+        return "P3", "the fused residual Add has a float skip operand, so its output is float (F5); quantize the skip input (P3)"
     reader = graph.float_residual_reader(tensor)
     if reader is not None:
-        return FIX_PASSES["P3"], f"the tensor is also the float skip operand of '{reader.name}'; quantize the residual input (P3)"
+        return "P3", f"the tensor is also the float skip operand of '{reader.name}'; quantize the residual input (P3)"
     others = graph.float_readers(tensor, exclude=quantizer_index)
     if others:
-        return FIX_PASSES["C1"], f"the tensor also feeds float consumer '{others[0].name}', so the producer writes float (C1)"
-    return FIX_PASSES["C1"], "the Quantize did not fuse into its producer; move it next to the producer output (C1)"
+        return "C1", f"the tensor also feeds float consumer '{others[0].name}', so the producer writes float (C1)"
+    return "C1", "the Quantize did not fuse into its producer; move it next to the producer output (C1)"
 
 
 def find_issues(engine: EngineInfo, onnx_map: dict[int, list[str]]) -> list[Finding]:
@@ -409,21 +545,25 @@ def find_issues(engine: EngineInfo, onnx_map: dict[int, list[str]]) -> list[Find
     graph = _Graph(engine)
     findings: list[Finding] = []
 
-    def add(rule: str, layer: Layer, message: str, fix: str | None, severity: str = "warning") -> None:
+    def add(rule: str, layer: Layer, kind: str, message: str, cause: str, cost: Layer | None = None) -> None:
+        fix = FIX_PASSES.get(cause)
+        severity = "warning" if fix else "info"  # no pass to run: expected (P10), shown for completeness
         nodes = list(onnx_map.get(layer.index, []))
         if not nodes and layer.is_reformat:
             # A reformat has no ONNX node of its own (E4): point at the layer it feeds.
             for t in layer.outputs:
                 for cidx, _ in graph.consumers.get(t.name, []):
                     nodes.extend(n for n in onnx_map.get(cidx, []) if n not in nodes)
-        findings.append(Finding(rule, layer.name, message, fix, nodes, severity, layer.index))
+        cost = layer if cost is None else cost
+        findings.append(Finding(rule, layer.name, message, fix, nodes, severity, layer.index, cause, kind,
+                                [cost.index] if cost.is_standalone_qdq or cost.is_reformat else []))
 
     for layer in engine.layers:
         ins = [p for p in layer.in_precisions if p]
         outs = [p for p in layer.out_precisions if p]
         if layer.is_standalone_qdq and ins and outs and set(ins) == {"int8"} and set(outs) == {"int8"}:
             # E3: a Q/DQ layer left with Int8 on both sides is a requantize → scales differ.
-            add("E3", layer, "requantize Int8 -> Int8: the scales around a Concat, MaxPool or fan-out differ (P4-P6)", FIX_PASSES["P4"])
+            add("E3", layer, "requantize", "requantize Int8 -> Int8: the scales around a Concat, MaxPool or fan-out differ (P4-P6)", "P4")
             continue
         if (layer.is_standalone_qdq or layer.is_reformat) and layer.changes_precision:
             step = f"{_fmt_prec(layer.in_precisions)} -> {_fmt_prec(layer.out_precisions)}"
@@ -433,31 +573,33 @@ def find_issues(engine: EngineInfo, onnx_map: dict[int, list[str]]) -> list[Find
                 path = []
                 if src is not None and src.kind == "Pooling":
                     path = [src]
-                fix, why = _diagnose_quantize(graph, tensor, src, path, layer.index)
-                add("E2", layer, f"standalone Quantize {step}: {why}", fix, "info" if fix is None else "warning")
+                cause, why = _diagnose_quantize(graph, tensor, src, path, layer.index)
+                add("E2", layer, "standalone Quantize", f"standalone Quantize {step}: {why}", cause)
             elif "int8" in ins and "int8" not in outs:
-                fix, why = _diagnose_dequantize(graph, layer)
-                add("E2", layer, f"standalone Dequantize {step}: {why}", fix)
+                cause, why = _diagnose_dequantize(graph, layer)
+                add("E2", layer, "standalone Dequantize", f"standalone Dequantize {step}: {why}", cause)
             else:
-                add("E2", layer, f"reformat changes float precision {step}: keep the float region in one type (P10)", None, "info")
+                add("E2", layer, "float reformat", f"reformat changes float precision {step}: keep the float region in one type (P10)", "P10")
             continue
         if layer.is_compute and layer.activation_precision == "int8" and any_float(outs):
             quantizer, path = graph.quantizer_after(layer)
             if quantizer is None:
                 continue  # float output consumed in float (e.g. the final layer, P9): fine
             tensor = next(t.name for t in layer.outputs if t.precision in FLOAT_PRECISIONS)
-            fix, why = _diagnose_quantize(graph, tensor, layer, path, quantizer.index)
+            cause, why = _diagnose_quantize(graph, tensor, layer, path, quantizer.index)
             step = f"{_fmt_prec(layer.in_precisions)} -> {_fmt_prec(layer.out_precisions)}"
             add(
                 "E2",
                 layer,
+                "INT8 layer writes float",
                 f"INT8 layer writes float ({step}) and '{quantizer.name}' quantizes it again: {why}",
-                fix,
+                cause,
+                cost=quantizer,  # the fix saves the extra Quantize kernel (and half the bytes written)
             )
     return findings
 
 
-def _diagnose_dequantize(graph: _Graph, layer: Layer) -> tuple[str | None, str]:
+def _diagnose_dequantize(graph: _Graph, layer: Layer) -> tuple[str, str]:
     frontier = [t.name for t in layer.outputs]
     for _ in range(_MAX_HOPS):
         nxt: list[str] = []
@@ -465,12 +607,12 @@ def _diagnose_dequantize(graph: _Graph, layer: Layer) -> tuple[str | None, str]:
             for cidx, pos in graph.consumers.get(tensor, []):
                 c = graph.layers[cidx]
                 if c.kind == "Pooling":
-                    return FIX_PASSES["P7"], f"feeds float pooling '{c.name}'; quantize the pooling input (P7)"
+                    return "P7", f"feeds float pooling '{c.name}'; quantize the pooling input (P7)"
                 if pos >= 1 and c.is_compute:
-                    return FIX_PASSES["P3"], f"float skip operand of '{c.name}'; quantize the residual input (P3)"
+                    return "P3", f"float skip operand of '{c.name}'; quantize the residual input (P3)"
                 nxt.extend(t.name for t in c.outputs)
         frontier = nxt
-    return FIX_PASSES["C1"], "an INT8 tensor is read in float; quantize its consumer or move the DQ (C1)"
+    return "C1", "an INT8 tensor is read in float; quantize its consumer or move the DQ (C1)"
 
 
 # --------------------------------------------------------------------------- the report
@@ -579,6 +721,105 @@ def build_report(
     )
 
 
+# --------------------------------------------------------------------------- build/profile metadata
+
+# Display label → the key trtexec prints (and TREx's *.metadata.json keeps) for it, in card order.
+_METADATA_KEYS: tuple[tuple[str, str], ...] = (
+    ("GPU", "Selected Device"),
+    ("compute capability", "Compute Capability"),
+    ("TensorRT", "TensorRT version"),
+    ("precision flags", "Precision"),
+    ("trtexec mean latency", "Latency"),
+    ("trtexec throughput", "Throughput"),
+)
+_LOG_LINE = re.compile(r"\[I\] (Selected Device|Compute Capability|TensorRT version|Precision|Throughput|Latency): (.+?)\s*$", re.M)
+_VERSION_KEY = re.compile(r"^(tensorrt|trt)[ _]?version$", re.I)
+
+
+def metadata_beside(*paths: str | Path | None) -> list[Path]:
+    """TREx's metadata files next to a layer-info or profile dump (``X.graph.json`` →
+    ``X.build.metadata.json``, ``X.profile.json`` → ``X.profile.metadata.json``), those that exist."""
+    out: list[Path] = []
+    for path in paths:
+        if path is None:
+            continue
+        p = Path(path)
+        name = p.name
+        stems = []
+        for suffix in (".graph.json", ".profile.json", ".json"):
+            if name.endswith(suffix):
+                stems.append(name[: -len(suffix)])
+                break
+        for stem in stems:
+            for tail in (".build.metadata.json", ".profile.metadata.json", ".metadata.json"):
+                q = p.with_name(stem + tail)
+                if q.is_file() and q not in out:
+                    out.append(q)
+    return out
+
+
+def _flatten(doc: Any, out: dict[str, Any]) -> None:
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if isinstance(v, (dict, list)) and not (k == "Latency" and isinstance(v, list)):
+                _flatten(v, out)
+            else:
+                key = "TensorRT version" if _VERSION_KEY.match(str(k)) else str(k)
+                out.setdefault(key, v)
+    elif isinstance(doc, list):
+        for v in doc:
+            _flatten(v, out)
+
+
+def _mean_latency(value: Any) -> str | None:
+    """trtexec's latency: TREx keeps [min, max, mean, median, percentiles...]; the log says ``mean = X ms``."""
+    if isinstance(value, list) and len(value) >= 3 and isinstance(value[2], (int, float)):
+        return f"{value[2]:.4f} ms"
+    m = re.search(r"mean = ([0-9.eE+-]+)", str(value))
+    return f"{float(m.group(1)):.4f} ms" if m else None
+
+
+def _display(label: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if label == "trtexec mean latency":
+        return _mean_latency(value)
+    if label == "trtexec throughput":
+        m = re.match(r"\s*([0-9.eE+-]+)", str(value))
+        return f"{float(m.group(1)):.1f} qps" if m else None
+    if label == "compute capability" and isinstance(value, float):
+        return f"{value:g}"
+    return str(value).strip()
+
+
+def load_engine_metadata(paths: list[str | Path], *, required: bool = False) -> dict[str, str]:
+    """GPU, TensorRT version and trtexec figures from TREx ``*.metadata.json`` files or trtexec logs.
+
+    The first file that has a field wins. With ``required``, a file that yields none of the
+    fields is an error (it was named on the command line, so it was meant to have them).
+    """
+    out: dict[str, str] = {}
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError("file not found", path=str(p))
+        text = p.read_text(encoding="utf-8", errors="replace")
+        found: dict[str, Any] = {}
+        try:
+            _flatten(json.loads(text), found)
+        except json.JSONDecodeError:
+            for key, value in _LOG_LINE.findall(text):
+                found.setdefault(key, value)
+        shown = {label: _display(label, found.get(key)) for label, key in _METADATA_KEYS}
+        shown = {k: v for k, v in shown.items() if v}
+        if required and not shown:
+            raise ModelError("no GPU or TensorRT metadata found (expected a TREx *.metadata.json or a trtexec log)", path=str(p))
+        for label, value in shown.items():
+            out.setdefault(label, value)
+    # Keep the card order whatever the file order was.
+    return {label: out[label] for label, _ in _METADATA_KEYS if label in out}
+
+
 def _compare_prediction(model: Any, report_rows: list[LayerRow]) -> PredictionComparison | None:
     """Predicted vs actual standalone Q/DQ, when qdqsurgeon.analysis exists (optional module)."""
     try:
@@ -608,9 +849,19 @@ def engine_report(
     *,
     profile: str | Path | None = None,
     onnx_model: str | Path | None = None,
+    metadata: list[str | Path] | None = None,
 ) -> EngineReport:
-    """Read the dumps (and the ONNX model) and build the report: the ``engine-report`` API."""
+    """Read the dumps (and the ONNX model) and build the report: the ``engine-report`` API.
+
+    ``metadata`` names trtexec logs or TREx metadata files with the GPU and TensorRT version;
+    TREx's ``*.metadata.json`` beside the dumps are read too (the named files win).
+    """
     engine = load_layer_info(layer_info)
+    explicit = [Path(m) for m in metadata or []]
+    meta = load_engine_metadata(explicit, required=True)
+    beside = [p for p in metadata_beside(layer_info, profile) if p not in explicit]
+    for key, value in load_engine_metadata(beside).items():
+        meta.setdefault(key, value)
     prof = load_profile(profile) if profile is not None else None
     node_names: set[str] | None = None
     model = None
@@ -622,6 +873,8 @@ def engine_report(
         onnx_node_names=node_names,
         onnx_model_path=str(onnx_model) if onnx_model is not None else None,
     )
+    report.metadata = {label: meta[label] for label, _ in _METADATA_KEYS if label in meta}
+    report.metadata_sources = [str(p) for p in [*explicit, *beside]]
     if model is not None:
         report.prediction = _compare_prediction(model, report.rows)
     return report

@@ -75,3 +75,30 @@ def test_errors_are_qdq_errors(tmp_path) -> None:
     _fails_with(runner.invoke(engine_diff_command, [str(other), str(other)]), ModelError)
     layers = write_json(tmp_path / "l.json", {"Layers": ["a"]})
     _fails_with(runner.invoke(engine_report_command, [str(layers), "--profile", str(other)]), ModelError)
+
+
+@pytest.mark.usefixtures("engines")
+def test_engine_report_metadata_option(tmp_path) -> None:
+    from trt_helpers import ENGINES
+
+    cookbook = ENGINES / "trt10_mnist_cookbook"
+    layers = cookbook / "model-trained-exportLayerInfo.log"
+    runner = CliRunner()
+    result = runner.invoke(engine_report_command, [str(layers), "--metadata", str(cookbook / "result-04.log"), "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.output)
+    assert d["metadata"]["TensorRT"] == "10.16.1" and d["metadata"]["GPU"] == "NVIDIA H100 PCIe"
+    text = runner.invoke(engine_report_command, [str(layers), "--metadata", str(cookbook / "result-04.log")]).output
+    assert "built on: GPU NVIDIA H100 PCIe, compute capability 9.0, TensorRT 10.16.1" in text
+    # A named file without any of the fields, or a missing one: one clear error, not a silent empty card row.
+    _fails_with(runner.invoke(engine_report_command, [str(layers), "--metadata", str(cookbook / "main.sh")]), ModelError)
+    _fails_with(runner.invoke(engine_report_command, [str(layers), "--metadata", str(tmp_path / "no.log")]), UsageError)
+
+
+@pytest.mark.usefixtures("engines")
+def test_engine_report_json_groups_findings() -> None:
+    d = json.loads(CliRunner().invoke(engine_report_command, [str(MB_QAT), "--profile", str(MB_QAT_PROFILE), "--json"]).output)
+    groups = d["finding_groups"]
+    assert sum(g["findings"] for g in groups) == len(d["findings"])
+    assert {f["pattern"] for f in d["findings"]} == {g["pattern"] for g in groups}
+    assert sum(g["time_ms"] for g in groups) == pytest.approx(d["qdq_time_ms"])

@@ -33,6 +33,9 @@ def test_e3_requantize_between_int8_layers_needs_align_scales() -> None:
     (f,) = rep.findings
     assert (f.rule, f.layer, f.fix_pass) == ("E3", "QuantizeLinear_2", "align-scales")
     assert rep.standalone_qdq_layers == 1
+    assert (f.pattern, f.kind, f.cost_layers) == ("E3/P4", "requantize", [1])
+    (g,) = rep.finding_groups()
+    assert (g.pattern, g.fix_pass, g.time_ms) == ("E3/P4", "align-scales", None)  # no profile: no cost
 
 
 def test_e2_quantize_with_a_float_consumer_needs_move_qdq() -> None:
@@ -47,6 +50,10 @@ def test_e2_quantize_with_a_float_consumer_needs_move_qdq() -> None:
     )
     fixes = {f.layer: f.fix_pass for f in rep.findings}
     assert fixes == {"Conv_1 + Relu_2": "move-qdq", "QuantizeLinear_4": "move-qdq"}
+    # Both findings are one pattern and charge the same Quantize kernel (layer 2), once.
+    assert [f.cost_layers for f in rep.findings] == [[2], [2]]
+    (g,) = rep.finding_groups()
+    assert (g.pattern, g.cost_layers, g.kinds) == ("E2/C1", [2], {"INT8 layer writes float": 1, "standalone Quantize": 1})
     assert "Sigmoid_3" in rep.findings[0].message
 
 
