@@ -34,7 +34,7 @@ def cases(engines: Path):
 
         return qdqsurgeon.optimize(model, passes=["remove-qdq"], analyze=False).model
 
-    yield "MobileNetV2 QAT (A100, 8.x)", engines / "trex_mobilenet_v2_a100/mobilenet.qat.onnx.engine.graph.json", \
+    yield "MobileNetV2 QAT (TREx sample, 8.x)", engines / "trex_mobilenet_v2_a100/mobilenet.qat.onnx.engine.graph.json", \
         lambda: mobilenet_v2_from_shared(False)
     yield "MobileNetV2 QAT + residual Q/DQ", engines / "trex_mobilenet_v2_a100/mobilenet_v2_residuals.qat.onnx.engine.graph.json", \
         lambda: mobilenet_v2_from_shared(True)
