@@ -18,9 +18,15 @@ scores candidate ranges where the error lands:
    scored by the relative squared error of the tensor itself, from its histogram.
 4. Tensors TensorRT ties into one INT8 buffer (Concat/Split inputs and output, MaxPool, reshapes:
    :func:`qdqsurgeon.passes.align_scales.tied_groups` on the float graph, rules P4-P6) get one
-   range chosen jointly: every member's candidates are scored on every member's readers, and the
-   sum decides. A tensor read by several layers (fan-out, P6) sums the errors of all its readers.
+   range chosen jointly: the candidates come from the members' histograms merged, each is scored
+   on every member's readers, and the sum decides. A tensor read by several layers (fan-out, P6)
+   sums the errors of all its readers. Network inputs keep their max (preprocessing bounds them).
 
+The first request also collects the tensors the later placement passes ask for (Add inputs,
+pooling/pointwise inputs), so their ranges are chosen without another pass over the data.
+Choosing on one half of the batches and scoring on the other (cross-validation) was tried and
+measured worse on ResNet-18, EfficientNet-Lite0, MobileNetV2 and the PP-OCR classifier: with
+eight calibration samples, four per half are too few.
 Random choices use a fixed seed: the same data gives the same ranges.
 """
 
@@ -50,10 +56,10 @@ logger = logging.getLogger(__name__)
 
 AUTO_PERCENTILES = (99.9, 99.99, 99.999)
 # Sample budget per reading layer: rows of (input patch) such that rows x patch elements stays near
-# this, and at most this many output channels, so one candidate costs about a million MACs.
-_ELEMENTS = 1 << 17
-_MIN_ROWS, _MAX_ROWS = 32, 1024
-_MAX_CHANNELS = 64
+# this, and at most this many output channels, so one candidate costs about a million MACs at most.
+_ELEMENTS = 1 << 16
+_MIN_ROWS, _MAX_ROWS = 128, 1024
+_MAX_CHANNELS = 32
 
 
 def candidate_ranges(stats: TensorStats, only: Iterable[str] | None = None) -> dict[str, float]:
@@ -66,7 +72,9 @@ def candidate_ranges(stats: TensorStats, only: Iterable[str] | None = None) -> d
     step = max(1, stats.used_bins() // 16)
     makers = {"max": lambda: amax_max(stats),
               **{f"percentile {p}": (lambda p=p: amax_percentile(stats, p)) for p in AUTO_PERCENTILES},
-              "mse": lambda: amax_mse(stats, step=step), "entropy": lambda: amax_entropy(stats, step=step)}
+              "mse": lambda: amax_mse(stats, step=step),
+              # on pairs of bins merged (half the work): the thresholds it can find are TensorRT's from bin 128 up
+              "entropy": lambda: amax_entropy(stats.coarsened(2), start_bin=64, step=max(1, step // 2))}
     wanted = list(makers) if only is None else [k for k in only if k in makers]
     return {k: makers[k]() for k in wanted}
 
@@ -117,18 +125,18 @@ class _Reader:
     rows_wanted: int
     conv: dict = field(default_factory=dict)  # kernel, strides, pads, dilations, group
     transpose: bool = False  # Gemm transA
-    samples: tuple[list[np.ndarray], list[np.ndarray]] = field(default_factory=lambda: ([], []))
+    samples: list[np.ndarray] = field(default_factory=list)
     have: int = 0
-    rows: list[np.ndarray | None] = field(default_factory=lambda: [None, None])
-    refs: list[np.ndarray | None] = field(default_factory=lambda: [None, None])
+    rows: np.ndarray | None = None
+    ref: np.ndarray | None = None
 
-    def observe(self, x: np.ndarray, rng: np.random.Generator, per_batch: int, half: int) -> None:
+    def observe(self, x: np.ndarray, rng: np.random.Generator, per_batch: int) -> None:
         if self.have >= self.rows_wanted:
             return
         take = min(per_batch, self.rows_wanted - self.have)
         rows = self._conv_rows(x, rng, take) if self.kind == "conv" else self._dense_rows(x, rng, take)
         if rows is not None and rows.shape[1]:
-            self.samples[half].append(rows)
+            self.samples.append(rows)
             self.have += rows.shape[1]
 
     def _dense_rows(self, x: np.ndarray, rng: np.random.Generator, take: int) -> np.ndarray | None:
@@ -139,8 +147,7 @@ class _Reader:
         if x.ndim == 0 or x.shape[-1] != k:
             return None
         flat = x.reshape(-1, k)
-        idx = rng.choice(flat.shape[0], size=min(take, flat.shape[0]), replace=False)
-        return flat[np.sort(idx)][np.newaxis]
+        return flat[np.sort(rng.integers(0, flat.shape[0], size=take))][np.newaxis]
 
     def _conv_rows(self, x: np.ndarray, rng: np.random.Generator, take: int) -> np.ndarray | None:
         c = self.conv
@@ -159,7 +166,7 @@ class _Reader:
         if oh <= 0 or ow <= 0:
             return None
         total = n * oh * ow
-        pos = np.sort(rng.choice(total, size=min(take, total), replace=False))
+        pos = np.sort(rng.integers(0, total, size=take))  # with replacement: no permutation of every position
         bi, rest = np.divmod(pos, oh * ow)
         yi, xi = np.divmod(rest, ow)
         rows_idx = (yi * sh)[:, None] + np.arange(kh) * dh - pt  # [P, kh], in unpadded coordinates
@@ -172,22 +179,18 @@ class _Reader:
         return patches.reshape(len(pos), g, -1).transpose(1, 0, 2)  # [G, P, K]
 
     def finish(self) -> bool:
-        """Stack the samples of each half and compute their float outputs; False when nothing was sampled."""
-        for h in (0, 1):
-            if self.samples[h]:
-                self.rows[h] = np.concatenate(self.samples[h], axis=1)
-                self.refs[h] = _matmul(self.rows[h], self.w)
-        self.samples = ([], [])
-        return self.rows[0] is not None or self.rows[1] is not None
+        """Stack the samples and compute their float output; False when nothing was sampled."""
+        if not self.samples:
+            return False
+        self.rows = np.concatenate(self.samples, axis=1)
+        self.ref = _matmul(self.rows, self.w)
+        self.samples = []
+        return True
 
-    def has(self, half: int) -> bool:
-        return self.rows[half] is not None
-
-    def errors(self, amaxes: Sequence[float], half: int) -> np.ndarray:
-        """Relative output error on the rows of ``half`` for each amax."""
-        rows, ref = self.rows[half], self.refs[half]
-        assert rows is not None and ref is not None
-        return layer_error(rows, self.wq, ref, amaxes)
+    def errors(self, amaxes: Sequence[float]) -> np.ndarray:
+        """Relative output error on the sampled rows for each amax."""
+        assert self.rows is not None and self.ref is not None
+        return layer_error(self.rows, self.wq, self.ref, amaxes)
 
 
 def _pads(c: dict, h: int, w: int) -> tuple[int, int, int, int]:
@@ -276,7 +279,6 @@ class _Pending:
     """What one pass collected for a tensor whose range is not chosen yet."""
 
     stats: TensorStats
-    halves: tuple[TensorStats, TensorStats] | None  # None: never fed (an initializer)
     readers: list[_Reader]
 
 
@@ -321,6 +323,7 @@ class AutoSelector:
         self.decided: dict[str, float] = {}
         self._pending: dict[str, _Pending] = {}  # collected, not yet asked for
         self._prefetched = False
+        self._graph_inputs = {i.name for i in model.graph.input}
         self.chosen: dict[str, str] = {}  # tensor -> which candidate won (for the log / tests)
         if graph is None:
             return
@@ -383,7 +386,7 @@ class AutoSelector:
         return [t.name for t in out if t.name and not isinstance(t, gs_constant()) and is_float_dtype(t.dtype)]
 
     def _collect(self, wanted: list[str], data, num_bins: int, progress: bool) -> None:
-        """One pass over ``data``: statistics, split in two halves, and reader samples of ``wanted``."""
+        """One pass over ``data``: statistics and reader samples of ``wanted``."""
         from qdqsurgeon.calibration.collect import collect_stats
 
         if not wanted:
@@ -395,63 +398,42 @@ class AutoSelector:
             readers[m] = [r for r in made if r is not None]
         n_batches = len(data) if hasattr(data, "__len__") else 8
         batch_rng = np.random.default_rng(self.seed + 1)
-        # Batches alternate between two halves: a range found on one half is scored on the other.
-        halves = {m: (TensorStats(m, histogram=True, num_bins=num_bins), TensorStats(m, histogram=True, num_bins=num_bins))
-                  for m in wanted}
-        seen: dict[str, int] = {}
 
         def observe(name: str, value: np.ndarray) -> None:
-            half = seen.get(name, 0) % 2
-            seen[name] = seen.get(name, 0) + 1
-            if name in halves:
-                halves[name][half].update(value)
             for r in readers.get(name, ()):
-                r.observe(value, batch_rng, max(1, math.ceil(r.rows_wanted / max(1, n_batches))), half)
+                r.observe(value, batch_rng, max(1, math.ceil(r.rows_wanted / max(1, n_batches))))
 
-        # The collector's own statistics only need the absmax (and its NaN checks): the histograms are the halves'.
-        stats = collect_stats(self.model, wanted, data, histogram=False, num_bins=num_bins, progress=progress,
+        stats = collect_stats(self.model, wanted, data, histogram=True, num_bins=num_bins, progress=progress,
                               observe=observe)
         for name, st in stats.items():
-            rs = [r for r in readers.get(name, []) if r.finish()]
-            seen_any = halves[name][0].count + halves[name][1].count > 0
-            self._pending[name] = _Pending(st, halves[name] if seen_any else None, rs)
+            self._pending[name] = _Pending(st, [r for r in readers.get(name, []) if r.finish()])
 
     def _choose(self, todo: list[str]) -> None:
         pend = self._pending
+        asked = set(todo)
         for name in todo:
             if name in self.decided:
                 continue
-            if pend[name].halves is None:  # an initializer: no batches seen, only its exact max
+            if name in self._graph_inputs or pend[name].stats.hist is None or not pend[name].stats.count:
+                # A network input (preprocessing bounds its range; clipping it saves little rounding and
+                # distorts every layer after it) or an initializer: the exact max.
                 self.decided[name], self.chosen[name] = amax_max(pend[name].stats), "max"
                 continue
-            group = [m for m in self.members(name) if m in pend and pend[m].halves is not None and m not in self.decided]
+            group = [m for m in self.members(name) if m in pend and m not in self.decided and m not in self._graph_inputs]
             if name not in group:
                 group.append(name)
-            asked = set(todo)
             scored = [m for m in group if m in asked or pend[m].readers]
             # One range for the whole tied group: candidates come from the members' data taken together.
-            a, b = pend[scored[0]].halves
+            full = pend[scored[0]].stats
             for m in scored[1:]:
-                a, b = a.merged(pend[m].halves[0]), b.merged(pend[m].halves[1])
-            full = a.merged(b)
-            if a.count and b.count:
-                # Cross-validated: each method's range from one half, its error on the other half's data.
-                cand_a, cand_b = candidate_ranges(a), candidate_ranges(b)
-                labels = list(cand_a)
-                totals = np.zeros(len(labels))
-                for m in scored:
-                    h0, h1 = pend[m].halves
-                    totals += self._member_error(m, h1, pend[m].readers, [cand_a[k] for k in labels], 1)
-                    totals += self._member_error(m, h0, pend[m].readers, [cand_b[k] for k in labels], 0)
-            else:  # one batch only: scored on the data it came from
-                cand_full = candidate_ranges(full)
-                labels = list(cand_full)
-                totals = np.zeros(len(labels))
-                for m in scored:
-                    both = pend[m].halves[0].merged(pend[m].halves[1])
-                    totals += self._member_error(m, both, pend[m].readers, [cand_full[k] for k in labels], None)
-            best = labels[int(np.argmin(totals))]  # "max" is first: ties keep the widest range
-            value = float(candidate_ranges(full, only=[best])[best])
+                full = full.merged(pend[m].stats)
+            cands = candidate_ranges(full)
+            labels = list(cands)
+            totals = np.zeros(len(labels))
+            for m in scored:
+                totals += self._member_error(m, pend[m].stats, pend[m].readers, [cands[k] for k in labels])
+            best = labels[int(np.argmin(totals))]  # "max" is first: a tie keeps the widest range
+            value = float(cands[best])
             for m in group:
                 self.decided[m] = value
                 self.chosen[m] = best
@@ -459,17 +441,12 @@ class AutoSelector:
             if len(group) > 1:
                 logger.debug("auto: tied group of %d (%s ...): %s, amax %.6g", len(group), name, best, value)
 
-    def _member_error(self, name: str, stats: TensorStats, readers: list[_Reader], cands: list[float],
-                      half: int | None) -> np.ndarray:
-        """Summed relative error at ``name``'s readers (``half``'s samples; None: both) for each candidate amax."""
+    def _member_error(self, name: str, stats: TensorStats, readers: list[_Reader], cands: list[float]) -> np.ndarray:
+        """Summed relative error at ``name``'s weighted readers (and of the tensor itself when other ops read it)."""
         err = np.zeros(len(cands))
-        scored = 0
         for r in readers:
-            for h in ((0, 1) if half is None else (half,)):
-                if r.has(h):
-                    err += r.errors(cands, h)
-                    scored += 1
-        if not scored or self._plain_readers.get(name, True):
+            err += r.errors(cands)
+        if not readers or self._plain_readers.get(name, True):
             energy = hist_energy(stats) if stats.hist is not None else 0.0
             if energy > 0:
                 err += hist_sq_error(stats, np.asarray(cands)) / energy
