@@ -434,10 +434,13 @@ class AutoSelector:
                 totals += self._member_error(m, pend[m].stats, pend[m].readers, [cands[k] for k in labels])
             best = labels[int(np.argmin(totals))]  # "max" is first: a tie keeps the widest range
             value = float(cands[best])
-            for m in group:
-                self.decided[m] = value
-                self.chosen[m] = best
-                pend.pop(m, None)
+            # Every member gets it, collected or not: a later request (align-scales filling a Concat
+            # input, quantize-pooling) must find the group's range, not choose one of its own.
+            for m in dict.fromkeys([*group, *self.members(name)]):
+                if m not in self.decided and m not in self._graph_inputs:
+                    self.decided[m] = value
+                    self.chosen[m] = best
+                    pend.pop(m, None)
             if len(group) > 1:
                 logger.debug("auto: tied group of %d (%s ...): %s, amax %.6g", len(group), name, best, value)
 
