@@ -11,7 +11,8 @@ i.e. onnxruntime collection plus range selection; placement and export are the s
 ModelOpt and onnxruntime's quantizer are not columns here: ``ptq_vs_baselines.py`` runs them, in
 their own processes and environments.
 
-    python benchmarks/accuracy.py [--models a,b] [--methods max,percentile,...] [--json FILE] [--samples N]
+    python benchmarks/accuracy.py [--models a,b] [--methods max,percentile,...] [--json FILE] [--samples N] [--augment]
+    python benchmarks/accuracy.py --sensitivity MODEL [--jobs N]   (sensitivity time / one calibration pass)
 """
 
 from __future__ import annotations
@@ -190,6 +191,40 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> str:
     return markdown_table(headers, lines)
 
 
+def sensitivity_timing(m: zd.ZooModel, shared: Path, cache: Path, work: Path, samples: int, jobs: int) -> dict[str, Any]:
+    """Wall time of ``qdqsurgeon sensitivity``'s analysis against one calibration pass, on the same samples.
+
+    The samples are the model's calibration and evaluation inputs and their mirror images (32 from the 16
+    shared photos). The calibration pass is :func:`qdqsurgeon.calibration.calibrate` (percentile, the
+    old default) over every weighted layer's input, as ``optimize`` runs it.
+    """
+    import numpy as np
+
+    import qdqsurgeon
+    from qdqsurgeon.api import prepare_opset
+    from qdqsurgeon.calibration import calibrate, open_data
+    from qdqsurgeon.sensitivity import analyze
+
+    src = zd.model_path(m, shared, cache)
+    data = zd.build(m, shared, cache, work, n_calib=samples)
+    both = {k: np.concatenate([data.calib[k], data.eval[k]]) for k in zd.model_feeds(data.calib)}
+    arrays = {k: np.concatenate([v, v[..., ::-1]])[:samples] if v.ndim == 4 else v[:samples] for k, v in both.items()}
+    npz = zd.save_npz(work / "sens.npz", arrays)
+    model, upgraded = prepare_opset(qdqsurgeon.load(str(src)), mode="ptq")
+    acts = sorted({n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")})
+    t0 = time.perf_counter()
+    calibrate(model, acts, open_data(str(npz), model), "percentile", progress=False)
+    calib_s = time.perf_counter() - t0
+    ranges = qdqsurgeon.build_ranges(model, calib=str(npz), progress=False)
+    quantized = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded).model
+    t0 = time.perf_counter()
+    report = analyze(quantized, open_data(str(npz), model), jobs=jobs, progress=False)
+    sens_s = time.perf_counter() - t0
+    n = len(next(iter(arrays.values())))
+    return {"model": m.name, "samples": n, "groups": len(report.results), "calib_s": calib_s, "sensitivity_s": sens_s,
+            "jobs": jobs, "ratio": sens_s / calib_s}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", help=f"comma-separated model names (default: {len(DEFAULT_MODELS)} float models)")
@@ -200,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
     ap.add_argument("--augment", action="store_true",
                     help="score image models on 10 mirrored/shifted variants of each evaluation photo (less noise)")
+    ap.add_argument("--sensitivity", metavar="MODEL", help="instead: time `sensitivity` on MODEL against one calibration pass")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes for --sensitivity")
     args = ap.parse_args(argv)
     import logging
 
@@ -210,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in available]
     if unknown:
         ap.error(f"unknown model(s): {', '.join(unknown)}")
+    if args.sensitivity:
+        with tempfile.TemporaryDirectory(prefix="qdq-sens-") as tmp:
+            r = sensitivity_timing(available[args.sensitivity], args.shared, args.cache, Path(tmp), 32, args.jobs)
+        print(f"sensitivity {r['model']}: {r['groups']} groups, {r['samples']} samples, {r['jobs']} job(s): "
+              f"{r['sensitivity_s']:.1f} s; one calibration pass {r['calib_s']:.2f} s; ratio {r['ratio']:.1f}x")
+        return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = []
     with tempfile.TemporaryDirectory(prefix="qdq-accuracy-") as tmp:
