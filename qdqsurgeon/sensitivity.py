@@ -101,41 +101,27 @@ def _num(v: float) -> float | str:
 # ------------------------------------------------------------------------------------------------ groups
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, a: str) -> str:
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-
 def find_groups(model: onnx.ModelProto) -> list[QuantGroup]:
     """The quantizable groups of a Q/DQ model, in graph order (see the module docstring)."""
     from .graph import import_model, is_dq, is_q
-    from .passes.align_scales import tied_groups
+    from .passes.align_scales import _UnionFind, tied_groups
     from .trt_rules import attention_gemms, is_weighted
 
     graph = import_model(model)
-    uf = _UnionFind()
     dqs = [n for n in graph.nodes if is_dq(n)]
     if not dqs:
         raise UsageError("the model has no DequantizeLinear: nothing to analyse")
-    for d in dqs:
-        uf.find(d.name)
-    # DQs fed by one Q are one quantizer (P6: one shared pair per tensor).
-    for q in (n for n in graph.nodes if is_q(n)):
-        outs = [d for d in q.outputs[0].outputs if is_dq(d)]
-        for d in outs[1:]:
-            uf.union(outs[0].name, d.name)
+    key = {d.name: i for i, d in enumerate(dqs)}
+    uf = _UnionFind()  # over DQ indices
+
+    def union(nodes: list) -> None:
+        for d in nodes[1:]:
+            uf.union(key[nodes[0].name], key[d.name])
+
+    for i in range(len(dqs)):
+        uf.find(i)
+    for q in (n for n in graph.nodes if is_q(n)):  # DQs fed by one Q are one quantizer (P6)
+        union([d for d in q.outputs[0].outputs if is_dq(d)])
     readers: dict[str, list] = {}
     for node in graph.nodes:
         if is_q(node) or is_dq(node):
@@ -143,23 +129,18 @@ def find_groups(model: onnx.ModelProto) -> list[QuantGroup]:
         feeding = [t.inputs[0] for t in node.inputs if t.inputs and is_dq(t.inputs[0])]
         for d in feeding:
             readers.setdefault(d.name, []).append(node)
-        for d in feeding[1:]:
-            uf.union(feeding[0].name, d.name)
+        union(feeding)
     for group in tied_groups(graph):
         members = {id(t) for t in group}
-        tied = [d for d in dqs if d.inputs[0].inputs and is_q(d.inputs[0].inputs[0])
-                and id(d.inputs[0].inputs[0].inputs[0]) in members]
-        for d in tied[1:]:
-            uf.union(tied[0].name, d.name)
+        union([d for d in dqs if d.inputs[0].inputs and is_q(d.inputs[0].inputs[0])
+               and id(d.inputs[0].inputs[0].inputs[0]) in members])
     for a, b in attention_gemms(graph):
-        feeding = [t.inputs[0] for n in (a, b) for t in n.inputs if t.inputs and is_dq(t.inputs[0])]
-        for d in feeding[1:]:
-            uf.union(feeding[0].name, d.name)
+        union([t.inputs[0] for n in (a, b) for t in n.inputs if t.inputs and is_dq(t.inputs[0])])
 
     order = {n.name: i for i, n in enumerate(graph.nodes)}
-    comps: dict[str, list] = {}
+    comps: dict[int, list] = {}
     for d in dqs:
-        comps.setdefault(uf.find(d.name), []).append(d)
+        comps.setdefault(uf.find(key[d.name]), []).append(d)
     groups = []
     for members in sorted(comps.values(), key=lambda ds: min(order[d.name] for d in ds)):
         layers: list = []
