@@ -282,12 +282,6 @@ class _Pending:
     readers: list[_Reader]
 
 
-def gs_constant():
-    import onnx_graphsurgeon as gs
-
-    return gs.Constant
-
-
 class AutoSelector:
     """Plans, collects and chooses ``auto`` ranges for one float model; reusable across requests.
 
@@ -374,6 +368,8 @@ class AutoSelector:
         """Tensors quantize-residual and quantize-pooling may ask ranges for (skip inputs, wrapped ops' inputs)."""
         if self._graph is None:
             return []
+        import onnx_graphsurgeon as gs
+
         from qdqsurgeon.graph import is_float_dtype
         from qdqsurgeon.qdq import wraps_standalone
         from qdqsurgeon.trt_rules import data_input_indices
@@ -383,7 +379,7 @@ class AutoSelector:
             if node.op == "Add" or wraps_standalone(node):
                 # every Add input: which side is the skip is decided on the placed graph, not this one
                 out += [node.inputs[i] for i in data_input_indices(node) if node.inputs[i] is not None]
-        return [t.name for t in out if t.name and not isinstance(t, gs_constant()) and is_float_dtype(t.dtype)]
+        return [t.name for t in out if t.name and not isinstance(t, gs.Constant) and is_float_dtype(t.dtype)]
 
     def _collect(self, wanted: list[str], data, num_bins: int, progress: bool) -> None:
         """One pass over ``data``: statistics and reader samples of ``wanted``."""
