@@ -11,9 +11,8 @@ left float (everything else quantized); their worst-output SQNR against the floa
 result, with the all-float and all-quantized runs as references.
 
 Every configuration runs in one onnxruntime session built once per worker: each DequantizeLinear
-output ``y`` of group ``g`` (Q input ``x``) is replaced by ``x + s[g]·(y - x)`` with ``s`` a graph
-input of one switch per group, so 0 gives the float tensor exactly and 1 the quantized one (to
-within one float rounding of ``x + (y - x)``). Configurations are spread over worker processes
+output ``y`` of group ``g`` (Q input ``x``) is replaced by ``Where(s[g] > 0.5, y, x)`` with ``s`` a
+graph input of one switch per group, so 0 gives the float tensor and 1 the quantized one, exactly. Configurations are spread over worker processes
 (``jobs``) or over an existing Ray cluster (``ray_address``).
 """
 
@@ -163,10 +162,10 @@ def find_groups(model: onnx.ModelProto) -> list[QuantGroup]:
 
 
 def switch_model(model: onnx.ModelProto, groups: Sequence[QuantGroup]) -> onnx.ModelProto:
-    """``model`` with input ``qdqsurgeon_switch`` [G]: 0 makes a group's Q/DQ exact float, 1 keeps it quantized."""
+    """``model`` with input ``qdqsurgeon_switch`` [G]: 0 makes a group's Q/DQ exact float, 1 keeps it quantized (Where)."""
     import onnx_graphsurgeon as gs
 
-    from .graph import export_model, import_model, np_dtype
+    from .graph import export_model, import_model
 
     graph = import_model(model)
     nodes = {n.name: n for n in graph.nodes}
@@ -177,28 +176,19 @@ def switch_model(model: onnx.ModelProto, groups: Sequence[QuantGroup]) -> onnx.M
         if not dq_nodes:
             continue
         s = gs.Variable(f"{SWITCH_INPUT}_{g.index}", dtype=np.float32, shape=[])
-        graph.nodes.append(gs.Node("Gather", f"{SWITCH_INPUT}_gather_{g.index}",
-                                   inputs=[switch, gs.Constant(f"{SWITCH_INPUT}_idx_{g.index}", np.array(g.index, np.int64))],
-                                   outputs=[s], attrs={"axis": 0}))
-        by_dtype: dict[Any, gs.Variable] = {np.dtype(np.float32): s}
-        for k, d in enumerate(dq_nodes):
+        on = gs.Variable(f"{SWITCH_INPUT}_{g.index}_on", dtype=np.bool_, shape=[])
+        graph.nodes += [gs.Node("Gather", f"{SWITCH_INPUT}_gather_{g.index}",
+                                inputs=[switch, gs.Constant(f"{SWITCH_INPUT}_idx_{g.index}", np.array(g.index, np.int64))],
+                                outputs=[s], attrs={"axis": 0}),
+                        gs.Node("Greater", f"{SWITCH_INPUT}_on_{g.index}",
+                                inputs=[s, gs.Constant(f"{SWITCH_INPUT}_half_{g.index}", np.array(0.5, np.float32))],
+                                outputs=[on])]
+        for d in dq_nodes:
             x = d.inputs[0].inputs[0].inputs[0]  # the Q's float input
             y = d.outputs[0]
-            dtype = np_dtype(y.dtype) or np.dtype(np.float32)
-            if dtype not in by_dtype:
-                cast = gs.Variable(f"{s.name}_{dtype.name}", dtype=dtype, shape=[])
-                graph.nodes.append(gs.Node("Cast", f"{s.name}_cast_{dtype.name}", inputs=[s], outputs=[cast],
-                                           attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)}))
-                by_dtype[dtype] = cast
-            sd = by_dtype[dtype]
-            base = f"{d.name}_switch"
-            diff = gs.Variable(f"{base}_diff", dtype=y.dtype, shape=y.shape)
-            scaled = gs.Variable(f"{base}_scaled", dtype=y.dtype, shape=y.shape)
-            out = gs.Variable(f"{base}_out", dtype=y.dtype, shape=y.shape)
+            out = gs.Variable(f"{d.name}_switch_out", dtype=y.dtype, shape=y.shape)
             consumers = list(y.outputs)
-            graph.nodes += [gs.Node("Sub", f"{base}_sub", inputs=[y, x], outputs=[diff]),
-                            gs.Node("Mul", f"{base}_mul", inputs=[diff, sd], outputs=[scaled]),
-                            gs.Node("Add", f"{base}_add", inputs=[x, scaled], outputs=[out])]
+            graph.nodes.append(gs.Node("Where", f"{d.name}_switch", inputs=[on, y, x], outputs=[out]))
             for c in consumers:
                 c.inputs = [out if t is y else t for t in c.inputs]
             graph.outputs = [out if t is y else t for t in graph.outputs]
