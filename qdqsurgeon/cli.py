@@ -293,7 +293,8 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--no-opset-upgrade", is_flag=True,
               help="Refuse a model below the opset a pass needs (13 for per-channel weights) instead of upgrading it.")
 @click.option("--calib", type=click.Path(readable=False), help="Calibration data: .npz, folder of .npz/.npy, or folder of images.")
-@click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default=None, help="Calibration method.")
+@click.option("--method", type=click.Choice(["auto", "max", "percentile", "entropy", "mse"]), default=None,
+              help="Calibration method (default: percentile; auto chooses per tensor by the error at the layer reading it)." )
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --method percentile.")
 @click.option("--preprocess", default=None, help="Image preprocessing, e.g. 'size=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,scale=1/255'.")
 @click.option("--calib-random", type=int, default=None, help="Smoke test only: calibrate on N random inputs.")
@@ -463,6 +464,90 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         build_engine(dst, engine_path)
         if not quiet:
             click.echo(f"  engine written to {engine_path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# sensitivity
+@cli.command("sensitivity")
+@click.argument("model", type=click.Path(readable=False))
+@click.option("--calib", type=click.Path(readable=False), required=True, help="Calibration data (as for optimize).")
+@click.option("--data", "eval_path", type=click.Path(readable=False), help="Evaluation data (default: the calibration data).")
+@click.option("--method", type=click.Choice(["auto", "max", "percentile", "entropy", "mse"]), default=None, help="Calibration method.")
+@click.option("--preprocess", default=None, help="Image preprocessing for image folders (as for optimize).")
+@click.option("--samples", type=int, default=None, help="Use at most this many evaluation samples.")
+@click.option("--exclude", multiple=True, help="Regex over node names to leave unquantized (as for optimize).")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Worker processes.")
+@click.option("--ray", "ray_address", default=None, help="Run on an existing Ray cluster (e.g. ray://host:10001 or auto).")
+@click.option("--json", "json_path", type=click.Path(readable=False), help="Write the ranked results as JSON.")
+@click.option("--html", "html_path", type=click.Path(readable=False), help="Write a bar chart page (self-contained HTML).")
+@click.option("--png", "png_path", type=click.Path(readable=False), help="Write a bar chart PNG (needs matplotlib).")
+@click.option("--top", type=int, default=20, show_default=True, help="Rows of the printed table.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str | None, preprocess: str | None,
+                    samples: int | None, exclude: tuple[str, ...], jobs: int, ray_address: str | None,
+                    json_path: str | None, html_path: str | None, png_path: str | None, top: int, quiet: bool) -> None:
+    """Which quantized groups of MODEL cost accuracy: each alone INT8, and each alone left float.
+
+    MODEL is quantized once as optimize does; its Q/DQ pairs are grouped by the layer they feed
+    (tied Concat/MaxPool groups and attention blocks together), and every group is measured end
+    to end against the float model (worst-output SQNR) on the evaluation data.
+
+    \b
+    Example:
+      qdqsurgeon sensitivity model.onnx --calib calib.npz --data eval.npz --jobs 2 --html sens.html
+    """
+    from .api import detect_mode, optimize, prepare_opset
+    from .calibration import Preprocess, open_data
+    from .config import Config
+    from .io import check_output_path, check_readable, load
+    from .ranges import build_ranges
+    from .sensitivity import analyze, render_html, render_png
+
+    check_readable(model)
+    for data_path in (calib, eval_path):
+        if data_path and not Path(data_path).exists():
+            raise UsageError("no such file or folder", path=data_path)
+    for out in (json_path, html_path, png_path):
+        if out:
+            check_output_path(out, model)
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if samples is not None and samples < 1:
+        raise UsageError("--samples must be at least 1")
+    if png_path:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--png needs matplotlib, which is not installed; use --html for the same chart")
+    exclude = _checked_regexes(exclude)
+    t0 = time.perf_counter()
+    src = load(model)
+    if detect_mode(src) != "ptq":
+        raise UsageError("sensitivity takes a float model (it quantizes it once itself); this one already has Q/DQ")
+    pre = Preprocess.parse(preprocess) if preprocess else None
+    eval_data = open_data(eval_path or calib, src, pre)  # checked now, before calibration
+    config = Config(exclude=list(exclude))
+    src, upgraded = prepare_opset(src, None, config, mode="ptq")
+    ranges = build_ranges(src, calib=calib, method=method, preprocess=preprocess, progress=not quiet)
+    quantized = optimize(src, config=config, ranges=ranges, mode="ptq", prior_changes=upgraded).model
+    report = analyze(quantized, eval_data, jobs=jobs, ray_address=ray_address, progress=not quiet, samples=samples)
+    if json_path:
+        _write_atomic(Path(json_path), json.dumps({"model": model, **report.to_dict()}, indent=2))
+    if html_path:
+        _write_atomic(Path(html_path), render_html(report, f"qdqsurgeon sensitivity: {Path(model).name}"))
+    if png_path:
+        render_png(report, png_path)
+    if quiet:
+        return
+    click.echo(f"qdqsurgeon sensitivity: {model}: {len(report.results)} groups, {report.samples} samples, "
+               f"{report.workers}, {time.perf_counter() - t0:.1f} s")
+    click.echo(f"  all INT8: SQNR {report.sqnr_all_int8:.2f} dB, cosine {report.cosine_all_int8:.5f}")
+    click.echo(f"  {'rank':>4}  {'group':<40} {'ops':<16} {'alone INT8 dB':>13} {'gain if float dB':>16}")
+    for i, r in enumerate(report.ranked()[:top], 1):
+        click.echo(f"  {i:>4}  {r.group.name[:40]:<40} {','.join(r.group.ops)[:16]:<16} "
+                   f"{r.sqnr_alone_int8:>13.2f} {r.sqnr_alone_float - report.sqnr_all_int8:>+16.2f}")
+    if len(report.results) > top:
+        click.echo(f"  ... {len(report.results) - top} more (--top N, --json FILE)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class CalibrationRanges:
         self._cache: dict[str, float] = {}
         self.missing: set[str] = set()
         self.runs = 0
+        self._auto = None  # one AutoSelector for every request: graph analysis once, tied groups remembered
 
     def __call__(self, names: Sequence[str]) -> dict[str, float]:
         from .calibration import calibrate
@@ -52,7 +53,13 @@ class CalibrationRanges:
         todo = [n for n in dict.fromkeys(names) if n not in self._cache and n not in self.missing]
         if todo:
             self.runs += 1
-            found = calibrate(self.model, todo, self.data, self.method, percentile=self.percentile, progress=self.progress)
+            if self.method == "auto":
+                from .calibration.auto import AutoSelector
+
+                self._auto = self._auto or AutoSelector(self.model)
+                found = self._auto.select(todo, self.data, progress=self.progress)
+            else:
+                found = calibrate(self.model, todo, self.data, self.method, percentile=self.percentile, progress=self.progress)
             self._cache.update({k: float(v) for k, v in found.items()})
             self.missing |= {n for n in todo if n not in found}
         return {n: self._cache[n] for n in names if n in self._cache}

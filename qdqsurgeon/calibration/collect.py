@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from onnx import helper
 from qdqsurgeon.calibration.methods import (
     DEFAULT_METHOD,
     HISTOGRAM_METHODS,
+    METHODS,
     TensorStats,
     compute_amax,
 )
@@ -365,11 +366,14 @@ def collect_stats(
     histogram: bool,
     num_bins: int = 2048,
     progress: bool = True,
+    observe: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, TensorStats]:
     """Stream ``data`` through ``model`` and accumulate statistics of ``tensors``.
 
     Graph inputs and initializers among ``tensors`` are read from the feed / the model directly.
     Tensors that are not floating point are skipped with a warning (absent from the result).
+    ``observe(name, value)``, when given, also sees every batch's value of each tensor (``auto``
+    keeps small samples with it).
     """
     model = inline_constant_ifs(model)
     bf16 = has_bfloat16(model)
@@ -418,9 +422,13 @@ def collect_stats(
                 batch = _as_float32(batch)
             for name in feed_names:
                 stats[name].update(batch[name])
+                if observe is not None:
+                    observe(name, batch[name])
             if session is not None:
                 for name, value in zip(run_names, _run(session, run_names, _feed_for(session, batch))):
                     stats[name].update(value)
+                    if observe is not None:
+                        observe(name, value)
             batches += 1
             bar.advance(task)
     if batches == 0:
@@ -447,13 +455,18 @@ def calibrate(
 ) -> dict[str, float]:
     """Calibrated absolute max per tensor (``amax > 0``; scale = amax / 127).
 
-    One pass over ``data``. Non-float tensors are skipped with a warning and absent from the
+    One pass over ``data``. ``auto`` (:mod:`.auto`) also returns the other members of the tied
+    groups of ``tensors`` (one range per group). Non-float tensors are skipped with a warning and absent from the
     result; an all-zero tensor gets a tiny positive amax.
     """
-    if method not in ("max", *HISTOGRAM_METHODS):
-        raise UsageError(f"unknown calibration method {method!r}; choose from max, {', '.join(sorted(HISTOGRAM_METHODS))}")
+    if method not in METHODS:
+        raise UsageError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
     if method == "percentile" and not 0.0 < percentile <= 100.0:
         raise UsageError(f"percentile must be in (0, 100], got {percentile}")
+    if method == "auto":
+        from qdqsurgeon.calibration.auto import AutoSelector
+
+        return AutoSelector(model).select(tensors, data, num_bins=num_bins, progress=progress)
     stats = collect_stats(
         model, tensors, data, histogram=method in HISTOGRAM_METHODS, num_bins=num_bins, progress=progress
     )

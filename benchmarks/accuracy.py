@@ -1,0 +1,285 @@
+"""Calibration methods compared on real models: output SQNR of each, and what `auto` costs in calibration time.
+
+For every model (the shared FP32 models and the zoo's float models, data from ``zoo_data.py``: the first
+samples calibrate, the following ones evaluate), ``qdqsurgeon.optimize`` runs in this process once per
+calibration method with nothing else changed, as ``qdqsurgeon optimize IN OUT --calib DATA --method M``
+would. Printed per model: worst-output SQNR (dB) against the float model on the evaluation samples for
+each method, the best fixed method, ``auto`` minus that best, and the calibration wall time of each method
+as a ratio to the current default's, measured in the same run (time spent inside the range provider,
+i.e. onnxruntime collection plus range selection; placement and export are the same for every method).
+
+ModelOpt and onnxruntime's quantizer are not columns here: ``ptq_vs_baselines.py`` runs them, in
+their own processes and environments.
+
+    python benchmarks/accuracy.py [--models a,b] [--methods max,percentile,...] [--json FILE] [--samples N] [--augment]
+    python benchmarks/accuracy.py --sensitivity MODEL [--jobs N]   (sensitivity time / one calibration pass)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import zoo_data as zd  # noqa: E402
+from common import REPO_DIR, fmt, markdown_table  # noqa: E402
+
+sys.path.insert(0, str(REPO_DIR))
+
+FIXED = ["max", "percentile", "mse", "entropy"]
+# The PP-OCR MobileNetV3 text-direction classifier of issue 14 (12.4 dB with percentile, 21.2 with mse) is not in
+# the zoo manifest; it ships in this wheel, which is downloaded (no dependencies) into the zoo cache when missing.
+PPOCR_CLS = ("ppocr_mobile_v2_cls", "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
+
+
+# The float models of the zoo table (the Q/DQ inputs take the fix path; silero stays float: nothing to compare).
+DEFAULT_MODELS = [
+    "efficientnet_lite0", "mobilenetv2_bottleneck", "resnet18_cifar10", "yolov8n_320", "all_minilm_l6_v2",
+    "crepe_tiny", "easyocr_english_g2", "efficientnet_b0_2d3d", "mediapipe_blazeface_short",
+    "mediapipe_pose_landmark_full", "mediapipe_selfie_segmentation", "pplcnet_text_orientation",
+    "ddddocr_common", "ppocrv6_small_det", "openwakeword_embedding", "basic_pitch_nmp", "dnsmos_p835",
+    "yolov8n_doclaynet", "svtrv2_captcha", PPOCR_CLS[0],
+]
+
+
+def ppocr_cls_path(cache: Path) -> Path:
+    import subprocess
+    import zipfile
+
+    name, requirement, member = PPOCR_CLS
+    path = cache / f"{name}.onnx"
+    if not path.exists():
+        archives = cache / "_archives"
+        archives.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement, "-d", str(archives)], check=True)
+        wheel = next(archives.glob("rapidocr_onnxruntime-1.4.4-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            path.write_bytes(z.read(member))
+    return path
+
+
+def ppocr_cls_data(shared: Path, n_calib: int, n_eval: int = 8) -> tuple[dict, dict, str]:
+    """Text-line crops as RapidOCR's classifier preprocesses them: BGR, height 48, width <= 192 (ratio kept,
+    zero padded), (x/255 - 0.5)/0.5; each line upright and turned 180 degrees (its two classes)."""
+    import numpy as np
+    from PIL import Image
+
+    feeds = []
+    for crop in zd.line_crops(shared)[: (n_calib + n_eval) // 2 + 1]:
+        for turn in (0, 180):
+            img = crop.convert("RGB").rotate(turn, expand=True)
+            w = min(192, max(1, round(48 * img.width / img.height)))
+            a = np.asarray(img.resize((w, 48), Image.BILINEAR), np.float32)[..., ::-1] / 255.0
+            x = np.zeros((3, 48, 192), np.float32)
+            x[:, :, :w] = ((a - 0.5) / 0.5).transpose(2, 0, 1)
+            feeds.append(x)
+    x = np.stack(feeds)
+    return ({"x": x[:n_calib]}, {"x": x[n_calib:n_calib + n_eval]},
+            f"text-line crops upright and turned 180; {n_calib} calib / {min(n_eval, len(x) - n_calib)} eval")
+
+
+class TimedRanges:
+    """Wraps a range provider and adds up the time spent inside it (collection and range choice)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def __call__(self, names):
+        t0 = time.perf_counter()
+        try:
+            return self.inner(names)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def run_method(model: Any, calib: Path, method: str) -> tuple[Any, float]:
+    """(optimized model, calibration seconds) for one method."""
+    import qdqsurgeon
+    from qdqsurgeon.api import prepare_opset
+
+    model, upgraded = prepare_opset(model, mode="ptq")
+    ranges = TimedRanges(qdqsurgeon.build_ranges(model, calib=str(calib), method=method, progress=False))
+    res = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded)
+    return res.model, ranges.seconds
+
+
+def augmented(arrays: dict) -> dict:
+    """Image inputs [N, C, H, W] with their mirror images and small shifts of both (10x the samples).
+
+    Eight evaluation photos leave SQNR differences of a dB or more within noise; these variants of the
+    same photos (never of calibration data) shrink that noise for comparisons between methods.
+    """
+    import numpy as np
+
+    out = {}
+    for k, x in arrays.items():
+        if k.startswith("_") or x.ndim != 4 or x.dtype.kind != "f":
+            return arrays  # not a batch of images: unchanged
+        variants = [x, x[..., ::-1]]
+        for dy, dx in ((2, 3), (-3, 1), (4, -4), (-2, -3)):
+            variants += [np.roll(x, (dy, dx), axis=(2, 3)), np.roll(x[..., ::-1], (dy, dx), axis=(2, 3))]
+        out[k] = np.ascontiguousarray(np.concatenate(variants))
+    return out
+
+
+def evaluate(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, methods: list[str], samples: int,
+             augment: bool = False) -> dict[str, Any]:
+    import onnx
+
+    import qdqsurgeon
+    from zoo import run_outputs, sqnr_cosine
+
+    if m is None:  # the PP-OCR classifier
+        src = ppocr_cls_path(cache)
+        calib_arrays, eval_arrays, description = ppocr_cls_data(shared, samples)
+        data = zd.Inputs(calib_arrays, eval_arrays, description)
+    else:
+        src = zd.model_path(m, shared, cache)
+        data = zd.build(m, shared, cache, work, n_calib=samples)
+    calib = zd.save_npz(work / "calib.npz", data.calib)
+    if augment:
+        data.eval = augmented(data.eval)
+    ref = run_outputs(src, data.eval)
+    model = qdqsurgeon.load(str(src))
+    row: dict[str, Any] = {"model": m.name if m else PPOCR_CLS[0], "data": data.description, "sqnr": {}, "cosine": {}, "calib_s": {}}
+    for method in methods:
+        try:
+            out, seconds = run_method(model, calib, method)
+        except Exception as exc:  # a failing method is a cell, not the end of the run
+            row["sqnr"][method] = None
+            row.setdefault("errors", {})[method] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            continue
+        path = work / f"{method}.onnx"
+        onnx.save(out, str(path))
+        got = run_outputs(path, data.eval)
+        row["sqnr"][method], row["cosine"][method] = sqnr_cosine(ref, got)
+        row["calib_s"][method] = seconds
+    return row
+
+
+def summarize(rows: list[dict[str, Any]], methods: list[str]) -> str:
+    fixed = [m for m in methods if m in FIXED]
+    headers = ["model", *[f"{m} dB" for m in methods]]
+    if "auto" in methods and fixed:
+        headers += ["best fixed", "auto - best dB"]
+    if "auto" in methods and "percentile" in methods:
+        headers += ["calib s (percentile)", "auto / percentile time"]
+    lines = []
+    for r in rows:
+        s = r["sqnr"]
+        cells = [r["model"], *[fmt(s.get(m)) for m in methods]]
+        if "auto" in methods and fixed:
+            known = {m: s[m] for m in fixed if s.get(m) is not None}
+            best = max(known, key=lambda k: known[k]) if known else None
+            cells.append(f"{best} {fmt(known[best])}" if best else "n/a")
+            auto = s.get("auto")
+            cells.append(fmt(auto - known[best]) if best and auto is not None and math.isfinite(auto) else "n/a")
+        if "auto" in methods and "percentile" in methods:
+            t = r["calib_s"]
+            base = t.get("percentile")
+            cells.append(fmt(base))
+            cells.append(fmt(t["auto"] / base) if base and t.get("auto") is not None else "n/a")
+        lines.append(cells)
+    return markdown_table(headers, lines)
+
+
+def sensitivity_timing(m: zd.ZooModel, shared: Path, cache: Path, work: Path, samples: int, jobs: int) -> dict[str, Any]:
+    """Wall time of ``qdqsurgeon sensitivity``'s analysis against one calibration pass, on the same samples.
+
+    The samples are the model's calibration and evaluation inputs and their mirror images (32 from the 16
+    shared photos). The calibration pass is :func:`qdqsurgeon.calibration.calibrate` (percentile, the
+    old default) over every weighted layer's input, as ``optimize`` runs it.
+    """
+    import numpy as np
+
+    import qdqsurgeon
+    from qdqsurgeon.api import prepare_opset
+    from qdqsurgeon.calibration import calibrate, open_data
+    from qdqsurgeon.sensitivity import analyze
+
+    src = zd.model_path(m, shared, cache)
+    data = zd.build(m, shared, cache, work, n_calib=samples)
+    both = {k: np.concatenate([data.calib[k], data.eval[k]]) for k in zd.model_feeds(data.calib)}
+    arrays = {k: np.concatenate([v, v[..., ::-1]])[:samples] if v.ndim == 4 else v[:samples] for k, v in both.items()}
+    npz = zd.save_npz(work / "sens.npz", arrays)
+    model, upgraded = prepare_opset(qdqsurgeon.load(str(src)), mode="ptq")
+    acts = sorted({n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")})
+    t0 = time.perf_counter()
+    calibrate(model, acts, open_data(str(npz), model), "percentile", progress=False)
+    calib_s = time.perf_counter() - t0
+    ranges = qdqsurgeon.build_ranges(model, calib=str(npz), progress=False)
+    quantized = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded).model
+    t0 = time.perf_counter()
+    report = analyze(quantized, open_data(str(npz), model), jobs=jobs, progress=False)
+    sens_s = time.perf_counter() - t0
+    n = len(next(iter(arrays.values())))
+    return {"model": m.name, "samples": n, "groups": len(report.results), "calib_s": calib_s, "sensitivity_s": sens_s,
+            "jobs": jobs, "ratio": sens_s / calib_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", help=f"comma-separated model names (default: {len(DEFAULT_MODELS)} float models)")
+    ap.add_argument("--methods", default="max,percentile,mse,entropy,auto")
+    ap.add_argument("--shared", type=Path, default=zd.DEFAULT_SHARED)
+    ap.add_argument("--cache", type=Path, default=zd.DEFAULT_CACHE)
+    ap.add_argument("--samples", type=int, default=8, help="calibration samples per model")
+    ap.add_argument("--json", type=Path, help="write the rows as JSON")
+    ap.add_argument("--augment", action="store_true",
+                    help="score image models on 10 mirrored/shifted variants of each evaluation photo (less noise)")
+    ap.add_argument("--sensitivity", metavar="MODEL", help="instead: time `sensitivity` on MODEL against one calibration pass")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes for --sensitivity")
+    args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    available: dict[str, Any] = {m.name: m for m in zd.models()}
+    available[PPOCR_CLS[0]] = None
+    names = [n.strip() for n in args.models.split(",")] if args.models else DEFAULT_MODELS
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        ap.error(f"unknown model(s): {', '.join(unknown)}")
+    if args.sensitivity:
+        with tempfile.TemporaryDirectory(prefix="qdq-sens-") as tmp:
+            r = sensitivity_timing(available[args.sensitivity], args.shared, args.cache, Path(tmp), 32, args.jobs)
+        print(f"sensitivity {r['model']}: {r['groups']} groups, {r['samples']} samples, {r['jobs']} job(s): "
+              f"{r['sensitivity_s']:.1f} s; one calibration pass {r['calib_s']:.2f} s; ratio {r['ratio']:.1f}x")
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qdq-accuracy-") as tmp:
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                row = evaluate(available[name], args.shared, args.cache, Path(tmp) / name, methods, args.samples, args.augment)
+            except Exception as exc:
+                print(f"{name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", file=sys.stderr, flush=True)
+                continue
+            rows.append(row)
+            cells = ", ".join(f"{m} {fmt(row['sqnr'].get(m))} dB/{fmt(row['calib_s'].get(m))} s" for m in methods)
+            print(f"{name}: {cells} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2, default=str))
+    print(summarize(rows, methods))
+    if "auto" in methods and "percentile" in methods:
+        ratios = [r["calib_s"]["auto"] / r["calib_s"]["percentile"] for r in rows
+                  if r["calib_s"].get("auto") and r["calib_s"].get("percentile")]
+        if ratios:
+            print(f"\ncalibration time auto / percentile (the old default): max {max(ratios):.2f}x, "
+                  f"median {sorted(ratios)[len(ratios) // 2]:.2f}x over {len(ratios)} models")
+    for r in rows:
+        for method, err in r.get("errors", {}).items():
+            print(f"- {r['model']} {method}: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

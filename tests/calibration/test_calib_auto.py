@@ -1,0 +1,154 @@
+"""--method auto: ranges chosen by the error at the reading layer, tied groups jointly, fast searches exact enough."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from qdqsurgeon.calibration import calibrate
+from qdqsurgeon.calibration.auto import AutoSelector, candidate_ranges
+from qdqsurgeon.calibration.methods import (
+    TensorStats,
+    _kl_at,
+    _kl_many,
+    amax_entropy,
+    amax_mse,
+    hist_sq_error,
+)
+from qdqsurgeon.cli import cli
+from qdqsurgeon.examples import example_calibration, example_model
+
+from tests.helpers import init, make_model
+
+
+def _stats(x: np.ndarray) -> TensorStats:
+    s = TensorStats("t", histogram=True)
+    s.update(x)
+    return s
+
+
+def _conv_reader_model(w_outlier: float) -> onnx.ModelProto:
+    """x [1,4,8,8] -> Relu -> r -> Conv(1x1, 8 out) -> y; input channel 0 carries the outliers."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4, 1, 1)).astype(np.float32)
+    w[:, 0] = w_outlier
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w"], ["y"], name="conv")]
+    return make_model(nodes, [("x", TensorProto.FLOAT, [None, 4, 8, 8])], [("y", TensorProto.FLOAT, [None, 8, 8, 8])],
+                      [init("w", w)], opset=17)
+
+
+def _outlier_data(batches: int = 8):
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(batches):
+        x = np.abs(rng.standard_normal((1, 4, 8, 8))).astype(np.float32)
+        x[0, 0] = np.abs(rng.standard_t(1.5, (8, 8)))  # channel 0: a heavy tail; the others stay below ~4
+        out.append({"x": x})
+    return out
+
+
+def test_auto_scores_at_the_reading_layer():
+    # The tensor is the same in both models; only the weights reading its outlier channel differ.
+    # Tensor-level MSE would give both the same range; auto must not.
+    data = _outlier_data()
+    ignored = calibrate(_conv_reader_model(0.0), ["r"], data, "auto", progress=False)["r"]
+    needed = calibrate(_conv_reader_model(3.0), ["r"], data, "auto", progress=False)["r"]
+    absmax = max(float(d["x"].max()) for d in data)
+    # channel 0 feeds nothing: clipping its tail costs nothing at the output, rounding the rest does
+    assert ignored < 0.5 * absmax
+    # channel 0 carries the output: much more of its tail must survive
+    assert needed > 2 * ignored
+    assert calibrate(_conv_reader_model(0.0), ["r"], data, "auto", progress=False)["r"] == ignored  # deterministic
+
+
+def test_tied_concat_group_gets_one_range():
+    # a (small) and b (large) are Concat inputs read by a Conv: TensorRT needs one scale (P4).
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Relu", ["x1"], ["a"], name="ra"), helper.make_node("Relu", ["x2"], ["b"], name="rb"),
+             helper.make_node("Concat", ["a", "b"], ["c"], axis=1, name="cat"),
+             helper.make_node("Conv", ["c", "w"], ["y"], name="conv"),
+             helper.make_node("Conv", ["a", "w2"], ["y2"], name="conv_a")]
+    model = make_model(nodes, [("x1", TensorProto.FLOAT, [None, 2, 6, 6]), ("x2", TensorProto.FLOAT, [None, 2, 6, 6])],
+                       [("y", TensorProto.FLOAT, [None, 4, 4, 4]), ("y2", TensorProto.FLOAT, [None, 4, 6, 6])],
+                       [init("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32)),
+                        init("w2", rng.standard_normal((4, 2, 1, 1)).astype(np.float32))])
+    data = [{"x1": rng.standard_normal((1, 2, 6, 6)).astype(np.float32),
+             "x2": 10 * rng.standard_normal((1, 2, 6, 6)).astype(np.float32)} for _ in range(4)]
+    sel = AutoSelector(model)
+    assert set(sel.members("c")) == {"a", "b", "c"}
+    got = sel.select(["c", "a"], data, progress=False)
+    assert got["c"] == got["a"] == sel.decided["b"]
+    assert got["c"] > float(max(np.abs(np.maximum(d["x1"], 0)).max() for d in data))  # b's range, not a's
+
+
+def test_candidates_and_fast_searches():
+    rng = np.random.default_rng(3)
+    for x in (np.maximum(rng.standard_normal(200_000), 0) ** 1.5, rng.standard_t(3, 200_000)):
+        s = _stats(x)
+        cands = candidate_ranges(s)
+        assert list(cands) == ["max", "percentile 99.9", "percentile 99.99", "percentile 99.999", "mse", "entropy"]
+        assert cands["max"] == s.absmax and all(0 < v <= s.absmax for v in cands.values())
+        step = s.used_bins() // 16
+        # the coarse-to-fine MSE lands where the expected error is within 1 % of the exhaustive search's
+        exact, fast = amax_mse(s), amax_mse(s, step=step)
+        e_exact, e_fast = hist_sq_error(s, np.array([exact, fast]))
+        assert e_fast <= 1.01 * e_exact
+        assert 0 < amax_entropy(s, step=step) <= s.absmax
+        # the vectorized KL is the loop's KL
+        h = s.hist.astype(np.float64)
+        h[0] = h[1]
+        used, total = s.used_bins(), h.sum()
+        tail = total - np.cumsum(h)
+        idx = np.arange(128, used + 1, 97)
+        loop = np.array([_kl_at(h, tail, total, i, 128) for i in idx])
+        vec = _kl_many(h[:used], total, idx, 128)
+        finite = np.isfinite(loop)
+        assert np.array_equal(finite, np.isfinite(vec))
+        np.testing.assert_allclose(vec[finite], loop[finite], rtol=1e-9)
+
+
+def test_merged_stats_equal_one_pass():
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal(5000) * 3, rng.standard_normal(5000) * 50
+    one = TensorStats("t", histogram=True)
+    one.update(a)
+    one.update(b)
+    merged = _stats(a).merged(_stats(b))
+    assert np.array_equal(merged.hist, one.hist) and merged.width == one.width and merged.absmax == one.absmax
+
+
+def test_optimize_method_auto_cli(tmp_path):
+    out = tmp_path / "auto.onnx"
+    res = CliRunner().invoke(cli, ["optimize", str(example_model()), str(out), "--calib", str(example_calibration()),
+                                   "--method", "auto", "--check", "-q"])
+    assert res.exit_code == 0, res.output
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    # a second run changes nothing (learned scales kept on the fix path)
+    again = tmp_path / "again.onnx"
+    res = CliRunner().invoke(cli, ["optimize", str(out), str(again), "--calib", str(example_calibration()),
+                                   "--method", "auto", "-q"])
+    assert res.exit_code == 0, res.output
+
+
+def test_unknown_method_is_one_line():
+    res = CliRunner().invoke(cli, ["optimize", str(example_model()), "/tmp/x.onnx", "--method", "best"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "best" in res.output
+
+
+@pytest.mark.parametrize("method", ["auto"])
+def test_auto_through_build_ranges(method):
+    import qdqsurgeon
+
+    model = qdqsurgeon.load(example_model())
+    ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), method=method, progress=False)
+    first = ranges(["input"])
+    assert first and ranges.runs == 1
+    # later requests for tensors the first pass prefetched (Add inputs) need no second pass
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    if adds:
+        ranges([adds[0].input[0]])
+        assert ranges.runs in (1, 2)
