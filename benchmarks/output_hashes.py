@@ -68,6 +68,9 @@ def run_case(args: list[str], tmp: Path, name: str) -> dict[str, str | int]:
         payload = json.loads(report.read_text())
         # the change log (not timings) must be the same too
         result["changes_sha256"] = hashlib.sha256(json.dumps(payload.get("changes"), sort_keys=True).encode()).hexdigest()
+        # the whole report but its timings and temporary paths: analyses, summary, regressions
+        rest = {k: v for k, v in payload.items() if k not in ("timing_s", "input", "output")}
+        result["report_sha256"] = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
     if proc.returncode:
         result["stderr"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     return result

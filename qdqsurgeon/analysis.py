@@ -37,7 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import trt_rules as R
-from .graph import const_value, is_dq, is_q, nested_nodes, producer, qparams, weight_input_index
+from .graph import const_value, is_dq, is_q, nested_nodes, producer, qparams, toposort_graph, weight_input_index
 
 __all__ = ["StandaloneLayer", "WeightedOpPrediction", "TrtPrediction", "predict", "weighted_op_macs"]
 
@@ -486,7 +486,7 @@ class _Sim:
         self.nodes = [n for n in self.nodes if self.live(n)]
         self.g.nodes = self.nodes
         try:
-            self.g.toposort()
+            toposort_graph(self.g)
             self.nodes = list(self.g.nodes)
         except Exception as exc:  # a cyclic or odd graph: keep the original order
             logger.debug("toposort failed: %s", exc)

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import DQ_OP, Q_OP, is_graph_output
+from .graph import DQ_OP, Q_OP, cleanup_graph, is_graph_output, toposort_graph, used_names
 
 __all__ = ["Change", "Rewriter"]
 
@@ -53,7 +53,10 @@ class Rewriter:
         self.changes: list[Change] = []
         self.removed: set[int] = set()
         self._rule = ""
-        self._names: set[str] = {n.name for n in graph.nodes} | set(graph.tensors().keys())
+        self._names: set[str] = used_names(graph)
+        #: Whether an edit was logged (every edit method logs one): a pass that edited nothing leaves
+        #: a clean, sorted graph as it was, so its cleanup can be skipped.
+        self.edited = False
 
     # -- bookkeeping -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -66,6 +69,8 @@ class Rewriter:
             self._rule = old
 
     def log(self, kind: str, node: str, detail: str, rule: str | None = None) -> None:
+        if kind != "note":
+            self.edited = True
         change = Change(self.pass_name, rule or self._rule or "-", kind, node, detail)
         self.changes.append(change)
         logger.debug("%s [%s] %s %s: %s", change.pass_name, change.rule, kind, node, detail)
@@ -245,13 +250,13 @@ class Rewriter:
     def cleanup(self) -> None:
         """Drop orphaned nodes, logging those the pass did not remove itself, and re-sort."""
         before = {id(n): n for n in self.graph.nodes}
-        self.graph.cleanup(remove_unused_graph_inputs=False)
+        cleanup_graph(self.graph)
         after = {id(n) for n in self.graph.nodes}
         for key, node in before.items():
             if key not in after and key not in self.removed:
                 self.removed.add(key)
                 self.log("cleanup", node.name, f"{node.op} orphaned by {self.pass_name}, removed", "cleanup")
-        self.graph.toposort()
+        toposort_graph(self.graph)
 
 
 def _equal(a: Any, b: Any) -> bool:
