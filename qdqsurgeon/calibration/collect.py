@@ -54,11 +54,66 @@ _FLOAT_TYPES = frozenset(
 )
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx.save with external data moves tensor bytes out of the proto it is given: save a copy."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
+# From this size on, onnxruntime gets a model as a file with external data rather than serialized
+# bytes: serializing is a second copy of the weights in memory, the file path streams them.
+_FILE_SESSION_BYTES = 2**28
+# Initializers from this size on go to the external data file (onnx.save's default threshold).
+_EXTERNAL_THRESHOLD = 1024
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except the field named ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated field
+            getattr(dst, fd.name).extend(value)
+        elif hasattr(value, "ListFields"):  # message field
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _write_external(model: onnx.ModelProto, folder: Path, extra_outputs: Sequence[onnx.ValueInfoProto] = (),
+                    *, data: bool = True) -> Path:
+    """Write ``model`` (plus ``extra_outputs``) to ``folder``/model.onnx with its initializers in weights.bin.
+
+    Unlike ``onnx.save(copy, save_as_external_data=True)`` this never copies the model in memory: the
+    proto written is a skeleton (everything but the big initializers' bytes), and each big initializer
+    is streamed to the data file on its own, so a model over 2 GB costs one tensor of extra memory, not
+    one model. ``data=False`` writes the references only (shape inference reads no tensor bytes).
+    """
+    path, weights = folder / "model.onnx", folder / "weights.bin"
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, "graph")
+    _copy_fields(model.graph, skeleton.graph, "initializer")
+    skeleton.graph.output.extend(extra_outputs)
+    offset = 0
+    with open(weights, "wb") as f:
+        for t in model.graph.initializer:
+            out = skeleton.graph.initializer.add()
+            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or t.ByteSize() < _EXTERNAL_THRESHOLD:
+                out.CopyFrom(t)
+                continue
+            _copy_fields(t, out, "raw_data")
+            raw = t.raw_data  # one tensor's bytes at a time
+            if data:
+                f.write(raw)
+            out.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", weights.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = out.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+            del raw
+    if _too_big(skeleton):  # the bulk sits elsewhere (e.g. in subgraphs): onnx's own writer, on a copy
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.graph.output.extend(extra_outputs)
+        del skeleton
+        onnx.save(copy, str(path), save_as_external_data=True, location=weights.name)
+        return path
+    onnx.save(skeleton, str(path))
+    return path
 
 
 _BF16 = onnx.TensorProto.BFLOAT16
@@ -115,9 +170,9 @@ def _as_float32(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) if np.asarray(v).dtype.name == "bfloat16" else v for k, v in batch.items()}
 
 
-def _too_big(model: onnx.ModelProto) -> bool:
+def _too_big(model: onnx.ModelProto, limit: int | None = None) -> bool:
     try:
-        return model.ByteSize() >= _PROTO_LIMIT
+        return model.ByteSize() >= (_PROTO_LIMIT if limit is None else min(limit, _PROTO_LIMIT))
     except Exception:  # upb refuses to size a message over 2 GB at all
         return True
 
@@ -127,8 +182,7 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     if _too_big(model):
         # The in-memory API serializes the model; big ones go through a file with external data.
         with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "model.onnx", Path(tmp) / "inferred.onnx"
-            onnx.save(_copy(model), src, save_as_external_data=True, location="weights.bin")
+            src, dst = _write_external(model, Path(tmp), data=False), Path(tmp) / "inferred.onnx"
             onnx.shape_inference.infer_shapes_path(str(src), str(dst))
             inferred = onnx.load(dst, load_external_data=False)
     else:
@@ -165,6 +219,15 @@ def expose_tensors(
     Names that already are graph outputs are left as they are. Raises :class:`ModelError` for a
     name no node produces. ``types`` (from an earlier shape inference) saves running it again.
     """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.extend(_output_infos(model, names, types))
+    return copy
+
+
+def _output_infos(model: onnx.ModelProto, names: Sequence[str],
+                  types: dict[str, onnx.TypeProto] | None) -> list[onnx.ValueInfoProto]:
+    """Graph outputs exposing ``names`` (see :func:`expose_tensors`)."""
     produced = {out for node in model.graph.node for out in node.output if out}
     missing = [n for n in names if n not in produced]
     if missing:
@@ -173,15 +236,15 @@ def expose_tensors(
     wanted = [n for n in dict.fromkeys(names) if n not in existing]
     if types is None:
         types = _inferred_types(model) if wanted else {}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    infos = []
     for name in wanted:
         if name not in types:
             raise ModelError(f"cannot infer the type of tensor {name!r}; run shape inference on the model first")
-        vi = copy.graph.output.add()
+        vi = onnx.ValueInfoProto()
         vi.name = name
         vi.type.CopyFrom(types[name])
-    return copy
+        infos.append(vi)
+    return infos
 
 
 def _referenced(node: onnx.NodeProto) -> set[str]:
@@ -302,8 +365,14 @@ def make_session(
     *,
     optimize: bool = True,
     threads: int = 0,
+    outputs: Sequence[str] = (),
+    types: dict[str, onnx.TypeProto] | None = None,
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session; ``optimize=False`` disables every graph optimization."""
+    """An onnxruntime CPU session; ``optimize=False`` disables every graph optimization.
+
+    ``outputs``: intermediate tensors to expose as extra outputs (as :func:`expose_tensors`). A model
+    over 2 GB is handed to onnxruntime as a file with external data, written without an in-memory copy.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -313,12 +382,15 @@ def make_session(
     # caller turns the exception into the one error line the CLI prints
     opts.log_severity_level = 4
     try:
-        if _too_big(model):
+        if _too_big(model, _FILE_SESSION_BYTES):
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.onnx"
-                onnx.save(_copy(model), path, save_as_external_data=True, location="weights.bin")
+                path = _write_external(model, Path(tmp), _output_infos(model, outputs, types) if outputs else ())
                 return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        if outputs:
+            model = expose_tensors(model, outputs, types)
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except (ModelError, DataError):
+        raise
     except Exception as exc:  # onnxruntime raises its own unexported exception types
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
@@ -407,7 +479,7 @@ def collect_stats(
             stats[name].update(onnx.numpy_helper.to_array(initializers[name]))
     run_names = [n for n in stats if n not in initializers and n not in graph_inputs]
     feed_names = [n for n in stats if n in graph_inputs]
-    session = make_session(expose_tensors(model, run_names, full_types)) if run_names else None
+    session = make_session(model, outputs=run_names, types=full_types) if run_names else None
 
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     bar, task = progress_bar(progress, "calibrating", total)
