@@ -237,7 +237,8 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
             onnx.checker.check_model(out)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    analysis = _analysis(result.graph) if analyze else None
+    # The analysis reads the exported model: exporting the same graph again would give the same proto.
+    analysis = _analysis(out) if analyze else None
     if analysis is not None:
         analysis["validity_problems"] = len(validity_problems(result.graph))
     return _Run(out, list(result.changes), timing.stats, analysis)

@@ -53,7 +53,9 @@ class Rewriter:
         self.changes: list[Change] = []
         self.removed: set[int] = set()
         self._rule = ""
-        self._names: set[str] = used_names(graph)
+        # The names in use when the pass starts, taken lazily (most passes add nothing): before the
+        # first edit that can drop a name from the graph, or at the first fresh name.
+        self._names_at_start: set[str] | None = None
         #: Whether an edit was logged (every edit method logs one): a pass that edited nothing leaves
         #: a clean, sorted graph as it was, so its cleanup can be skipped.
         self.edited = False
@@ -78,6 +80,15 @@ class Rewriter:
     def note(self, node: gs.Node | str, detail: str, rule: str | None = None) -> None:
         """A finding that changes nothing in the graph but belongs in the report."""
         self.log("note", node if isinstance(node, str) else node.name, detail, rule)
+
+    @property
+    def _names(self) -> set[str]:
+        return self._snapshot_names()
+
+    def _snapshot_names(self) -> set[str]:
+        if self._names_at_start is None:
+            self._names_at_start = used_names(self.graph)
+        return self._names_at_start
 
     def fresh_name(self, base: str) -> str:
         name, i = base, 0
@@ -158,6 +169,7 @@ class Rewriter:
 
     # -- rewiring ----------------------------------------------------------------------------
     def set_input(self, node: gs.Node, index: int, tensor: gs.Tensor, *, detail: str = "", rule: str | None = None) -> None:
+        self._snapshot_names()  # this edit can drop a name from the graph
         old = node.inputs[index]
         if old is tensor:
             return
@@ -178,6 +190,7 @@ class Rewriter:
         If ``old`` is a graph output, the output keeps its name: ``new`` is renamed to it when
         it is a plain intermediate tensor, else an Identity bridges the two.
         """
+        self._snapshot_names()  # this edit can drop a name from the graph
         moved = 0
         skip = {id(n) for n in exclude}
         for node in list(old.outputs):
@@ -198,6 +211,7 @@ class Rewriter:
         self._redirect_output(old, new, detail, rule)
 
     def _redirect_output(self, old: gs.Tensor, new: gs.Tensor, detail: str, rule: str | None) -> None:
+        self._snapshot_names()  # this edit can drop a name from the graph
         idx = next(i for i, t in enumerate(self.graph.outputs) if t is old)
         is_io = any(t is new for t in self.graph.inputs) or is_graph_output(self.graph, new) or isinstance(new, gs.Constant)
         if is_io:
@@ -223,6 +237,7 @@ class Rewriter:
 
     def remove_node(self, node: gs.Node, *, detail: str = "", rule: str | None = None) -> None:
         """Disconnect ``node``; its outputs must no longer be read."""
+        self._snapshot_names()  # this edit can drop a name from the graph
         node.inputs.clear()
         node.outputs.clear()
         self.removed.add(id(node))
