@@ -17,7 +17,7 @@ import onnx
 
 from .config import Config
 from .errors import ModelError, UsageError
-from .graph import export_model, import_model
+from .graph import carry_metadata, export_model, import_model
 from .inspection import has_qdq, validity_problems
 from .io import is_large
 from .opset import UPGRADE_PASS, ensure_opset
@@ -213,23 +213,52 @@ class _Run:
     changes: list[Change]
     stats: dict[str, PassStat]
     analysis: dict[str, Any] | None
+    verified: bool = True
 
 
 def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
          instruments: Sequence[Instrument], verify: bool, *, fixpoint: bool, analyze: bool) -> _Run:
-    """One pipeline over ``graph`` (imported from ``model``), then the exported, checked model and its analysis."""
+    """One pipeline over ``graph`` (imported from ``model``), then the exported, checked model and its analysis.
+
+    Verification (onnx's full check) runs once, on the exported result, rather than on an export
+    after every pass that changed the graph: that was most of the time on large graphs. Only when
+    the result fails (or a pass fails) is the pipeline run again from ``model`` with the check after
+    every pass, which names the pass that broke the model and honours the input's own verdict
+    exactly as before (:class:`VerifyInstrument`).
+    """
+    if not verify:
+        return _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze)
+    try:
+        run = _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze,
+                          check_result=True)
+        if run.verified:
+            return run
+    except Exception as exc:  # a pass may have failed on what an earlier one broke: find out below
+        logger.debug("pipeline failed (%s); running it again with a check after every pass", exc)
+    return _run_passes(model, import_model(model), pipeline, extras, ctx, instruments, True, fixpoint=fixpoint,
+                       analyze=analyze)
+
+
+def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
+                instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool, analyze: bool,
+                check_result: bool = False) -> _Run:
     timing = TimingInstrument()
     insts: list[Instrument] = [timing, *instruments]
-    if verify:
+    if verify_each:
         insts.append(VerifyInstrument(source=model))
     once = 0
     while fixpoint and once < len(pipeline) and pipeline[once].name in RUN_ONCE:
         once += 1
     result = PassManager(pipeline, instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx)
+    modified = result.modified
     if extras:
         tail = PassManager(extras, instruments=insts).run(result.graph, ctx)
-        result = replace(tail, changes=result.changes + tail.changes, modified=result.modified or tail.modified)
-    out = export_model(result.graph, template=model)
+        modified = modified or tail.modified
+        result = replace(tail, changes=result.changes + tail.changes, modified=modified)
+    out = export_model(result.graph)
+    # What VerifyInstrument checked after the last pass that changed the graph (before the metadata).
+    verified = not check_result or not modified or VerifyInstrument._problem(out) is None
+    carry_metadata(out, model)
     if is_large(out):
         logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
     else:
@@ -241,7 +270,7 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
     analysis = _analysis(out) if analyze else None
     if analysis is not None:
         analysis["validity_problems"] = len(validity_problems(result.graph))
-    return _Run(out, list(result.changes), timing.stats, analysis)
+    return _Run(out, list(result.changes), timing.stats, analysis, verified)
 
 
 def _score(analysis: dict[str, Any]) -> tuple[int, int]:

@@ -28,6 +28,7 @@ __all__ = [
     "WEIGHTED_OPS",
     "import_model",
     "export_model",
+    "carry_metadata",
     "is_q",
     "is_dq",
     "is_qdq",
@@ -154,18 +155,23 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     _repack_subbyte_constants(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     if template is not None:
-        model.ir_version = template.ir_version
-        model.doc_string = template.doc_string
-        model.model_version = template.model_version
-        model.domain = template.domain
-        del model.metadata_props[:]
-        model.metadata_props.extend(template.metadata_props)
-        if not model.producer_name:
-            model.producer_name = template.producer_name
-            model.producer_version = template.producer_version
-        if template.graph.doc_string and not model.graph.doc_string:
-            model.graph.doc_string = template.graph.doc_string
+        carry_metadata(model, template)
     return model
+
+
+def carry_metadata(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Copy into ``model`` (in place) the model-level fields gs's exporter drops, from ``template``."""
+    model.ir_version = template.ir_version
+    model.doc_string = template.doc_string
+    model.model_version = template.model_version
+    model.domain = template.domain
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    if not model.producer_name:
+        model.producer_name = template.producer_name
+        model.producer_version = template.producer_version
+    if template.graph.doc_string and not model.graph.doc_string:
+        model.graph.doc_string = template.graph.doc_string
 
 
 def opset_version(graph_or_model: gs.Graph | onnx.ModelProto) -> int:

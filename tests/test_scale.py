@@ -161,3 +161,25 @@ def test_toposort_keeps_gs_tie_order_for_appended_nodes(n):
     toposort_graph(ours)
     theirs.toposort()
     assert _names(ours) == _names(theirs)
+
+
+class _BreakRelu(Pass):
+    """Gives the first Relu an attribute Relu does not have: onnx.checker refuses the model."""
+
+    name = "break-relu"
+    edits_through_rewriter = True
+
+    def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
+        node = next(n for n in graph.nodes if n.op == "Relu")
+        rw.set_attr(node, "bogus", 1)
+
+
+def test_verification_once_at_the_end_still_names_the_pass_that_broke_the_model():
+    from qdqsurgeon.api import optimize
+    from qdqsurgeon.errors import ModelError
+    from qdqsurgeon.examples import example_model
+    from qdqsurgeon.passes.remove_identity import RemoveIdentity
+
+    model = onnx.load(str(example_model()))
+    with pytest.raises(ModelError, match="pass break-relu produced an invalid model"):
+        optimize(model, [RemoveIdentity(), _BreakRelu(), RemoveIdentity()], analyze=False)
