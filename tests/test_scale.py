@@ -183,3 +183,31 @@ def test_verification_once_at_the_end_still_names_the_pass_that_broke_the_model(
     model = onnx.load(str(example_model()))
     with pytest.raises(ModelError, match="pass break-relu produced an invalid model"):
         optimize(model, [RemoveIdentity(), _BreakRelu(), RemoveIdentity()], analyze=False)
+
+
+def _scale_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("scale", Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    return scale
+
+
+@pytest.mark.parametrize("family", ["conv_chain", "transformer_chain"])
+def test_calibration_in_slices_gives_the_same_ranges(monkeypatch, family):
+    import qdqsurgeon.calibration.collect as col
+    from qdqsurgeon.calibration import random_data
+
+    model = onnx.shape_inference.infer_shapes(getattr(_scale_module(), family)(200))
+    names = [n.output[0] for n in model.graph.node][::3]
+    data = random_data(model, 2)
+    whole = col.calibrate(model, names, data, "max", progress=False)
+    monkeypatch.setattr(col, "_SEGMENT_NODES", 20)
+    built = []
+    original = col._Segments.__init__
+    monkeypatch.setattr(col._Segments, "__init__", lambda self, *a, **k: (original(self, *a, **k), built.append(len(self.slices)))[0])
+    sliced = col.calibrate(model, names, data, "max", progress=False)
+    assert built and built[0] >= 5  # it did run in slices
+    assert sliced == whole
