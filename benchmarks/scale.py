@@ -47,6 +47,9 @@ ORT = ("import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sy
        "i = s.get_inputs()[0]; x = np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32); "
        "[s.run(None, {i.name: x}) for _ in range(2)]")
 OPSET = 17
+BENCH_DIR = Path(__file__).resolve().parent
+GENERATE = ("import sys, onnx; sys.path.insert(0, sys.argv[1]); import scale; "
+            "onnx.save(getattr(scale, sys.argv[2] + '_chain')(int(sys.argv[3])), sys.argv[4])")
 
 
 # --------------------------------------------------------------------------- generators
@@ -233,7 +236,9 @@ def main() -> int:
     a = ap.parse_args()
     import qdqsurgeon
 
-    print(f"qdqsurgeon from {Path(qdqsurgeon.__file__).parent}; {os.cpu_count()} CPUs", flush=True)
+    print(f"qdqsurgeon from {Path(qdqsurgeon.__file__).parent}; {os.cpu_count()} CPUs; load average "
+          f"{os.getloadavg()[0]:.1f} (times grow with other work on the machine; ratios to the floor less so)", flush=True)
+    print("peak RSS counts from the benchmark's own size at fork (~60 MB), so small cases read high", flush=True)
     sizes = [parse_size(s) for s in a.sizes.split(",") if s.strip()]
     gens = {"conv": conv_chain, "transformer": transformer_chain}
     results: dict[str, dict] = {}
@@ -241,11 +246,10 @@ def main() -> int:
         work = Path(tmp)
         for family in [f for f in a.families.split(",") if f]:
             for size in sizes:
-                model = gens[family](size)
-                n = len(model.graph.node)
-                path = work / f"{family}_{n}.onnx"
-                onnx.save(model, str(path))
-                del model
+                # Generated in a child: a child's peak RSS starts from its parent's size at fork.
+                path = work / f"{family}_{size}.onnx"
+                subprocess.run([sys.executable, "-c", GENERATE, str(BENCH_DIR), family, str(size), str(path)], check=True)
+                n = len(onnx.load(str(path), load_external_data=False).graph.node)
                 name = f"{family}-{n}"
                 print(f"{name}: {n} nodes, {path.stat().st_size / 1e6:.1f} MB", flush=True)
                 results[name] = {"family": family, "nodes": n, "stages": run_case(name, path, work, a.timeout, ort=False)}
