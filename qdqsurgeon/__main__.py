@@ -1,5 +1,8 @@
 """``python -m qdqsurgeon``: the same CLI as the ``qdqsurgeon`` script."""
 
-from qdqsurgeon.cli import main
+from __future__ import annotations
 
-main()
+from .cli import main
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ import onnx
 
 from .config import Config
 from .errors import ModelError, UsageError
-from .graph import export_model, import_model
+from .graph import carry_metadata, export_model, import_model
 from .inspection import has_qdq, validity_problems
 from .io import is_large
 from .opset import UPGRADE_PASS, ensure_opset
@@ -166,13 +166,16 @@ def optimize(
 
     ctx = PassContext(config=config, ranges=ranges)
     graph = import_model(model)
-    before = _analysis(graph, config.trt_version) if analyze else None
-    if before is not None:
-        before["validity_problems"] = len(validity_problems(graph))
+    baseline_mode = BASELINES.get(mode) if passes is None else None
+    # PTQ's "before" is its insert-only baseline's analysis; the input's own is only needed when
+    # the run's analysis fails, and is then taken from a fresh import (the passes edit ``graph``).
+    before_later = analyze and mode == "ptq" and baseline_mode is not None
+    before = _before(graph, config.trt_version) if analyze and not before_later else None
     run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze)
+    if before_later and run.analysis is None:
+        before = _before(import_model(model), config.trt_version)
     names = [p.name for p in pass_objs]
     label, regressions = "input", []
-    baseline_mode = BASELINES.get(mode) if passes is None else None
     if analyze and run.analysis is not None and baseline_mode is not None:
         # Never worse (issue 12 item 3): the same model through a plainer pipeline is the yardstick.
         # PTQ's is the naive insert-only placement (it also becomes the "before" column); the fix
@@ -196,20 +199,51 @@ def optimize(
     return OptimizeResult(run.model, changes, mode, names, run.stats, before, run.analysis, label, regressions)
 
 
+def _before(graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
+    before = _analysis(graph, trt_version)
+    if before is not None:
+        before["validity_problems"] = len(validity_problems(graph))
+    return before
+
+
 @dataclass
 class _Run:
     model: onnx.ModelProto
     changes: list[Change]
     stats: dict[str, PassStat]
     analysis: dict[str, Any] | None
+    verified: bool = True
 
 
 def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
          instruments: Sequence[Instrument], verify: bool, *, fixpoint: bool, analyze: bool) -> _Run:
-    """One pipeline over ``graph`` (imported from ``model``), then the exported, checked model and its analysis."""
+    """One pipeline over ``graph`` (imported from ``model``), then the exported, checked model and its analysis.
+
+    Verification (onnx's full check) runs once, on the exported result, rather than on an export
+    after every pass that changed the graph: that was most of the time on large graphs. Only when
+    the result fails (or a pass fails) is the pipeline run again from ``model`` with the check after
+    every pass, which names the pass that broke the model and honours the input's own verdict
+    exactly as before (:class:`VerifyInstrument`).
+    """
+    if not verify:
+        return _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze)
+    try:
+        run = _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze,
+                          check_result=True)
+        if run.verified:
+            return run
+    except Exception as exc:  # a pass may have failed on what an earlier one broke: find out below
+        logger.debug("pipeline failed (%s); running it again with a check after every pass", exc)
+    return _run_passes(model, import_model(model), pipeline, extras, ctx, instruments, True, fixpoint=fixpoint,
+                       analyze=analyze)
+
+
+def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
+                instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool, analyze: bool,
+                check_result: bool = False) -> _Run:
     timing = TimingInstrument()
     insts: list[Instrument] = [timing, *instruments]
-    if verify:
+    if verify_each:
         insts.append(VerifyInstrument(source=model))
     if os.environ.get("QDQSURGEON_AUDIT") or logger.isEnabledFor(logging.DEBUG):
         from .passes.audit import AuditInstrument  # --debug and the test suite: no edit escapes the log
@@ -219,10 +253,15 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
     while fixpoint and once < len(pipeline) and pipeline[once].name in RUN_ONCE:
         once += 1
     result = PassManager(pipeline, instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx)
+    modified = result.modified
     if extras:
         tail = PassManager(extras, instruments=insts).run(result.graph, ctx)
-        result = replace(tail, changes=result.changes + tail.changes, modified=result.modified or tail.modified)
-    out = export_model(result.graph, template=model)
+        modified = modified or tail.modified
+        result = replace(tail, changes=result.changes + tail.changes, modified=modified)
+    out = export_model(result.graph)
+    # What VerifyInstrument checked after the last pass that changed the graph (before the metadata).
+    verified = not check_result or not modified or VerifyInstrument._problem(out) is None
+    carry_metadata(out, model)
     if is_large(out):
         logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
     else:
@@ -230,10 +269,11 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
             onnx.checker.check_model(out)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    analysis = _analysis(result.graph, ctx.config.trt_version) if analyze else None
+    # The analysis reads the exported model: exporting the same graph again would give the same proto.
+    analysis = _analysis(out, ctx.config.trt_version) if analyze else None
     if analysis is not None:
         analysis["validity_problems"] = len(validity_problems(result.graph))
-    return _Run(out, list(result.changes), timing.stats, analysis)
+    return _Run(out, list(result.changes), timing.stats, analysis, verified)
 
 
 def _score(analysis: dict[str, Any]) -> tuple[int, int]:

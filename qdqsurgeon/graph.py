@@ -28,6 +28,7 @@ __all__ = [
     "WEIGHTED_OPS",
     "import_model",
     "export_model",
+    "carry_metadata",
     "is_q",
     "is_dq",
     "is_qdq",
@@ -54,6 +55,9 @@ __all__ = [
     "np_dtype",
     "is_float_dtype",
     "is_blocked",
+    "cleanup_graph",
+    "toposort_graph",
+    "used_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -152,18 +156,23 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     _repack_subbyte_constants(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     if template is not None:
-        model.ir_version = template.ir_version
-        model.doc_string = template.doc_string
-        model.model_version = template.model_version
-        model.domain = template.domain
-        del model.metadata_props[:]
-        model.metadata_props.extend(template.metadata_props)
-        if not model.producer_name:
-            model.producer_name = template.producer_name
-            model.producer_version = template.producer_version
-        if template.graph.doc_string and not model.graph.doc_string:
-            model.graph.doc_string = template.graph.doc_string
+        carry_metadata(model, template)
     return model
+
+
+def carry_metadata(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Copy into ``model`` (in place) the model-level fields gs's exporter drops, from ``template``."""
+    model.ir_version = template.ir_version
+    model.doc_string = template.doc_string
+    model.model_version = template.model_version
+    model.domain = template.domain
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    if not model.producer_name:
+        model.producer_name = template.producer_name
+        model.producer_version = template.producer_version
+    if template.graph.doc_string and not model.graph.doc_string:
+        model.graph.doc_string = template.graph.doc_string
 
 
 def opset_version(graph_or_model: gs.Graph | onnx.ModelProto) -> int:
@@ -416,3 +425,147 @@ def after_plugins(graph: gs.Graph) -> dict[int, gs.Node]:
                         below[id(c)] = plugin
                         work.append(c)
     return below
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear-time cleanup, sort and name census
+#
+# gs's ``cleanup()`` and ``toposort()`` walk every node several times per call through generic
+# machinery (subgraph scans, name maps, recursive levels); run after every pass they were half of
+# the time on 5k-node graphs. These give exactly gs's result (same kept nodes, same node order) on
+# graphs without subgraphs or local functions, and defer to gs for the others.
+
+
+def _flat(graph: gs.Graph) -> bool:
+    """No local functions, no control-flow subgraphs and no node listed twice: gs's semantics are simple."""
+    if graph.functions:
+        return False
+    nodes = graph.nodes
+    if len({id(n) for n in nodes}) != len(nodes):
+        return False
+    return not any(isinstance(v, gs.Graph) for n in nodes for v in n.attrs.values())
+
+
+def _local_names(graph: gs.Graph) -> set[str]:
+    """Names gs counts as local to ``graph``: node outputs, graph inputs and constants (``Graph._local_tensors``)."""
+    local = {t.name for n in graph.nodes for t in n.outputs if t.name != ""}
+    local.update(t.name for t in graph.inputs)
+    for t in graph.inputs:
+        if isinstance(t, gs.Constant) and t.name:
+            local.add(t.name)
+    for n in graph.nodes:
+        for t in n.inputs:
+            if isinstance(t, gs.Constant) and t.name:
+                local.add(t.name)
+    for t in graph.outputs:
+        if isinstance(t, gs.Constant) and t.name:
+            local.add(t.name)
+    return local
+
+
+def cleanup_graph(graph: gs.Graph) -> gs.Graph:
+    """``graph.cleanup(remove_unused_graph_inputs=False)`` in one pass over the nodes."""
+    if not _flat(graph):
+        return graph.cleanup(remove_unused_graph_inputs=False)
+    for inp in graph.inputs:
+        inp.inputs.clear()
+    index = {id(n) for n in graph.nodes}
+    local = _local_names(graph)
+    seen: set[str] = set()
+
+    def keep(t: gs.Tensor) -> bool:
+        if t.name == "":
+            return True
+        if t.name not in local or t.name in seen:
+            return False
+        seen.add(t.name)
+        return True
+
+    used: set[int] = set()
+    work = [t for t in graph.outputs if keep(t)]
+    i = 0
+    while i < len(work):
+        t = work[i]
+        i += 1
+        for node in t.inputs:
+            if id(node) not in index:  # a producer outside the graph: gs reports it
+                return graph.cleanup(remove_unused_graph_inputs=False)
+            used.add(id(node))
+            work.extend(x for x in list(node.inputs) if keep(x))
+    graph.inputs = list(graph.inputs)
+    nodes = []
+    for node in graph.nodes:
+        if id(node) in used:
+            nodes.append(node)
+        else:
+            node.inputs.clear()
+            node.outputs.clear()
+    graph.nodes = nodes
+    return graph
+
+
+def toposort_graph(graph: gs.Graph) -> gs.Graph:
+    """``graph.toposort()`` without recursion: the same order (levels, ties in gs's visiting order)."""
+    if not _flat(graph):
+        return graph.toposort()
+    nodes = graph.nodes
+    index = {id(n) for n in nodes}
+    local = _local_names(graph)
+    levels: dict[int, int] = {}
+    order: list[gs.Node] = []  # in the order gs's recursion finishes nodes
+
+    def producers(node: gs.Node) -> list[gs.Node] | None:
+        found: dict[int, gs.Node] = {}
+        for t in node.inputs:
+            if t.name in local:
+                for p in t.inputs:
+                    found[id(p)] = p
+        if any(k not in index for k in found):
+            return None
+        return list(found.values())
+
+    for start in nodes:
+        if id(start) in levels:
+            continue
+        first = producers(start)
+        if first is None:
+            return graph.toposort()  # a producer outside the graph: gs reports it
+        stack: list[list] = [[start, first, 0, -1]]
+        on_stack = {id(start)}
+        while stack:
+            frame = stack[-1]
+            node, prods, i, top = frame
+            if i < len(prods):
+                frame[2] = i + 1
+                p = prods[i]
+                if id(p) in levels:
+                    frame[3] = max(top, levels[id(p)])
+                    continue
+                if id(p) in on_stack:
+                    return graph.toposort()  # a cycle: gs names it
+                nxt = producers(p)
+                if nxt is None:
+                    return graph.toposort()
+                on_stack.add(id(p))
+                stack.append([p, nxt, 0, -1])
+                continue
+            stack.pop()
+            on_stack.discard(id(node))
+            levels[id(node)] = top + 1
+            order.append(node)
+            if stack:
+                stack[-1][3] = max(stack[-1][3], top + 1)
+    # sorted() is stable: equal levels keep the order in which gs's recursion finished them
+    graph.nodes = sorted(order, key=lambda n: levels[id(n)])
+    return graph
+
+
+def used_names(graph: gs.Graph) -> set[str]:
+    """Node names and the names of every tensor ``graph`` uses (the keys of ``graph.tensors()``)."""
+    names = {n.name for n in graph.nodes}
+    names.update(t.name for t in graph.inputs if t.name != "")
+    for n in graph.nodes:
+        names.update(t.name for t in n.inputs if t.name != "")
+        names.update(t.name for t in n.outputs if t.name != "")
+    names.update(t.name for t in graph.outputs if t.name != "")
+    return names

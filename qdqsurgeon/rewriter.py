@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import DQ_OP, Q_OP, is_graph_output, nested_nodes
+from .graph import DQ_OP, Q_OP, cleanup_graph, is_graph_output, nested_nodes, toposort_graph, used_names
 
 __all__ = ["Change", "Rewriter"]
 
@@ -53,7 +53,12 @@ class Rewriter:
         self.changes: list[Change] = []
         self.removed: set[int] = set()
         self._rule = ""
-        self._names: set[str] = {n.name for n in graph.nodes} | set(graph.tensors().keys())
+        # The names in use when the pass starts, taken lazily (most passes add nothing): before the
+        # first edit that can drop a name from the graph, or at the first fresh name.
+        self._names_at_start: set[str] | None = None
+        #: Whether an edit was logged (every edit method logs one): a pass that edited nothing leaves
+        #: a clean, sorted graph as it was, so its cleanup can be skipped.
+        self.edited = False
 
     # -- bookkeeping -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -66,6 +71,8 @@ class Rewriter:
             self._rule = old
 
     def log(self, kind: str, node: str, detail: str, rule: str | None = None) -> None:
+        if kind != "note":
+            self.edited = True
         change = Change(self.pass_name, rule or self._rule or "-", kind, node, detail)
         self.changes.append(change)
         logger.debug("%s [%s] %s %s: %s", change.pass_name, change.rule, kind, node, detail)
@@ -73,6 +80,15 @@ class Rewriter:
     def note(self, node: gs.Node | str, detail: str, rule: str | None = None) -> None:
         """A finding that changes nothing in the graph but belongs in the report."""
         self.log("note", node if isinstance(node, str) else node.name, detail, rule)
+
+    @property
+    def _names(self) -> set[str]:
+        return self._snapshot_names()
+
+    def _snapshot_names(self) -> set[str]:
+        if self._names_at_start is None:
+            self._names_at_start = used_names(self.graph)
+        return self._names_at_start
 
     def fresh_name(self, base: str) -> str:
         name, i = base, 0
@@ -153,6 +169,7 @@ class Rewriter:
 
     # -- rewiring ----------------------------------------------------------------------------
     def set_input(self, node: gs.Node, index: int, tensor: gs.Tensor, *, detail: str = "", rule: str | None = None) -> None:
+        self._snapshot_names()  # this edit can drop a name from the graph
         old = node.inputs[index]
         if old is tensor:
             return
@@ -173,6 +190,7 @@ class Rewriter:
         If ``old`` is a graph output, the output keeps its name: ``new`` is renamed to it when
         it is a plain intermediate tensor, else an Identity bridges the two.
         """
+        self._snapshot_names()  # this edit can drop a name from the graph
         moved = 0
         skip = {id(n) for n in exclude}
         for node in list(old.outputs):
@@ -193,6 +211,7 @@ class Rewriter:
         self._redirect_output(old, new, detail, rule)
 
     def _redirect_output(self, old: gs.Tensor, new: gs.Tensor, detail: str, rule: str | None) -> None:
+        self._snapshot_names()  # this edit can drop a name from the graph
         idx = next(i for i, t in enumerate(self.graph.outputs) if t is old)
         is_io = any(t is new for t in self.graph.inputs) or is_graph_output(self.graph, new) or isinstance(new, gs.Constant)
         if is_io:
@@ -218,6 +237,7 @@ class Rewriter:
 
     def remove_node(self, node: gs.Node, *, detail: str = "", rule: str | None = None) -> None:
         """Disconnect ``node``; its outputs must no longer be read."""
+        self._snapshot_names()  # this edit can drop a name from the graph
         node.inputs.clear()
         node.outputs.clear()
         self.removed.add(id(node))
@@ -269,7 +289,7 @@ class Rewriter:
         """Drop orphaned nodes, logging those the pass did not remove itself, and re-sort."""
         before = {id(n): n for n in self.graph.nodes}
         inner = {id(n): (n, path[0][0]) for n, path in nested_nodes(self.graph)}
-        self.graph.cleanup(remove_unused_graph_inputs=False)
+        cleanup_graph(self.graph)
         after = {id(n) for n in self.graph.nodes}
         for key, node in before.items():
             if key not in after and key not in self.removed:
@@ -282,7 +302,7 @@ class Rewriter:
                     self.removed.add(key)
                     self.log("cleanup", top.name, f"{node.op} {node.name} in the body of {top.name} is dead, removed",
                              "cleanup")
-        self.graph.toposort()
+        toposort_graph(self.graph)
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
-from ..graph import const_value, is_dq, is_q, producer, qparams, qparams_key
+from ..graph import const_value, is_dq, is_q, producer, qparams, qparams_key, toposort_graph
 from ..qdq import cancels, duplicates
 
 logger = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ class _Sim:
         self.nodes = [n for n in self.nodes if self.live(n)]
         self.g.nodes = self.nodes
         try:
-            self.g.toposort()
+            toposort_graph(self.g)
             self.nodes = list(self.g.nodes)
         except Exception as exc:  # a cyclic or odd graph: keep the original order
             logger.debug("toposort failed: %s", exc)

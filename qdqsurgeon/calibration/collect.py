@@ -55,11 +55,66 @@ _FLOAT_TYPES = frozenset(
 )
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx.save with external data moves tensor bytes out of the proto it is given: save a copy."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
+# From this size on, onnxruntime gets a model as a file with external data rather than serialized
+# bytes: serializing is a second copy of the weights in memory, the file path streams them.
+_FILE_SESSION_BYTES = 2**28
+# Initializers from this size on go to the external data file (onnx.save's default threshold).
+_EXTERNAL_THRESHOLD = 1024
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except the field named ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated field
+            getattr(dst, fd.name).extend(value)
+        elif hasattr(value, "ListFields"):  # message field
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _write_external(model: onnx.ModelProto, folder: Path, extra_outputs: Sequence[onnx.ValueInfoProto] = (),
+                    *, data: bool = True) -> Path:
+    """Write ``model`` (plus ``extra_outputs``) to ``folder``/model.onnx with its initializers in weights.bin.
+
+    Unlike ``onnx.save(copy, save_as_external_data=True)`` this never copies the model in memory: the
+    proto written is a skeleton (everything but the big initializers' bytes), and each big initializer
+    is streamed to the data file on its own, so a model over 2 GB costs one tensor of extra memory, not
+    one model. ``data=False`` writes the references only (shape inference reads no tensor bytes).
+    """
+    path, weights = folder / "model.onnx", folder / "weights.bin"
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, "graph")
+    _copy_fields(model.graph, skeleton.graph, "initializer")
+    skeleton.graph.output.extend(extra_outputs)
+    offset = 0
+    with open(weights, "wb") as f:
+        for t in model.graph.initializer:
+            out = skeleton.graph.initializer.add()
+            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or t.ByteSize() < _EXTERNAL_THRESHOLD:
+                out.CopyFrom(t)
+                continue
+            _copy_fields(t, out, "raw_data")
+            raw = t.raw_data  # one tensor's bytes at a time
+            if data:
+                f.write(raw)
+            out.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", weights.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = out.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+            del raw
+    if _too_big(skeleton):  # the bulk sits elsewhere (e.g. in subgraphs): onnx's own writer, on a copy
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.graph.output.extend(extra_outputs)
+        del skeleton
+        onnx.save(copy, str(path), save_as_external_data=True, location=weights.name)
+        return path
+    onnx.save(skeleton, str(path))
+    return path
 
 
 _BF16 = onnx.TensorProto.BFLOAT16
@@ -116,9 +171,9 @@ def _as_float32(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) if np.asarray(v).dtype.name == "bfloat16" else v for k, v in batch.items()}
 
 
-def _too_big(model: onnx.ModelProto) -> bool:
+def _too_big(model: onnx.ModelProto, limit: int | None = None) -> bool:
     try:
-        return model.ByteSize() >= _PROTO_LIMIT
+        return model.ByteSize() >= (_PROTO_LIMIT if limit is None else min(limit, _PROTO_LIMIT))
     except Exception:  # upb refuses to size a message over 2 GB at all
         return True
 
@@ -128,8 +183,7 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     if _too_big(model):
         # The in-memory API serializes the model; big ones go through a file with external data.
         with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "model.onnx", Path(tmp) / "inferred.onnx"
-            onnx.save(_copy(model), src, save_as_external_data=True, location="weights.bin")
+            src, dst = _write_external(model, Path(tmp), data=False), Path(tmp) / "inferred.onnx"
             onnx.shape_inference.infer_shapes_path(str(src), str(dst))
             inferred = onnx.load(dst, load_external_data=False)
     else:
@@ -166,6 +220,15 @@ def expose_tensors(
     Names that already are graph outputs are left as they are. Raises :class:`ModelError` for a
     name no node produces. ``types`` (from an earlier shape inference) saves running it again.
     """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.extend(_output_infos(model, names, types))
+    return copy
+
+
+def _output_infos(model: onnx.ModelProto, names: Sequence[str],
+                  types: dict[str, onnx.TypeProto] | None) -> list[onnx.ValueInfoProto]:
+    """Graph outputs exposing ``names`` (see :func:`expose_tensors`)."""
     produced = {out for node in model.graph.node for out in node.output if out}
     missing = [n for n in names if n not in produced]
     if missing:
@@ -174,15 +237,15 @@ def expose_tensors(
     wanted = [n for n in dict.fromkeys(names) if n not in existing]
     if types is None:
         types = _inferred_types(model) if wanted else {}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    infos = []
     for name in wanted:
         if name not in types:
             raise ModelError(f"cannot infer the type of tensor {name!r}; run shape inference on the model first")
-        vi = copy.graph.output.add()
+        vi = onnx.ValueInfoProto()
         vi.name = name
         vi.type.CopyFrom(types[name])
-    return copy
+        infos.append(vi)
+    return infos
 
 
 def _referenced(node: onnx.NodeProto) -> set[str]:
@@ -303,8 +366,14 @@ def make_session(
     *,
     optimize: bool = True,
     threads: int = 0,
+    outputs: Sequence[str] = (),
+    types: dict[str, onnx.TypeProto] | None = None,
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session; ``optimize=False`` disables every graph optimization."""
+    """An onnxruntime CPU session; ``optimize=False`` disables every graph optimization.
+
+    ``outputs``: intermediate tensors to expose as extra outputs (as :func:`expose_tensors`). A model
+    over 2 GB is handed to onnxruntime as a file with external data, written without an in-memory copy.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -314,14 +383,91 @@ def make_session(
     # caller turns the exception into the one error line the CLI prints
     opts.log_severity_level = 4
     try:
-        if _too_big(model):
+        if _too_big(model, _FILE_SESSION_BYTES):
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.onnx"
-                onnx.save(_copy(model), path, save_as_external_data=True, location="weights.bin")
+                path = _write_external(model, Path(tmp), _output_infos(model, outputs, types) if outputs else ())
                 return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        if outputs:
+            model = expose_tensors(model, outputs, types)
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except (ModelError, DataError):
+        raise
     except Exception as exc:  # onnxruntime raises its own unexported exception types
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+# onnxruntime's session setup grows faster than linearly with the node count (on a chain of residual
+# conv blocks: 12 s at 20k nodes, 77 s at 40k, optimizations off; 4x that with them on). Graphs larger
+# than this are calibrated through consecutive slices of about this many nodes, each its own session.
+_SEGMENT_NODES = 4000
+
+
+class _Segments:
+    """Run ``model`` as consecutive slices of its (topologically sorted) nodes, one session each.
+
+    A slice reads the tensors earlier slices (or the feed) made and writes the ones later slices,
+    the graph outputs or the caller (``wanted``) need. Slices end where every tensor crossing the
+    cut is one the caller asked for, when one comes within twice the slice size, so that no fusion
+    onnxruntime would make across an unexposed tensor is split (exposed tensors are never fused away).
+    """
+
+    def __init__(self, model: onnx.ModelProto, wanted: Sequence[str], types: dict[str, onnx.TypeProto],
+                 size: int | None = None) -> None:
+        size = size or _SEGMENT_NODES
+        nodes = list(model.graph.node)
+        inits = {t.name for t in model.graph.initializer}
+        reads = [[n for n in _referenced(node) if n and n not in inits] for node in nodes]
+        last_use: dict[str, int] = {}
+        for i, names in enumerate(reads):
+            for n in names:
+                last_use[n] = i
+        final = {o.name for o in model.graph.output}
+        for n in final:
+            last_use[n] = len(nodes)
+        wanted_set = set(wanted)
+        produced_at = {o: i for i, node in enumerate(nodes) for o in node.output if o}
+        bounds, start, live = [], 0, set()
+        for i, node in enumerate(nodes):
+            live |= {o for o in node.output if o}
+            live = {t for t in live if last_use.get(t, -1) > i}
+            n = i + 1 - start
+            if n >= size and (live <= wanted_set or n >= 2 * size) and i + 1 < len(nodes):
+                bounds.append((start, i + 1))
+                start = i + 1
+        bounds.append((start, len(nodes)))
+        self.slices: list[tuple[ort.InferenceSession, list[str], list[str]]] = []
+        self.drop_after: list[list[str]] = []
+        graph_inputs = {i.name: i for i in model.graph.input}
+        init_protos = {t.name: t for t in model.graph.initializer}
+        for a, b in bounds:
+            part = nodes[a:b]
+            used = {n for names in reads[a:b] for n in names}
+            part_inits = [init_protos[n] for n in dict.fromkeys(x for node in part for x in _referenced(node)) if n in init_protos]
+            ins = [n for n in dict.fromkeys(x for names in reads[a:b] for x in names) if produced_at.get(n, -1) < a]
+            outs = [o for node in part for o in node.output
+                    if o and (last_use.get(o, -1) >= b or o in wanted_set or o in final)]
+            g = helper.make_graph(
+                part, f"{model.graph.name}_{a}",
+                [graph_inputs[n] if n in graph_inputs else helper.make_value_info(n, types[n]) for n in ins],
+                [helper.make_value_info(o, types[o]) for o in outs],
+                part_inits)
+            m = helper.make_model(g, opset_imports=model.opset_import, ir_version=model.ir_version)
+            m.functions.extend(model.functions)
+            self.slices.append((make_session(m), ins, outs))
+            self.drop_after.append([t for t in used | set(outs) if last_use.get(t, -1) < b and t not in wanted_set])
+
+    def run(self, feed: dict[str, np.ndarray], wanted: Sequence[str]) -> list[np.ndarray]:
+        values = dict(feed)
+        found: dict[str, np.ndarray] = {}
+        for (session, ins, outs), drop in zip(self.slices, self.drop_after):
+            for name, value in zip(outs, _run(session, outs, {n: values[n] for n in ins})):
+                values[name] = value
+            for name in drop:
+                values.pop(name, None)
+            for name in wanted:
+                if name in values and name not in found:
+                    found[name] = values[name]
+        return [found[n] for n in wanted]
 
 
 def progress_bar(enabled: bool, description: str, total: int | None):
@@ -345,6 +491,15 @@ def progress_bar(enabled: bool, description: str, total: int | None):
 
 def _feed_for(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [i.name for i in session.get_inputs()]
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise DataError(f"data lacks model input(s) {missing}; it provides {sorted(batch)}")
+    return {n: batch[n] for n in names}
+
+
+def _feed_for_model(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
     missing = [n for n in names if n not in batch]
     if missing:
         raise DataError(f"data lacks model input(s) {missing}; it provides {sorted(batch)}")
@@ -411,7 +566,14 @@ def collect_stats(
             stats[name].update(onnx.numpy_helper.to_array(initializers[name]))
     run_names = [n for n in stats if n not in initializers and n not in graph_inputs]
     feed_names = [n for n in stats if n in graph_inputs]
-    session = make_session(expose_tensors(model, run_names, full_types)) if run_names else None
+    session = segments = None
+    if run_names and len(model.graph.node) > 2 * _SEGMENT_NODES and not _too_big(model):
+        try:
+            segments = _Segments(model, run_names, full_types)
+        except KeyError as exc:  # a tensor crossing a cut has no inferred type: one session after all
+            logger.debug("calibrating in one session: no type for %s", exc)
+    if run_names and segments is None:
+        session = make_session(model, outputs=run_names, types=full_types)
 
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     bar, task = progress_bar(progress, "calibrating", total)
@@ -426,6 +588,11 @@ def collect_stats(
                     observe(name, batch[name])
             if session is not None:
                 for name, value in zip(run_names, _run(session, run_names, _feed_for(session, batch))):
+                    stats[name].update(value)
+                    if observe is not None:
+                        observe(name, value)
+            elif segments is not None:
+                for name, value in zip(run_names, segments.run(_feed_for_model(model, batch), run_names)):
                     stats[name].update(value)
                     if observe is not None:
                         observe(name, value)

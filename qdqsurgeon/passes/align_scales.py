@@ -102,6 +102,7 @@ class AlignScales(Pass):
     """Give every Q on tied tensors (Concat/Split/MaxPool/reshape neighbours, fan-out) one scale."""
 
     name = "align-scales"
+    edits_through_rewriter = True
     summary = "One scale for tensors TensorRT shares as one INT8 buffer (Concat, MaxPool, fan-out); missing Concat-input Q/DQ inserted"
     rules = ("P4", "P5", "P6")
 

@@ -46,6 +46,9 @@ class PassContext:
     config: Config = field(default_factory=Config)
     ranges: RangeProvider | None = None
     model_path: str | None = None
+    #: id() of the graph the last pass left cleaned up and sorted (set by the pass manager's passes);
+    #: a pass that then edits nothing skips its own cleanup, which would not change that graph.
+    clean_graph: int | None = field(default=None, repr=False, compare=False)
 
     def amax(self, names: Sequence[str]) -> dict[str, float]:
         """Calibrated ranges for ``names`` (empty when no calibration source is set)."""
@@ -71,6 +74,9 @@ class Pass(ABC):
     #: (:mod:`qdqsurgeon.opset`). ``opset_needed`` may decide from the model instead.
     min_opset: ClassVar[int] = 0
     opset_reason: ClassVar[str] = ""
+    #: The pass edits only through its rewriter (so an unedited graph needs no cleanup). Built-in
+    #: passes do; a user pass that edits gs objects directly keeps the default and is always cleaned up.
+    edits_through_rewriter: ClassVar[bool] = False
 
     def opset_needed(self, model: onnx.ModelProto, config: Config) -> tuple[int, str]:
         """(opset, why) this pass needs on ``model``; (0, "") when any opset will do."""
@@ -80,7 +86,9 @@ class Pass(ABC):
         self.requires(graph, ctx)
         rw = Rewriter(graph, self.name)
         self.run(graph, rw, ctx)
-        rw.cleanup()
+        if rw.edited or not self.edits_through_rewriter or ctx.clean_graph != id(graph):
+            rw.cleanup()
+            ctx.clean_graph = id(graph)
         self.ensures(graph, ctx)
         return PassResult(graph, bool(rw.changes) and any(c.kind != "note" for c in rw.changes), rw.changes)
 
@@ -235,6 +243,7 @@ class PassManager:
 
     def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> PipelineResult:
         ctx = ctx or PassContext()
+        ctx.clean_graph = None  # nothing is known about a graph this manager has not cleaned
         changes: list[Change] = []
         notes: set[Change] = set()  # a note a repeated iteration writes again is logged once
         modified = False

@@ -57,6 +57,7 @@ class DedupeQdq(PatternPass):
     """Merge identical Q/DQ nodes on the same tensor into one shared pair (P6)."""
 
     name = "dedupe-qdq"
+    edits_through_rewriter = True
     summary = "Merge identical Q/DQ nodes on the same tensor into one shared pair"
     rules = ("P6",)
 

@@ -186,6 +186,7 @@ class ExcludeOutputLayers(Pass):
     """Keep weighted ops feeding graph outputs float, and never leave Q/DQ on a graph output (P9)."""
 
     name = "exclude-output-layers"
+    edits_through_rewriter = True
     summary = "No Q/DQ on weighted ops whose output feeds the network outputs, none on graph outputs"
     rules = ("P9",)
 

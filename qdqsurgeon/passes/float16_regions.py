@@ -239,6 +239,7 @@ class Float16Regions(Pass):
     """Convert the float32 parts of the graph to float16; sensitive ops and graph I/O stay float32 (P10)."""
 
     name = "float16-regions"
+    edits_through_rewriter = True
     summary = "Run non-INT8 layers in FP16: FP16 weights, activations and Q/DQ scales, Casts at I/O (P10)"
     rules = ("P10", "P9", "V1")
 

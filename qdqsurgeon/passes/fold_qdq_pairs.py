@@ -68,6 +68,7 @@ class FoldQdqPairs(PatternPass):
     """Collapse Q→DQ→Q→DQ chains with equal parameters to one pair; drop identity DQ→Q pairs."""
 
     name = "fold-qdq-pairs"
+    edits_through_rewriter = True
     summary = "Collapse Q→DQ→Q→DQ with equal scale/zero point to one pair; remove DQ→Q with equal parameters"
     rules = ("C1", "F2")
 

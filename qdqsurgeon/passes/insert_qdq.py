@@ -103,6 +103,7 @@ class InsertQdq(Pass):
     """Insert per-tensor Q/DQ on activations and per-channel Q/DQ on weights of weighted ops."""
 
     name = "insert-qdq"
+    edits_through_rewriter = True
     summary = "Insert symmetric INT8 Q/DQ on weighted-op inputs (per-tensor activations, per-channel weights)"
     rules = ("P1", "F1", "V1", "V2", "V3", "V4", "P6")
     min_opset = MIN_PER_CHANNEL_OPSET

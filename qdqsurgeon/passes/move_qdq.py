@@ -72,6 +72,7 @@ class MoveQdq(Pass):
     """Propagate Q/DQ backward across commuting ops when all readers agree (C1)."""
 
     name = "move-qdq"
+    edits_through_rewriter = True
     summary = "Carry Q/DQ backward across commuting ops (MaxPool, Concat, reshapes, ...) when all readers agree"
     rules = ("C1", "F2", "P5", "F11")
 

@@ -310,6 +310,7 @@ class NormalizeQdq(Pass):
     """Repair Q/DQ written by other tools into the form TensorRT imports (V1–V4, P9), keeping their scales."""
 
     name = "normalize-qdq"
+    edits_through_rewriter = True
     summary = ("Make existing Q/DQ importable by TensorRT: constant scales, symmetric int8, output-channel weight axes, "
                "float biases, no Q/DQ on outputs or integer tensors")
     rules = ("V1", "V2", "V3", "V4", "P9")

@@ -64,6 +64,7 @@ class QuantizePooling(Pass):
     """Fully wrap (DQ on every input, Q on the output) or fully unwrap non-weighted quantizable ops."""
 
     name = "quantize-pooling"
+    edits_through_rewriter = True
     summary = "Pooling/Resize/standalone pointwise ops: fully wrapped in Q/DQ when their readers are INT8, else float"
     rules = ("P7",)
 

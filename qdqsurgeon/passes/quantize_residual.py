@@ -126,6 +126,7 @@ class QuantizeResidual(Pass):
     """Quantize the skip input of residual Adds and keep the conv-branch input float."""
 
     name = "quantize-residual"
+    edits_through_rewriter = True
     summary = "Residual Add: Q/DQ on the skip input, none between the conv chain and the Add"
     rules = ("P3", "F5", "F6", "F7", "E8.1")
 

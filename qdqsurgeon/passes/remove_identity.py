@@ -27,6 +27,7 @@ class RemoveIdentity(Pass):
     """Bypass Identity nodes whose input is computed by another node."""
 
     name = "remove-identity"
+    edits_through_rewriter = True
     summary = "Identity nodes between layers bypassed (TensorRT removes them; they split fusion chains)"
     rules = ("F3",)
 

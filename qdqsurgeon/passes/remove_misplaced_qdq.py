@@ -43,6 +43,7 @@ class RemoveMisplacedQdq(Pass):
     """Move Q/DQ from between Pad and Conv to before the Pad; drop bias and graph-output Q/DQ."""
 
     name = "remove-misplaced-qdq"
+    edits_through_rewriter = True
     summary = "Q/DQ between Pad and Conv moves above the Pad; Q/DQ inside conv epilogue chains, on biases and on graph outputs removed"
     rules = ("P8", "F3", "V4", "P9")
 

@@ -40,6 +40,7 @@ class RemoveUnusedDomains(Pass):
     """Drop opset imports no node uses."""
 
     name = "remove-unused-domains"
+    edits_through_rewriter = True
     summary = "Opset imports that no node uses are dropped"
     rules = ("opset",)
 

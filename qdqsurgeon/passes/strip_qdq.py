@@ -41,6 +41,7 @@ class RemoveQdq(Pass):
     """Remove all Q/DQ: pairs bypassed, quantized constants replaced by their float values."""
 
     name = "remove-qdq"
+    edits_through_rewriter = True
     summary = "Strip every Q/DQ (pairs bypassed, quantized weights and biases dequantized) to recover a float model"
     rules = ()
 
