@@ -56,9 +56,6 @@ class Rewriter:
         # The names in use when the pass starts, taken lazily (most passes add nothing): before the
         # first edit that can drop a name from the graph, or at the first fresh name.
         self._names_at_start: set[str] | None = None
-        #: Whether an edit was logged (every edit method logs one): a pass that edited nothing leaves
-        #: a clean, sorted graph as it was, so its cleanup can be skipped.
-        self.edited = False
 
     # -- bookkeeping -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -71,8 +68,6 @@ class Rewriter:
             self._rule = old
 
     def log(self, kind: str, node: str, detail: str, rule: str | None = None) -> None:
-        if kind != "note":
-            self.edited = True
         change = Change(self.pass_name, rule or self._rule or "-", kind, node, detail)
         self.changes.append(change)
         logger.debug("%s [%s] %s %s: %s", change.pass_name, change.rule, kind, node, detail)
@@ -80,6 +75,12 @@ class Rewriter:
     def note(self, node: gs.Node | str, detail: str, rule: str | None = None) -> None:
         """A finding that changes nothing in the graph but belongs in the report."""
         self.log("note", node if isinstance(node, str) else node.name, detail, rule)
+
+    @property
+    def edited(self) -> bool:
+        """Whether an edit (not a note) was logged: every edit method logs one, so a pass that edited
+        nothing left the graph as it was (and its cleanup can be skipped)."""
+        return any(c.kind != "note" for c in self.changes)
 
     @property
     def _names(self) -> set[str]:

@@ -90,7 +90,7 @@ class Pass(ABC):
             rw.cleanup()
             ctx.clean_graph = id(graph)
         self.ensures(graph, ctx)
-        return PassResult(graph, bool(rw.changes) and any(c.kind != "note" for c in rw.changes), rw.changes)
+        return PassResult(graph, rw.edited, rw.changes)
 
     @abstractmethod
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
