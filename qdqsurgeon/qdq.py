@@ -8,14 +8,14 @@ with identical parameters (rule C1: only then may TensorRT move the Q into the p
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import const_value, is_dq, is_graph_output, is_q, producer, qparams, same_qparams
+from .graph import const_value, is_dq, is_graph_output, is_q, producer, qparams, qparams_key, same_qparams
 from .rewriter import Rewriter
-from .trt_rules import (fuses_after, gelu_region, is_epilogue, is_residual_add, is_silu_mul, is_weighted,
+from .trt_rules import (data_input_indices, fuses_after, gelu_region, is_epilogue, is_residual_add, is_silu_mul, is_weighted,
                         residual_add_joins_chain)
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "pairs_on",
     "source_of",
     "uniform_q",
+    "agreed_q_readers",
+    "agreed_dq_sources",
     "scale_of",
     "ensure_pair",
     "dequantized_input",
@@ -87,15 +89,52 @@ def pairs_on(tensor: gs.Tensor) -> list[tuple[gs.Node, gs.Node]]:
 
 def uniform_q(graph: gs.Graph, tensor: gs.Tensor) -> list[gs.Node] | None:
     """The Q consumers of ``tensor`` when every consumer is a Q with identical parameters (C1)."""
-    readers = list(tensor.outputs)
-    if not readers or is_graph_output(graph, tensor):
+    readers = _agreed_readers([tensor], lambda t: is_graph_output(graph, t), is_q, qparams_key)
+    return None if readers is None else readers[0]
+
+
+def _agreed_readers(tensors: Iterable[gs.Tensor], is_output: Callable[[gs.Tensor], bool],
+                    accept: Callable[[gs.Node], bool], key: Callable[[gs.Node], tuple | None]) -> list[list[gs.Node]] | None:
+    found: list[list[gs.Node]] = []
+    common = None
+    for t in tensors:
+        readers = list(t.outputs)
+        if not readers or is_output(t) or not all(accept(r) for r in readers):
+            return None
+        for r in readers:
+            k = key(r)
+            if k is None or (common is not None and k != common):
+                return None
+            common = k
+        found.append(readers)
+    return found
+
+
+def agreed_q_readers(node: gs.Node, *, is_output: Callable[[gs.Tensor], bool], accept: Callable[[gs.Node], bool] = is_q,
+                     key: Callable[[gs.Node], tuple | None] = qparams_key) -> list[list[gs.Node]] | None:
+    """C1, the condition for carrying quantization backward across the commuting ``node``: every
+    reader of every output is a Q (``accept``) and they are all one quantizer (one ``key``, by default
+    :func:`qparams_key`), no output being a graph output. The readers of each output, else None.
+
+    move-qdq copies a pair back across ``node`` when it holds; the static analysis moves TensorRT's
+    Q into ``node`` when it holds (and each output has one reader left after merging duplicates).
+    """
+    return _agreed_readers(node.outputs, is_output, accept, key)
+
+
+def agreed_dq_sources(node: gs.Node, dq_of: Callable[[gs.Tensor], gs.Node | None],
+                      key: Callable[[gs.Node], tuple | None] = qparams_key) -> list[tuple[int, gs.Node]] | None:
+    """The other direction (P4, P5): every data input of the commuting ``node`` is the output of a
+    DQ (``dq_of``) and they are all one quantizer, so the DQ can move after ``node``; the
+    (input index, DQ) pairs, else None. With unequal scales the DQs stay where they are."""
+    idx = [i for i in data_input_indices(node) if node.inputs[i] is not None and node.inputs[i].name]
+    srcs = [(i, dq_of(node.inputs[i])) for i in idx]
+    if not srcs or any(d is None for _, d in srcs):
         return None
-    if not all(is_q(n) for n in readers):
+    keys = {key(d) for _, d in srcs}
+    if len(keys) != 1 or None in keys:
         return None
-    first = readers[0]
-    if not all(same_qparams(first, n) for n in readers[1:]):
-        return None
-    return readers
+    return srcs
 
 
 def scale_of(node: gs.Node) -> np.ndarray | None:

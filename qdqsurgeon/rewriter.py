@@ -47,9 +47,11 @@ def _fmt(values: np.ndarray) -> str:
 class Rewriter:
     """Edits ``graph`` on behalf of one pass and logs each edit as a :class:`Change`."""
 
-    def __init__(self, graph: gs.Graph, pass_name: str) -> None:
+    def __init__(self, graph: gs.Graph, pass_name: str, *, record: bool = True) -> None:
         self.graph = graph
         self.pass_name = pass_name
+        # record=False: the same edits with no change log (the static analysis simulating TensorRT on its own copy).
+        self.record = record
         self.changes: list[Change] = []
         self.removed: set[int] = set()
         self._rule = ""
@@ -68,6 +70,8 @@ class Rewriter:
             self._rule = old
 
     def log(self, kind: str, node: str, detail: str, rule: str | None = None) -> None:
+        if not self.record:
+            return
         change = Change(self.pass_name, rule or self._rule or "-", kind, node, detail)
         self.changes.append(change)
         logger.debug("%s [%s] %s %s: %s", change.pass_name, change.rule, kind, node, detail)
@@ -177,6 +181,15 @@ class Rewriter:
         node.inputs[index] = tensor
         self.log("rewire", node.name, detail or f"input {index}: {old.name} -> {tensor.name}", rule)
 
+    def set_output(self, node: gs.Node, index: int, tensor: gs.Tensor, *, detail: str = "", rule: str | None = None) -> None:
+        """Make ``node`` write ``tensor`` as its output ``index`` (its old output loses its producer)."""
+        self._snapshot_names()  # this edit can drop a name from the graph
+        old = node.outputs[index]
+        if old is tensor:
+            return
+        node.outputs[index] = tensor
+        self.log("rewire", node.name, detail or f"output {index}: {old.name} -> {tensor.name}", rule)
+
     def replace_uses(
         self,
         old: gs.Tensor,
@@ -242,6 +255,8 @@ class Rewriter:
         node.inputs.clear()
         node.outputs.clear()
         self.removed.add(id(node))
+        if not self.record:  # no log refers to the name, so a later node may take it
+            self._names.discard(node.name)
         self.log("remove", node.name, detail or f"remove {node.op}", rule)
 
     def set_attr(self, node: gs.Node, key: str, value: Any, *, detail: str = "", rule: str | None = None) -> None:

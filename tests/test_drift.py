@@ -9,6 +9,9 @@ checked for any chain the two walks see differently (the zoo models are checked 
    fp32 scale of the same value (the scale type is the DQ's output type: they are not the same);
 3. the activation after a residual Add (ResNet order): quantize-residual and quantize-pooling listed
    ReLU/Clip/LeakyReLU only, the table also has HardSigmoid/HardSwish.
+
+A fourth (item 2): move-qdq compared the scales on a Split's outputs by value while the analysis's Q
+movement compared them by identity; both now ask ``qdq.agreed_q_readers``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from onnx import TensorProto, helper
 import qdqsurgeon
 from qdqsurgeon import trt_rules as R
 from qdqsurgeon.analysis import predict
-from qdqsurgeon.analysis.simulate import _qkey
+from qdqsurgeon.analysis.simulate import _qkey, _Sim
 from qdqsurgeon.graph import import_model, same_qparams
+from qdqsurgeon.passes.move_qdq import agreed_output_scale
 from qdqsurgeon.qdq import conv_chain
 
 from .analysis_helpers import Builder, chain_disagreements
@@ -81,6 +85,33 @@ def test_qdq_identity_is_one_question():
     c = _q_with_scale(np.asarray(0.5, np.float32))
     assert not same_qparams(a, b) and _qkey(a) != _qkey(b)
     assert same_qparams(a, c) and _qkey(a) == _qkey(c)
+
+
+def _split_read_by_qs(dtypes: tuple[type, type]) -> tuple[gs.Graph, gs.Node]:
+    x = gs.Variable("x", dtype=np.float32, shape=[8])
+    halves = [gs.Variable(f"h{i}", dtype=np.float32, shape=[4]) for i in range(2)]
+    split = gs.Node("Split", name="split", inputs=[x], outputs=halves, attrs={"axis": 0, "num_outputs": 2})
+    nodes, outs = [split], []
+    for i, (h, dt) in enumerate(zip(halves, dtypes)):
+        y = gs.Variable(f"y{i}", dtype=np.int8, shape=[4])
+        nodes.append(gs.Node("QuantizeLinear", name=f"q{i}", inputs=[h, gs.Constant(f"s{i}", np.asarray(0.5, dt)),
+                                                                     gs.Constant(f"z{i}", np.zeros((), np.int8))], outputs=[y]))
+        outs.append(gs.Node("DequantizeLinear", name=f"dq{i}", inputs=[y, nodes[-1].inputs[1], nodes[-1].inputs[2]],
+                            outputs=[gs.Variable(f"o{i}", dtype=np.float32, shape=[4])]).outputs[0])
+        nodes.append(outs[-1].inputs[0])
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=outs, opset=21)
+    return graph, split
+
+
+@pytest.mark.parametrize("dtypes, agree", [((np.float32, np.float32), True), ((np.float32, np.float16), False)])
+def test_carrying_q_back_is_one_question(dtypes, agree):
+    graph, split = _split_read_by_qs(dtypes)
+    assert (agreed_output_scale(graph, split) is not None) is agree  # move-qdq copies a pair back
+    sim = _Sim(graph)
+    sim.move()  # the analysis moves TensorRT's Q into the Split
+    writer = split.inputs[0].inputs  # the Split's input is a graph input, so a writer can only be a moved Q
+    assert (len(writer) == 1 and writer[0].op == "QuantizeLinear") is agree, [n.name for n in graph.nodes]
+    assert sim.rw.changes == []  # the simulation's rewriter keeps no change log
 
 
 @pytest.mark.parametrize("act", ["HardSwish", "HardSigmoid", "Relu"])

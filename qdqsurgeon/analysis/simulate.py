@@ -16,7 +16,8 @@ import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
 from ..graph import const_value, is_dq, is_q, producer, qparams, qparams_key, toposort_graph
-from ..qdq import cancels, duplicates
+from ..qdq import agreed_dq_sources, agreed_q_readers, cancels, duplicates
+from ..rewriter import Rewriter
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +99,19 @@ def _qlabel(sim: "_Sim", node: gs.Node) -> str:
 
 
 class _Sim:
-    """TensorRT's Q/DQ processing on a private graph; see the module docstring for the steps."""
+    """TensorRT's Q/DQ processing on a private graph; see the module docstring for the steps.
+
+    Every edit goes through a :class:`Rewriter` that keeps no change log, and every decision is a
+    question the passes ask too (:func:`qdq.duplicates`, :func:`qdq.cancels`,
+    :func:`qdq.agreed_q_readers`, :func:`qdq.agreed_dq_sources`, :func:`trt_rules.commutes`). What
+    differs is the unit that moves: TensorRT moves a single Q or DQ; the passes copy Q/DQ pairs.
+    """
 
     def __init__(self, graph: gs.Graph, version: R.Version | None = None) -> None:
         self.g = graph
         self.version = R.parse_version(version)
-        self.nodes: list[gs.Node] = list(graph.nodes)
+        self.rw = Rewriter(graph, "analysis", record=False)
+        self.nodes: list[gs.Node] = graph.nodes  # the rewriter appends new nodes here
         for i, n in enumerate(self.nodes):
             if not n.name:
                 n.name = f"{n.op}_{i}"
@@ -145,8 +153,7 @@ class _Sim:
     def detach(self, n: gs.Node) -> None:
         self.dead.add(id(n))
         self.used_names.discard(n.name)
-        n.inputs.clear()
-        n.outputs.clear()
+        self.rw.remove_node(n)
 
     def fresh_name(self, origin: str) -> str:
         if origin not in self.used_names:
@@ -167,18 +174,11 @@ class _Sim:
     def clone_qdq(self, tpl: tuple[str, str, dict, list[gs.Tensor], tuple], data: gs.Tensor,
                   out: gs.Tensor) -> gs.Node:
         op, origin, attrs, qinputs, key = tpl
-        node = gs.Node(op, name=self.fresh_name(origin), attrs=dict(attrs), inputs=[data, *qinputs], outputs=[out])
+        node = self.rw.add_node(op, [data, *qinputs], name=self.fresh_name(origin), attrs=attrs, outputs=[out])
         self.used_names.add(node.name)
         self.origin[id(node)] = origin
         self.keys[id(node)] = key
-        self.nodes.append(node)
         return node
-
-    def redirect(self, old: gs.Tensor, new: gs.Tensor) -> None:
-        for c in list(old.outputs):
-            for i, t in enumerate(c.inputs):
-                if t is old:
-                    c.inputs[i] = new
 
     def const_path(self, t: gs.Tensor | None) -> bool:
         # A weight may sit behind Q, DQ, Identity, Cast or Transpose (TF exports transpose weights).
@@ -234,7 +234,7 @@ class _Sim:
                     out = c.outputs[0]
                     if self.is_graph_output(out):
                         continue
-                    self.redirect(out, keep.outputs[0])
+                    self.rw.replace_uses(out, keep.outputs[0])
                     self.merged.append(c.name)
                     self.detach(c)
                     changed = True
@@ -252,23 +252,18 @@ class _Sim:
             for c in list(d.outputs[0].outputs):
                 if not self.live(c) or not R.commutes(c):
                     continue
-                idx = [i for i in R.data_input_indices(c) if c.inputs[i] is not None and c.inputs[i].name]
-                if not idx or not any(c.inputs[i] is d.outputs[0] for i in idx):
+                srcs = agreed_dq_sources(c, self.dq_of, self.key)  # P4/P5: unequal scales, the DQ stays put
+                if srcs is None or not any(s is d for _, s in srcs):
                     continue
-                srcs = [self.dq_of(c.inputs[i]) for i in idx]
-                if any(s is None for s in srcs):
-                    continue
-                if len({self.key(s) for s in srcs}) != 1:  # P4/P5: unequal scales, the DQ stays put
-                    continue
-                tpl = self.template(srcs[0])
-                for i, s in zip(idx, srcs):
-                    c.inputs[i] = s.inputs[0]
-                for s in {id(s): s for s in srcs}.values():
+                tpl = self.template(srcs[0][1])
+                for i, s in srcs:
+                    self.rw.set_input(c, i, s.inputs[0])
+                for s in {id(s): s for _, s in srcs}.values():
                     if not s.outputs[0].outputs and not self.is_graph_output(s.outputs[0]):
                         self.detach(s)
                 for j, o in enumerate(list(c.outputs)):
                     o8 = self.new_var(o.name)
-                    c.outputs[j] = o8
+                    self.rw.set_output(c, j, o8)
                     work.append(self.clone_qdq(tpl, o8, o))
                 self.int8_ops.add(id(c))
                 changed = True
@@ -287,30 +282,24 @@ class _Sim:
                 continue
             # C1: the Q moves only if it is the sole reader of every output of the op (identical Qs
             # were merged already). For Split that means one Q, at one scale, on each output (P4).
-            qs: list[gs.Node] = []
-            for o in p.outputs:
-                readers = list(o.outputs)
-                if self.is_graph_output(o) or len(readers) != 1 or not self.act_q(readers[0]) \
-                        or self.key(readers[0]) != self.key(q):
-                    break
-                qs.append(readers[0])
-            if len(qs) != len(p.outputs):
+            readers = agreed_q_readers(p, is_output=self.is_graph_output, accept=self.act_q, key=self.key)
+            if readers is None or any(len(r) != 1 for r in readers):
                 continue
             idx = [i for i in R.data_input_indices(p) if p.inputs[i] is not None and p.inputs[i].name]
             if not idx:
                 continue
             tpl = self.template(q)
-            for j, qj in enumerate(qs):
+            for j, (qj,) in enumerate(readers):
                 out = qj.outputs[0]
                 self.detach(qj)
-                p.outputs[j] = out
+                self.rw.set_output(p, j, out)
             for i in idx:
                 u = p.inputs[i]
                 reuse = next((c for c in u.outputs if self.act_q(c) and self.key(c) == tpl[4]), None)
                 if reuse is None:
                     reuse = self.clone_qdq(tpl, u, self.new_var(u.name))
                     work.append(reuse)
-                p.inputs[i] = reuse.outputs[0]
+                self.rw.set_input(p, i, reuse.outputs[0])
             self.int8_ops.add(id(p))
             changed = True
         return changed
@@ -322,7 +311,7 @@ class _Sim:
             v, a = d.outputs[0], d.inputs[0]
             for q in list(v.outputs):
                 if self.act_q(q) and cancels(d, q) and not self.is_graph_output(q.outputs[0]):  # fold-qdq-pairs' question
-                    self.redirect(q.outputs[0], a)
+                    self.rw.replace_uses(q.outputs[0], a)
                     self.detach(q)
                     changed = True
             if not v.outputs and not self.is_graph_output(v):

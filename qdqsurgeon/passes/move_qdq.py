@@ -23,8 +23,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import qparams
-from ..qdq import ensure_pair, pair_reading, uniform_q
+from ..graph import is_graph_output, qparams
+from ..qdq import agreed_q_readers, ensure_pair, pair_reading
 from ..rewriter import Rewriter
 from ..trt_rules import commutes, data_input_indices
 from .base import Pass, PassContext
@@ -35,19 +35,13 @@ logger = logging.getLogger(__name__)
 
 
 def agreed_output_scale(graph: gs.Graph, node: gs.Node) -> np.ndarray | None:
-    """The one per-tensor int8 scale every reader of every data output of ``node`` quantizes with."""
-    scale = None
-    for out in node.outputs:
-        qs = uniform_q(graph, out)
-        if qs is None:
-            return None
-        qp = qparams(qs[0])
-        if qp is None or qp.per_channel or (qp.zero_point is not None and (qp.zero_point.dtype != np.int8 or qp.zero_point.any())):
-            return None
-        if scale is not None and not np.array_equal(scale, qp.scale.reshape(())):
-            return None
-        scale = qp.scale.reshape(())
-    return scale
+    """The one per-tensor int8 scale every reader of every data output of ``node`` quantizes with
+    (:func:`qdq.agreed_q_readers`, the C1 question the static analysis asks too)."""
+    readers = agreed_q_readers(node, is_output=lambda t: is_graph_output(graph, t))
+    qp = qparams(readers[0][0]) if readers else None
+    if qp is None or qp.per_channel or (qp.zero_point is not None and (qp.zero_point.dtype != np.int8 or qp.zero_point.any())):
+        return None
+    return qp.scale.reshape(())
 
 
 def copy_pair_backward(graph: gs.Graph, node: gs.Node, rw: Rewriter, *, rule: str) -> bool:
