@@ -27,7 +27,7 @@ from qdqsurgeon.trt.report import build_report, engine_report  # noqa: E402
 
 def cases(engines: Path):
     """(label, dump path, model builder or None with the reason) for every dump."""
-    from tests.analysis_helpers import mobilenet_v2_from_shared, tf_resnet50
+    from tests.analysis_helpers import keras_resnet50_names, mobilenet_v2_from_shared, tf_resnet50
 
     def strip(model):  # the float builds of the same network
         import qdqsurgeon
@@ -38,9 +38,13 @@ def cases(engines: Path):
         lambda: mobilenet_v2_from_shared(False)
     yield "MobileNetV2 QAT + residual Q/DQ", engines / "trex_mobilenet_v2_a100/mobilenet_v2_residuals.qat.onnx.engine.graph.json", \
         lambda: mobilenet_v2_from_shared(True)
-    yield "TF ResNet-50 QAT (RTX 3090)", engines / "trex_tf_resnet50_rtx3090/qat/resnet-qat.onnx.engine.graph.json", tf_resnet50
-    yield "TF ResNet-50 FP16", engines / "trex_tf_resnet50_rtx3090/fp16/resnet.onnx.engine.graph.json", lambda: strip(tf_resnet50())
-    yield "TF ResNet-50 FP32", engines / "trex_tf_resnet50_rtx3090/fp32/resnet.onnx.engine.graph.json", lambda: strip(tf_resnet50())
+    # the Keras ResNet-50 under tf2onnx's node names: these pair with the dumps' layers by name
+    yield "TF ResNet-50 QAT (RTX 3090)", engines / "trex_tf_resnet50_rtx3090/qat/resnet-qat.onnx.engine.graph.json", \
+        lambda: keras_resnet50_names(tf_resnet50(), qat=True)
+    yield "TF ResNet-50 FP16", engines / "trex_tf_resnet50_rtx3090/fp16/resnet.onnx.engine.graph.json", \
+        lambda: strip(keras_resnet50_names(tf_resnet50(), qat=False))
+    yield "TF ResNet-50 FP32", engines / "trex_tf_resnet50_rtx3090/fp32/resnet.onnx.engine.graph.json", \
+        lambda: strip(keras_resnet50_names(tf_resnet50(), qat=False))
     yield "DETR implicit INT8 (names only)", engines / "detr_implicit_int8_names_only/detr-layer-info.json", \
         "no ONNX and no reconstruction; a names-only dump has no types or precisions"
 

@@ -26,6 +26,7 @@ __all__ = [
     "count_origin",
     "resnet18",
     "tf_resnet50",
+    "keras_resnet50_names",
     "mobilenet_v2_from_shared",
 ]
 
@@ -254,6 +255,38 @@ def tf_resnet50(stages: Sequence[int] = (3, 4, 6, 3), width: int = 8, hw: int = 
     b.nodes.append(helper.make_node("Softmax", [logits], ["probs"], name="softmax", axis=-1))
     b.output("probs")
     return b.build()
+
+
+def keras_resnet50_names(model: onnx.ModelProto, *, qat: bool) -> onnx.ModelProto:
+    """Rename :func:`tf_resnet50`'s nodes as tf2onnx names a Keras ``ResNet50`` (``resnet50/<layer>/<op>``;
+    the QAT toolkit's wrapped layers get ``quant_``), so an engine dump's layer names are this model's
+    node names and the matcher pairs them by name, as it would for the exported model itself."""
+    quant = "quant_" if qat else ""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        src = prod.get(n.input[0]) if n.input else None
+        if n.op_type == "Conv":
+            n.name = f"resnet50/{quant}{n.name}/{'BiasAdd' if n.name == 'conv1_conv' else 'Conv2D'}"
+        elif n.op_type == "Relu" and src is not None and src.op_type == "Conv":
+            layer = src.name.split("/")[1].removeprefix("quant_").removesuffix("_conv")
+            n.name = f"resnet50/{layer}_relu/Relu"
+        elif n.op_type == "Relu" and n.name.endswith("_out"):
+            n.name = f"resnet50/{n.name}/Relu"
+        elif n.op_type == "Add" and n.name.endswith("_add"):
+            n.name = f"resnet50/{quant}{n.name}/add"
+        elif n.name in ("conv1_pad", "pool1_pad"):
+            n.name = f"resnet50/{n.name}/Pad"
+        elif n.name == "pool1_pool":
+            n.name = "resnet50/pool1_pool/MaxPool"
+        elif n.name == "avg_pool":
+            n.name = f"resnet50/{quant}avg_pool/Mean"
+        elif n.name == "predictions":
+            n.name = f"resnet50/{quant}predictions/MatMul"
+        elif n.name == "predictions_bias":
+            n.name = f"resnet50/{quant}predictions/BiasAdd"
+        elif n.name == "softmax":
+            n.name = f"resnet50/{quant}predictions/Softmax"
+    return model
 
 
 def mobilenet_v2_from_shared(residual: bool, classes: int = 1000) -> onnx.ModelProto:

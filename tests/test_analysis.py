@@ -595,3 +595,21 @@ def test_mha_near_miss_unknown_op_between_the_gemms():
         assert all(t not in prod or prod[t].op_type != "DequantizeLinear" for t in node.input)
     assert any(c.node == "scores" and "outside an attention block" in c.detail for c in default.changes)
     assert predict(default.model).standalone_qdq == ["x_QuantizeLinear", "c_QuantizeLinear"]
+
+
+def test_q_after_a_pad_on_the_network_input_stays_there():
+    """TF QAT ResNet-50 dump (TRT 8.x): the Pad reading the network input ran as a float Slice with a
+    standalone Quantize after it, while the Pad after conv1 took its Q across and ran INT8."""
+    b = Builder()
+    x = b.input("x", [1, 8, 16, 16])
+    pad = b.node("Pad", [x, b.const(np.asarray([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], name="pad_in")
+    b.channels[pad] = 8
+    y = b.conv(pad, 8, act="relu", name="conv")  # Q/DQ after the Pad, as the TF toolkit places it
+    mid = b.node("Pad", [y, b.const(np.asarray([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], name="pad_mid")
+    b.channels[mid] = 8
+    b.output(b.conv(mid, 8, name="conv_b"))
+    pred = predict(b.build())
+    assert [(s.kind, s.tensor, s.rule) for s in pred.standalone_layers] == [("quantize", "pad_in_out", "P10")]
+    prec = {k.name: (k.in_precision, k.out_precision) for k in pred.kernels}
+    assert prec["pad_in"] == ("float", "float")
+    assert prec["pad_mid"] == ("int8", "int8"), prec

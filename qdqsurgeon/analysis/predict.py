@@ -363,6 +363,9 @@ def predict(model_or_graph: onnx.ModelProto | gs.Graph, *, trt_version: R.Versio
             others = [c for c in v.outputs if c is not n]
             if p is None:
                 rule, why = "P10", f"quantize of the graph input {v.name}"
+            elif not others and R.commutes(p) and all(id(p.inputs[i]) in sim.inputs for i in R.data_input_indices(p)
+                                                      if p.inputs[i] is not None and p.inputs[i].name):
+                rule, why = "P10", f"quantize of the graph input after {p.name} ({p.op}): nothing before it to fuse into"
             elif others and all(sim.act_q(c) for c in others):
                 rule, why = "P6", f"{v.name} has Qs with different scales; none fuses into {p.name}"
             elif others or sim.is_graph_output(v):

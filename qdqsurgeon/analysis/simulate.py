@@ -116,6 +116,7 @@ class _Sim:
             if not n.name:
                 n.name = f"{n.op}_{i}"
         self.outputs = {id(t) for t in graph.outputs}
+        self.inputs = {id(t) for t in graph.inputs}
         self.dead: set[int] = set()
         self.origin: dict[int, str] = {id(n): n.name for n in self.nodes}
         self.keys: dict[int, tuple] = {}
@@ -286,7 +287,10 @@ class _Sim:
             if readers is None or any(len(r) != 1 for r in readers):
                 continue
             idx = [i for i in R.data_input_indices(p) if p.inputs[i] is not None and p.inputs[i].name]
-            if not idx:
+            if not idx or all(id(p.inputs[i]) in self.inputs for i in idx):
+                # Nothing to fuse into before a network input: the Q stays after the op, which runs
+                # float (TF QAT ResNet-50 dump, TRT 8.x: input Pad a float Slice, then a standalone Q;
+                # the Pad after conv1 took the Q across and ran INT8).
                 continue
             tpl = self.template(q)
             for j, (qj,) in enumerate(readers):
