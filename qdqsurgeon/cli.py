@@ -311,6 +311,8 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--float16", is_flag=True, help="Convert float regions to FP16 for strongly typed TensorRT builds (P10).")
 @click.option("--io-float16", is_flag=True, help="With --float16: make graph inputs/outputs FP16 too.")
 @click.option("--requantize", is_flag=True, help="Model already has Q/DQ: drop it and calibrate afresh (needs --calib).")
+@click.option("--repair-zero-scales", is_flag=True,
+              help="Give zero Q/DQ scales (refused by default, V1) the smallest scale 1e-8 instead of stopping.")
 @click.option("--check", "run_check", is_flag=True, help="Compare the result with the input in onnxruntime (SQNR).")
 @click.option("--eval", "eval_path", type=click.Path(readable=False), help="Data for --check (default: the calibration data).")
 @click.option("--build", "engine_path", type=click.Path(readable=False), help="Build a TensorRT engine from the result (needs TensorRT).")
@@ -322,8 +324,8 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
                  report_path: str | None, opset: int | None, no_opset_upgrade: bool, calib: str | None, method: str | None, percentile: float,
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str, trt_version: str | None,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
-                 keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, run_check: bool,
-                 eval_path: str | None, engine_path: str | None, no_analysis: bool, allow_regression: bool,
+                 keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, repair_zero_scales: bool,
+                 run_check: bool, eval_path: str | None, engine_path: str | None, no_analysis: bool, allow_regression: bool,
                  quiet: bool) -> None:
     """Optimize IN into OUT: insert (FP32 input) or repair (Q/DQ input) Q/DQ for TensorRT.
 
@@ -397,7 +399,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     user = [e.name for p in pattern_paths for e in registry.load_path(p)]
     config = Config(weights=weights, exclude=list(exclude), exclude_ops=_split(exclude_op), quantize_bmm=quantize_bmm,
                     align=align, keep_output_layers=keep_output_layers, float16=float16, io_float16=io_float16,
-                    trt_version=version)
+                    trt_version=version, repair_zero_scales=repair_zero_scales)
     if version is not None:
         from .trt_rules import convtranspose_axis_for
 

@@ -32,6 +32,9 @@ class Config:
     sensitive_ops: list[str] = field(default_factory=lambda: ["LayerNormalization", "Softmax"])
     # fix path
     weights_fix: str = "keep"  # "keep" int8 weights as they are, or "float"
+    # A zero scale (V1) that is not a dead weight channel is bad input, refused unless this is set:
+    # then normalize-qdq gives it MIN_SCALE (the tensor dequantizes to about 0, as it does now).
+    repair_zero_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.weights not in ("float", "int8"):

@@ -309,11 +309,16 @@ def _opset7(tmp: Path) -> Run:
     return _optimize(tmp, _save(tiny_conv(opset=7), tmp / "old.onnx"), "--calib-random", "8")
 
 
-@case("Q/DQ with a zero scale", exit=0)
+@case("Q/DQ with a zero scale", exit=1, needle="zero scale")
 def _zero_scale(tmp: Path) -> Run:
+    return _optimize(tmp, _save(qdq_relu(0.0), tmp / "zero.onnx"))
+
+
+@case("Q/DQ with a zero scale, --repair-zero-scales", exit=0)
+def _zero_scale_repaired(tmp: Path) -> Run:
     # The fix pipeline logs the repair (0 -> 1e-8, V1) and then drops the pair, read only by a
     # float Relu (P2): the output follows the change log, not the input's division by zero.
-    return _optimize(tmp, _save(qdq_relu(0.0), tmp / "zero.onnx"), numerics="none")
+    return _optimize(tmp, _save(qdq_relu(0.0), tmp / "zero.onnx"), "--repair-zero-scales", numerics="none")
 
 
 @case("Q/DQ with a negative scale", exit=1, needle="scale")

@@ -171,6 +171,31 @@ def _clip_min(node: gs.Node) -> float | None:
     return None
 
 
+def _dead_channels_only(node: gs.Node, qp: QParams) -> bool:
+    """Whether every zero scale of ``node`` belongs to a weight channel whose values are all zero (a
+    pruned channel calibrated to amax 0): any scale represents it exactly, so the repair is exact."""
+    value = const_value(node.inputs[0])
+    src = node.inputs[0].inputs[0] if value is None and node.inputs[0].inputs else None
+    if value is None and is_q(src):  # the DQ of a Q on float weights: the Q's weights
+        value = const_value(src.inputs[0])
+    if value is None:
+        return False
+    value = np.asarray(value)
+    # float weights are dead where they are 0; stored integers where they equal the zero point
+    zp = np.zeros((), value.dtype) if value.dtype.kind == "f" or qp.zero_point is None else qp.zero_point
+    scale = np.asarray(qp.scale)
+    if scale.size == 1:
+        return bool(np.all(value == zp.reshape(-1)[0])) if zp.size == 1 else False
+    if qp.blocked or qp.axis is None:
+        return False
+    axis = qp.axis % value.ndim
+    moved = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+    zps = np.broadcast_to(np.asarray(zp).reshape(-1), (value.shape[axis],)) if np.asarray(zp).size in (1, value.shape[axis]) else None
+    if zps is None:
+        return False
+    return all(np.all(moved[c] == zps[c]) for c in np.flatnonzero(scale.reshape(-1) == 0))
+
+
 def _nonnegative(tensor: gs.Tensor, memo: dict[int, bool], depth: int = 0) -> bool:
     """Whether ``tensor`` can never be negative, judged from the ops (and DQ ranges) that produce it."""
     key = id(tensor)
@@ -357,6 +382,12 @@ class NormalizeQdq(Pass):
                 # A negative scale flips signs and a NaN poisons everything: no faithful repair exists (V1).
                 raise ModelError(f"{node.op} {node.name} has a negative, NaN or infinite scale; "
                                  f"re-export or re-quantize the model (--requantize --calib DATA)")
+            if np.any(scale == 0) and not ctx.config.repair_zero_scales and not _dead_channels_only(node, qp):
+                # Q divides by its scale: a zero one is a broken quantizer TensorRT refuses (V1). Only an
+                # all-zero weight channel has an exact repair, made without asking (see _zero_scales).
+                raise ModelError(f"{node.op} {node.name} has a zero scale (TensorRT refuses it, V1); "
+                                 f"--repair-zero-scales gives it 1e-8 (the tensor dequantizes to about 0, as now), "
+                                 f"or re-quantize the model (--requantize --calib DATA)")
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
         self._drop_noop_casts(graph, rw)
@@ -523,7 +554,9 @@ class NormalizeQdq(Pass):
 
     # V1: zero scales -----------------------------------------------------------------------------
     def _zero_scales(self, graph: gs.Graph, rw: Rewriter) -> None:
-        """A zero scale (a dead channel after calibration) fails TensorRT's parse: give it MIN_SCALE.
+        """A zero scale fails TensorRT's parse: give it MIN_SCALE. Reached only for dead weight
+        channels (all-zero weights, a pruned channel's calibration: exact, they stay 0) and, with
+        ``--repair-zero-scales``, for any zero scale (``requires`` refuses the others).
 
         Bound: a zero scale dequantizes every value to 0; with MIN_SCALE a value dequantizes to at
         most 128·MIN_SCALE (1.3e-6) away from 0, so the outputs move by no more than that.

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from hypothesis import given, settings, strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import qdqsurgeon
 from qdqsurgeon.config import Config
@@ -476,6 +476,7 @@ def test_zero_scale_gets_minimum_scale():
 
     model = _scaled_conv([0.01, 0.0, 0.02])
     assert any(p.rule == "V1" for p in inspect_model(model).problems)
+    # channel 1's weights are all zero (a pruned channel calibrated to amax 0): repaired without asking
     res = qdqsurgeon.optimize(model, passes=["normalize-qdq"], analyze=False)
     assert inspect_model(res.model).problems == []
     changed = [c for c in res.changes if c.rule == "V1" and c.kind == "constant"]
@@ -484,6 +485,26 @@ def test_zero_scale_gets_minimum_scale():
     np.testing.assert_allclose(run(res.model, feeds)[0], run(model, feeds)[0], atol=128 * MIN_SCALE * 10)
     again = qdqsurgeon.optimize(res.model, passes=["normalize-qdq"], analyze=False)
     assert [c for c in again.changes if c.kind != "note"] == []
+
+
+def test_other_zero_scales_are_refused_unless_repair_is_asked():
+    """A zero scale on live weights or on an activation is bad input (V1): one error naming the flag;
+    with ``repair_zero_scales`` it gets the minimum scale."""
+    import qdqsurgeon
+
+    model = _scaled_conv([0.01, 0.0, 0.02])
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    value = numpy_helper.to_array(w).copy()
+    value[1] = 0.5  # a live channel with a zero scale
+    w.CopyFrom(numpy_helper.from_array(value, "w"))
+    with pytest.raises(ModelError, match="zero scale.*--repair-zero-scales"):
+        qdqsurgeon.optimize(model, passes=["normalize-qdq"], analyze=False)
+    res = qdqsurgeon.optimize(model, passes=["normalize-qdq"], config=Config(repair_zero_scales=True), analyze=False)
+    assert any(c.rule == "V1" and "1 zero scale" in c.detail for c in res.changes)
+    act = _scaled_conv([0.01, 0.0, 0.02])
+    next(t for t in act.graph.initializer if t.name == "sx").CopyFrom(numpy_helper.from_array(np.float32(0.0), "sx"))
+    with pytest.raises(ModelError, match="zero scale"):
+        qdqsurgeon.optimize(act, passes=["normalize-qdq"], analyze=False)
 
 
 def test_negative_scale_is_one_line_error(tmp_path):
