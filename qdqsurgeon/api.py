@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import onnx
 
 from .config import Config
-from .errors import ModelError, UsageError
+from .errors import ModelError, QdqError, UsageError
 from .graph import carry_metadata, export_model, import_model
 from .inspection import has_qdq, validity_problems
 from .io import is_large
@@ -232,6 +232,8 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
                           check_result=True)
         if run.verified:
             return run
+    except (QdqError, MemoryError):  # a deliberate refusal (or no memory): running again would say the same
+        raise
     except Exception as exc:  # a pass may have failed on what an earlier one broke: find out below
         logger.debug("pipeline failed (%s); running it again with a check after every pass", exc)
     return _run_passes(model, import_model(model), pipeline, extras, ctx, instruments, True, fixpoint=fixpoint,

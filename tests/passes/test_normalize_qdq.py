@@ -507,6 +507,23 @@ def test_other_zero_scales_are_refused_unless_repair_is_asked():
         qdqsurgeon.optimize(act, passes=["normalize-qdq"], analyze=False)
 
 
+def test_a_refusal_runs_the_pipeline_once():
+    """A pass's deliberate refusal is re-raised at once, not retried with a check after every pass."""
+    import qdqsurgeon
+    from qdqsurgeon.passes.base import Instrument
+
+    class Count(Instrument):
+        calls = 0
+
+        def before_pass(self, pass_, graph, ctx):
+            Count.calls += 1
+
+    model = _scaled_conv([0.01, -0.5, 0.02])
+    with pytest.raises(ModelError, match="negative"):
+        qdqsurgeon.optimize(model, instruments=[Count()], analyze=False)
+    assert Count.calls == 2  # remove-identity, then normalize-qdq refuses
+
+
 def test_negative_scale_is_one_line_error(tmp_path):
     from click.testing import CliRunner
 
