@@ -8,8 +8,11 @@ each method, the best fixed method, ``auto`` minus that best, and the calibratio
 as a ratio to the current default's, measured in the same run (time spent inside the range provider,
 i.e. onnxruntime collection plus range selection; placement and export are the same for every method).
 
-ModelOpt and onnxruntime's quantizer are not columns here: ``ptq_vs_baselines.py`` runs them, in
-their own processes and environments.
+The baselines are columns too, on the same calibration and evaluation data: ``modelopt`` (NVIDIA
+ModelOpt's ONNX INT8 PTQ, entropy calibration, run by ``modelopt_ptq.py`` in the ModelOpt venv given by
+``--modelopt-python``; "skipped" without it) and ``ort`` (onnxruntime's ``quantize_static``, QDQ,
+symmetric, per-channel, minmax, by ``ort_ptq.py``), each in its own process. Their time columns are not
+comparable with ours (whole-tool wall time); ``ptq_vs_baselines.py`` measures that.
 
     python benchmarks/accuracy.py [--models a,b] [--methods max,percentile,...] [--json FILE] [--samples N] [--augment]
     python benchmarks/accuracy.py --sensitivity MODEL [--jobs N]   (sensitivity time / one calibration pass)
@@ -100,6 +103,33 @@ class TimedRanges:
             self.seconds += time.perf_counter() - t0
 
 
+BASELINES = ("modelopt", "ort")
+MODELOPT_PYTHON = Path("/root/venv-modelopt/bin/python")
+
+
+def run_baseline(tool: str, src: Path, calib: Path, work: Path, modelopt_python: Path) -> Path:
+    """The baseline tool's quantized model of ``src`` (same calibration file), or an exception saying why not."""
+    import shutil
+
+    from common import env_without_pythonpath, run_measured
+
+    bench = Path(__file__).resolve().parent
+    dst = work / f"{tool}.onnx"
+    if tool == "modelopt":
+        if not modelopt_python.exists():
+            raise FileNotFoundError(f"skipped: {modelopt_python} not found")
+        copy = work / "modelopt_input" / src.name  # ModelOpt rewrites its input and writes files beside it
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copyfile(src, copy)
+        cmd = [str(modelopt_python), str(bench / "modelopt_ptq.py"), str(copy), str(dst), "--calib", str(calib)]
+        res = run_measured(cmd, env=env_without_pythonpath())
+    else:
+        res = run_measured([sys.executable, str(bench / "ort_ptq.py"), str(src), str(dst), "--calib", str(calib)])
+    if res.returncode != 0 or not dst.exists():
+        raise RuntimeError(res.error_line() if res.returncode != 0 else "no output written")
+    return dst
+
+
 def run_method(model: Any, calib: Path, method: str) -> tuple[Any, float]:
     """(optimized model, calibration seconds) for one method."""
     import qdqsurgeon
@@ -131,7 +161,7 @@ def augmented(arrays: dict) -> dict:
 
 
 def evaluate(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, methods: list[str], samples: int,
-             augment: bool = False) -> dict[str, Any]:
+             augment: bool = False, modelopt_python: Path = MODELOPT_PYTHON) -> dict[str, Any]:
     import onnx
 
     import qdqsurgeon
@@ -152,13 +182,18 @@ def evaluate(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, metho
     row: dict[str, Any] = {"model": m.name if m else PPOCR_CLS[0], "data": data.description, "sqnr": {}, "cosine": {}, "calib_s": {}}
     for method in methods:
         try:
-            out, seconds = run_method(model, calib, method)
+            if method in BASELINES:
+                t0 = time.perf_counter()
+                path = run_baseline(method, src, calib, work, modelopt_python)
+                seconds = time.perf_counter() - t0
+            else:
+                out, seconds = run_method(model, calib, method)
+                path = work / f"{method}.onnx"
+                onnx.save(out, str(path))
         except Exception as exc:  # a failing method is a cell, not the end of the run
             row["sqnr"][method] = None
             row.setdefault("errors", {})[method] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             continue
-        path = work / f"{method}.onnx"
-        onnx.save(out, str(path))
         got = run_outputs(path, data.eval)
         row["sqnr"][method], row["cosine"][method] = sqnr_cosine(ref, got)
         row["calib_s"][method] = seconds
@@ -172,6 +207,10 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> str:
         headers += ["best fixed", "auto - best dB"]
     if "auto" in methods and "percentile" in methods:
         headers += ["calib s (percentile)", "auto / percentile time"]
+    baselines = [b for b in BASELINES if b in methods]
+    ours = "auto" if "auto" in methods else ("percentile" if "percentile" in methods else None)
+    if ours:
+        headers += [f"{ours} - {b} dB" for b in baselines]
     lines = []
     for r in rows:
         s = r["sqnr"]
@@ -187,6 +226,10 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> str:
             base = t.get("percentile")
             cells.append(fmt(base))
             cells.append(fmt(t["auto"] / base) if base and t.get("auto") is not None else "n/a")
+        for b in baselines if ours else []:
+            mine, theirs = s.get(ours), s.get(b)
+            ok = mine is not None and theirs is not None and math.isfinite(mine) and math.isfinite(theirs)
+            cells.append(fmt(mine - theirs) if ok else "n/a")
         lines.append(cells)
     return markdown_table(headers, lines)
 
@@ -228,7 +271,9 @@ def sensitivity_timing(m: zd.ZooModel, shared: Path, cache: Path, work: Path, sa
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", help=f"comma-separated model names (default: {len(DEFAULT_MODELS)} float models)")
-    ap.add_argument("--methods", default="max,percentile,mse,entropy,auto")
+    ap.add_argument("--methods", default="max,percentile,mse,entropy,auto,modelopt,ort",
+                    help="our calibration methods and the baselines modelopt, ort")
+    ap.add_argument("--modelopt-python", type=Path, default=MODELOPT_PYTHON, help="the ModelOpt venv's Python")
     ap.add_argument("--shared", type=Path, default=zd.DEFAULT_SHARED)
     ap.add_argument("--cache", type=Path, default=zd.DEFAULT_CACHE)
     ap.add_argument("--samples", type=int, default=8, help="calibration samples per model")
@@ -259,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             t0 = time.perf_counter()
             try:
-                row = evaluate(available[name], args.shared, args.cache, Path(tmp) / name, methods, args.samples, args.augment)
+                row = evaluate(available[name], args.shared, args.cache, Path(tmp) / name, methods, args.samples, args.augment,
+                               args.modelopt_python)
             except Exception as exc:
                 print(f"{name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", file=sys.stderr, flush=True)
                 continue
