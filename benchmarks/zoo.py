@@ -474,6 +474,10 @@ def run_model(m: zd.ZooModel, shared: Path, cache: Path, work: Path, samples: in
         got_out = run_outputs(out, data.eval)
         res.sqnr_db, res.cosine = sqnr_cosine(ref_out, got_out)
         res.metric, res.metric_value = METRICS[m.metric](ref_out, got_out, data.eval)
+        if fix and ref_path != src:  # the input Q/DQ model scored the same way: did the fix make it worse?
+            in_out = run_outputs(src, data.eval)
+            res.extra["input_sqnr_db"], res.extra["input_cosine"] = sqnr_cosine(ref_out, in_out)
+            res.extra["input_metric_value"] = METRICS[m.metric](ref_out, in_out, data.eval)[1]
     except Exception as exc:  # a scoring failure is a row entry, not the end of the run
         res.metric_value = f"scoring failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     return res
@@ -490,8 +494,12 @@ def table(results: list[ZooResult]) -> str:
             rows.append([r.model, r.path, exit_cell, *["" for _ in range(9)], fmt(r.wall_s, 1), fmt(r.peak_rss_mb, 0)])
             continue
         sa = (f"{r.standalone_before} → {r.standalone_after}" if r.path == "fix" else str(r.standalone_after))
-        rows.append([r.model, r.path, exit_cell, fmt(r.problems), sa, fmt(r.int8_mac, 3), fmt(r.sqnr_db), fmt(r.cosine, 5),
-                     r.reference, r.metric, r.metric_value.replace("|", "\\|"), r.idempotent, fmt(r.wall_s, 1), fmt(r.peak_rss_mb, 0)])
+        sqnr, value = fmt(r.sqnr_db), r.metric_value
+        if "input_sqnr_db" in r.extra:  # fix path: the input model's own score, then ours
+            sqnr = f"{fmt(r.extra['input_sqnr_db'])} → {sqnr}"
+            value = f"input {r.extra['input_metric_value']}; fixed {value}"
+        rows.append([r.model, r.path, exit_cell, fmt(r.problems), sa, fmt(r.int8_mac, 3), sqnr, fmt(r.cosine, 5),
+                     r.reference, r.metric, value.replace("|", "\\|"), r.idempotent, fmt(r.wall_s, 1), fmt(r.peak_rss_mb, 0)])
     headers = ["model", "path", "exit", "TRT problems", "standalone Q/DQ", "INT8 MAC", "SQNR dB", "cosine", "vs", "task metric",
                "value", "idempotent", "wall s", "peak RSS MB"]
     for row in rows:
