@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from .trt_rules import BIAS_OPS, WEIGHT_PASSTHROUGH_OPS
 from .graph import (
     activation_input_index,
+    gc_paused,
     behind_constant,
     DQ_OP,
     Q_OP,
@@ -311,6 +312,11 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
 def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False,
                   trt_version: tuple[int, int] | str | None = None) -> Inspection:
     """Census and validity problems of a model; with ``trt`` also the static TensorRT prediction."""
+    with gc_paused():
+        return _inspect(model, trt, trt_version)
+
+
+def _inspect(model: onnx.ModelProto | gs.Graph, trt: bool, trt_version: tuple[int, int] | str | None) -> Inspection:
     graph = import_model(model) if isinstance(model, onnx.ModelProto) else model
     ops = Counter(n.op for n in graph.nodes)
     scale_dtypes: Counter[str] = Counter()

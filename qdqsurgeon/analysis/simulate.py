@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
-from ..graph import const_value, is_dq, is_q, producer, qparams, qparams_key, toposort_graph
+from ..graph import const_value, import_graph, is_dq, is_q, new_node, new_variable, producer, qparams, qparams_key, toposort_graph
 from ..qdq import cancels, duplicates
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def _working_graph(model_or_graph: onnx.ModelProto | gs.Graph) -> gs.Graph:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # shapes only feed MAC counts; a model ONNX cannot infer still gets a prediction
         logger.debug("shape inference failed: %s", exc)
-    return gs.import_onnx(model)
+    return import_graph(model)
 
 
 def _dim(d: Any) -> int:
@@ -158,7 +158,7 @@ class _Sim:
 
     def new_var(self, base: str) -> gs.Variable:
         self._var += 1
-        return gs.Variable(f"{base}__sim{self._var}")
+        return new_variable(f"{base}__sim{self._var}")
 
     def template(self, like: gs.Node) -> tuple[str, str, dict, list[gs.Tensor], tuple]:
         """What a moved copy of ``like`` needs, captured before ``like`` is detached."""
@@ -167,7 +167,7 @@ class _Sim:
     def clone_qdq(self, tpl: tuple[str, str, dict, list[gs.Tensor], tuple], data: gs.Tensor,
                   out: gs.Tensor) -> gs.Node:
         op, origin, attrs, qinputs, key = tpl
-        node = gs.Node(op, name=self.fresh_name(origin), attrs=dict(attrs), inputs=[data, *qinputs], outputs=[out])
+        node = new_node(op, self.fresh_name(origin), dict(attrs), [data, *qinputs], [out])
         self.used_names.add(node.name)
         self.origin[id(node)] = origin
         self.keys[id(node)] = key
