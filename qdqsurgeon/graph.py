@@ -282,15 +282,22 @@ def _flat_model(model: onnx.ModelProto) -> bool:
     return not any(a.type in _GRAPH_ATTRS for n in g.node for a in n.attribute)
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
+def import_graph(model: onnx.ModelProto, initializers: dict[str, onnx.TensorProto] | None = None) -> gs.Graph:
     """``gs.import_onnx(model)``: the same graph, built several times faster for models without
-    functions, sparse initializers or subgraphs (the others go through gs)."""
+    functions, sparse initializers or subgraphs (the others go through gs).
+
+    ``initializers``: protos to import in place of the model's initializers of the same names (the
+    analysis infers shapes on a copy without the weights' bytes, then reads the weights from the original).
+    """
     if not _flat_model(model):
+        if initializers:
+            raise ValueError("initializers= needs a model without functions, sparse initializers or subgraphs")
         return gs.import_onnx(model)
     g = model.graph
     tensors: dict[str, gs.Tensor] = {}
     for init in g.initializer:
         if init.name not in tensors:
+            init = initializers.get(init.name, init) if initializers else init
             loc = int(init.data_location) if init.HasField("data_location") else None
             tensors[init.name] = new_constant(init.name, _lazy(init), loc)
     for vi in g.value_info:
@@ -499,7 +506,24 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
 
 
 def is_constant(tensor: gs.Tensor | None) -> bool:
-    return const_value(tensor) is not None
+    """Whether :func:`const_value` finds a value behind ``tensor``, answered without loading it
+    (a weight's values are read, and copied, only by the code that needs them)."""
+    seen = 0
+    while tensor is not None and seen < 16:
+        seen += 1
+        if isinstance(tensor, gs.Constant):
+            return True
+        node = producer(tensor)
+        if node is None:
+            return False
+        if node.op == "Constant":
+            return isinstance(node.attrs.get("value"), gs.Constant) or any(
+                k in node.attrs for k in ("value_float", "value_floats", "value_int", "value_ints"))
+        if node.op in _TRANSPARENT_CONST_OPS and node.inputs:
+            tensor = node.inputs[0]
+            continue
+        return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -611,7 +635,7 @@ def behind_constant(tensor: gs.Tensor) -> bool:
     while node is not None and node.op in (DQ_OP, Q_OP, "Transpose", "Identity", "Cast"):
         tensor = node.inputs[0]
         node = producer(tensor)
-    return const_value(tensor) is not None
+    return is_constant(tensor)
 
 
 def weighted_weight(node: gs.Node) -> gs.Tensor | None:

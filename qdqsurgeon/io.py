@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import shape_inference
 
@@ -51,16 +52,61 @@ def is_large(model: onnx.ModelProto) -> bool:
     The tensor payload decides it; the exact (slow: it encodes the whole message) size is only
     taken when the payload is within 10 % of the limit.
     """
-    payload = 0
-    for t in onnx.external_data_helper._get_all_tensors(model):
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            payload += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    payload = _payload(model.graph) + sum(_payload(f) for f in model.functions)
     if payload < 0.9 * PROTOBUF_LIMIT:
         return False
     try:
         return model.ByteSize() > PROTOBUF_LIMIT
     except Exception:  # the upb backend refuses to even size a message over the limit
         return True
+
+
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def raw_nbytes(t: onnx.TensorProto) -> int | None:
+    """The length of ``t.raw_data`` from its type and dims, without reading it (reading copies it);
+    None when ``t`` has no raw data or a type whose size is not fixed."""
+    if not t.HasField("raw_data"):
+        return None
+    n = 1
+    for d in t.dims:
+        n *= d
+    if t.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    try:
+        return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    n = raw_nbytes(t)
+    if n is not None:
+        return n
+    return len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+
+
+def _payload(graph: onnx.GraphProto | onnx.FunctionProto) -> int:
+    """In-memory tensor bytes of ``graph`` (initializers and attribute tensors, subgraphs included):
+    the tensors ``onnx.external_data_helper._get_all_tensors`` visits, in one loop without generators."""
+    total = sum(_tensor_bytes(t) for t in graph.initializer) if isinstance(graph, onnx.GraphProto) else 0
+    attr = onnx.AttributeProto
+    for node in graph.node:
+        for a in node.attribute:
+            kind = a.type
+            if kind in (attr.INT, attr.INTS, attr.FLOAT, attr.FLOATS, attr.STRING, attr.STRINGS) and not a.ref_attr_name:
+                continue  # (the common case, checked first) nothing else is set on a well-formed one
+            if a.HasField("t"):
+                total += _tensor_bytes(a.t)
+            total += sum(_tensor_bytes(t) for t in a.tensors)
+            if kind == attr.GRAPH:
+                total += _payload(a.g)
+            elif kind == attr.GRAPHS:
+                total += sum(_payload(g) for g in a.graphs)
+    return total
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:

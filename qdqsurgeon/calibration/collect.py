@@ -397,9 +397,10 @@ def make_session(
 
 
 # onnxruntime's session setup grows faster than linearly with the node count (on a chain of residual
-# conv blocks: 12 s at 20k nodes, 77 s at 40k, optimizations off; 4x that with them on). Graphs larger
-# than this are calibrated through consecutive slices of about this many nodes, each its own session.
-_SEGMENT_NODES = 4000
+# conv blocks: 12 s at 20k nodes, 77 s at 40k, optimizations off; 4x that with them on; per node, a
+# 4000-node slice costs 1.2x a 2000-node one). Graphs larger than twice this are calibrated through
+# consecutive slices of about this many nodes, each its own session.
+_SEGMENT_NODES = 2000
 
 
 class _Segments:
