@@ -20,7 +20,7 @@ from .config import Config
 from .errors import ModelError, UsageError
 from .graph import carry_metadata, collect_small, export_model, gc_paused, import_model
 from .inspection import has_qdq, validity_problems
-from .io import is_large
+from .io import check_model, is_large
 from .opset import UPGRADE_PASS, ensure_opset
 from .passes.base import Instrument, Pass, PassContext, PassManager, PassStat, RangeProvider, TimingInstrument, VerifyInstrument
 from .pipelines import BASELINES, PIPELINES, RUN_ONCE
@@ -279,7 +279,7 @@ def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras
         logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
     elif not (full_check and verified and _same_header(out, checked_ir)):  # else the full check covered it
         try:
-            onnx.checker.check_model(out)
+            check_model(out)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     # The analysis reads the exported model: exporting the same graph again would give the same proto.

@@ -410,9 +410,62 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     the model version live only in the original proto, so they are copied from there.
     """
     _repack_subbyte_constants(graph)
-    model = gs.export_onnx(graph, do_type_check=False)
+    big = _big_constants(graph)
+    if not big:
+        model = gs.export_onnx(graph, do_type_check=False)
+    else:
+        model = _export_heavy(graph, big)
     if template is not None:
         carry_metadata(model, template)
+    return model
+
+
+# gs's exporter holds every weight several times at once (the array's bytes, the TensorProto made of
+# them, its copy in the GraphProto, that graph's copy in the ModelProto): 4x the weights of a big
+# model. Above this many bytes of large constants, each is written into the exported model on its own.
+_HEAVY_CONSTANTS = 2**28
+_BIG_CONSTANT = 2**20
+
+
+def _big_constants(graph: gs.Graph) -> list[gs.Constant]:
+    """The initializer constants over 1 MiB of a flat graph, when they total over 256 MB; else none."""
+    if graph.functions or any(isinstance(v, gs.Graph) for n in graph.nodes for v in n.attrs.values()):
+        return []
+    found: dict[int, gs.Constant] = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            if isinstance(t, gs.Constant) and id(t) not in found and t.name:
+                values = t._values
+                size = values.nbytes if isinstance(values, (np.ndarray, LazyValues)) else 0
+                if size >= _BIG_CONSTANT and not isinstance(values, gs.ir.tensor.SparseValues):
+                    found[id(t)] = t
+    big = list(found.values())
+    return big if sum(t._values.nbytes for t in big) > _HEAVY_CONSTANTS else []
+
+
+def _export_heavy(graph: gs.Graph, big: list[gs.Constant]) -> onnx.ModelProto:
+    """``gs.export_onnx`` with the big constants exported one at a time into their slots.
+
+    gs exports them as empty stand-ins first (same names, so the same places among the
+    initializers); each slot then receives what gs's own tensor export makes of the constant. The
+    constant is left reading that exported tensor (lazily), so the graph drops its own copy.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+
+    saved = [(t, t._values) for t in big]
+    try:
+        for t, values in saved:
+            kind = values.tensor.data_type if isinstance(values, LazyValues) else dtype_to_onnx(t.export_dtype)
+            t._values = LazyValues(onnx.TensorProto(name=t.name, data_type=kind, dims=list(values.shape)))
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for t, values in saved:
+            t._values = values
+    slots = {init.name: init for init in model.graph.initializer}
+    for t, _ in saved:
+        slot = slots[t.name]
+        slot.CopyFrom(OnnxExporter.export_tensor_proto(t))
+        t._values = _lazy(slot)
     return model
 
 

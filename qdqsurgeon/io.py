@@ -20,7 +20,8 @@ from onnx import shape_inference
 from .errors import ModelError, UsageError
 
 __all__ = ["load", "save", "same_file", "check_readable", "check_output_path", "is_large", "check_opset", "PROTOBUF_LIMIT",
-           "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS", "PLUGIN_DOMAINS", "is_plugin_domain"]
+           "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS", "PLUGIN_DOMAINS", "is_plugin_domain", "heavy", "HEAVY_PAYLOAD",
+           "without_weight_bytes", "raw_nbytes", "tensor_payload", "check_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def is_large(model: onnx.ModelProto) -> bool:
     The tensor payload decides it; the exact (slow: it encodes the whole message) size is only
     taken when the payload is within 10 % of the limit.
     """
-    payload = _payload(model.graph) + sum(_payload(f) for f in model.functions)
+    payload = tensor_payload(model)
     if payload < 0.9 * PROTOBUF_LIMIT:
         return False
     try:
@@ -107,6 +108,71 @@ def _payload(graph: onnx.GraphProto | onnx.FunctionProto) -> int:
             elif kind == attr.GRAPHS:
                 total += sum(_payload(g) for g in a.graphs)
     return total
+
+
+# Shape inference takes the model as one serialized message and hands back another: on a model with
+# 1 GB of weights that was 4 GB more memory. Above this payload (:func:`heavy`) the analysis and
+# calibration infer on a copy whose large initializers point at external data (their types and
+# shapes are all inference reads of them).
+HEAVY_PAYLOAD = 2**28
+_STRIP_TENSOR = 2**20
+
+
+_STUB = "qdqsurgeon-weights.stub"
+
+
+def without_weight_bytes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of ``model`` whose initializers over 1 MiB carry no bytes (they point at external data
+    in a file named :data:`_STUB`), and those initializers by name."""
+    out = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, field, getattr(model, field))
+    out.opset_import.extend(model.opset_import)
+    src, g = model.graph, out.graph
+    g.name, g.doc_string = src.name, src.doc_string
+    for field in ("node", "input", "output", "value_info"):
+        getattr(g, field).extend(getattr(src, field))
+    originals: dict[str, onnx.TensorProto] = {}
+    for t in src.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or (raw_nbytes(t) or 0) < _STRIP_TENSOR:
+            g.initializer.append(t)
+            continue
+        originals[t.name] = t
+        stub = g.initializer.add()
+        stub.name, stub.data_type, stub.data_location = t.name, t.data_type, onnx.TensorProto.EXTERNAL
+        stub.dims.extend(t.dims)
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", _STUB
+    return out, originals
+
+
+def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
+    """``onnx.checker.check_model``; a :func:`heavy` model is checked without serializing its weights.
+
+    The in-memory checker encodes the whole model and parses it again in C++ (on 1 GB of weights,
+    3 GB more memory). A heavy model's structure, types and shapes are checked instead on the copy
+    of :func:`without_weight_bytes`, saved beside a sparse file standing in for the weights.
+    """
+    if not heavy(model):
+        onnx.checker.check_model(model, full_check=full_check)
+        return
+    lean, stripped = without_weight_bytes(model)
+    with tempfile.TemporaryDirectory(prefix="qdqsurgeon-check-") as tmp:
+        with open(Path(tmp) / _STUB, "wb") as f:
+            f.truncate(max((raw_nbytes(t) or 0) for t in stripped.values()) if stripped else 0)
+        path = Path(tmp) / "model.onnx"
+        onnx.save(lean, str(path))
+        onnx.checker.check_model(str(path), full_check=full_check)
+
+
+def tensor_payload(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors held in memory (initializers and attribute tensors, subgraphs and functions included)."""
+    return _payload(model.graph) + sum(_payload(f) for f in model.functions)
+
+
+def heavy(model: onnx.ModelProto) -> bool:
+    """Whether the model's in-memory tensors exceed :data:`HEAVY_PAYLOAD` (256 MB): copies of it must be avoided."""
+    return tensor_payload(model) > HEAVY_PAYLOAD
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
@@ -254,7 +320,7 @@ def _check_model(model: onnx.ModelProto, path: Path, *, may_sort: bool = True) -
         if is_large(model):
             onnx.checker.check_model(str(path))
         else:
-            onnx.checker.check_model(model)
+            check_model(model)
     except onnx.checker.ValidationError as exc:
         cycle = _cycle(model) if "topologically sorted" in str(exc) else None
         if cycle:
@@ -373,7 +439,15 @@ def _infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
         logger.warning("%s: skipping shape inference on a model over 2 GB", where)
         return model
     try:
-        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        if not heavy(model):
+            return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        # Inferred on a copy without the weights' bytes (serializing them was 3x their size in
+        # memory); what inference adds (value_info, declared input/output types) is moved over.
+        inferred = shape_inference.infer_shapes(without_weight_bytes(model)[0], strict_mode=False, data_prop=True)
+        for field in ("input", "output", "value_info"):
+            del getattr(model.graph, field)[:]
+            getattr(model.graph, field).extend(getattr(inferred.graph, field))
+        return model
     except Exception as exc:
         logger.warning("%s: shape inference failed, continuing without it (%s)", where, str(exc).splitlines()[0] if str(exc) else exc)
         return model

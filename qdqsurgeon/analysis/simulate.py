@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
-from ..io import _payload, raw_nbytes
+from ..io import heavy, without_weight_bytes
 from ..graph import _flat_model, const_value, import_graph, is_constant, is_dq, is_q, new_node, new_variable, producer, qparams, qparams_key, toposort_graph
 from ..qdq import cancels, duplicates
 
@@ -38,8 +38,8 @@ def _working_graph(model_or_graph: onnx.ModelProto | gs.Graph) -> gs.Graph:
     else:
         raise TypeError(f"predict() takes an onnx.ModelProto or a gs.Graph, not {type(model_or_graph).__name__}")
     originals = None
-    if _flat_model(model) and _payload(model.graph) > _STRIP_PAYLOAD:
-        model, originals = _without_weight_bytes(model)
+    if _flat_model(model) and heavy(model):
+        model, originals = without_weight_bytes(model)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # shapes only feed MAC counts; a model ONNX cannot infer still gets a prediction
@@ -47,35 +47,6 @@ def _working_graph(model_or_graph: onnx.ModelProto | gs.Graph) -> gs.Graph:
     return import_graph(model, originals)
 
 
-# Shape inference takes the model as one serialized message and hands back another: on a model with
-# 1 GB of weights that was 4 GB more memory. Above this payload it runs on a copy whose large
-# initializers point at external data (their types and shapes are all inference reads of them).
-_STRIP_PAYLOAD = 2**28
-_STRIP_TENSOR = 2**20
-
-
-def _without_weight_bytes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
-    """A copy of ``model`` whose initializers over 1 MiB carry no bytes, and those initializers by name."""
-    out = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(out, field, getattr(model, field))
-    out.opset_import.extend(model.opset_import)
-    src, g = model.graph, out.graph
-    g.name, g.doc_string = src.name, src.doc_string
-    for field in ("node", "input", "output", "value_info"):
-        getattr(g, field).extend(getattr(src, field))
-    originals: dict[str, onnx.TensorProto] = {}
-    for t in src.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or (raw_nbytes(t) or 0) < _STRIP_TENSOR:
-            g.initializer.append(t)
-            continue
-        originals[t.name] = t
-        stub = g.initializer.add()
-        stub.name, stub.data_type, stub.data_location = t.name, t.data_type, onnx.TensorProto.EXTERNAL
-        stub.dims.extend(t.dims)
-        entry = stub.external_data.add()
-        entry.key, entry.value = "location", "qdqsurgeon-shape-inference-stub"
-    return out, originals
 
 
 def _dim(d: Any) -> int:
