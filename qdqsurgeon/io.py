@@ -73,12 +73,19 @@ def raw_nbytes(t: onnx.TensorProto) -> int | None:
     n = 1
     for d in t.dims:
         n *= d
-    if t.data_type in _PACKED_4BIT:
+    kind = t.data_type
+    if kind in _PACKED_4BIT:
         return (n + 1) // 2
-    try:
-        return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
+    size = _ITEMSIZE.get(kind)
+    if size is None:
+        try:
+            size = _ITEMSIZE[kind] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kind)).itemsize
+        except (KeyError, TypeError, ValueError):
+            return None
+    return n * size
+
+
+_ITEMSIZE: dict[int, int] = {}
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -96,7 +103,10 @@ def _payload(graph: onnx.GraphProto | onnx.FunctionProto) -> int:
     total = sum(_tensor_bytes(t) for t in graph.initializer) if isinstance(graph, onnx.GraphProto) else 0
     attr = onnx.AttributeProto
     for node in graph.node:
-        for a in node.attribute:
+        attrs = node.attribute
+        if not attrs:
+            continue
+        for a in attrs:
             kind = a.type
             if kind in (attr.INT, attr.INTS, attr.FLOAT, attr.FLOATS, attr.STRING, attr.STRINGS) and not a.ref_attr_name:
                 continue  # (the common case, checked first) nothing else is set on a well-formed one
