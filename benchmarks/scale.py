@@ -251,7 +251,8 @@ def main() -> int:
                 subprocess.run([sys.executable, "-c", GENERATE, str(BENCH_DIR), family, str(size), str(path)], check=True)
                 n = len(onnx.load(str(path), load_external_data=False).graph.node)
                 name = f"{family}-{n}"
-                print(f"{name}: {n} nodes, {path.stat().st_size / 1e6:.1f} MB", flush=True)
+                print(f"{name}: {n} nodes, {path.stat().st_size / 1e6:.1f} MB (load average {os.getloadavg()[0]:.1f})",
+                      flush=True)
                 results[name] = {"family": family, "nodes": n, "stages": run_case(name, path, work, a.timeout, ort=False)}
                 path.unlink()
         if not a.no_weights:
@@ -259,7 +260,8 @@ def main() -> int:
                 path = work / f"weights_{gb:g}gb.onnx"
                 wbytes = weight_model(path, gb)
                 name = f"weights-{gb:g}GB"
-                print(f"{name}: {wbytes / 2**30:.2f} GiB of weights (external data)", flush=True)
+                print(f"{name}: {wbytes / 2**30:.2f} GiB of weights (external data; load average "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
                 res = run_case(name, path, work, a.timeout, ort=True)
                 results[name] = {"family": "weights", "weight_bytes": wbytes, "stages": res}
                 for f in work.glob(f"weights_{gb:g}gb.onnx*"):
@@ -285,6 +287,7 @@ def main() -> int:
             last = big["stages"][stage]["seconds"] if big else None
             print(f"  {family:12s} {stage:8s} exponent {e if e is None else round(e, 2)}; "
                   f"{big['nodes'] if big else '-'} nodes: {'-' if last is None else f'{last:.1f} s'}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0
