@@ -163,30 +163,25 @@ def _synced(parent: object, field_name: str) -> SynchronizedList:
     return lst
 
 
-def new_variable(name: str, dtype: object = None, shape: object = None, type: str = "tensor_type") -> gs.Variable:
-    """``gs.Variable(name, dtype, shape, type)``."""
-    t = object.__new__(gs.Variable)
+def _new_tensor(cls: type, name: str, **fields: object) -> gs.Tensor:
+    """An instance of a gs tensor class with ``name``, empty linked producer/consumer lists, then ``fields``."""
+    t = object.__new__(cls)
     d = t.__dict__
     d["name"] = name
     d["inputs"] = _synced(t, "outputs")
     d["outputs"] = _synced(t, "inputs")
-    d["dtype"] = dtype
-    d["shape"] = shape
-    d["type"] = type
+    d.update(fields)
     return t
+
+
+def new_variable(name: str, dtype: object = None, shape: object = None, type: str = "tensor_type") -> gs.Variable:
+    """``gs.Variable(name, dtype, shape, type)``."""
+    return _new_tensor(gs.Variable, name, dtype=dtype, shape=shape, type=type)
 
 
 def new_constant(name: str, values: np.ndarray | LazyValues, data_location: int | None = None) -> gs.Constant:
     """``gs.Constant(name, values, data_location)`` for a numpy array or LazyValues."""
-    t = object.__new__(gs.Constant)
-    d = t.__dict__
-    d["name"] = name
-    d["inputs"] = _synced(t, "outputs")
-    d["outputs"] = _synced(t, "inputs")
-    d["_values"] = values
-    d["data_location"] = data_location
-    d["_export_dtype"] = None
-    return t
+    return _new_tensor(gs.Constant, name, _values=values, data_location=data_location, _export_dtype=None)
 
 
 def new_node(op: str, name: str = "", attrs: dict | None = None, inputs: list | None = None,
