@@ -15,8 +15,9 @@ Stages, each in its own subprocess (wall time, and peak RSS from ``os.wait4``'s 
 - ``fix``: ``qdqsurgeon optimize`` of the PTQ output (the fix path);
 - ``inspect``: ``qdqsurgeon inspect --trt`` of the PTQ output.
 
-Printed: one line per stage (seconds, peak RSS, ratio to the floor), then per graph family and stage
-the growth exponent fitted over the sizes (least squares of log time on log node count; 1.0 is linear).
+Printed: one line per stage (wall seconds, CPU seconds, peak RSS, ratio to the floor), then per graph
+family and stage the growth exponent fitted over the sizes (least squares of log time on log node count;
+1.0 is linear), for wall and for CPU time (on a machine shared with other jobs, CPU time is the steadier).
 
     python benchmarks/scale.py                       # 1k,10k,50k,100k nodes + 1 GB and 2.5 GB weights
     python benchmarks/scale.py --sizes 1k,5k,10k --no-weights   # a quick run
@@ -162,7 +163,7 @@ def weight_model(path: Path, gbytes: float, seed: int = 0) -> int:
 
 
 def measure(args: list[str], timeout: float) -> dict:
-    """Run ``python args...`` and return wall seconds, this child's peak RSS (MB), exit code."""
+    """Run ``python args...`` and return wall seconds, CPU seconds (user + system), this child's peak RSS (MB), exit code."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = t0 + timeout
@@ -173,12 +174,13 @@ def measure(args: list[str], timeout: float) -> dict:
         if time.perf_counter() > deadline:
             proc.kill()
             pid, status, usage = os.wait4(proc.pid, 0)
-            return {"seconds": None, "rss_mb": usage.ru_maxrss / 1024, "exit": "timeout"}
+            return {"seconds": None, "cpu": None, "rss_mb": usage.ru_maxrss / 1024, "exit": "timeout"}
         time.sleep(0.05)
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
-    out = {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "exit": proc.returncode}
+    out = {"seconds": seconds, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+           "exit": proc.returncode}
     if proc.returncode:
         out["error"] = err[-1] if err else ""
     return out
@@ -197,13 +199,14 @@ def run_case(name: str, model_path: Path, work: Path, timeout: float, ort: bool)
     results = {}
     for stage, args in stages.items():
         if stage in ("fix", "inspect") and not ptq_out.exists():
-            results[stage] = {"seconds": None, "rss_mb": 0, "exit": "no ptq output"}
+            results[stage] = {"seconds": None, "cpu": None, "rss_mb": 0, "exit": "no ptq output"}
         else:
             results[stage] = measure(args, timeout)
         r, floor = results[stage], results["floor"]["seconds"]
         ratio = f"{r['seconds'] / floor:7.1f}x floor" if r["seconds"] and floor else ""
         secs = f"{r['seconds']:8.2f} s" if r["seconds"] is not None else f"{'-':>8}  "
-        print(f"  {name:22s} {stage:8s} {secs}  {r['rss_mb']:8.0f} MB  {ratio}  exit {r['exit']}"
+        cpu = f"{r['cpu']:8.2f} s cpu" if r.get("cpu") is not None else f"{'-':>8}      "
+        print(f"  {name:22s} {stage:8s} {secs} {cpu}  {r['rss_mb']:8.0f} MB  {ratio}  exit {r['exit']}"
               f"{'  ' + r.get('error', '') if r.get('error') else ''}", flush=True)
     for f in work.glob(f"{name}.*"):
         f.unlink()
@@ -251,7 +254,8 @@ def main() -> int:
                 subprocess.run([sys.executable, "-c", GENERATE, str(BENCH_DIR), family, str(size), str(path)], check=True)
                 n = len(onnx.load(str(path), load_external_data=False).graph.node)
                 name = f"{family}-{n}"
-                print(f"{name}: {n} nodes, {path.stat().st_size / 1e6:.1f} MB", flush=True)
+                print(f"{name}: {n} nodes, {path.stat().st_size / 1e6:.1f} MB (load average {os.getloadavg()[0]:.1f})",
+                      flush=True)
                 results[name] = {"family": family, "nodes": n, "stages": run_case(name, path, work, a.timeout, ort=False)}
                 path.unlink()
         if not a.no_weights:
@@ -259,7 +263,8 @@ def main() -> int:
                 path = work / f"weights_{gb:g}gb.onnx"
                 wbytes = weight_model(path, gb)
                 name = f"weights-{gb:g}GB"
-                print(f"{name}: {wbytes / 2**30:.2f} GiB of weights (external data)", flush=True)
+                print(f"{name}: {wbytes / 2**30:.2f} GiB of weights (external data; load average "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
                 res = run_case(name, path, work, a.timeout, ort=True)
                 results[name] = {"family": "weights", "weight_bytes": wbytes, "stages": res}
                 for f in work.glob(f"weights_{gb:g}gb.onnx*"):
@@ -279,12 +284,15 @@ def main() -> int:
     for family in [f for f in a.families.split(",") if f]:
         rows = [v for v in results.values() if v["family"] == family]
         for stage in ("floor", "ptq", "fix", "inspect"):
-            pts = [(v["nodes"], v["stages"][stage]["seconds"]) for v in rows]
-            e = fit_exponent(pts)
+            e = fit_exponent([(v["nodes"], v["stages"][stage]["seconds"]) for v in rows])
+            ec = fit_exponent([(v["nodes"], v["stages"][stage].get("cpu")) for v in rows])
             big = max(rows, key=lambda v: v["nodes"]) if rows else None
             last = big["stages"][stage]["seconds"] if big else None
-            print(f"  {family:12s} {stage:8s} exponent {e if e is None else round(e, 2)}; "
-                  f"{big['nodes'] if big else '-'} nodes: {'-' if last is None else f'{last:.1f} s'}")
+            last_cpu = big["stages"][stage].get("cpu") if big else None
+            print(f"  {family:12s} {stage:8s} exponent {e if e is None else round(e, 2)} (cpu time: "
+                  f"{ec if ec is None else round(ec, 2)}); {big['nodes'] if big else '-'} nodes: "
+                  f"{'-' if last is None else f'{last:.1f} s'} ({'-' if last_cpu is None else f'{last_cpu:.1f} s cpu'})")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -18,9 +18,9 @@ import onnx
 
 from .config import Config
 from .errors import ModelError, QdqError, UsageError
-from .graph import carry_metadata, export_model, import_model
+from .graph import carry_metadata, collect_small, export_model, gc_paused, import_model
 from .inspection import has_qdq, validity_problems
-from .io import is_large
+from .io import check_model, is_large
 from .opset import UPGRADE_PASS, ensure_opset
 from .passes.base import Instrument, Pass, PassContext, PassManager, PassStat, RangeProvider, TimingInstrument, VerifyInstrument
 from .pipelines import BASELINES, PIPELINES, RUN_ONCE
@@ -85,6 +85,8 @@ def _analysis(model_graph: Any, trt_version: tuple[int, int] | None = None) -> d
     except Exception as exc:  # the analysis is a report, never a reason to fail an optimization
         logger.warning("static TensorRT analysis failed: %s", exc)
         return None
+    finally:  # the analysis's private graph (under gc_paused nothing else frees its cycles)
+        collect_small(len(model_graph.graph.node) if isinstance(model_graph, onnx.ModelProto) else len(model_graph.nodes))
 
 
 def _resolve(
@@ -158,6 +160,15 @@ def optimize(
     ``opset_upgrade=False`` refuses instead). ``prior_changes`` (e.g. an upgrade the caller already
     made with :func:`prepare_opset`) head the change log.
     """
+    with gc_paused():
+        return _optimize(model, passes, config, registry, ranges, mode, extra_passes, instruments, verify, analyze,
+                         opset_upgrade, prior_changes)
+
+
+def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, config: Config | None,
+              registry: Registry | None, ranges: RangeProvider | None, mode: str | None,
+              extra_passes: Sequence[str | Pass], instruments: Sequence[Instrument], verify: bool, analyze: bool,
+              opset_upgrade: bool, prior_changes: Sequence[Change]) -> OptimizeResult:
     registry = registry or Registry.builtin()
     config = config or Config()
     mode, pipeline, extras = _resolve(model, passes, mode, registry, extra_passes)
@@ -262,13 +273,17 @@ def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras
         result = replace(tail, changes=result.changes + tail.changes, modified=modified)
     out = export_model(result.graph)
     # What VerifyInstrument checked after the last pass that changed the graph (before the metadata).
-    verified = not check_result or not modified or VerifyInstrument._problem(out) is None
+    full_check = check_result and modified
+    verified = not full_check or VerifyInstrument._problem(out) is None
+    if not verified:  # _run runs the pipeline again with a check after every pass, which names the culprit
+        return _Run(out, list(result.changes), timing.stats, None, False)
+    checked_ir = out.ir_version
     carry_metadata(out, model)
     if is_large(out):
         logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
-    else:
+    elif not (full_check and verified and _same_header(out, checked_ir)):  # else the full check covered it
         try:
-            onnx.checker.check_model(out)
+            check_model(out)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     # The analysis reads the exported model: exporting the same graph again would give the same proto.
@@ -276,6 +291,12 @@ def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras
     if analysis is not None:
         analysis["validity_problems"] = len(validity_problems(result.graph))
     return _Run(out, list(result.changes), timing.stats, analysis, verified)
+
+
+def _same_header(out: onnx.ModelProto, checked_ir: int) -> bool:
+    """Whether the model-level fields :func:`carry_metadata` copied leave the full check's verdict standing:
+    the same IR version as checked, and metadata keys the checker accepts (distinct)."""
+    return out.ir_version == checked_ir and len({p.key for p in out.metadata_props}) == len(out.metadata_props)
 
 
 def _score(analysis: dict[str, Any]) -> tuple[int, int]:

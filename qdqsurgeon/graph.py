@@ -8,14 +8,19 @@ behind a tensor (looking through Constant/Identity/Cast), who produces and who c
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.importers import onnx_importer as _gs_importer
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.util.misc import SynchronizedList
 
 from .io import is_plugin_domain
 
@@ -27,7 +32,13 @@ __all__ = [
     "DQ_OP",
     "WEIGHTED_OPS",
     "import_model",
+    "import_graph",
     "export_model",
+    "new_variable",
+    "new_constant",
+    "new_node",
+    "gc_paused",
+    "collect_small",
     "carry_metadata",
     "is_q",
     "is_dq",
@@ -80,7 +91,7 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     ONNX allows empty and repeated node names; the change log and TensorRT's layer names need
     distinct ones, so those (and only those) get ``<op>_<index>`` style names.
     """
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     # gs lets a value_info entry for a graph input/output override its declaration (ModelOpt's fp16
     # YOLOv8n carries one with unknown dims for its output): the declaration is the model's contract.
     declared = {v.name: v for v in [*model.graph.input, *model.graph.output]}
@@ -88,12 +99,11 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
         vi = declared.get(t.name)
         if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
-    for g in [graph, *graph.subgraphs(recursive=True)]:
-        for t in g.tensors().values():
-            # gs leaves types numpy cannot name (bfloat16, float8) as ONNX enum integers; their
-            # ml_dtypes types compare and print like any other, and gs exports them back the same.
-            if isinstance(t, gs.Variable) and isinstance(t.dtype, (int, np.integer)):
-                t.dtype = np_dtype(t.dtype) or t.dtype
+    for t in _all_tensors(graph):
+        # gs leaves types numpy cannot name (bfloat16, float8) as ONNX enum integers; their
+        # ml_dtypes types compare and print like any other, and gs exports them back the same.
+        if isinstance(t, gs.Variable) and isinstance(t.dtype, (int, np.integer)):
+            t.dtype = np_dtype(t.dtype) or t.dtype
     seen: set[str] = set()
     renamed = 0
     for i, node in enumerate(graph.nodes):
@@ -108,6 +118,231 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     if renamed:
         logger.info("named %d unnamed or duplicately named node(s)", renamed)
     return graph
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast construction and import
+#
+# gs's Tensor and Node constructors route every list through ``__setattr__`` (an AttributeError per
+# new object) and gs's importer rebuilds type information per tensor: together about half the time
+# of a run on a 20k-node graph. These build the very same objects (same classes, same fields, same
+# list types and cross-links) directly.
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while graphs are built and rewritten.
+
+    A graph is a web of cycles (node <-> tensor, and each gs list <-> its owner) and a run allocates
+    millions of objects; the collector's automatic passes rescan the ever-growing heap and took about
+    30% of a run on a 20k-node graph. A full collection of such a heap takes seconds too, so none is
+    forced on leaving: the collector resumes its normal schedule. Graphs dropped inside are freed by
+    :func:`collect_small`.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def collect_small(nodes: int, limit: int = 10_000) -> None:
+    """Free the cycles of a dropped graph of ``nodes`` nodes now, when that is cheap (small graphs,
+    which is where big weights live); a large graph's garbage waits for the collector."""
+    if nodes <= limit:
+        gc.collect()
+
+
+def _synced(parent: object, field_name: str) -> SynchronizedList:
+    lst = list.__new__(SynchronizedList)
+    lst.parent_obj = parent
+    lst.field_name = field_name
+    return lst
+
+
+def _new_tensor(cls: type, name: str, **fields: object) -> gs.Tensor:
+    """An instance of a gs tensor class with ``name``, empty linked producer/consumer lists, then ``fields``."""
+    t = object.__new__(cls)
+    d = t.__dict__
+    d["name"] = name
+    d["inputs"] = _synced(t, "outputs")
+    d["outputs"] = _synced(t, "inputs")
+    d.update(fields)
+    return t
+
+
+def new_variable(name: str, dtype: object = None, shape: object = None, type: str = "tensor_type") -> gs.Variable:
+    """``gs.Variable(name, dtype, shape, type)``."""
+    return _new_tensor(gs.Variable, name, dtype=dtype, shape=shape, type=type)
+
+
+def new_constant(name: str, values: np.ndarray | LazyValues, data_location: int | None = None) -> gs.Constant:
+    """``gs.Constant(name, values, data_location)`` for a numpy array or LazyValues."""
+    return _new_tensor(gs.Constant, name, _values=values, data_location=data_location, _export_dtype=None)
+
+
+def new_node(op: str, name: str = "", attrs: dict | None = None, inputs: list | None = None,
+             outputs: list | None = None, domain: str | None = None) -> gs.Node:
+    """``gs.Node(op, name, attrs, inputs, outputs, domain)``: links each tensor back to the node as gs does."""
+    node = object.__new__(gs.Node)
+    d = node.__dict__
+    d["op"] = op
+    d["name"] = name if name is not None else ""
+    d["attrs"] = attrs if attrs is not None else OrderedDict()
+    ins, outs = _synced(node, "outputs"), _synced(node, "inputs")
+    d["inputs"], d["outputs"] = ins, outs
+    d["domain"] = domain
+    for t in inputs or ():
+        list.append(ins, t)
+        list.append(t.outputs, node)
+    for t in outputs or ():
+        list.append(outs, t)
+        list.append(t.inputs, node)
+    return node
+
+
+_NP_TYPES: dict[int, object] = {}
+_ITEMSIZE: dict[object, int] = {}
+
+
+def _np_type(elem: int) -> object:
+    """gs's ``get_numpy_type`` (cached; it lists every ONNX type per call)."""
+    try:
+        return _NP_TYPES[elem]
+    except KeyError:
+        _NP_TYPES[elem] = out = _gs_importer.get_numpy_type(elem)
+        return out
+
+
+def _lazy(tensor: onnx.TensorProto) -> LazyValues:
+    """``LazyValues(tensor)``."""
+    dtype = _np_type(tensor.data_type)
+    if dtype is None:
+        return LazyValues(tensor)  # gs logs its warning for types numpy cannot name
+    lv = object.__new__(LazyValues)
+    lv.tensor = tensor
+    lv.shape = tensor.dims
+    lv.dtype = dtype
+    try:
+        size = _ITEMSIZE[dtype]
+    except KeyError:
+        size = _ITEMSIZE[dtype] = _gs_importer.get_itemsize(dtype)
+    n = 1
+    for dim in tensor.dims:
+        n *= dim
+    lv.nbytes = n * size
+    return lv
+
+
+def _value_info_tensor(vi: onnx.ValueInfoProto) -> gs.Variable:
+    """gs's ``OnnxImporter.import_tensor`` of a ValueInfoProto."""
+    typ = vi.type
+    if typ.HasField("tensor_type"):
+        tt = typ.tensor_type
+        dtype = _np_type(tt.elem_type)
+        if dtype is not None:
+            shape = None
+            if tt.HasField("shape"):
+                shape = []
+                for dim in tt.shape.dim:
+                    if dim.HasField("dim_param"):
+                        shape.append(dim.dim_param)
+                    elif dim.HasField("dim_value"):
+                        shape.append(dim.dim_value)
+                    else:
+                        shape.append(None)
+            return new_variable(vi.name, dtype, shape, "tensor_type")
+    return _gs_importer.OnnxImporter.import_tensor(vi)
+
+
+_SIMPLE_ATTRS = {
+    onnx.AttributeProto.INT: lambda a: a.i,
+    onnx.AttributeProto.FLOAT: lambda a: a.f,
+    onnx.AttributeProto.STRING: lambda a: a.s.decode(),
+    onnx.AttributeProto.INTS: lambda a: list(a.ints),
+    onnx.AttributeProto.FLOATS: lambda a: list(a.floats),
+    onnx.AttributeProto.STRINGS: lambda a: [p.decode() for p in a.strings],
+}
+_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def _flat_model(model: onnx.ModelProto) -> bool:
+    """A model gs's import treats simply: no functions, sparse initializers or control-flow bodies."""
+    g = model.graph
+    if model.functions or g.sparse_initializer:
+        return False
+    return not any(a.type in _GRAPH_ATTRS for n in g.node for a in n.attribute)
+
+
+def import_graph(model: onnx.ModelProto, initializers: dict[str, onnx.TensorProto] | None = None) -> gs.Graph:
+    """``gs.import_onnx(model)``: the same graph, built several times faster for models without
+    functions, sparse initializers or subgraphs (the others go through gs).
+
+    ``initializers``: protos to import in place of the model's initializers of the same names (the
+    analysis infers shapes on a copy without the weights' bytes, then reads the weights from the original).
+    """
+    if not _flat_model(model):
+        if initializers:
+            raise ValueError("initializers= needs a model without functions, sparse initializers or subgraphs")
+        return gs.import_onnx(model)
+    g = model.graph
+    tensors: dict[str, gs.Tensor] = {}
+    for init in g.initializer:
+        if init.name not in tensors:
+            init = initializers.get(init.name, init) if initializers else init
+            loc = int(init.data_location) if init.HasField("data_location") else None
+            tensors[init.name] = new_constant(init.name, _lazy(init), loc)
+    for vi in g.value_info:
+        new = _value_info_tensor(vi)
+        old = tensors.get(vi.name)
+        if old is None:
+            tensors[vi.name] = new
+        elif isinstance(old, gs.Variable):  # gs merges what each entry knows, with these exact truth tests
+            old.dtype = old.dtype or new.dtype
+            old.shape = old.shape or new.shape
+    inits = {t.name for t in g.initializer}
+    graph_inputs = []
+    for vi in g.input:
+        if vi.name not in inits:
+            t = tensors.get(vi.name)
+            if t is None:
+                t = tensors[vi.name] = _value_info_tensor(vi)
+            graph_inputs.append(t)
+    graph_outputs = []
+    for vi in g.output:
+        t = tensors.get(vi.name)
+        if t is None:
+            t = tensors[vi.name] = _value_info_tensor(vi)
+        graph_outputs.append(t)
+
+    def get(name: str) -> gs.Tensor:
+        t = tensors.get(name)
+        if t is None:
+            if not name:
+                return new_variable("")  # an omitted optional input or output: never shared
+            t = tensors[name] = new_variable(name)
+        return t
+
+    opset = _gs_importer.OnnxImporter.get_opset(model)
+    domains = _gs_importer.OnnxImporter.get_import_domains(model)
+    nodes = []
+    simple = _SIMPLE_ATTRS
+    for n in g.node:
+        attrs: dict = OrderedDict()
+        for a in n.attribute:
+            conv = simple.get(a.type)
+            if conv is None or a.ref_attr_name:
+                attrs = _gs_importer.OnnxImporter.import_attributes(n.attribute, {}, tensors, opset, domains)
+                break
+            attrs[a.name] = conv(a)
+        nodes.append(new_node(n.op_type, n.name, attrs, [get(x) for x in n.input], [get(x) for x in n.output],
+                              n.domain if n.HasField("domain") else None))
+    return gs.Graph(nodes=nodes, inputs=graph_inputs, outputs=graph_outputs, name=g.name, doc_string=g.doc_string,
+                    producer_name=model.producer_name, producer_version=model.producer_version, opset=opset,
+                    import_domains=domains, functions=[], ir_version=model.ir_version)
 
 
 def np_dtype(dtype: object) -> np.dtype | None:
@@ -141,10 +376,26 @@ _PACKED_DTYPES = ("int4", "uint4", "float4_e2m1fn")
 
 
 def _repack_subbyte_constants(graph: gs.Graph) -> None:
-    for g in [graph, *graph.subgraphs(recursive=True)]:
-        for t in g.tensors().values():
-            if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray) and t._values.dtype.name in _PACKED_DTYPES:
-                t._values = LazyValues(onnx.numpy_helper.from_array(t._values, t.name))
+    for t in _all_tensors(graph):
+        if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray) and t._values.dtype.name in _PACKED_DTYPES:
+            t._values = LazyValues(onnx.numpy_helper.from_array(t._values, t.name))
+
+
+def _all_tensors(graph: gs.Graph) -> Iterator[gs.Tensor]:
+    """Every tensor of ``graph`` and its subgraphs (those of ``tensors()``), each once.
+
+    A flat graph is walked directly: ``tensors()`` also checks names, at several times the cost.
+    """
+    if graph.functions or any(isinstance(v, gs.Graph) for n in graph.nodes for v in n.attrs.values()):
+        for g in [graph, *graph.subgraphs(recursive=True)]:
+            yield from g.tensors().values()
+        return
+    seen: set[int] = set()
+    for group in (graph.inputs, graph.outputs, *(t for n in graph.nodes for t in (n.inputs, n.outputs))):
+        for t in group:
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield t
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
@@ -154,9 +405,62 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     the model version live only in the original proto, so they are copied from there.
     """
     _repack_subbyte_constants(graph)
-    model = gs.export_onnx(graph, do_type_check=False)
+    big = _big_constants(graph)
+    if not big:
+        model = gs.export_onnx(graph, do_type_check=False)
+    else:
+        model = _export_heavy(graph, big)
     if template is not None:
         carry_metadata(model, template)
+    return model
+
+
+# gs's exporter holds every weight several times at once (the array's bytes, the TensorProto made of
+# them, its copy in the GraphProto, that graph's copy in the ModelProto): 4x the weights of a big
+# model. Above this many bytes of large constants, each is written into the exported model on its own.
+_HEAVY_CONSTANTS = 2**28
+_BIG_CONSTANT = 2**20
+
+
+def _big_constants(graph: gs.Graph) -> list[gs.Constant]:
+    """The initializer constants over 1 MiB of a flat graph, when they total over 256 MB; else none."""
+    if graph.functions or any(isinstance(v, gs.Graph) for n in graph.nodes for v in n.attrs.values()):
+        return []
+    found: dict[int, gs.Constant] = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            if isinstance(t, gs.Constant) and id(t) not in found and t.name:
+                values = t._values
+                size = values.nbytes if isinstance(values, (np.ndarray, LazyValues)) else 0
+                if size >= _BIG_CONSTANT and not isinstance(values, gs.ir.tensor.SparseValues):
+                    found[id(t)] = t
+    big = list(found.values())
+    return big if sum(t._values.nbytes for t in big) > _HEAVY_CONSTANTS else []
+
+
+def _export_heavy(graph: gs.Graph, big: list[gs.Constant]) -> onnx.ModelProto:
+    """``gs.export_onnx`` with the big constants exported one at a time into their slots.
+
+    gs exports them as empty stand-ins first (same names, so the same places among the
+    initializers); each slot then receives what gs's own tensor export makes of the constant. The
+    constant is left reading that exported tensor (lazily), so the graph drops its own copy.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+
+    saved = [(t, t._values) for t in big]
+    try:
+        for t, values in saved:
+            kind = values.tensor.data_type if isinstance(values, LazyValues) else dtype_to_onnx(t.export_dtype)
+            t._values = LazyValues(onnx.TensorProto(name=t.name, data_type=kind, dims=list(values.shape)))
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for t, values in saved:
+            t._values = values
+    slots = {init.name: init for init in model.graph.initializer}
+    for t, _ in saved:
+        slot = slots[t.name]
+        slot.CopyFrom(OnnxExporter.export_tensor_proto(t))
+        t._values = _lazy(slot)
     return model
 
 
@@ -250,7 +554,24 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
 
 
 def is_constant(tensor: gs.Tensor | None) -> bool:
-    return const_value(tensor) is not None
+    """Whether :func:`const_value` finds a value behind ``tensor``, answered without loading it
+    (a weight's values are read, and copied, only by the code that needs them)."""
+    seen = 0
+    while tensor is not None and seen < 16:
+        seen += 1
+        if isinstance(tensor, gs.Constant):
+            return True
+        node = producer(tensor)
+        if node is None:
+            return False
+        if node.op == "Constant":
+            return isinstance(node.attrs.get("value"), gs.Constant) or any(
+                k in node.attrs for k in ("value_float", "value_floats", "value_int", "value_ints"))
+        if node.op in _TRANSPARENT_CONST_OPS and node.inputs:
+            tensor = node.inputs[0]
+            continue
+        return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -362,7 +683,7 @@ def behind_constant(tensor: gs.Tensor) -> bool:
     while node is not None and node.op in (DQ_OP, Q_OP, "Transpose", "Identity", "Cast"):
         tensor = node.inputs[0]
         node = producer(tensor)
-    return const_value(tensor) is not None
+    return is_constant(tensor)
 
 
 def weighted_weight(node: gs.Node) -> gs.Tensor | None:

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from .trt_rules import BIAS_OPS, WEIGHT_PASSTHROUGH_OPS
 from .graph import (
     activation_input_index,
+    gc_paused,
     behind_constant,
     DQ_OP,
     Q_OP,
@@ -28,6 +29,7 @@ from .graph import (
     is_q,
     opset_version,
     producer,
+    QParams,
     qparams,
     weight_input_index,
 )
@@ -176,15 +178,15 @@ def _data_shape(node: gs.Node) -> list[int] | None:
     return [int(d) for d in shape]
 
 
-def layout_problem(node: gs.Node, *, zero_point: bool = True) -> str | None:
+def layout_problem(node: gs.Node, *, zero_point: bool = True, qp: QParams | None = None) -> str | None:
     """Why a Q/DQ's scale / zero point layout is not one ONNX defines, or None.
 
     ONNX (QuantizeLinear 21): scale and zero point have the same shape; a scalar (per-tensor),
     a 1-D tensor of the ``axis`` extent (per-axis), or, with ``block_size``, the input's rank with
     ``ceil(extent / block_size)`` along ``axis`` and the input's extent elsewhere (blocked).
-    ``zero_point=False`` checks the scale alone.
+    ``zero_point=False`` checks the scale alone. ``qp``: the node's :func:`qparams`, when the caller has them.
     """
-    qp = qparams(node)
+    qp = qp or qparams(node)
     if qp is None:
         return None
     scale, zp = qp.scale, qp.zero_point
@@ -224,7 +226,7 @@ def unsupported_qtype(qp: "object") -> str | None:
             f"{', '.join(TRT_QTYPES)})")
 
 
-def blocked_problem(node: gs.Node) -> str | None:
+def blocked_problem(node: gs.Node, qp: QParams | None = None) -> str | None:
     """Why TensorRT refuses a blocked Q/DQ (V3), or None.
 
     TensorRT (IQuantizeLayer / IDequantizeLayer, 10.x) takes block quantization for INT4, INT8,
@@ -232,7 +234,7 @@ def blocked_problem(node: gs.Node) -> str | None:
     symmetric; INT4 is weight-only ("Working with Quantized Types"): the blocked tensor must be a
     constant weight, and TensorRT runs the GEMM in float with the weight dequantized in its prologue.
     """
-    qp = qparams(node)
+    qp = qp or qparams(node)
     if qp is None or not qp.blocked:
         return None
     if qp.scale.ndim > 2:
@@ -256,14 +258,14 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
         if qp is None:
             problems.append(Problem("V1", node.name, "scale is computed at run time; TensorRT needs a constant scale"))
             continue
-        layout = layout_problem(node)
+        layout = layout_problem(node, qp=qp)
         if layout is not None:
             problems.append(Problem("V3", node.name, layout))
             continue
         bad_type = unsupported_qtype(qp)
         if bad_type is not None:
             problems.append(Problem("V4", node.name, bad_type))
-        blocked = blocked_problem(node)
+        blocked = blocked_problem(node, qp)
         if blocked is not None:
             problems.append(Problem("V3", node.name, blocked))
         scale = qp.scale.astype(np.float64)
@@ -311,6 +313,11 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
 def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False,
                   trt_version: tuple[int, int] | str | None = None) -> Inspection:
     """Census and validity problems of a model; with ``trt`` also the static TensorRT prediction."""
+    with gc_paused():
+        return _inspect(model, trt, trt_version)
+
+
+def _inspect(model: onnx.ModelProto | gs.Graph, trt: bool, trt_version: tuple[int, int] | str | None) -> Inspection:
     graph = import_model(model) if isinstance(model, onnx.ModelProto) else model
     ops = Counter(n.op for n in graph.nodes)
     scale_dtypes: Counter[str] = Counter()

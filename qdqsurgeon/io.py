@@ -13,13 +13,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import shape_inference
 
 from .errors import ModelError, UsageError
 
 __all__ = ["load", "save", "same_file", "check_readable", "check_output_path", "is_large", "check_opset", "PROTOBUF_LIMIT",
-           "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS", "PLUGIN_DOMAINS", "is_plugin_domain"]
+           "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS", "PLUGIN_DOMAINS", "is_plugin_domain", "heavy", "HEAVY_PAYLOAD",
+           "without_weight_bytes", "raw_nbytes", "tensor_payload", "check_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +53,139 @@ def is_large(model: onnx.ModelProto) -> bool:
     The tensor payload decides it; the exact (slow: it encodes the whole message) size is only
     taken when the payload is within 10 % of the limit.
     """
-    payload = 0
-    for t in onnx.external_data_helper._get_all_tensors(model):
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            payload += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    payload = tensor_payload(model)
     if payload < 0.9 * PROTOBUF_LIMIT:
         return False
     try:
         return model.ByteSize() > PROTOBUF_LIMIT
     except Exception:  # the upb backend refuses to even size a message over the limit
         return True
+
+
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def raw_nbytes(t: onnx.TensorProto) -> int | None:
+    """The length of ``t.raw_data`` from its type and dims, without reading it (reading copies it);
+    None when ``t`` has no raw data or a type whose size is not fixed."""
+    if not t.HasField("raw_data"):
+        return None
+    n = 1
+    for d in t.dims:
+        n *= d
+    kind = t.data_type
+    if kind in _PACKED_4BIT:
+        return (n + 1) // 2
+    size = _ITEMSIZE.get(kind)
+    if size is None:
+        try:
+            size = _ITEMSIZE[kind] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kind)).itemsize
+        except (KeyError, TypeError, ValueError):
+            return None
+    return n * size
+
+
+_ITEMSIZE: dict[int, int] = {}
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    n = raw_nbytes(t)
+    if n is not None:
+        return n
+    return len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+
+
+def _payload(graph: onnx.GraphProto | onnx.FunctionProto) -> int:
+    """In-memory tensor bytes of ``graph`` (initializers and attribute tensors, subgraphs included):
+    the tensors ``onnx.external_data_helper._get_all_tensors`` visits, in one loop without generators."""
+    total = sum(_tensor_bytes(t) for t in graph.initializer) if isinstance(graph, onnx.GraphProto) else 0
+    attr = onnx.AttributeProto
+    for node in graph.node:
+        attrs = node.attribute
+        if not attrs:
+            continue
+        for a in attrs:
+            kind = a.type
+            if kind in (attr.INT, attr.INTS, attr.FLOAT, attr.FLOATS, attr.STRING, attr.STRINGS) and not a.ref_attr_name:
+                continue  # (the common case, checked first) nothing else is set on a well-formed one
+            if a.HasField("t"):
+                total += _tensor_bytes(a.t)
+            total += sum(_tensor_bytes(t) for t in a.tensors)
+            if kind == attr.GRAPH:
+                total += _payload(a.g)
+            elif kind == attr.GRAPHS:
+                total += sum(_payload(g) for g in a.graphs)
+    return total
+
+
+# Shape inference takes the model as one serialized message and hands back another: on a model with
+# 1 GB of weights that was 4 GB more memory. Above this payload (:func:`heavy`) the analysis and
+# calibration infer on a copy whose large initializers point at external data (their types and
+# shapes are all inference reads of them).
+HEAVY_PAYLOAD = 2**28
+_STRIP_TENSOR = 2**20
+
+
+_STUB = "qdqsurgeon-weights.stub"
+
+
+def without_weight_bytes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of ``model`` whose initializers over 1 MiB carry no bytes (they point at external data
+    in a file named :data:`_STUB`), and those initializers by name."""
+    out = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, field, getattr(model, field))
+    out.opset_import.extend(model.opset_import)
+    src, g = model.graph, out.graph
+    g.name, g.doc_string = src.name, src.doc_string
+    for field in ("node", "input", "output", "value_info"):
+        getattr(g, field).extend(getattr(src, field))
+    originals: dict[str, onnx.TensorProto] = {}
+    for t in src.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or (raw_nbytes(t) or 0) < _STRIP_TENSOR:
+            g.initializer.append(t)
+            continue
+        originals[t.name] = t
+        stub = g.initializer.add()
+        stub.name, stub.data_type, stub.data_location = t.name, t.data_type, onnx.TensorProto.EXTERNAL
+        stub.dims.extend(t.dims)
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", _STUB
+    return out, originals
+
+
+def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
+    """``onnx.checker.check_model``; the full check of a :func:`heavy` model runs without serializing its weights.
+
+    The in-memory checker encodes the whole model and parses it again in C++, then shape inference
+    does so again (on 1 GB of weights, 3 GB more memory). A heavy model's full check (structure,
+    types and shapes) runs instead on the copy of :func:`without_weight_bytes`, saved beside a sparse
+    file standing in for the weights; what it cannot see is whether the stripped tensors' bytes
+    fit their dims (the exporter writes them from arrays of those dims). The plain check stays in
+    memory: onnx's checker by path also infers types, which would make it the full check.
+    """
+    if not full_check or not heavy(model):
+        onnx.checker.check_model(model, full_check=full_check)
+        return
+    lean, stripped = without_weight_bytes(model)
+    with tempfile.TemporaryDirectory(prefix="qdqsurgeon-check-") as tmp:
+        with open(Path(tmp) / _STUB, "wb") as f:
+            f.truncate(max((raw_nbytes(t) or 0) for t in stripped.values()) if stripped else 0)
+        path = Path(tmp) / "model.onnx"
+        onnx.save(lean, str(path))
+        onnx.checker.check_model(str(path), full_check=full_check)
+
+
+def tensor_payload(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors held in memory (initializers and attribute tensors, subgraphs and functions included)."""
+    return _payload(model.graph) + sum(_payload(f) for f in model.functions)
+
+
+def heavy(model: onnx.ModelProto) -> bool:
+    """Whether the model's in-memory tensors exceed :data:`HEAVY_PAYLOAD` (256 MB): copies of it must be avoided."""
+    return tensor_payload(model) > HEAVY_PAYLOAD
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
@@ -327,7 +452,15 @@ def _infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
         logger.warning("%s: skipping shape inference on a model over 2 GB", where)
         return model
     try:
-        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        if not heavy(model):
+            return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        # Inferred on a copy without the weights' bytes (serializing them was 3x their size in
+        # memory); what inference adds (value_info, declared input/output types) is moved over.
+        inferred = shape_inference.infer_shapes(without_weight_bytes(model)[0], strict_mode=False, data_prop=True)
+        for field in ("input", "output", "value_info"):
+            del getattr(model.graph, field)[:]
+            getattr(model.graph, field).extend(getattr(inferred.graph, field))
+        return model
     except Exception as exc:
         logger.warning("%s: shape inference failed, continuing without it (%s)", where, str(exc).splitlines()[0] if str(exc) else exc)
         return model

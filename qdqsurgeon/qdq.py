@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import const_value, is_dq, is_graph_output, is_q, producer, qparams, qparams_key, same_qparams
+from .graph import is_constant, is_dq, is_graph_output, is_q, producer, qparams, qparams_key, same_qparams
 from .rewriter import Rewriter
 from .trt_rules import (data_input_indices, fuses_after, gelu_region, is_epilogue, is_residual_add, is_silu_mul, is_weighted,
                         residual_add_joins_chain)
@@ -191,7 +191,7 @@ def _gelu_ending_at(t: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor] | None:
             if node is None:
                 continue
             for x in node.inputs:
-                if x is None or id(x) in seen or const_value(x) is not None:
+                if x is None or id(x) in seen or is_constant(x):
                     continue
                 seen.add(id(x))
                 region = gelu_region(x)
@@ -235,7 +235,7 @@ def conv_chain(tensor: gs.Tensor, *, exclusive: bool = True) -> list[gs.Node] | 
             nodes += list(reversed(gelu[0]))
             t = gelu[1]
             continue
-        data = [i for i in node.inputs if const_value(i) is None]
+        data = [i for i in node.inputs if not is_constant(i)]
         if len(data) != 1:
             return None
         nodes.append(node)
@@ -331,7 +331,7 @@ def drop_float_only_pairs(graph: gs.Graph, rw: Rewriter, *, rule: str) -> None:
         if rw.is_removed(node) or not is_dq(node):
             continue
         q = producer(node.inputs[0])
-        if not is_q(q) or const_value(q.inputs[0]) is not None:
+        if not is_q(q) or is_constant(q.inputs[0]):
             continue  # weights are quantized for their op, not for readers downstream
         out = node.outputs[0]
         if is_graph_output(graph, out) or int8_readers(graph, out):

@@ -15,7 +15,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import DQ_OP, Q_OP, cleanup_graph, is_graph_output, nested_nodes, toposort_graph, used_names
+from .graph import (DQ_OP, Q_OP, cleanup_graph, is_graph_output, nested_nodes, new_constant, new_node, new_variable,
+                    toposort_graph, used_names)
 
 __all__ = ["Change", "Rewriter"]
 
@@ -108,7 +109,7 @@ class Rewriter:
 
     # -- creation ----------------------------------------------------------------------------
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.fresh_name(base), np.asarray(values))
+        return new_constant(self.fresh_name(base), np.asarray(values))
 
     def add_node(
         self,
@@ -126,9 +127,9 @@ class Rewriter:
     ) -> gs.Node:
         node_name = self.fresh_name(name)
         if outputs is None:
-            outputs = [gs.Variable(self.fresh_name(f"{node_name}_output"), dtype=out_dtype, shape=out_shape)]
-        ins = [t if t is not None else gs.Variable.empty() for t in inputs]
-        node = gs.Node(op, name=node_name, attrs=dict(attrs or {}), inputs=ins, outputs=list(outputs), domain=domain)
+            outputs = [new_variable(self.fresh_name(f"{node_name}_output"), out_dtype, out_shape)]
+        ins = [t if t is not None else new_variable("") for t in inputs]
+        node = new_node(op, node_name, dict(attrs or {}), ins, list(outputs), domain)
         self.graph.nodes.append(node)
         self.log("add", node_name, detail or f"add {op}", rule)
         return node
@@ -156,9 +157,9 @@ class Rewriter:
         keep = scale.dtype in (np.float16, np.float32) or scale.dtype.name == "bfloat16"
         scale_c = self.constant(f"{base}_scale", scale if keep else scale.astype(np.float32))
         zp_c = self.constant(f"{base}_zero_point", np.asarray(zero_point))
-        q_out = gs.Variable(self.fresh_name(f"{base}_quantized"), dtype=np.asarray(zero_point).dtype, shape=tensor.shape)
+        q_out = new_variable(self.fresh_name(f"{base}_quantized"), np.asarray(zero_point).dtype, tensor.shape)
         # Without a known type, the DQ's output type is its scale's type (opset 19 semantics, V1).
-        dq_out = gs.Variable(self.fresh_name(f"{base}_dequantized"), dtype=tensor.dtype or scale_c.values.dtype, shape=tensor.shape)
+        dq_out = new_variable(self.fresh_name(f"{base}_dequantized"), tensor.dtype or scale_c.values.dtype, tensor.shape)
         targets = list(tensor.outputs) if consumers is None else list(consumers)
         q = self.add_node(Q_OP, [tensor, scale_c, zp_c], name=f"{base}_QuantizeLinear", attrs=attrs,
                           outputs=[q_out], detail=detail or f"quantize {tensor.name}", rule=rule)
@@ -229,7 +230,7 @@ class Rewriter:
         idx = next(i for i, t in enumerate(self.graph.outputs) if t is old)
         is_io = any(t is new for t in self.graph.inputs) or is_graph_output(self.graph, new) or isinstance(new, gs.Constant)
         if is_io:
-            out = gs.Variable(self.fresh_name(old.name + "_bridge"), dtype=old.dtype, shape=old.shape)
+            out = new_variable(self.fresh_name(old.name + "_bridge"), old.dtype, old.shape)
             self.add_node("Identity", [new], name=old.name + "_Identity", outputs=[out], detail="keep graph output name", rule=rule)
             new = out
         name = old.name

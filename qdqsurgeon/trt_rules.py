@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import WEIGHTED_OPS, const_value, is_dq, is_q, producer, weight_input_index
+from .graph import WEIGHTED_OPS, const_value, is_constant, is_dq, is_q, producer, weight_input_index
 
 __all__ = [
     "ALL",
@@ -299,7 +299,7 @@ def data_input_indices(node: gs.Node) -> tuple[int, ...]:
     n = len(node.inputs)
     if rule is None or rule.data_inputs == ALL:
         idx = tuple(i for i in range(n) if node.inputs[i] is not None and node.inputs[i].name
-                    and const_value(node.inputs[i]) is None)
+                    and not is_constant(node.inputs[i]))
         return idx if rule is not None else tuple(range(n))
     return tuple(i for i in rule.data_inputs if i < n)
 
@@ -344,20 +344,20 @@ def commutes(node: gs.Node) -> bool:
         return True
     if node.op == "Cast":
         return int(node.attrs.get("to", 0)) in _FLOAT_TYPES
-    if node.op == "Gather" and len(node.inputs) > 0 and const_value(node.inputs[0]) is not None:
+    if node.op == "Gather" and len(node.inputs) > 0 and is_constant(node.inputs[0]):
         return False  # an embedding/table lookup on a constant, not data movement of an activation
     return True
 
 
 def _non_const_inputs(node: gs.Node) -> list[gs.Tensor]:
-    return [t for t in node.inputs if t is not None and t.name and const_value(t) is None]
+    return [t for t in node.inputs if t is not None and t.name and not is_constant(t)]
 
 
 def is_bias_add(node: gs.Node) -> bool:
     """An Add with exactly one constant operand (F3: folds into the conv bias)."""
     if node.op != "Add" or len(node.inputs) != 2:
         return False
-    consts = [const_value(t) is not None for t in node.inputs]
+    consts = [is_constant(t) for t in node.inputs]
     return consts.count(True) == 1
 
 
@@ -414,7 +414,7 @@ def gelu_region(tensor: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor] | None:
                 if n in region or n.op not in _GELU_OPS or len(n.outputs) != 1:
                     continue
                 data = _non_const_inputs(n)
-                consts = [const_value(i) for i in n.inputs if i is not None and i.name and const_value(i) is not None]
+                consts = [const_value(i) for i in n.inputs if i is not None and i.name and is_constant(i)]
                 if not data or any(id(i) not in inside for i in data) or any(np.size(c) != 1 for c in consts):
                     continue
                 if n.op == "Add" and len(data) != 1:
@@ -577,7 +577,7 @@ def _score_gemm(node: gs.Node | None, budget: int, exported: set[int]) -> gs.Nod
     if node.op not in MHA_BETWEEN:
         return None
     for i in node.inputs:
-        if i is None or not i.name or const_value(i) is not None:
+        if i is None or not i.name or is_constant(i):
             continue
         found = _score_gemm(_skip_qdq_back(i), budget - 1, exported)
         if found is not None:

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
-from ..graph import const_value, is_dq, is_q, nested_nodes, producer, weight_input_index
+from ..graph import const_value, is_constant, is_dq, is_q, nested_nodes, producer, weight_input_index
 from ..qdq import conv_chain, source_of
 
 from .fuse import _Chain, _fuse
@@ -219,7 +219,7 @@ def _kernels(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node], layers:
             for _ in range(8):
                 if t is None:
                     break
-                if const_value(t) is not None:
+                if is_constant(t):
                     if t.name:
                         out.append(t.name)
                     break

@@ -15,7 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
-from ..graph import const_value, is_dq, is_q, producer, qparams, qparams_key, toposort_graph
+from ..io import heavy, without_weight_bytes
+from ..graph import _flat_model, const_value, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph
 from ..qdq import agreed_dq_sources, agreed_q_readers, cancels, duplicates
 from ..rewriter import Rewriter
 
@@ -37,11 +38,16 @@ def _working_graph(model_or_graph: onnx.ModelProto | gs.Graph) -> gs.Graph:
             return model_or_graph.copy()
     else:
         raise TypeError(f"predict() takes an onnx.ModelProto or a gs.Graph, not {type(model_or_graph).__name__}")
+    originals = None
+    if _flat_model(model) and heavy(model):
+        model, originals = without_weight_bytes(model)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # shapes only feed MAC counts; a model ONNX cannot infer still gets a prediction
         logger.debug("shape inference failed: %s", exc)
-    return gs.import_onnx(model)
+    return import_graph(model, originals)
+
+
 
 
 def _dim(d: Any) -> int:
@@ -166,7 +172,7 @@ class _Sim:
 
     def new_var(self, base: str) -> gs.Variable:
         self._var += 1
-        return gs.Variable(f"{base}__sim{self._var}")
+        return new_variable(f"{base}__sim{self._var}")
 
     def template(self, like: gs.Node) -> tuple[str, str, dict, list[gs.Tensor], tuple]:
         """What a moved copy of ``like`` needs, captured before ``like`` is detached."""
@@ -186,7 +192,7 @@ class _Sim:
         for _ in range(8):
             if t is None:
                 return False
-            if const_value(t) is not None:
+            if is_constant(t):
                 return True
             p = producer(t)
             if p is None or not (is_q(p) or is_dq(p) or p.op in R.WEIGHT_PASSTHROUGH_OPS):

@@ -31,7 +31,7 @@ from qdqsurgeon.calibration.methods import (
     compute_amax,
 )
 from qdqsurgeon.errors import DataError, ModelError, UsageError
-from qdqsurgeon.io import is_plugin_domain
+from qdqsurgeon.io import heavy, is_plugin_domain, tensor_payload, without_weight_bytes
 
 __all__ = [
     "tensor_elem_types",
@@ -172,8 +172,13 @@ def _as_float32(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _too_big(model: onnx.ModelProto, limit: int | None = None) -> bool:
+    limit = _PROTO_LIMIT if limit is None else min(limit, _PROTO_LIMIT)
+    # The tensors decide it; the exact size (ByteSize encodes the whole message, a copy of the
+    # weights) only when they come within 10% of the limit.
+    if tensor_payload(model) < 0.9 * limit:
+        return False
     try:
-        return model.ByteSize() >= (_PROTO_LIMIT if limit is None else min(limit, _PROTO_LIMIT))
+        return model.ByteSize() >= limit
     except Exception:  # upb refuses to size a message over 2 GB at all
         return True
 
@@ -188,7 +193,8 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
             inferred = onnx.load(dst, load_external_data=False)
     else:
         try:
-            inferred = onnx.shape_inference.infer_shapes(model)
+            # a heavy model's weights need not be serialized to infer their readers' types
+            inferred = onnx.shape_inference.infer_shapes(without_weight_bytes(model)[0] if heavy(model) else model)
         except Exception as exc:  # onnx raises several unrelated types here
             logger.warning("shape inference failed (%s); using only the types the model declares", exc)
             inferred = model
@@ -397,9 +403,10 @@ def make_session(
 
 
 # onnxruntime's session setup grows faster than linearly with the node count (on a chain of residual
-# conv blocks: 12 s at 20k nodes, 77 s at 40k, optimizations off; 4x that with them on). Graphs larger
-# than this are calibrated through consecutive slices of about this many nodes, each its own session.
-_SEGMENT_NODES = 4000
+# conv blocks: 12 s at 20k nodes, 77 s at 40k, optimizations off; 4x that with them on; per node, a
+# 4000-node slice costs 1.2x a 2000-node one). Graphs larger than twice this are calibrated through
+# consecutive slices of about this many nodes, each its own session.
+_SEGMENT_NODES = 2000
 
 
 class _Segments:

@@ -161,13 +161,13 @@ class VerifyInstrument(Instrument):
     @staticmethod
     def _problem(graph_or_model: gs.Graph | onnx.ModelProto, full: bool = True) -> str | None:
         from ..graph import export_model
-        from ..io import is_large
+        from ..io import check_model, is_large
 
         model = graph_or_model if isinstance(graph_or_model, onnx.ModelProto) else export_model(graph_or_model)
         if is_large(model):
             return None  # the in-memory checker cannot take 2 GB; the saved model is checked by path
         try:
-            onnx.checker.check_model(model, full_check=full)
+            check_model(model, full_check=full)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             return str(exc).strip().splitlines()[0]
         return None

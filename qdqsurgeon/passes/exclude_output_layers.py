@@ -29,7 +29,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import (activation_input_index, const_value, is_blocked, is_dq, is_float_dtype, is_graph_output, is_q, opset_version,
+from ..graph import (activation_input_index, const_value, is_blocked, is_constant, is_dq, is_float_dtype, is_graph_output, is_q, opset_version,
                      producer, qparams)
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..qdq import conv_chain_head, dequantized_input, drop_float_only_pairs, pair_reading, unquantize_graph_output
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 def _is_residual(node: gs.Node) -> bool:
     """An Add joining a conv chain with another run-time tensor (F5), as opposed to head arithmetic."""
-    if node.op != "Add" or len(node.inputs) != 2 or any(const_value(t) is not None for t in node.inputs):
+    if node.op != "Add" or len(node.inputs) != 2 or any(is_constant(t) for t in node.inputs):
         return False
     return any(conv_chain_head(t, exclusive=False) is not None for t in node.inputs)
 

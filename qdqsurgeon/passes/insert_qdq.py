@@ -31,7 +31,8 @@ import onnx_graphsurgeon as gs
 
 from ..config import Config
 from ..errors import ModelError
-from ..graph import DQ_OP, Q_OP, after_plugins, const_value, is_dq, is_float_dtype, nested_nodes, np_dtype, opset_version, producer
+from ..graph import (DQ_OP, Q_OP, after_plugins, const_value, is_dq, is_float_dtype, nested_nodes, new_variable, np_dtype,
+                     opset_version, producer)
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..quant import quantize_int8, scale_from_amax, scale_in, weight_scales
 from ..rewriter import Rewriter
@@ -230,13 +231,13 @@ class InsertQdq(Pass):
         attrs = {} if axis is None else {"axis": int(axis)}
         scale_c = rw.constant(f"{src.name}_scale", scales)
         zp_c = rw.constant(f"{src.name}_zero_point", zero)
-        dq_out = gs.Variable(rw.fresh_name(f"{src.name}_dequantized"), dtype=scales.dtype, shape=list(value.shape))
+        dq_out = new_variable(rw.fresh_name(f"{src.name}_dequantized"), scales.dtype, list(value.shape))
         if ctx.config.weights == "int8":
             q = rw.constant(f"{src.name}_int8", quantize_int8(value.astype(np.float32), scales.astype(np.float32), axis))
             rw.add_node(DQ_OP, [q, scale_c, zp_c], name=f"{src.name}_DequantizeLinear", attrs=attrs, outputs=[dq_out],
                         detail=f"int8 weight + DQ, {detail}", rule="V3")
             return dq_out
-        q_out = gs.Variable(rw.fresh_name(f"{src.name}_quantized"), dtype=np.int8, shape=list(value.shape))
+        q_out = new_variable(rw.fresh_name(f"{src.name}_quantized"), np.int8, list(value.shape))
         rw.add_node(Q_OP, [src, scale_c, zp_c], name=f"{src.name}_QuantizeLinear", attrs=attrs, outputs=[q_out],
                     detail=f"weight Q, {detail}", rule="V3")
         rw.add_node(DQ_OP, [q_out, scale_c, zp_c], name=f"{src.name}_DequantizeLinear", attrs=attrs, outputs=[dq_out],

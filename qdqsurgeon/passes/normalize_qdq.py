@@ -48,7 +48,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import Config
 from ..errors import ModelError
-from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_dq, is_float_dtype, is_graph_output, is_q,
+from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_constant, is_dq, is_float_dtype, is_graph_output, is_q,
                      opset_version, producer, qparams, weight_input_index)
 from ..inspection import OPERATOR_QUANT_OPS, blocked_problem, layout_problem, unsupported_qtype
 from ..quant import MIN_SCALE, QMAX, expand_blocks, weight_scales
@@ -264,7 +264,7 @@ def _fake_quant(value: np.ndarray, qp: QParams) -> np.ndarray:
 def _uint4_convertible(node: gs.Node, qp: QParams) -> bool:
     """A DQ of a constant uint4 tensor whose zero points are all 8: exactly an int4 tensor with zero point 0."""
     return (is_dq(node) and np.dtype(qp.qdtype).name == "uint4" and qp.zero_point is not None
-            and bool(np.all(qp.zero_point.astype(np.int16) == 8)) and const_value(node.inputs[0]) is not None)
+            and bool(np.all(qp.zero_point.astype(np.int16) == 8)) and is_constant(node.inputs[0]))
 
 
 def _fmt(x: float) -> str:
@@ -298,7 +298,7 @@ def reinsert_folded_activation(graph: gs.Graph, rw: Rewriter, q: gs.Node, memo: 
     if zp != qmin:
         return False
     src = q.inputs[0]
-    if const_value(src) is not None or _nonnegative(src, memo):
+    if is_constant(src) or _nonnegative(src, memo):
         return False
     hi = (qmax - zp) * float(qp.scale.ravel()[0])
     prod = producer(src)
@@ -452,7 +452,7 @@ class NormalizeQdq(Pass):
     def _remove_integer_qdq(self, graph: gs.Graph, rw: Rewriter) -> None:
         for q in self._live(graph, rw, Q_OP):
             src = q.inputs[0]
-            if not _int_dtype(src) or const_value(src) is not None:
+            if not _int_dtype(src) or is_constant(src):
                 continue
             readers = list(q.outputs[0].outputs)
             if not readers or not all(is_dq(r) for r in readers) or is_graph_output(graph, q.outputs[0]):
@@ -476,7 +476,7 @@ class NormalizeQdq(Pass):
                     continue
                 q = producer(dq.inputs[0])
                 if not is_q(q):
-                    if const_value(dq.inputs[0]) is None:
+                    if not is_constant(dq.inputs[0]):
                         rw.note(dq, f"graph output {out.name} is a DQ of a non-Q tensor; left alone", rule="P9")
                     continue
                 qp = qparams(q)
@@ -714,7 +714,7 @@ class NormalizeQdq(Pass):
     def _activations(self, graph: gs.Graph, rw: Rewriter) -> None:
         memo: dict[int, bool] = {}
         for q in self._live(graph, rw, Q_OP):
-            if const_value(q.inputs[0]) is not None:
+            if is_constant(q.inputs[0]):
                 continue
             qp = qparams(q)
             if qp is None or qp.qdtype not in _QRANGE:

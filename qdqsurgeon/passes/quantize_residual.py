@@ -22,7 +22,7 @@ from collections import deque
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import activation_input_index, const_value, producer, qparams
+from ..graph import activation_input_index, is_constant, producer, qparams
 from ..qdq import conv_chain, conv_chain_head, dequantized_input, ensure_pair, pair_reading, pairs_on, source_of
 from ..quant import scale_from_amax
 from ..rewriter import Rewriter
@@ -51,7 +51,7 @@ def _ancestor_depths(t: gs.Tensor, limit: int = 400) -> dict[int, int]:
         if node is None:
             continue
         for inp in node.inputs:
-            if inp is None or const_value(inp) is not None or id(inp) in depths:
+            if inp is None or is_constant(inp) or id(inp) in depths:
                 continue
             depths[id(inp)] = d + 1
             queue.append((inp, d + 1))
@@ -60,7 +60,7 @@ def _ancestor_depths(t: gs.Tensor, limit: int = 400) -> dict[int, int]:
 
 def residual_sides(add: gs.Node) -> tuple[int, int, str] | None:
     """(conv-branch input index, skip input index, why) for a residual Add, or None."""
-    if add.op != "Add" or len(add.inputs) != 2 or any(const_value(t) is not None for t in add.inputs):
+    if add.op != "Add" or len(add.inputs) != 2 or any(is_constant(t) for t in add.inputs):
         return None
     srcs = [source_of(t) for t in add.inputs]
     heads = [conv_chain_head(s) for s in srcs]
