@@ -312,7 +312,19 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--io-float16", is_flag=True, help="With --float16: make graph inputs/outputs FP16 too.")
 @click.option("--requantize", is_flag=True, help="Model already has Q/DQ: drop it and calibrate afresh (needs --calib).")
 @click.option("--check", "run_check", is_flag=True, help="Compare the result with the input in onnxruntime (SQNR).")
-@click.option("--eval", "eval_path", type=click.Path(readable=False), help="Data for --check (default: the calibration data).")
+@click.option("--eval", "--data", "eval_path", type=click.Path(readable=False),
+              help="Evaluation data for --check and --target (default: the calibration data).")
+@click.option("--target", "target_text", default=None,
+              help="Mixed precision: keep the most harmful groups float until the target is met on the evaluation data: "
+                   "cosine>=X, sqnr>=X (dB) or top1>=X (a fraction; accuracy with --labels, else agreement with the float model).")
+@click.option("--max-drop", type=float, default=None, help="Mixed precision: top-1 at most this many points below the float model's.")
+@click.option("--labels", "labels_path", type=click.Path(readable=False),
+              help="Class labels of the evaluation samples (.npy of integers) for top1 targets.")
+@click.option("--save-precision", "save_precision_path", type=click.Path(readable=False),
+              help="Write the per-layer precision --target chose (JSON: node name -> int8/float).")
+@click.option("--precision", "precision_path", type=click.Path(readable=False),
+              help="Apply a per-layer precision file (from --save-precision) instead of searching: no evaluation data needed.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Worker processes for --target's sensitivity analysis.")
 @click.option("--build", "engine_path", type=click.Path(readable=False), help="Build a TensorRT engine from the result (needs TensorRT).")
 @click.option("--no-analysis", is_flag=True, help="Skip the before/after static TensorRT analysis.")
 @click.option("--allow-regression", is_flag=True,
@@ -323,8 +335,9 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str, trt_version: str | None,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
                  keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, run_check: bool,
-                 eval_path: str | None, engine_path: str | None, no_analysis: bool, allow_regression: bool,
-                 quiet: bool) -> None:
+                 eval_path: str | None, target_text: str | None, max_drop: float | None, labels_path: str | None,
+                 save_precision_path: str | None, precision_path: str | None, jobs: int,
+                 engine_path: str | None, no_analysis: bool, allow_regression: bool, quiet: bool) -> None:
     """Optimize IN into OUT: insert (FP32 input) or repair (Q/DQ input) Q/DQ for TensorRT.
 
     An FP32 model takes the PTQ pipeline and needs calibration data (--calib, --calib-cache or
@@ -383,6 +396,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
             raise UsageError("no such file or folder", path=data_path)
     if run_check and not (eval_path or calib):
         raise UsageError("--check needs --eval PATH or --calib PATH")
+    target = _mixed_options(target_text, max_drop, precision_path, save_precision_path, labels_path, eval_path, calib, jobs, src)
     exclude = _checked_regexes(exclude)
 
     model = load(src, opset=opset)
@@ -428,10 +442,22 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         if ranges is None and passes is None:
             raise UsageError(f"{src} is a float model: PTQ needs calibration data (--calib PATH, --calib-cache FILE, "
                              f"or --calib-random N for a smoke test)")
+    mixed = None
+    if target is not None or precision_path:
+        if mode != "ptq" or passes is not None:
+            raise UsageError("--target and --precision choose precision for the PTQ pipeline: give a float model and no --passes")
+        if ranges is None:
+            raise UsageError("--target and --precision need calibration data for the INT8 layers (--calib or --calib-cache)")
+        mixed, config = _mixed_precision(model, ranges, config, target, precision_path, eval_path or calib, preprocess,
+                                         labels_path, jobs, quiet)
     res = optimize(model, passes, config=config, registry=registry, ranges=ranges,
                    mode=None if passes else mode, extra_passes=user, analyze=not no_analysis,
                    opset_upgrade=not no_opset_upgrade, prior_changes=upgraded)
     save(res.model, dst, input_path=src)
+    if save_precision_path and mixed is not None:
+        from .mixed_precision import precision_text
+
+        _write_atomic(Path(save_precision_path), precision_text(mixed.decision))
     if report_path:
         payload = res.to_dict()
         payload.update({"input": src, "output": dst})
@@ -441,6 +467,8 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         _write_atomic(Path(report_path), json.dumps(payload, indent=2))
     if not quiet:
         _print_summary(res, src, dst, time.perf_counter() - t0)
+    if mixed is not None:
+        _report_mixed(mixed, quiet)
     if check_data is not None:
         from .check import compare
 
@@ -464,6 +492,73 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         build_engine(dst, engine_path)
         if not quiet:
             click.echo(f"  engine written to {engine_path}")
+
+
+def _mixed_options(target_text: str | None, max_drop: float | None, precision_path: str | None,
+                   save_precision_path: str | None, labels_path: str | None, eval_path: str | None, calib: str | None,
+                   jobs: int, src: str) -> Any:
+    """--target/--max-drop/--precision checked before any work; the parsed target or None."""
+    from .io import check_output_path, check_readable
+    from .mixed_precision import drop_target, parse_target
+
+    if target_text is not None and max_drop is not None:
+        raise UsageError("give --target or --max-drop, not both")
+    target = parse_target(target_text) if target_text is not None else drop_target(max_drop) if max_drop is not None else None
+    if target is not None and precision_path:
+        raise UsageError("--precision applies a saved decision; it does not search: drop --target/--max-drop")
+    if save_precision_path and target is None:
+        raise UsageError("--save-precision writes what --target (or --max-drop) chose: give one of them")
+    if labels_path and (target is None or target.metric != "top1"):
+        raise UsageError("--labels is for top1 targets (--target top1>=X or --max-drop)")
+    if target is not None and not (eval_path or calib):
+        raise UsageError("--target needs evaluation data: --data PATH (or --calib PATH)")
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    for path in (precision_path, labels_path):
+        if path:
+            check_readable(path)
+    if save_precision_path:
+        check_output_path(save_precision_path, src)
+    return target
+
+
+def _mixed_precision(model: Any, ranges: Any, config: Any, target: Any, precision_path: str | None, data_path: str,
+                     preprocess: str | None, labels_path: str | None, jobs: int, quiet: bool) -> tuple[Any, Any]:
+    """The search (--target) or the saved decision (--precision), and the configuration that places it."""
+    from .mixed_precision import load_precision, precision_config, search
+
+    if precision_path:
+        return None, precision_config(config, load_precision(precision_path, model))
+    import numpy as np
+
+    from .calibration import Preprocess, open_data
+
+    labels = None
+    if labels_path:
+        try:
+            labels = np.load(labels_path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read the labels (.npy of integers): {exc}", path=labels_path) from None
+    data = open_data(data_path, model, Preprocess.parse(preprocess) if preprocess else None)
+    say = None if quiet else (lambda msg: click.echo(f"  target search: {msg}", err=True))
+    found = search(model, ranges, config, data, target, labels=labels, jobs=jobs, progress=not quiet, log=say)
+    return found, precision_config(config, found.decision)
+
+
+def _report_mixed(found: Any, quiet: bool) -> None:
+    d = found.to_dict()
+    if not quiet:
+        click.echo(f"  mixed precision: target {d['target']}: {found.target.describe(found.measured)} "
+                   f"(all INT8: {found.target.describe(found.baseline.measured)}); {len(d['float_groups'])} group(s), "
+                   f"{len(d['float_layers'])} layer(s) float; INT8 MAC share {d['int8_mac_fraction']:.3f}, "
+                   f"{d['standalone_qdq_layers']} standalone Q/DQ predicted; {d['evaluations']} evaluations, {d['seconds']:.1f} s")
+        for name in d["float_layers"][:10]:
+            click.echo(f"    float: {name}")
+        if len(d["float_layers"]) > 10:
+            click.echo(f"    ... {len(d['float_layers']) - 10} more (--save-precision FILE)")
+    if not found.met:
+        click.echo(f"warning: target {d['target']} not met: best {found.target.describe(found.measured)} with "
+                   f"{len(d['float_groups'])} group(s) float; the model written is that best one", err=True)
 
 
 # ------------------------------------------------------------------------------------------------
