@@ -577,10 +577,13 @@ def _report_mixed(found: Any, quiet: bool) -> None:
 @click.option("--html", "html_path", type=click.Path(readable=False), help="Write a bar chart page (self-contained HTML).")
 @click.option("--png", "png_path", type=click.Path(readable=False), help="Write a bar chart PNG (needs matplotlib).")
 @click.option("--top", type=int, default=20, show_default=True, help="Rows of the printed table.")
+@click.option("--full", is_flag=True,
+              help="Measure every figure on all samples (two forward passes per group) instead of screening and estimating.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str | None, preprocess: str | None,
                     samples: int | None, exclude: tuple[str, ...], jobs: int, ray_address: str | None,
-                    json_path: str | None, html_path: str | None, png_path: str | None, top: int, quiet: bool) -> None:
+                    json_path: str | None, html_path: str | None, png_path: str | None, top: int, full: bool,
+                    quiet: bool) -> None:
     """Which quantized groups of MODEL cost accuracy: each alone INT8, and each alone left float.
 
     MODEL is quantized once as optimize does; its Q/DQ pairs are grouped by the layer they feed
@@ -625,7 +628,7 @@ def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str |
     src, upgraded = prepare_opset(src, None, config, mode="ptq")
     ranges = build_ranges(src, calib=calib, method=method, preprocess=preprocess, progress=not quiet)
     quantized = optimize(src, config=config, ranges=ranges, mode="ptq", prior_changes=upgraded).model
-    report = analyze(quantized, eval_data, jobs=jobs, ray_address=ray_address, progress=not quiet, samples=samples)
+    report = analyze(quantized, eval_data, jobs=jobs, ray_address=ray_address, progress=not quiet, samples=samples, full=full)
     if json_path:
         _write_atomic(Path(json_path), json.dumps({"model": model, **report.to_dict()}, indent=2))
     if html_path:
@@ -637,10 +640,13 @@ def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str |
     click.echo(f"qdqsurgeon sensitivity: {model}: {len(report.results)} groups, {report.samples} samples, "
                f"{report.workers}, {time.perf_counter() - t0:.1f} s")
     click.echo(f"  all INT8: SQNR {report.sqnr_all_int8:.2f} dB, cosine {report.cosine_all_int8:.5f}")
-    click.echo(f"  {'rank':>4}  {'group':<40} {'ops':<16} {'alone INT8 dB':>13} {'gain if float dB':>16}")
+    click.echo(f"  {report.method()}; ~ marks an estimate, * a figure on {report.screen_samples} sample(s)")
+    click.echo(f"  {'rank':>4}  {'group':<40} {'ops':<16} {'alone INT8 dB':>14} {'gain if float dB':>17}")
     for i, r in enumerate(report.ranked()[:top], 1):
+        few = "*" if r.samples_alone_int8 < report.samples else " "
+        guess = "~" if r.alone_float_estimated else " "
         click.echo(f"  {i:>4}  {r.group.name[:40]:<40} {','.join(r.group.ops)[:16]:<16} "
-                   f"{r.sqnr_alone_int8:>13.2f} {r.sqnr_alone_float - report.sqnr_all_int8:>+16.2f}")
+                   f"{r.sqnr_alone_int8:>13.2f}{few} {guess}{r.sqnr_alone_float - report.sqnr_all_int8:>+16.2f}")
     if len(report.results) > top:
         click.echo(f"  ... {len(report.results) - top} more (--top N, --json FILE)")
 
