@@ -15,7 +15,8 @@ What is measured and what is estimated (the report and its JSON say which, per g
 
 - all groups INT8 and the float reference: measured on all evaluation samples;
 - each group alone INT8 (everything else float): measured on the first ``screen_samples``
-  samples (default 2) for every group, and again on all samples for the ``top`` most harmful;
+  samples for every group (by default as many as make this screening cost one pass over the
+  data: samples / groups, at least 1), and again on all samples for the ``top`` (2) most harmful;
 - each group alone float (everything else INT8): estimated, as the all-INT8 noise power minus
   the group's own alone-INT8 noise power (independent roundings add their noise powers to
   first order), unless ``full=True`` measures it (two forward passes per group on all samples).
@@ -466,12 +467,14 @@ def analyze(
     progress: bool = True,
     samples: int | None = None,
     full: bool = False,
-    screen_samples: int = 2,
+    screen_samples: int | None = None,
     top: int = 2,
 ) -> SensitivityReport:
     """Per-group sensitivity of ``qdq_model`` (the output of ``optimize``) on ``data``.
 
-    Default (fast): every group alone INT8 on the first ``screen_samples`` samples; the ``top``
+    Default (fast): every group alone INT8 on the first ``screen_samples`` samples (default: the
+    number of samples over the number of groups, at least 1, so screening costs about one pass
+    over the data); the ``top``
     most harmful of them measured again on all samples; "alone float" estimated from the
     measured noise by additivity (all-INT8 noise minus the group's own). ``full=True`` measures
     both configurations of every group on all samples (two forward passes per group).
@@ -489,6 +492,8 @@ def analyze(
     n_all = sum(_count(f) for f in feeds)
     G = len(groups)
     jobs = max(1, int(jobs))
+    if screen_samples is None:
+        screen_samples = max(1, n_all // max(1, G))
     screen = None if full or screen_samples >= n_all else max(1, int(screen_samples))
     tasks: list[Task] = [(np.zeros(G, np.float32), None), (np.ones(G, np.float32), None)]
     tasks += [(_one_hot(G, g.index, 1.0), screen) for g in groups]
