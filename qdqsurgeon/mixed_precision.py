@@ -51,6 +51,10 @@ INT8, FLOAT = "int8", "float"
 QDQ_COST = 0.005
 #: Evaluations of candidate sets at most (each is one placement and one run over the evaluation data).
 MAX_EVALS = 24
+#: Groups whose alone-float gain the sensitivity analysis measures (instead of estimating) for the search.
+MAX_FLOAT_MEASURED = 16
+#: Sensitivity analyses at most: one of the all-INT8 placement, then one on top of each set that missed.
+MAX_ROUNDS = 3
 
 _TARGET = re.compile(r"^\s*(cosine|sqnr|top1)\s*>=\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 
@@ -318,135 +322,183 @@ def search(
     plans: dict[frozenset[str], tuple[onnx.ModelProto, Any]] = {}
     measured: dict[frozenset[str], Step] = {}
     steps: list[Step] = []
-    layers_of: dict[str, tuple[str, ...]] = {}
+    names: dict[str, str] = {}  # weighted layer -> the name of the group it was chosen with
 
-    def plan(groups: frozenset[str]) -> tuple[onnx.ModelProto, Any]:
-        """The placement with ``groups`` float and its static TensorRT prediction (no data needed)."""
-        if groups not in plans:
-            decision = {layer: FLOAT for g in groups for layer in layers_of[g]}
-            placed = optimize(model, config=precision_config(base, decision), ranges=ranges, mode="ptq", analyze=False).model
-            plans[groups] = (placed, predict(placed, trt_version=config.trt_version))
-        return plans[groups]
+    def plan(floats: frozenset[str]) -> tuple[onnx.ModelProto, Any]:
+        """The placement with the weighted layers ``floats`` float and its static TensorRT prediction (no data needed)."""
+        if floats not in plans:
+            placed = optimize(model, config=precision_config(base, dict.fromkeys(floats, FLOAT)), ranges=ranges,
+                              mode="ptq", analyze=False).model
+            plans[floats] = (placed, predict(placed, trt_version=config.trt_version))
+        return plans[floats]
 
-    def place(groups: frozenset[str]) -> Step:
-        if groups not in measured:
-            placed, pred = plan(groups)
+    def place(floats: frozenset[str]) -> Step:
+        if floats not in measured:
+            placed, pred = plan(floats)
             m = scorer(placed)
-            step = Step(tuple(sorted(groups)), m, target.met(m), pred.int8_mac_fraction, pred.standalone_qdq_layers)
-            measured[groups] = step
+            groups = tuple(sorted({names.get(n, n) for n in floats}))
+            step = Step(groups, m, target.met(m), pred.int8_mac_fraction, pred.standalone_qdq_layers)
+            measured[floats] = step
             steps.append(step)
             say(f"{len(groups)} group(s) float: {target.describe(m)}, INT8 MACs {pred.int8_mac_fraction:.3f}, "
                 f"{pred.standalone_qdq_layers} standalone Q/DQ{' (met)' if step.met else ''}")
-        return measured[groups]
+        return measured[floats]
 
     start = place(frozenset())
-    q0, pred0 = plan(frozenset())
+    pred0 = plan(frozenset())[1]
     int8_layers = {w["node"]: w for w in pred0.weighted_ops if str(w["precision"]).startswith(INT8)}
     total_macs = float(sum(w["macs"] for w in pred0.weighted_ops)) or 1.0
-    result_kw: dict[str, Any] = {}
-    if start.met:
-        chosen: frozenset[str] = frozenset()
-    else:
+    allowed = target.allowed_noise(start.measured)
+    sens_s, methods = 0.0, []
+
+    def rank(floats: frozenset[str], current: Step) -> list[_Candidate]:
+        """Candidates to add to ``floats``, best first, from a sensitivity analysis of that placement."""
+        nonlocal sens_s
+        now = _rel(current.measured.sqnr)
+
+        def candidates(results: list[Any]) -> list[tuple[int, _Candidate]]:
+            out = []
+            for r in results:
+                layers = tuple(n for n in r.group.layers if n in int8_layers and n not in floats)
+                if not layers:
+                    continue  # no weighted INT8 layer: nothing insert-qdq could leave float
+                # the noise removed by keeping it float: measured (all INT8 minus alone float) or,
+                # where that was estimated, its own alone-INT8 noise (the same by additivity)
+                gain = now - _rel(r.sqnr_alone_float) if not r.alone_float_estimated else _rel(r.sqnr_alone_int8)
+                out.append((r.group.index, _Candidate(r.group.name, layers, max(gain, 0.0),
+                                                       sum(int8_layers[n]["macs"] for n in layers) / total_macs)))
+            return out
+
+        def float_for(results: list[Any]) -> list[int]:
+            """Groups whose alone-float gain is worth measuring: the leading candidates, twice the predicted prefix."""
+            ranked = sorted(candidates(results), key=lambda ic: _priority(ic[1]))
+            k = _predicted_length([c for _, c in ranked], now, allowed)
+            return [i for i, _ in ranked[:min(len(ranked), 2 * k + 4, MAX_FLOAT_MEASURED)]]
+
         t1 = time.perf_counter()
-        report = analyze(q0, feeds, jobs=jobs, progress=progress)
-        result_kw = {"sensitivity_seconds": time.perf_counter() - t1, "sensitivity_method": report.method()}
-        cands = []
-        for r in report.results:
-            layers = tuple(n for n in r.group.layers if n in int8_layers)
-            if not layers:
-                continue  # no weighted layer: nothing insert-qdq could leave float
-            layers_of[r.group.name] = layers
-            noise = 10.0 ** (-r.sqnr_alone_int8 / 10.0) if math.isfinite(r.sqnr_alone_int8) else (0.0 if r.sqnr_alone_int8 > 0 else 1.0)
-            cands.append(_Candidate(r.group.name, layers, noise, sum(int8_layers[n]["macs"] for n in layers) / total_macs))
+        report = analyze(plan(floats)[0], feeds, jobs=jobs, progress=progress, float_for=float_for)
+        sens_s += time.perf_counter() - t1
+        methods.append(report.method())
+        cands = [c for _, c in candidates(report.results)]
+        order = sorted(cands, key=_priority)
+        # Standalone Q/DQ each leading candidate adds, from its own placement (static model, no data).
+        base_qdq = current.standalone_qdq
+        for c in order[:min(len(order), 2 * _predicted_length(order, now, allowed) + 4)]:
+            c.qdq = max(0, plan(floats | frozenset(c.layers))[1].standalone_qdq_layers - base_qdq)
+        return sorted(cands, key=_priority)
 
-        def qdq_added(c: _Candidate) -> int:
-            return plan(frozenset([c.name]))[1].standalone_qdq_layers - start.standalone_qdq
-
-        chosen = _choose(cands, place, qdq_added, start, target, max_evals, say)
+    chosen: frozenset[str] = frozenset()
+    if not start.met:
+        chosen = _choose(rank, place, start, target, max_evals, say, names)
     final = place(chosen)
     decision = {n: INT8 for n in int8_layers}
-    decision.update({layer: FLOAT for g in chosen for layer in layers_of[g]})
-    return MixedResult(target, decision, sorted(chosen), final.measured, final.met, final.int8_mac_fraction,
-                       final.standalone_qdq, start, steps, seconds=time.perf_counter() - t0, **result_kw)
+    decision.update(dict.fromkeys(chosen, FLOAT))
+    return MixedResult(target, decision, sorted({names.get(n, n) for n in chosen}), final.measured, final.met,
+                       final.int8_mac_fraction, final.standalone_qdq, start, steps, sensitivity_seconds=sens_s,
+                       seconds=time.perf_counter() - t0, sensitivity_method="; ".join(dict.fromkeys(methods)))
 
 
-def _choose(cands: list[_Candidate], place: Callable[[frozenset[str]], Step], qdq_added: Callable[[_Candidate], int],
-            start: Step, target: Target, max_evals: int, say: Callable[[str], None]) -> frozenset[str]:
-    """The cheapest set found: a grown prefix of the benefit/cost order, bisected, then pruned."""
-    if not cands:
-        return frozenset()
+def _choose(rank: Callable[[frozenset[str], Step], list[_Candidate]], place: Callable[[frozenset[str]], Step],
+            start: Step, target: Target, max_evals: int, say: Callable[[str], None], names: dict[str, str]) -> frozenset[str]:
+    """The cheapest set of float layers found (see the module docstring).
+
+    Rounds: the sensitivity of the current placement ranks the remaining groups; the prefix the
+    additive noise model says meets the target is placed and measured; when it misses, it is kept
+    and the next round ranks again on top of it (noise removed early changes what is left). Once a
+    set meets the target, the last round's prefix is bisected and then groups are dropped again,
+    most costly first, where the target holds without them.
+    """
     seen: set[frozenset[str]] = set()
 
-    def trial(groups: Sequence[_Candidate]) -> Step | None:
-        key = frozenset(c.name for c in groups)
-        if key not in seen and len(seen) >= max_evals:
+    def trial(floats: frozenset[str]) -> Step | None:
+        if floats not in seen and len(seen) >= max_evals:
             return None  # out of evaluations
-        seen.add(key)
-        return place(key)
+        seen.add(floats)
+        return place(floats)
 
-    def ranked() -> list[_Candidate]:
-        return sorted(cands, key=lambda c: (-c.noise / (c.cost() + 1e-4), c.name))
+    costs: dict[str, float] = {}
 
-    # Prefix length by the additive prediction (noise powers of groups add), at least one.
+    def with_(base: frozenset[str], cands: Sequence[_Candidate]) -> frozenset[str]:
+        for c in cands:
+            costs.setdefault(c.name, c.cost())
+            for layer in c.layers:
+                names.setdefault(layer, c.name)
+        return base | frozenset(layer for c in cands for layer in c.layers)
+
     allowed = target.allowed_noise(start.measured)
-    now = 10.0 ** (-start.measured.sqnr / 10.0) if math.isfinite(start.measured.sqnr) else 0.0
-
-    def predicted_length(order: list[_Candidate]) -> int:
-        if allowed is None:
-            return 1
-        acc = now
-        for k, c in enumerate(order, 1):
-            acc -= c.noise
-            if acc <= allowed:
-                return k
-        return len(order)
-
-    # Standalone Q/DQ each leading candidate adds, from its own placement (static model, no data):
-    # twice the predicted prefix and a few more, re-ranked with the learned costs.
-    order = ranked()
-    for c in order[:min(len(order), 2 * predicted_length(order) + 4)]:
-        c.qdq = qdq_added(c)
-    order = ranked()
-    k = predicted_length(order)
-    lo, hi = 0, None  # prefix lengths known to fail / to meet
-    best: tuple[int, Step] | None = None
-    while hi is None:
-        step = trial(order[:k])
-        if step is None:
+    kept, current = frozenset(), start
+    best: tuple[frozenset[str], Step] = (kept, start)
+    met: tuple[frozenset[str], list[_Candidate], int, int] | None = None  # (base, order, failing k, meeting k)
+    for _round in range(MAX_ROUNDS):
+        order = rank(kept, current)
+        if not order:
             break
-        if best is None or _better(step, best[1], target):
-            best = (k, step)
-        if step.met:
-            hi = k
-        elif k >= len(order):
+        k = _predicted_length(order, _rel(current.measured.sqnr), allowed)
+        last_round = allowed is None or _round == MAX_ROUNDS - 1
+        lo = 0
+        while True:  # the predicted prefix; in the last round (or for top-1) grown until it meets
+            step = trial(with_(kept, order[:k]))
+            if step is None:
+                break
+            if _better(step, best[1], target):
+                best = (with_(kept, order[:k]), step)
+            if step.met:
+                met = (kept, order, lo, k)
+                break
+            if not last_round or k >= len(order):
+                break
+            lo, k = k, min(len(order), max(k + 1, 2 * k))
+        if met is not None or step is None or last_round:
             break
-        else:
-            lo = k
-            k = min(len(order), max(k + 1, 2 * k))
-    if hi is None:
-        say(f"no prefix of the {len(order)} candidate groups met {target.text}")
-        return frozenset(c.name for c in order[:best[0]]) if best else frozenset()
+        kept, current = with_(kept, order[:k]), step
+    if met is None:
+        say(f"no set of groups met {target.text}")
+        return best[0]
+    base, order, lo, hi = met
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        step = trial(order[:mid])
+        step = trial(with_(base, order[:mid]))
         if step is None:
             break
-        if step.met:
-            hi = mid
-        else:
-            lo = mid
-    chosen = list(order[:hi])
-    # Prune: most costly first, drop a group when the target holds without it.
-    for c in sorted(chosen, key=lambda c: (-c.cost(), c.name)):
-        if len(chosen) == 1:
+        lo, hi = (lo, mid) if step.met else (mid, hi)
+    # Prune: most costly first (the earlier rounds' groups too), drop a group where the target holds without it.
+    chosen = with_(base, order[:hi])
+    groups: dict[str, list[str]] = {}
+    for layer in sorted(chosen):
+        groups.setdefault(names[layer], []).append(layer)
+    for name in sorted(groups, key=lambda g: (-costs.get(g, 1.0), g)):
+        if len(groups) == 1:
             break
-        rest = [x for x in chosen if x is not c]
+        rest = chosen - frozenset(groups[name])
         step = trial(rest)
         if step is None:
             break
         if step.met:
             chosen = rest
-    return frozenset(c.name for c in chosen)
+            del groups[name]
+    return chosen
+
+
+def _rel(sqnr_db: float) -> float:
+    """Relative noise power from an SQNR in dB."""
+    return 10.0 ** (-sqnr_db / 10.0) if math.isfinite(sqnr_db) else (0.0 if sqnr_db > 0 else math.inf)
+
+
+def _priority(c: _Candidate) -> tuple[float, str]:
+    """Sort key: noise removed per unit of cost, highest first (ties by name, so runs are stable)."""
+    return (-c.noise / (c.cost() + 1e-4), c.name)
+
+
+def _predicted_length(order: list[_Candidate], now: float, allowed: float | None) -> int:
+    """How long a prefix of ``order`` the additive noise model says meets the target (at least 1)."""
+    if allowed is None:
+        return 1
+    acc = now
+    for k, c in enumerate(order, 1):
+        acc -= c.noise
+        if acc <= allowed:
+            return k
+    return len(order)
 
 
 def _better(a: Step, b: Step, target: Target) -> bool:

@@ -92,6 +92,7 @@ class SensitivityReport:
     screen_samples: int = 0  # samples every group's alone-INT8 run used
     remeasured: int = 0  # groups whose alone-INT8 run was repeated on all samples
     full: bool = False  # alone-float measured too (not estimated)
+    float_measured: int = 0  # groups whose alone-float figures were measured (float_for)
 
     def method(self) -> str:
         """One line saying which figures are measurements and which are estimates."""
@@ -100,7 +101,10 @@ class SensitivityReport:
         else:
             how = (f"alone INT8 measured on {self.screen_samples} of {self.samples} samples, the {self.remeasured} most "
                    f"harmful again on all")
-        return how + ("; alone float measured" if self.full else "; alone float estimated (noise additivity)")
+        if self.full:
+            return how + "; alone float measured"
+        extra = f", measured on all samples for {self.float_measured}" if self.float_measured else ""
+        return how + f"; alone float estimated (noise additivity){extra}"
 
     def ranked(self) -> list[GroupResult]:
         return sorted(self.results, key=lambda r: (r.sqnr_alone_int8, -(r.sqnr_alone_float - self.sqnr_all_int8)))
@@ -452,6 +456,19 @@ def _materialize(data: Iterable[dict[str, np.ndarray]], limit: int | None) -> li
     return feeds
 
 
+def _result(g: QuantGroup, alone: tuple[tuple[list[float], list[float]], int], all_rel: list[float],
+            measured_float: tuple[list[float], list[float]] | None) -> GroupResult:
+    """A group's figures; alone float from ``measured_float`` when given, else by noise additivity."""
+    (rel, cos), measured_on = alone
+    if measured_float is not None:
+        f_rel, f_cos = measured_float
+    else:  # noise powers of independent roundings add: all-INT8 noise minus this group's
+        f_rel = [max(a - b, a * 1e-3) for a, b in zip(all_rel, rel)]
+        f_cos = [1.0 / math.sqrt(1.0 + r) if math.isfinite(r) else 0.0 for r in f_rel]
+    return GroupResult(g, _sqnr(rel), _sqnr(f_rel), min(cos, default=1.0), min(f_cos, default=1.0), measured_on,
+                       measured_float is None)
+
+
 def _one_hot(n: int, g: int, value: float) -> np.ndarray:
     c = np.full(n, 1.0 - value, np.float32)
     c[g] = value
@@ -469,6 +486,7 @@ def analyze(
     full: bool = False,
     screen_samples: int | None = None,
     top: int = 2,
+    float_for: Callable[[list[GroupResult]], Sequence[int]] | None = None,
 ) -> SensitivityReport:
     """Per-group sensitivity of ``qdq_model`` (the output of ``optimize``) on ``data``.
 
@@ -478,6 +496,8 @@ def analyze(
     most harmful of them measured again on all samples; "alone float" estimated from the
     measured noise by additivity (all-INT8 noise minus the group's own). ``full=True`` measures
     both configurations of every group on all samples (two forward passes per group).
+    ``float_for`` (used by ``optimize --target``) is given the results so far and returns the
+    indices of groups whose alone-float figures are then measured on all samples instead of estimated.
     ``jobs`` worker processes (1: this process), or an existing Ray cluster at ``ray_address``.
     ``samples`` caps how many evaluation samples are used.
     """
@@ -520,24 +540,19 @@ def analyze(
                 worst = sorted(groups, key=lambda g: -max(scores[1 + g.index][0], default=0.0))[:top]
                 again = runner.run([(_one_hot(G, g.index, 1.0), None) for g in worst], advance)
                 alone.update({g.index: (score(o), n_all) for g, o in zip(worst, again)})
+            all_rel, all_cos = scores[0]
+            results = [_result(g, alone[g.index], all_rel, scores[1 + G + g.index] if full else None) for g in groups]
+            wanted = [i for i in (float_for(results) if float_for and not full else []) if 0 <= i < G]
+            if wanted:
+                bar.update(task, total=len(tasks) + top + len(wanted))
+                again = runner.run([(_one_hot(G, i, 0.0), None) for i in wanted], advance)
+                for i, o in zip(wanted, again):
+                    results[i] = _result(groups[i], alone[i], all_rel, score(o))
     finally:
         runner.close()
-    all_rel, all_cos = scores[0]
-    results = []
-    for g in groups:
-        (rel, cos), measured_on = alone[g.index]
-        if full:
-            f_rel, f_cos = scores[1 + G + g.index]
-            estimated = False
-        else:  # noise powers of independent roundings add: all-INT8 noise minus this group's
-            f_rel = [max(a - b, a * 1e-3) for a, b in zip(all_rel, rel)]
-            f_cos = [1.0 / math.sqrt(1.0 + r) if math.isfinite(r) else 0.0 for r in f_rel]
-            estimated = True
-        results.append(GroupResult(g, _sqnr(rel), _sqnr(f_rel), min(cos, default=1.0), min(f_cos, default=1.0),
-                                   measured_on, estimated))
     workers = f"Ray cluster at {ray_address}" if ray_address else f"{jobs} process{'es' if jobs > 1 else ''}"
     return SensitivityReport(results, _sqnr(all_rel), min(all_cos, default=1.0), n_all, time.perf_counter() - t0, workers,
-                             screen_samples=screen or n_all, remeasured=top, full=full)
+                             screen_samples=screen or n_all, remeasured=top, full=full, float_measured=len(wanted))
 
 
 # ------------------------------------------------------------------------------------------------ picture
