@@ -192,7 +192,7 @@ def switch_model(model: onnx.ModelProto, groups: Sequence[QuantGroup]) -> onnx.M
     """``model`` with input ``qdqsurgeon_switch`` [G]: 0 makes a group's Q/DQ exact float, 1 keeps it quantized.
 
     Each switchable Q→DQ becomes ``If(s[g] > 0.5)`` whose then-branch is the same Q→DQ and whose
-    else-branch is ``Identity(x)``. Only the taken branch runs, so a configuration with few groups
+    else-branch is ``Identity(x)`` (a Cast when the DQ writes another float type than the Q reads). Only the taken branch runs, so a configuration with few groups
     on costs about one float forward pass (a ``Where`` between both values ran every Q/DQ always).
     """
     from onnx import helper
@@ -209,7 +209,11 @@ def switch_model(model: onnx.ModelProto, groups: Sequence[QuantGroup]) -> onnx.M
     for n in nodes:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
-    elem = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    try:  # element types of every tensor: a Q's input and its DQ's output may differ (float16 regions)
+        typed = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - inference is a help here, not a requirement
+        typed = g
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input, *typed.output]}
     elem.update({t.name: t.data_type for t in g.initializer})
     g.input.append(helper.make_tensor_value_info(SWITCH_INPUT, onnx.TensorProto.FLOAT, [len(groups)]))
     half = f"{SWITCH_INPUT}_half"
@@ -234,8 +238,10 @@ def switch_model(model: onnx.ModelProto, groups: Sequence[QuantGroup]) -> onnx.M
                 f"{d.name}_quantized", [], [helper.make_tensor_value_info(f"{y}_sw_then", dtype, None)])
             then.node[0].attribute.extend(q.attribute)
             then.node[1].attribute.extend(d.attribute)
-            other = helper.make_graph([helper.make_node("Identity", [x], [f"{y}_sw_else"], name=f"{d.name}_sw_id")],
-                                      f"{d.name}_float", [], [helper.make_tensor_value_info(f"{y}_sw_else", dtype, None)])
+            exact = (helper.make_node("Cast", [x], [f"{y}_sw_else"], name=f"{d.name}_sw_cast", to=dtype)
+                     if elem.get(x) and elem.get(x) != dtype else
+                     helper.make_node("Identity", [x], [f"{y}_sw_else"], name=f"{d.name}_sw_id"))
+            other = helper.make_graph([exact], f"{d.name}_float", [], [helper.make_tensor_value_info(f"{y}_sw_else", dtype, None)])
             added.append(helper.make_node("If", [on], [y], name=f"{d.name}_switch", then_branch=then, else_branch=other))
             removed.add(id(d))
             readers[d.input[0]] -= 1

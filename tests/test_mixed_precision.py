@@ -31,9 +31,11 @@ def _dq_fed(model: onnx.ModelProto, node_name: str) -> bool:
     return any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input)
 
 
-def test_target_meets_and_precision_file_reproduces_the_model_byte_for_byte(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--float16"]], ids=["fp32", "float16"])
+def test_target_meets_and_precision_file_reproduces_the_model_byte_for_byte(tmp_path, extra):
+    """Under --float16 the float layers are FP16 and the search measures that model (P10)."""
     a, b, prec = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "p.json"
-    res = _invoke("optimize", str(example_model()), str(a), "--calib", str(example_calibration()),
+    res = _invoke("optimize", str(example_model()), str(a), "--calib", str(example_calibration()), *extra,
                   "--target", "sqnr>=45", "--save-precision", str(prec))
     assert res.exit_code == 0, res.output + res.stderr
     assert "not met" not in res.stderr and "mixed precision: target sqnr>=45" in res.output
@@ -46,7 +48,8 @@ def test_target_meets_and_precision_file_reproduces_the_model_byte_for_byte(tmp_
     for name, precision in decision.items():  # the decision is what the model holds
         assert _dq_fed(out, name) == (precision == "int8"), name
     # the pipeline reproduces it without evaluation data (calibration still sets the INT8 ranges)
-    res = _invoke("optimize", str(example_model()), str(b), "--calib", str(example_calibration()), "--precision", str(prec), "-q")
+    res = _invoke("optimize", str(example_model()), str(b), "--calib", str(example_calibration()), *extra,
+                  "--precision", str(prec), "-q")
     assert res.exit_code == 0, res.stderr
     assert a.read_bytes() == b.read_bytes()
 
