@@ -6,10 +6,11 @@ replaced by evidence), measures it on the evaluation data and, when the target i
 the sensitivity analysis (:mod:`qdqsurgeon.sensitivity`) on it. Groups with a weighted layer are
 then ordered by the noise each removes per unit of cost, cost taken from the static TensorRT
 model (:func:`qdqsurgeon.analysis.predict`): the MAC share its layers take out of INT8, plus
-:data:`QDQ_COST` per standalone Q/DQ kernel it adds, learned as sets are placed. A prefix of that
-order is kept float, long enough by the additive-noise prediction, and checked for real; the
-prefix grows until the target is met, is then bisected, and groups in it are dropped again where
-the target holds without them, most costly first.
+:data:`QDQ_COST` per standalone Q/DQ kernel its own placement adds. The prefix of that order the
+additive noise model says is enough is placed and measured; when it falls short it is kept and
+the next round ranks the rest by a sensitivity analysis of that placement (:data:`MAX_ROUNDS`),
+the last round growing its prefix until the target is met. The meeting prefix is bisected, and
+groups are dropped again where the target holds without them, most costly first.
 
 Keeping a group float never edits Q/DQ after the fact: its weighted layers go into the exclusion
 list that ``insert-qdq`` honours (``Config.exclude``, anchored node names) and the whole PTQ
@@ -282,7 +283,7 @@ class MixedResult:
 class _Candidate:
     name: str
     layers: tuple[str, ...]  # weighted layers kept float with the group
-    noise: float  # relative output noise power of the group alone INT8
+    noise: float  # relative output noise power removed by keeping the group float (measured or estimated)
     macs: float  # share of the model's weighted MACs
     qdq: float = 1.0  # standalone Q/DQ it is expected to add (learned from placements)
 
@@ -319,18 +320,23 @@ def search(
     feeds = _materialize(data, samples)
     scorer = Scorer(model, feeds, labels)
     base = replace(config, keep_output_layers=True)
-    plans: dict[frozenset[str], tuple[onnx.ModelProto, Any]] = {}
+    plans: dict[frozenset[str], Any] = {}  # static predictions
     measured: dict[frozenset[str], Step] = {}
     steps: list[Step] = []
     names: dict[str, str] = {}  # weighted layer -> the name of the group it was chosen with
 
+    last: list[tuple[frozenset[str], onnx.ModelProto]] = []  # the latest placed model only: models can be large
+
     def plan(floats: frozenset[str]) -> tuple[onnx.ModelProto, Any]:
         """The placement with the weighted layers ``floats`` float and its static TensorRT prediction (no data needed)."""
+        if floats in plans and last and last[0][0] == floats:
+            return last[0][1], plans[floats]
+        placed = optimize(model, config=precision_config(base, dict.fromkeys(floats, FLOAT)), ranges=ranges,
+                          mode="ptq", analyze=False).model
         if floats not in plans:
-            placed = optimize(model, config=precision_config(base, dict.fromkeys(floats, FLOAT)), ranges=ranges,
-                              mode="ptq", analyze=False).model
-            plans[floats] = (placed, predict(placed, trt_version=config.trt_version))
-        return plans[floats]
+            plans[floats] = predict(placed, trt_version=config.trt_version)
+        last[:] = [(floats, placed)]
+        return placed, plans[floats]
 
     def place(floats: frozenset[str]) -> Step:
         if floats not in measured:
