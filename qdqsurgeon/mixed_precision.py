@@ -319,6 +319,9 @@ def search(
     say = log or (lambda _msg: None)
     feeds = _materialize(data, samples)
     scorer = Scorer(model, feeds, labels)
+    if target.metric == "top1" and scorer.class_output is None:
+        raise UsageError(f"{target.text}: the model has no output that looks like class scores ([batch, classes]); "
+                         "use a cosine or sqnr target")
     base = replace(config, keep_output_layers=True)
     plans: dict[frozenset[str], Any] = {}  # static predictions
     measured: dict[frozenset[str], Step] = {}

@@ -157,3 +157,13 @@ def test_output_layer_quantized_when_the_evidence_allows(tmp_path):
     decision = json.loads(prec.read_text())
     assert "float" in decision.values()
     assert _dq_fed(onnx.load(str(strict)), "fc") == (decision["fc"] == "int8")
+
+
+def test_max_drop_is_points_below_the_float_model():
+    from qdqsurgeon.mixed_precision import Measured, drop_target
+
+    t = drop_target(2)
+    assert t.met(Measured(30.0, 0.99, top1=0.75, top1_float=0.76))  # 1 point below the float model's accuracy
+    assert not t.met(Measured(30.0, 0.99, top1=0.73, top1_float=0.76))  # 3 points below
+    assert t.met(Measured(30.0, 0.99, top1=0.98)) and not t.met(Measured(30.0, 0.99, top1=0.97))  # agreement: 1 - 2 %
+    assert not t.met(Measured(30.0, 0.99, top1=None))  # no classifier output: a top-1 target cannot be met
