@@ -278,15 +278,16 @@ def target_rows(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, sa
 
 
 def summarize_targets(rows: list[dict[str, Any]]) -> str:
-    headers = ["model", "default (P9) cosine / INT8 MACs", "target", "met", "achieved", "groups (layers) float",
+    headers = ["model", "default (P9): cosine, INT8 MACs", "target", "met", "all-INT8 → chosen", "groups (layers) float",
                "INT8 MAC share all-INT8 → chosen", "standalone Q/DQ all-INT8 → chosen", "evaluations", "s"]
     lines = []
     for r in rows:
         a, d, z = r["achieved"], r["default"], r["all_int8"]
         metric = r["target"].split(">=")[0]
-        got = a["sqnr_db"] if metric == "sqnr" else a["cosine"] if metric == "cosine" else a["top1"]
-        lines.append([r["model"], f"{fmt(d['cosine'], 4)} / {d['int8_mac_fraction']:.3f}", r["target"],
-                      "yes" if r["met"] else "**no**", fmt(got, 4) if metric != "sqnr" else fmt(got),
+        key = {"sqnr": "sqnr_db", "cosine": "cosine"}.get(metric, "top1")
+        digits = 2 if metric == "sqnr" else 4
+        lines.append([r["model"], f"{fmt(d['cosine'], 4)}, {d['int8_mac_fraction']:.3f}", r["target"],
+                      "yes" if r["met"] else "**no**", f"{fmt(z[key], digits)} → {fmt(a[key], digits)}",
                       f"{len(r['float_groups'])} ({len(r['float_layers'])})",
                       f"{z['int8_mac_fraction']:.3f} → {r['int8_mac_fraction']:.3f}",
                       f"{z['standalone_qdq_layers']} → {r['standalone_qdq_layers']}", str(r["evaluations"]), f"{r['wall_s']:.0f}"])
