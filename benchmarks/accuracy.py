@@ -16,6 +16,14 @@ comparable with ours (whole-tool wall time); ``ptq_vs_baselines.py`` measures th
 
     python benchmarks/accuracy.py [--models a,b] [--methods max,percentile,...] [--json FILE] [--samples N] [--augment]
     python benchmarks/accuracy.py --sensitivity MODEL [--jobs N]   (sensitivity time / one calibration pass)
+    python benchmarks/accuracy.py --targets [--models a,b] [--json FILE]   (optimize --target, two targets per model)
+
+``--targets`` runs the mixed-precision search (``optimize --target``) per model for two targets:
+``cosine>=0.995`` (the issue's example) and the model's own all-INT8 SQNR + 3 dB (half the noise
+power), calibrating on the calibration samples and judging on the evaluation samples. Printed per
+target: met or not, the achieved value, groups and layers kept float, INT8 MAC share and predicted
+standalone Q/DQ (all-INT8 → chosen), evaluations and seconds; and the default placement (P9 head
+float) for reference.
 """
 
 from __future__ import annotations
@@ -268,6 +276,67 @@ def sensitivity_timing(m: zd.ZooModel, shared: Path, cache: Path, work: Path, sa
             "jobs": jobs, "ratio": sens_s / calib_s}
 
 
+TARGET_GAIN_DB = 3.0
+
+
+def target_rows(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, samples: int, jobs: int) -> list[dict[str, Any]]:
+    """``optimize --target`` for two targets on one model (see the module docstring)."""
+    import qdqsurgeon
+    from qdqsurgeon.analysis import predict
+    from qdqsurgeon.api import prepare_opset
+    from qdqsurgeon.config import Config
+    from qdqsurgeon.mixed_precision import Scorer, parse_target, search
+
+    if m is None:
+        src = ppocr_cls_path(cache)
+        calib_arrays, eval_arrays, _ = ppocr_cls_data(shared, samples)
+        data = zd.Inputs(calib_arrays, eval_arrays, "")
+    else:
+        src = zd.model_path(m, shared, cache)
+        data = zd.build(m, shared, cache, work, n_calib=samples)
+    calib = zd.save_npz(work / "calib.npz", data.calib)
+    feeds = list(zd.unstack(data.eval))
+    model, upgraded = prepare_opset(qdqsurgeon.load(str(src)), mode="ptq")
+    ranges = qdqsurgeon.build_ranges(model, calib=str(calib), progress=False)
+    default = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded, analyze=False).model
+    scorer = Scorer(model, feeds)
+    d_meas, d_pred = scorer(default), predict(default)
+    name = m.name if m else PPOCR_CLS[0]
+    rows = []
+    targets = ["cosine>=0.995", None]
+    for text in targets:
+        t0 = time.perf_counter()
+        if text is None:  # the all-INT8 SQNR of the first search, + 3 dB
+            text = f"sqnr>={math.floor((rows[0]['all_int8']['sqnr_db'] + TARGET_GAIN_DB) * 2) / 2:g}"
+        found = search(model, ranges, Config(), feeds, parse_target(text), jobs=jobs)
+        row = {"model": name, **found.to_dict(), "wall_s": time.perf_counter() - t0,
+               "default": {"sqnr_db": d_meas.sqnr, "cosine": d_meas.cosine, "int8_mac_fraction": d_pred.int8_mac_fraction,
+                           "standalone_qdq_layers": d_pred.standalone_qdq_layers}}
+        rows.append(row)
+        print(f"{name} {text}: {'met' if found.met else 'NOT met'}, {found.target.describe(found.measured)}, "
+              f"{len(found.float_groups)} groups float, INT8 MACs {found.baseline.int8_mac_fraction:.3f} -> "
+              f"{found.int8_mac_fraction:.3f}, standalone {found.baseline.standalone_qdq} -> {found.standalone_qdq} "
+              f"({row['evaluations']} evaluations, {row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def summarize_targets(rows: list[dict[str, Any]]) -> str:
+    headers = ["model", "default (P9): cosine, INT8 MACs", "target", "met", "all-INT8 → chosen", "groups (layers) float",
+               "INT8 MAC share all-INT8 → chosen", "standalone Q/DQ all-INT8 → chosen", "evaluations", "s"]
+    lines = []
+    for r in rows:
+        a, d, z = r["achieved"], r["default"], r["all_int8"]
+        metric = r["target"].split(">=")[0]
+        key = {"sqnr": "sqnr_db", "cosine": "cosine"}.get(metric, "top1")
+        digits = 2 if metric == "sqnr" else 4
+        lines.append([r["model"], f"{fmt(d['cosine'], 4)}, {d['int8_mac_fraction']:.3f}", r["target"],
+                      "yes" if r["met"] else "**no**", f"{fmt(z[key], digits)} → {fmt(a[key], digits)}",
+                      f"{len(r['float_groups'])} ({len(r['float_layers'])})",
+                      f"{z['int8_mac_fraction']:.3f} → {r['int8_mac_fraction']:.3f}",
+                      f"{z['standalone_qdq_layers']} → {r['standalone_qdq_layers']}", str(r["evaluations"]), f"{r['wall_s']:.0f}"])
+    return markdown_table(headers, lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", help=f"comma-separated model names (default: {len(DEFAULT_MODELS)} float models)")
@@ -281,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment", action="store_true",
                     help="score image models on 10 mirrored/shifted variants of each evaluation photo (less noise)")
     ap.add_argument("--sensitivity", metavar="MODEL", help="instead: time `sensitivity` on MODEL against one calibration pass")
-    ap.add_argument("--jobs", type=int, default=1, help="worker processes for --sensitivity")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes for --sensitivity and --targets")
+    ap.add_argument("--targets", action="store_true", help="instead: optimize --target for two targets per model")
     args = ap.parse_args(argv)
     import logging
 
@@ -297,6 +367,18 @@ def main(argv: list[str] | None = None) -> int:
             r = sensitivity_timing(available[args.sensitivity], args.shared, args.cache, Path(tmp), 32, args.jobs)
         print(f"sensitivity {r['model']}: {r['groups']} groups, {r['samples']} samples, {r['jobs']} job(s): "
               f"{r['sensitivity_s']:.1f} s; one calibration pass {r['calib_s']:.2f} s; ratio {r['ratio']:.1f}x")
+        return 0
+    if args.targets:
+        rows: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="qdq-target-") as tmp:
+            for name in names:
+                try:
+                    rows += target_rows(available[name], args.shared, args.cache, Path(tmp) / name, args.samples, args.jobs)
+                except Exception as exc:
+                    print(f"{name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", file=sys.stderr, flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps(rows, indent=2, default=str))
+        print(summarize_targets(rows))
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = []

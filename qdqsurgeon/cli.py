@@ -314,7 +314,19 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--repair-zero-scales", is_flag=True,
               help="Give zero Q/DQ scales (refused by default, V1) the smallest scale 1e-8 instead of stopping.")
 @click.option("--check", "run_check", is_flag=True, help="Compare the result with the input in onnxruntime (SQNR).")
-@click.option("--eval", "eval_path", type=click.Path(readable=False), help="Data for --check (default: the calibration data).")
+@click.option("--eval", "--data", "eval_path", type=click.Path(readable=False),
+              help="Evaluation data for --check and --target (default: the calibration data).")
+@click.option("--target", "target_text", default=None,
+              help="Mixed precision: keep the most harmful groups float until the target is met on the evaluation data: "
+                   "cosine>=X, sqnr>=X (dB) or top1>=X (a fraction; accuracy with --labels, else agreement with the float model).")
+@click.option("--max-drop", type=float, default=None, help="Mixed precision: top-1 at most this many points below the float model's.")
+@click.option("--labels", "labels_path", type=click.Path(readable=False),
+              help="Class labels of the evaluation samples (.npy of integers) for top1 targets.")
+@click.option("--save-precision", "save_precision_path", type=click.Path(readable=False),
+              help="Write the per-layer precision --target chose (JSON: node name -> int8/float).")
+@click.option("--precision", "precision_path", type=click.Path(readable=False),
+              help="Apply a per-layer precision file (from --save-precision) instead of searching: no evaluation data needed.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Worker processes for --target's sensitivity analysis.")
 @click.option("--build", "engine_path", type=click.Path(readable=False), help="Build a TensorRT engine from the result (needs TensorRT).")
 @click.option("--no-analysis", is_flag=True, help="Skip the before/after static TensorRT analysis.")
 @click.option("--allow-regression", is_flag=True,
@@ -325,8 +337,9 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str, trt_version: str | None,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
                  keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, repair_zero_scales: bool,
-                 run_check: bool, eval_path: str | None, engine_path: str | None, no_analysis: bool, allow_regression: bool,
-                 quiet: bool) -> None:
+                 run_check: bool, eval_path: str | None, target_text: str | None, max_drop: float | None, labels_path: str | None,
+                 save_precision_path: str | None, precision_path: str | None, jobs: int,
+                 engine_path: str | None, no_analysis: bool, allow_regression: bool, quiet: bool) -> None:
     """Optimize IN into OUT: insert (FP32 input) or repair (Q/DQ input) Q/DQ for TensorRT.
 
     An FP32 model takes the PTQ pipeline and needs calibration data (--calib, --calib-cache or
@@ -385,6 +398,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
             raise UsageError("no such file or folder", path=data_path)
     if run_check and not (eval_path or calib):
         raise UsageError("--check needs --eval PATH or --calib PATH")
+    target = _mixed_options(target_text, max_drop, precision_path, save_precision_path, labels_path, eval_path, calib, jobs, src)
     exclude = _checked_regexes(exclude)
 
     model = load(src, opset=opset)
@@ -430,10 +444,22 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         if ranges is None and passes is None:
             raise UsageError(f"{src} is a float model: PTQ needs calibration data (--calib PATH, --calib-cache FILE, "
                              f"or --calib-random N for a smoke test)")
+    mixed = None
+    if target is not None or precision_path:
+        if mode != "ptq" or passes is not None:
+            raise UsageError("--target and --precision choose precision for the PTQ pipeline: give a float model and no --passes")
+        if ranges is None:
+            raise UsageError("--target and --precision need calibration data for the INT8 layers (--calib or --calib-cache)")
+        mixed, config = _mixed_precision(model, ranges, config, target, precision_path, eval_path or calib, preprocess,
+                                         labels_path, jobs, quiet)
     res = optimize(model, passes, config=config, registry=registry, ranges=ranges,
                    mode=None if passes else mode, extra_passes=user, analyze=not no_analysis,
                    opset_upgrade=not no_opset_upgrade, prior_changes=upgraded)
     save(res.model, dst, input_path=src)
+    if save_precision_path and mixed is not None:
+        from .mixed_precision import precision_text
+
+        _write_atomic(Path(save_precision_path), precision_text(mixed.decision))
     if report_path:
         payload = res.to_dict()
         payload.update({"input": src, "output": dst})
@@ -443,6 +469,8 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
         _write_atomic(Path(report_path), json.dumps(payload, indent=2))
     if not quiet:
         _print_summary(res, src, dst, time.perf_counter() - t0)
+    if mixed is not None:
+        _report_mixed(mixed, quiet)
     if check_data is not None:
         from .check import compare
 
@@ -468,6 +496,73 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
             click.echo(f"  engine written to {engine_path}")
 
 
+def _mixed_options(target_text: str | None, max_drop: float | None, precision_path: str | None,
+                   save_precision_path: str | None, labels_path: str | None, eval_path: str | None, calib: str | None,
+                   jobs: int, src: str) -> Any:
+    """--target/--max-drop/--precision checked before any work; the parsed target or None."""
+    from .io import check_output_path, check_readable
+    from .mixed_precision import drop_target, parse_target
+
+    if target_text is not None and max_drop is not None:
+        raise UsageError("give --target or --max-drop, not both")
+    target = parse_target(target_text) if target_text is not None else drop_target(max_drop) if max_drop is not None else None
+    if target is not None and precision_path:
+        raise UsageError("--precision applies a saved decision; it does not search: drop --target/--max-drop")
+    if save_precision_path and target is None:
+        raise UsageError("--save-precision writes what --target (or --max-drop) chose: give one of them")
+    if labels_path and (target is None or target.metric != "top1"):
+        raise UsageError("--labels is for top1 targets (--target top1>=X or --max-drop)")
+    if target is not None and not (eval_path or calib):
+        raise UsageError("--target needs evaluation data: --data PATH (or --calib PATH)")
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    for path in (precision_path, labels_path):
+        if path:
+            check_readable(path)
+    if save_precision_path:
+        check_output_path(save_precision_path, src)
+    return target
+
+
+def _mixed_precision(model: Any, ranges: Any, config: Any, target: Any, precision_path: str | None, data_path: str,
+                     preprocess: str | None, labels_path: str | None, jobs: int, quiet: bool) -> tuple[Any, Any]:
+    """The search (--target) or the saved decision (--precision), and the configuration that places it."""
+    from .mixed_precision import load_precision, precision_config, search
+
+    if precision_path:
+        return None, precision_config(config, load_precision(precision_path, model))
+    import numpy as np
+
+    from .calibration import Preprocess, open_data
+
+    labels = None
+    if labels_path:
+        try:
+            labels = np.load(labels_path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read the labels (.npy of integers): {exc}", path=labels_path) from None
+    data = open_data(data_path, model, Preprocess.parse(preprocess) if preprocess else None)
+    say = None if quiet else (lambda msg: click.echo(f"  target search: {msg}", err=True))
+    found = search(model, ranges, config, data, target, labels=labels, jobs=jobs, progress=not quiet, log=say)
+    return found, precision_config(config, found.decision)
+
+
+def _report_mixed(found: Any, quiet: bool) -> None:
+    d = found.to_dict()
+    if not quiet:
+        click.echo(f"  mixed precision: target {d['target']}: {found.target.describe(found.measured)} "
+                   f"(all INT8: {found.target.describe(found.baseline.measured)}); {len(d['float_groups'])} group(s), "
+                   f"{len(d['float_layers'])} layer(s) float; INT8 MAC share {d['int8_mac_fraction']:.3f}, "
+                   f"{d['standalone_qdq_layers']} standalone Q/DQ predicted; {d['evaluations']} evaluations, {d['seconds']:.1f} s")
+        for name in d["float_layers"][:10]:
+            click.echo(f"    float: {name}")
+        if len(d["float_layers"]) > 10:
+            click.echo(f"    ... {len(d['float_layers']) - 10} more (--save-precision FILE)")
+    if not found.met:
+        click.echo(f"warning: target {d['target']} not met: best {found.target.describe(found.measured)} with "
+                   f"{len(d['float_groups'])} group(s) float; the model written is that best one", err=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # sensitivity
 @cli.command("sensitivity")
@@ -484,10 +579,13 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
 @click.option("--html", "html_path", type=click.Path(readable=False), help="Write a bar chart page (self-contained HTML).")
 @click.option("--png", "png_path", type=click.Path(readable=False), help="Write a bar chart PNG (needs matplotlib).")
 @click.option("--top", type=int, default=20, show_default=True, help="Rows of the printed table.")
+@click.option("--full", is_flag=True,
+              help="Measure every figure on all samples (two forward passes per group) instead of screening and estimating.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str | None, preprocess: str | None,
                     samples: int | None, exclude: tuple[str, ...], jobs: int, ray_address: str | None,
-                    json_path: str | None, html_path: str | None, png_path: str | None, top: int, quiet: bool) -> None:
+                    json_path: str | None, html_path: str | None, png_path: str | None, top: int, full: bool,
+                    quiet: bool) -> None:
     """Which quantized groups of MODEL cost accuracy: each alone INT8, and each alone left float.
 
     MODEL is quantized once as optimize does; its Q/DQ pairs are grouped by the layer they feed
@@ -532,7 +630,7 @@ def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str |
     src, upgraded = prepare_opset(src, None, config, mode="ptq")
     ranges = build_ranges(src, calib=calib, method=method, preprocess=preprocess, progress=not quiet)
     quantized = optimize(src, config=config, ranges=ranges, mode="ptq", prior_changes=upgraded).model
-    report = analyze(quantized, eval_data, jobs=jobs, ray_address=ray_address, progress=not quiet, samples=samples)
+    report = analyze(quantized, eval_data, jobs=jobs, ray_address=ray_address, progress=not quiet, samples=samples, full=full)
     if json_path:
         _write_atomic(Path(json_path), json.dumps({"model": model, **report.to_dict()}, indent=2))
     if html_path:
@@ -544,10 +642,13 @@ def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str |
     click.echo(f"qdqsurgeon sensitivity: {model}: {len(report.results)} groups, {report.samples} samples, "
                f"{report.workers}, {time.perf_counter() - t0:.1f} s")
     click.echo(f"  all INT8: SQNR {report.sqnr_all_int8:.2f} dB, cosine {report.cosine_all_int8:.5f}")
-    click.echo(f"  {'rank':>4}  {'group':<40} {'ops':<16} {'alone INT8 dB':>13} {'gain if float dB':>16}")
+    click.echo(f"  {report.method()}; ~ marks an estimate, * a figure on {report.screen_samples} sample(s)")
+    click.echo(f"  {'rank':>4}  {'group':<40} {'ops':<16} {'alone INT8 dB':>14} {'gain if float dB':>17}")
     for i, r in enumerate(report.ranked()[:top], 1):
+        few = "*" if r.samples_alone_int8 < report.samples else " "
+        guess = "~" if r.alone_float_estimated else " "
         click.echo(f"  {i:>4}  {r.group.name[:40]:<40} {','.join(r.group.ops)[:16]:<16} "
-                   f"{r.sqnr_alone_int8:>13.2f} {r.sqnr_alone_float - report.sqnr_all_int8:>+16.2f}")
+                   f"{r.sqnr_alone_int8:>13.2f}{few} {guess}{r.sqnr_alone_float - report.sqnr_all_int8:>+16.2f}")
     if len(report.results) > top:
         click.echo(f"  ... {len(report.results) - top} more (--top N, --json FILE)")
 

@@ -5,15 +5,23 @@ pairs are then grouped by what TensorRT runs as one INT8 unit: the pairs read by
 weighted op's activation and weight, a wrapped pooling op's inputs) belong together, pairs on
 tensors TensorRT ties into one buffer (Concat/Split, MaxPool, reshapes, fan-out: align-scales'
 :func:`~qdqsurgeon.passes.align_scales.tied_groups`, rules P4-P6) belong together, and so do the
-two batch GEMMs of an attention block (P1, INT8 MHA). For every group two configurations are run
-on the evaluation data: the group alone quantized (everything else float) and the group alone
-left float (everything else quantized); their worst-output SQNR against the float model is the
-result, with the all-float and all-quantized runs as references.
+two batch GEMMs of an attention block (P1, INT8 MHA).
 
-Every configuration runs in one onnxruntime session built once per worker: each DequantizeLinear
-output ``y`` of group ``g`` (Q input ``x``) is replaced by ``Where(s[g] > 0.5, y, x)`` with ``s`` a
-graph input of one switch per group, so 0 gives the float tensor and 1 the quantized one, exactly. Configurations are spread over worker processes
-(``jobs``) or over an existing Ray cluster (``ray_address``).
+Every configuration runs in one onnxruntime session built once per worker: each Q→DQ of group
+``g`` becomes ``If(s[g] > 0.5, Q→DQ, Identity)`` with ``s`` a graph input of one switch per group,
+so 0 gives the float tensor and 1 the quantized one, exactly, and only the taken branch costs time.
+
+What is measured and what is estimated (the report and its JSON say which, per group):
+
+- all groups INT8 and the float reference: measured on all evaluation samples;
+- each group alone INT8 (everything else float): measured on the first ``screen_samples``
+  samples for every group (by default as many as make this screening cost one pass over the
+  data: samples / groups, at least 1), and again on all samples for the ``top`` (2) most harmful;
+- each group alone float (everything else INT8): estimated, as the all-INT8 noise power minus
+  the group's own alone-INT8 noise power (independent roundings add their noise powers to
+  first order), unless ``full=True`` measures it (two forward passes per group on all samples).
+
+Configurations are spread over worker processes (``jobs``) or an existing Ray cluster (``ray_address``).
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ class GroupResult:
     sqnr_alone_float: float  # everything but this group quantized
     cosine_alone_int8: float
     cosine_alone_float: float
+    samples_alone_int8: int = 0  # samples the alone-INT8 figures were measured on
+    alone_float_estimated: bool = False  # alone-float figures from noise additivity, not a run
 
     def to_dict(self, all_int8: float) -> dict[str, Any]:
         return {
@@ -64,6 +74,7 @@ class GroupResult:
             "sqnr_db_alone_int8": _num(self.sqnr_alone_int8), "sqnr_db_alone_float": _num(self.sqnr_alone_float),
             "gain_db_when_float": _num(self.sqnr_alone_float - all_int8),
             "cosine_alone_int8": _num(self.cosine_alone_int8), "cosine_alone_float": _num(self.cosine_alone_float),
+            "alone_int8_samples": self.samples_alone_int8, "alone_float_is_estimate": self.alone_float_estimated,
             **({"stays_int8": self.group.fixed} if self.group.fixed else {}),
         }
 
@@ -78,6 +89,22 @@ class SensitivityReport:
     samples: int
     seconds: float = 0.0
     workers: str = "1 process"
+    screen_samples: int = 0  # samples every group's alone-INT8 run used
+    remeasured: int = 0  # groups whose alone-INT8 run was repeated on all samples
+    full: bool = False  # alone-float measured too (not estimated)
+    float_measured: int = 0  # groups whose alone-float figures were measured (float_for)
+
+    def method(self) -> str:
+        """One line saying which figures are measurements and which are estimates."""
+        if self.full or self.screen_samples >= self.samples:
+            how = f"alone INT8 measured on all {self.samples} samples"
+        else:
+            how = (f"alone INT8 measured on {self.screen_samples} of {self.samples} samples, the {self.remeasured} most "
+                   f"harmful again on all")
+        if self.full:
+            return how + "; alone float measured"
+        extra = f", measured on all samples for {self.float_measured}" if self.float_measured else ""
+        return how + f"; alone float estimated (noise additivity){extra}"
 
     def ranked(self) -> list[GroupResult]:
         return sorted(self.results, key=lambda r: (r.sqnr_alone_int8, -(r.sqnr_alone_float - self.sqnr_all_int8)))
@@ -86,7 +113,7 @@ class SensitivityReport:
         return {
             "sqnr_db_all_int8": _num(self.sqnr_all_int8), "cosine_all_int8": _num(self.cosine_all_int8),
             "samples": self.samples, "groups": len(self.results), "seconds": round(self.seconds, 3),
-            "workers": self.workers,
+            "workers": self.workers, "method": self.method(),
             "ranked": [r.to_dict(self.sqnr_all_int8) for r in self.ranked()],
         }
 
@@ -162,63 +189,116 @@ def find_groups(model: onnx.ModelProto) -> list[QuantGroup]:
 
 
 def switch_model(model: onnx.ModelProto, groups: Sequence[QuantGroup]) -> onnx.ModelProto:
-    """``model`` with input ``qdqsurgeon_switch`` [G]: 0 makes a group's Q/DQ exact float, 1 keeps it quantized (Where)."""
-    import onnx_graphsurgeon as gs
+    """``model`` with input ``qdqsurgeon_switch`` [G]: 0 makes a group's Q/DQ exact float, 1 keeps it quantized.
+
+    Each switchable Q→DQ becomes ``If(s[g] > 0.5)`` whose then-branch is the same Q→DQ and whose
+    else-branch is ``Identity(x)`` (a Cast when the DQ writes another float type than the Q reads). Only the taken branch runs, so a configuration with few groups
+    on costs about one float forward pass (a ``Where`` between both values ran every Q/DQ always).
+    """
+    from onnx import helper
 
     from .graph import export_model, import_model
 
-    graph = import_model(model)
-    nodes = {n.name: n for n in graph.nodes}
-    switch = gs.Variable(SWITCH_INPUT, dtype=np.float32, shape=[len(groups)])
-    graph.inputs.append(switch)
-    for g in groups:
-        dq_nodes = [nodes[d] for d in g.dq_nodes if d not in g.fixed and d in nodes]
-        if not dq_nodes:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    nodes = list(g.node)
+    by_name = {n.name: n for n in nodes}
+    producer = {o: n for n in nodes for o in n.output}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    try:  # element types of every tensor: a Q's input and its DQ's output may differ (float16 regions)
+        typed = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - inference is a help here, not a requirement
+        typed = g
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input, *typed.output]}
+    elem.update({t.name: t.data_type for t in g.initializer})
+    g.input.append(helper.make_tensor_value_info(SWITCH_INPUT, onnx.TensorProto.FLOAT, [len(groups)]))
+    half = f"{SWITCH_INPUT}_half"
+    g.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), half))
+    added: list[onnx.NodeProto] = []
+    removed: set[int] = set()
+    for grp in groups:
+        dqs = [by_name[d] for d in grp.dq_nodes if d not in grp.fixed and d in by_name]
+        if not dqs:
             continue
-        s = gs.Variable(f"{SWITCH_INPUT}_{g.index}", dtype=np.float32, shape=[])
-        on = gs.Variable(f"{SWITCH_INPUT}_{g.index}_on", dtype=np.bool_, shape=[])
-        graph.nodes += [gs.Node("Gather", f"{SWITCH_INPUT}_gather_{g.index}",
-                                inputs=[switch, gs.Constant(f"{SWITCH_INPUT}_idx_{g.index}", np.array(g.index, np.int64))],
-                                outputs=[s], attrs={"axis": 0}),
-                        gs.Node("Greater", f"{SWITCH_INPUT}_on_{g.index}",
-                                inputs=[s, gs.Constant(f"{SWITCH_INPUT}_half_{g.index}", np.array(0.5, np.float32))],
-                                outputs=[on])]
-        for d in dq_nodes:
-            x = d.inputs[0].inputs[0].inputs[0]  # the Q's float input
-            y = d.outputs[0]
-            out = gs.Variable(f"{d.name}_switch_out", dtype=y.dtype, shape=y.shape)
-            consumers = list(y.outputs)
-            graph.nodes.append(gs.Node("Where", f"{d.name}_switch", inputs=[on, y, x], outputs=[out]))
-            for c in consumers:
-                c.inputs = [out if t is y else t for t in c.inputs]
-            graph.outputs = [out if t is y else t for t in graph.outputs]
+        s, on, idx = f"{SWITCH_INPUT}_{grp.index}", f"{SWITCH_INPUT}_{grp.index}_on", f"{SWITCH_INPUT}_idx_{grp.index}"
+        g.initializer.append(onnx.numpy_helper.from_array(np.array(grp.index, np.int64), idx))
+        added += [helper.make_node("Gather", [SWITCH_INPUT, idx], [s], name=f"{s}_gather", axis=0),
+                  helper.make_node("Greater", [s, half], [on], name=f"{s}_greater")]
+        for d in dqs:
+            q = producer[d.input[0]]
+            x, y = q.input[0], d.output[0]
+            dtype = elem.get(y) or elem.get(x) or onnx.TensorProto.FLOAT
+            then = helper.make_graph(
+                [helper.make_node("QuantizeLinear", list(q.input), [f"{y}_sw_q"], name=f"{d.name}_sw_q"),
+                 helper.make_node("DequantizeLinear", [f"{y}_sw_q", *d.input[1:]], [f"{y}_sw_then"], name=f"{d.name}_sw_dq")],
+                f"{d.name}_quantized", [], [helper.make_tensor_value_info(f"{y}_sw_then", dtype, None)])
+            then.node[0].attribute.extend(q.attribute)
+            then.node[1].attribute.extend(d.attribute)
+            exact = (helper.make_node("Cast", [x], [f"{y}_sw_else"], name=f"{d.name}_sw_cast", to=dtype)
+                     if elem.get(x) and elem.get(x) != dtype else
+                     helper.make_node("Identity", [x], [f"{y}_sw_else"], name=f"{d.name}_sw_id"))
+            other = helper.make_graph([exact], f"{d.name}_float", [], [helper.make_tensor_value_info(f"{y}_sw_else", dtype, None)])
+            added.append(helper.make_node("If", [on], [y], name=f"{d.name}_switch", then_branch=then, else_branch=other))
+            removed.add(id(d))
+            readers[d.input[0]] -= 1
+            if readers[d.input[0]] == 0:  # the Q fed only switched DQs
+                removed.add(id(q))
+    del g.node[:]
+    g.node.extend([n for n in nodes if id(n) not in removed] + added)
+    graph = import_model(out)
     graph.toposort()
-    return export_model(graph, template=model)
+    return export_model(graph, template=out)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def _metrics(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
-    """Worst SQNR (dB) and worst cosine over the float outputs."""
-    from .check import sqnr_db
-
-    worst_s, worst_c = math.inf, 1.0
+def _noise(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[list[float], list[float]]:
+    """Per float output: noise power relative to signal power, and cosine (the output's whole batch flattened)."""
+    rel, cos = [], []
     for r, g in zip(ref, got):
         if r.dtype.kind != "f" or r.shape != g.shape:
             continue
         r64, g64 = r.astype(np.float64).ravel(), g.astype(np.float64).ravel()
         finite = np.isfinite(r64)
         r64, g64 = r64[finite], g64[finite]
+        signal = float(np.sum(r64 ** 2))
         noise = float(np.sum((r64 - g64) ** 2)) if np.all(np.isfinite(g64)) else math.inf
-        worst_s = min(worst_s, sqnr_db(float(np.sum(r64 ** 2)), noise))
+        rel.append(noise / signal if signal > 0 else (0.0 if noise == 0 else math.inf))
         denom = float(np.linalg.norm(r64) * np.linalg.norm(g64))
-        worst_c = min(worst_c, float(r64 @ g64) / denom if denom > 0 else (1.0 if not r64.any() and not g64.any() else 0.0))
-    return worst_s, worst_c
+        cos.append(float(r64 @ g64) / denom if denom > 0 else (1.0 if not r64.any() and not g64.any() else 0.0))
+    return rel, cos
+
+
+def _sqnr(rel: Sequence[float]) -> float:
+    """Worst-output SQNR (dB) from relative noise powers."""
+    worst = max(rel, default=0.0)
+    if worst == 0.0:
+        return math.inf
+    return -10.0 * math.log10(worst) if math.isfinite(worst) else -math.inf
+
+
+def _metrics(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
+    """Worst SQNR (dB) and worst cosine over the float outputs."""
+    rel, cos = _noise(ref, got)
+    return _sqnr(rel), min(cos, default=1.0)
+
+
+def _count(feed: dict[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()))
+    return len(first) if np.ndim(first) else 1
 
 
 class _Evaluator:
-    """One onnxruntime session of the switch model and the evaluation feeds; runs configurations."""
+    """One onnxruntime session of the switch model and the evaluation feeds; runs configurations.
+
+    A configuration is run on the first ``n`` samples (``n=None``: all of them). Outputs are
+    returned, not scores: the caller holds the one float reference run and compares.
+    """
 
     def __init__(self, model_bytes: bytes, feeds: list[dict[str, np.ndarray]], threads: int = 0) -> None:
         import onnxruntime as ort
@@ -229,8 +309,8 @@ class _Evaluator:
         self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
         inputs = [i.name for i in self.session.get_inputs() if i.name != SWITCH_INPUT]
+        self.size = next(int(i.shape[0]) for i in self.session.get_inputs() if i.name == SWITCH_INPUT)
         self.feeds = [{k: f[k] for k in inputs} for f in feeds]
-        self.ref: list[np.ndarray] | None = None
         self._batch()
 
     def _batch(self) -> None:
@@ -238,32 +318,41 @@ class _Evaluator:
         if len(self.feeds) < 2 or any(np.ndim(v) == 0 for f in self.feeds for v in f.values()):
             return
         joined = {k: np.concatenate([f[k] for f in self.feeds]) for k in self.feeds[0]}
-        n = len(next(iter(self.feeds[0].values())))
-        try:
-            probe = self.session.run(self.outputs, {**joined, SWITCH_INPUT: self._switch_zeros()})
-            single = self.session.run(self.outputs, {**self.feeds[0], SWITCH_INPUT: self._switch_zeros()})
+        one = {k: v[:1] for k, v in joined.items()}
+        two = {k: v[:2] for k, v in joined.items()}
+        zeros = np.zeros(self.size, np.float32)
+        try:  # a probe on one and two samples: the outputs' first axis must follow the batch
+            a = self.session.run(self.outputs, {**one, SWITCH_INPUT: zeros})
+            b = self.session.run(self.outputs, {**two, SWITCH_INPUT: zeros})
         except Exception:  # a fixed batch dimension: one run per batch
             return
-        total = sum(len(next(iter(f.values()))) for f in self.feeds)
-        if all(np.ndim(a) and np.ndim(b) and a.shape[0] == total and b.shape[0] == n for a, b in zip(probe, single)):
+        if len(next(iter(joined.values()))) >= 2 and all(np.ndim(x) and np.ndim(y) and x.shape[0] == 1 and y.shape[0] == 2
+                                                         for x, y in zip(a, b)):
             self.feeds = [joined]
 
-    def _switch_zeros(self) -> np.ndarray:
-        shape = next(i.shape for i in self.session.get_inputs() if i.name == SWITCH_INPUT)
-        return np.zeros(int(shape[0]), np.float32)
+    def _feeds(self, n: int | None) -> list[dict[str, np.ndarray]]:
+        if n is None:
+            return self.feeds
+        out, have = [], 0
+        for f in self.feeds:
+            if have >= n:
+                break
+            take = min(_count(f), n - have)
+            out.append({k: v[:take] if np.ndim(v) and take < _count(f) else v for k, v in f.items()})
+            have += take
+        return out
 
-    def outputs_for(self, config: np.ndarray) -> list[np.ndarray]:
+    def outputs_for(self, config: np.ndarray, n: int | None = None) -> list[np.ndarray]:
         per_output: list[list[np.ndarray]] = [[] for _ in self.outputs]
-        for feed in self.feeds:
+        for feed in self._feeds(n):
             for acc, value in zip(per_output, self.session.run(self.outputs, {**feed, SWITCH_INPUT: config})):
                 acc.append(np.asarray(value))
         return [np.concatenate([v.reshape(1, -1) if v.ndim == 0 else v for v in vals]) for vals in per_output]
 
-    def score(self, config: np.ndarray) -> tuple[float, float]:
-        if self.ref is None:
-            self.ref = self.outputs_for(np.zeros_like(config))
-        return _metrics(self.ref, self.outputs_for(config))
 
+
+Task = tuple[np.ndarray, "int | None"]  # a configuration and how many samples it runs on (None: all)
+Outputs = list[np.ndarray]
 
 _WORKER: _Evaluator | None = None
 
@@ -273,21 +362,9 @@ def _init_worker(model_bytes: bytes, feeds: list[dict[str, np.ndarray]], threads
     _WORKER = _Evaluator(model_bytes, feeds, threads)
 
 
-def _score_chunk(configs: list[np.ndarray]) -> list[tuple[float, float]]:
+def _run_chunk(tasks: list[Task]) -> list[Outputs]:
     assert _WORKER is not None
-    return [_WORKER.score(c) for c in configs]
-
-
-def _configs(n: int) -> list[np.ndarray]:
-    """All quantized, then per group: alone quantized, alone float."""
-    out = [np.ones(n, np.float32)]
-    for g in range(n):
-        alone = np.zeros(n, np.float32)
-        alone[g] = 1.0
-        rest = np.ones(n, np.float32)
-        rest[g] = 0.0
-        out += [alone, rest]
-    return out
+    return [_WORKER.outputs_for(c, n) for c, n in tasks]
 
 
 def _chunks(items: list, parts: int) -> list[list]:
@@ -295,58 +372,81 @@ def _chunks(items: list, parts: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _run_local(model_bytes: bytes, feeds: list, configs: list[np.ndarray], jobs: int,
-               advance: Callable[[int], None]) -> list[tuple[float, float]]:
-    if jobs <= 1:
-        ev = _Evaluator(model_bytes, feeds)
-        out = []
-        for c in configs:
-            out.append(ev.score(c))
-            advance(1)
-        return out
-    import concurrent.futures as cf
-    import multiprocessing as mp
+class _LocalRunner:
+    """Runs tasks in this process (``jobs`` 1) or in a pool of ``jobs`` spawned processes kept for every batch."""
 
-    # spawn, not fork: the parent holds onnxruntime thread pools from calibration.
-    chunks = _chunks(configs, jobs * 4)
-    results: list[list[tuple[float, float]] | None] = [None] * len(chunks)
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                initargs=(model_bytes, feeds, 1)) as pool:
-        futures = {pool.submit(_score_chunk, chunk): i for i, chunk in enumerate(chunks)}
+    def __init__(self, model_bytes: bytes, feeds: list, jobs: int) -> None:
+        self.jobs = jobs
+        self.pool = None
+        if jobs <= 1:
+            self.ev = _Evaluator(model_bytes, feeds)
+            return
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        # spawn, not fork: the parent holds onnxruntime thread pools from calibration.
+        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                           initargs=(model_bytes, feeds, 1))
+
+    def run(self, tasks: list[Task], advance: Callable[[int], None]) -> list[Outputs]:
+        if self.pool is None:
+            out = []
+            for c, n in tasks:
+                out.append(self.ev.outputs_for(c, n))
+                advance(1)
+            return out
+        import concurrent.futures as cf
+
+        chunks = _chunks(tasks, self.jobs * 4)
+        results: list[list[Outputs] | None] = [None] * len(chunks)
+        futures = {self.pool.submit(_run_chunk, chunk): i for i, chunk in enumerate(chunks)}
         for fut in cf.as_completed(futures):
             results[futures[fut]] = fut.result()
             advance(len(chunks[futures[fut]]))
-    return [r for chunk in results for r in (chunk or [])]
+        return [r for chunk in results for r in (chunk or [])]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
-def _run_ray(address: str, model_bytes: bytes, feeds: list, configs: list[np.ndarray], jobs: int,
-             advance: Callable[[int], None]) -> list[tuple[float, float]]:
-    try:
-        import ray  # type: ignore[import-not-found]
-    except ImportError:
-        raise UsageError("--ray needs the ray package (pip install 'ray[default]'), which is not installed") from None
-    try:
-        ray.init(address=address, ignore_reinit_error=True, logging_level=logging.ERROR)
-    except Exception as exc:  # ray raises ConnectionError and its own types
-        raise UsageError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+class _RayRunner:
+    """Runs tasks on an existing Ray cluster (imported only here)."""
 
-    @ray.remote
-    def score_chunk(model_ref, feeds_ref, chunk):
-        ev = _Evaluator(model_ref, feeds_ref, 0)
-        return [ev.score(c) for c in chunk]
+    def __init__(self, address: str, model_bytes: bytes, feeds: list, jobs: int) -> None:
+        try:
+            import ray  # type: ignore[import-not-found]
+        except ImportError:
+            raise UsageError("--ray needs the ray package (pip install 'ray[default]'), which is not installed") from None
+        try:
+            ray.init(address=address, ignore_reinit_error=True, logging_level=logging.ERROR)
+        except Exception as exc:  # ray raises ConnectionError and its own types
+            raise UsageError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
 
-    model_ref, feeds_ref = ray.put(model_bytes), ray.put(feeds)
-    workers = max(jobs, int(ray.cluster_resources().get("CPU", 1)))
-    chunks = _chunks(configs, workers * 2)
-    pending = {score_chunk.remote(model_ref, feeds_ref, chunk): i for i, chunk in enumerate(chunks)}
-    results: list[list | None] = [None] * len(chunks)
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            i = pending.pop(ref)
-            results[i] = ray.get(ref)
-            advance(len(chunks[i]))
-    return [r for chunk in results for r in (chunk or [])]
+        @ray.remote
+        def run_chunk(model_ref, feeds_ref, chunk):
+            ev = _Evaluator(model_ref, feeds_ref, 0)
+            return [ev.outputs_for(c, n) for c, n in chunk]
+
+        self.ray, self.remote = ray, run_chunk
+        self.model_ref, self.feeds_ref = ray.put(model_bytes), ray.put(feeds)
+        self.workers = max(jobs, int(ray.cluster_resources().get("CPU", 1)))
+
+    def run(self, tasks: list[Task], advance: Callable[[int], None]) -> list[Outputs]:
+        ray = self.ray
+        chunks = _chunks(tasks, self.workers * 2)
+        pending = {self.remote.remote(self.model_ref, self.feeds_ref, chunk): i for i, chunk in enumerate(chunks)}
+        results: list[list | None] = [None] * len(chunks)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                results[i] = ray.get(ref)
+                advance(len(chunks[i]))
+        return [r for chunk in results for r in (chunk or [])]
+
+    def close(self) -> None:
+        pass
 
 
 def _materialize(data: Iterable[dict[str, np.ndarray]], limit: int | None) -> list[dict[str, np.ndarray]]:
@@ -362,6 +462,25 @@ def _materialize(data: Iterable[dict[str, np.ndarray]], limit: int | None) -> li
     return feeds
 
 
+def _result(g: QuantGroup, alone: tuple[tuple[list[float], list[float]], int], all_rel: list[float],
+            measured_float: tuple[list[float], list[float]] | None) -> GroupResult:
+    """A group's figures; alone float from ``measured_float`` when given, else by noise additivity."""
+    (rel, cos), measured_on = alone
+    if measured_float is not None:
+        f_rel, f_cos = measured_float
+    else:  # noise powers of independent roundings add: all-INT8 noise minus this group's
+        f_rel = [max(a - b, a * 1e-3) for a, b in zip(all_rel, rel)]
+        f_cos = [1.0 / math.sqrt(1.0 + r) if math.isfinite(r) else 0.0 for r in f_rel]
+    return GroupResult(g, _sqnr(rel), _sqnr(f_rel), min(cos, default=1.0), min(f_cos, default=1.0), measured_on,
+                       measured_float is None)
+
+
+def _one_hot(n: int, g: int, value: float) -> np.ndarray:
+    c = np.full(n, 1.0 - value, np.float32)
+    c[g] = value
+    return c
+
+
 def analyze(
     qdq_model: onnx.ModelProto,
     data: Iterable[dict[str, np.ndarray]],
@@ -370,9 +489,21 @@ def analyze(
     ray_address: str | None = None,
     progress: bool = True,
     samples: int | None = None,
+    full: bool = False,
+    screen_samples: int | None = None,
+    top: int = 2,
+    float_for: Callable[[list[GroupResult]], Sequence[int]] | None = None,
 ) -> SensitivityReport:
     """Per-group sensitivity of ``qdq_model`` (the output of ``optimize``) on ``data``.
 
+    Default (fast): every group alone INT8 on the first ``screen_samples`` samples (default: the
+    number of samples over the number of groups, at least 1, so screening costs about one pass
+    over the data); the ``top``
+    most harmful of them measured again on all samples; "alone float" estimated from the
+    measured noise by additivity (all-INT8 noise minus the group's own). ``full=True`` measures
+    both configurations of every group on all samples (two forward passes per group).
+    ``float_for`` (used by ``optimize --target``) is given the results so far and returns the
+    indices of groups whose alone-float figures are then measured on all samples instead of estimated.
     ``jobs`` worker processes (1: this process), or an existing Ray cluster at ``ray_address``.
     ``samples`` caps how many evaluation samples are used.
     """
@@ -384,27 +515,50 @@ def analyze(
     groups = find_groups(qdq_model)
     model_bytes = switch_model(qdq_model, groups).SerializeToString()
     feeds = _materialize(data, samples)
-    configs = _configs(len(groups))
+    n_all = sum(_count(f) for f in feeds)
+    G = len(groups)
     jobs = max(1, int(jobs))
-    bar, task = progress_bar(progress, "sensitivity", len(configs))
-    with bar:
-        def advance(n: int) -> None:
-            bar.advance(task, n)
+    if screen_samples is None:
+        screen_samples = max(1, n_all // max(1, G))
+    screen = None if full or screen_samples >= n_all else max(1, int(screen_samples))
+    tasks: list[Task] = [(np.zeros(G, np.float32), None), (np.ones(G, np.float32), None)]
+    tasks += [(_one_hot(G, g.index, 1.0), screen) for g in groups]
+    if full:
+        tasks += [(_one_hot(G, g.index, 0.0), None) for g in groups]
+    top = 0 if screen is None else min(max(0, int(top)), G)
+    bar, task = progress_bar(progress, "sensitivity", len(tasks) + top)
+    runner = _RayRunner(ray_address, model_bytes, feeds, jobs) if ray_address else _LocalRunner(model_bytes, feeds, jobs)
+    try:
+        with bar:
+            def advance(n: int) -> None:
+                bar.advance(task, n)
 
-        if ray_address:
-            scores = _run_ray(ray_address, model_bytes, feeds, configs, jobs, advance)
-            workers = f"Ray cluster at {ray_address}"
-        else:
-            scores = _run_local(model_bytes, feeds, configs, jobs, advance)
-            workers = f"{jobs} process{'es' if jobs > 1 else ''}"
-    all_s, all_c = scores[0]
-    results = [GroupResult(g, *_pair(scores[1 + 2 * g.index], scores[2 + 2 * g.index])) for g in groups]
-    n = sum(len(next(iter(f.values()))) if np.ndim(next(iter(f.values()))) else 1 for f in feeds)
-    return SensitivityReport(results, all_s, all_c, n, time.perf_counter() - t0, workers)
+            outs = runner.run(tasks, advance)
+            ref = outs[0]
 
+            def score(got: Outputs) -> tuple[list[float], list[float]]:
+                # a run on the first n samples is compared with the first rows of the reference
+                return _noise([r[:len(o)] if r.ndim and o.ndim else r for r, o in zip(ref, got)], got)
 
-def _pair(alone: tuple[float, float], rest: tuple[float, float]) -> tuple[float, float, float, float]:
-    return alone[0], rest[0], alone[1], rest[1]
+            scores = [score(o) for o in outs[1:]]
+            alone = {g.index: (scores[1 + g.index], screen or n_all) for g in groups}
+            if top:
+                worst = sorted(groups, key=lambda g: -max(scores[1 + g.index][0], default=0.0))[:top]
+                again = runner.run([(_one_hot(G, g.index, 1.0), None) for g in worst], advance)
+                alone.update({g.index: (score(o), n_all) for g, o in zip(worst, again)})
+            all_rel, all_cos = scores[0]
+            results = [_result(g, alone[g.index], all_rel, scores[1 + G + g.index] if full else None) for g in groups]
+            wanted = [i for i in (float_for(results) if float_for and not full else []) if 0 <= i < G]
+            if wanted:
+                bar.update(task, total=len(tasks) + top + len(wanted))
+                again = runner.run([(_one_hot(G, i, 0.0), None) for i in wanted], advance)
+                for i, o in zip(wanted, again):
+                    results[i] = _result(groups[i], alone[i], all_rel, score(o))
+    finally:
+        runner.close()
+    workers = f"Ray cluster at {ray_address}" if ray_address else f"{jobs} process{'es' if jobs > 1 else ''}"
+    return SensitivityReport(results, _sqnr(all_rel), min(all_cos, default=1.0), n_all, time.perf_counter() - t0, workers,
+                             screen_samples=screen or n_all, remeasured=top, full=full, float_measured=len(wanted))
 
 
 # ------------------------------------------------------------------------------------------------ picture
@@ -436,7 +590,7 @@ td,th{{padding:2px 6px;border-bottom:1px solid #eee;text-align:left}} td.n{{text
 <h2>{html.escape(title)}</h2>
 <p>All groups INT8: SQNR {report.sqnr_all_int8:.2f} dB (cosine {report.cosine_all_int8:.5f}) against the float model on
 {report.samples} samples. Ranked by the SQNR with only that group quantized (lowest first: most harmful);
-the red bar is what keeping only that group float gains over all INT8.</p>
+the red bar is what keeping only that group float gains over all INT8. {html.escape(report.method())}.</p>
 <table><tr><th>group (layers it feeds)</th><th>ops</th><th>SQNR dB, alone INT8</th><th></th>
 <th>dB gained, alone float</th><th></th></tr>
 {''.join(rows)}

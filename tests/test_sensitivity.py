@@ -56,10 +56,10 @@ def test_switch_model_is_float_at_zero_and_quantized_at_one(quantized):
     n = len(groups)
     float_out = _run(model, feed)
     for got, ref in zip(_run(sw, {**feed, SWITCH_INPUT: np.zeros(n, np.float32)}), float_out):
-        # Where(off, y, x) is x exactly; the placement passes' own rewrites move the float result by an ulp at most
+        # If(off) is Identity(x), exactly; the placement passes' own rewrites move the float result by an ulp at most
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * float(np.abs(ref).max()))
     for got, ref in zip(_run(sw, {**feed, SWITCH_INPUT: np.ones(n, np.float32)}), _run(q, feed)):
-        assert np.array_equal(got, ref)  # Where(on, y, x) is the quantized model's own value
+        assert np.array_equal(got, ref)  # If(on) runs the same Q and DQ: the quantized model's own value
 
 
 def test_analyze_ranks_groups_and_agrees_across_workers(quantized):
@@ -109,3 +109,54 @@ def test_cli_sensitivity_refuses_a_qdq_model(tmp_path, quantized):
     onnx.save(q, str(path))
     res = CliRunner().invoke(cli, ["sensitivity", str(path), "--calib", str(example_calibration())])
     assert res.exit_code == 2 and "float model" in res.output and res.output.strip().count("\n") == 0
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _order(report, key) -> list[str]:
+    return [r.group.name for r in sorted(report.results, key=key)]
+
+
+def test_fast_ranking_agrees_with_the_full_measurement(quantized):
+    """Screening + estimate (default) against every figure measured on all samples (``full``)."""
+    model, q = quantized
+    fast = analyze(q, open_data(example_calibration(), model), progress=False)
+    full = analyze(q, open_data(example_calibration(), model), progress=False, full=True)
+    assert any(r.samples_alone_int8 < fast.samples for r in fast.results)  # something was screened
+    assert all(r.alone_float_estimated for r in fast.results) and not any(r.alone_float_estimated for r in full.results)
+    assert "estimated" in fast.method() and "measured on all" in full.method()
+    alone = lambda r: r.sqnr_alone_int8  # noqa: E731
+    assert _order(fast, alone)[:3] == _order(full, alone)[:3]
+    assert _spearman([r.sqnr_alone_int8 for r in fast.results], [r.sqnr_alone_int8 for r in full.results]) >= 0.9
+    gain = lambda r: -r.sqnr_alone_float  # noqa: E731
+    assert _order(fast, gain)[0] == _order(full, gain)[0]  # the group worth keeping float most
+    assert fast.sqnr_all_int8 == pytest.approx(full.sqnr_all_int8, abs=1e-6)
+    # the groups re-measured on all samples carry exactly the full run's figure
+    for a, b in zip(fast.results, full.results):
+        if a.samples_alone_int8 == fast.samples:
+            assert a.sqnr_alone_int8 == pytest.approx(b.sqnr_alone_int8, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_fast_ranking_agrees_on_mobilenetv2():
+    """A real 51-group CNN: screening on 1 of 8 photos ranks like measuring every group on all 8."""
+    from qdqsurgeon.api import prepare_opset
+    from qdqsurgeon.calibration import Preprocess
+
+    from .helpers import FP32, MODELS, need_shared
+
+    need_shared()
+    src, _ = prepare_opset(qdqsurgeon.load(str(FP32 / "mobilenetv2_bottleneck.onnx")), mode="ptq")
+    pre = "size=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,scale=1/255"
+    images = str(MODELS / "images")
+    q = qdqsurgeon.optimize(src, ranges=qdqsurgeon.build_ranges(src, calib=images, preprocess=pre, progress=False), mode="ptq").model
+    data = lambda: open_data(images, src, Preprocess.parse(pre))  # noqa: E731
+    fast = analyze(q, data(), progress=False, samples=8)
+    ref = analyze(q, data(), progress=False, samples=8, screen_samples=8)  # every group alone INT8 on all 8
+    assert fast.screen_samples == 1 and ref.screen_samples == 8
+    alone = lambda r: r.sqnr_alone_int8  # noqa: E731
+    assert _order(fast, alone)[:2] == _order(ref, alone)[:2]
+    assert _spearman([r.sqnr_alone_int8 for r in fast.results], [r.sqnr_alone_int8 for r in ref.results]) >= 0.85

@@ -11,6 +11,11 @@ count, but the residual stream of a transformer or ResNet does not). Removing it
 output exact float again: numerics move towards the float model. ``--keep-output-layers`` keeps
 them quantized.
 
+This is the rule without data. With evaluation data (``optimize --target``, and ``--precision``
+re-applying its decision) the pass stands aside (``keep_output_layers``) and the output layers
+are candidates like every other group: ``qdqsurgeon.mixed_precision`` keeps one float only when
+the measured sensitivity says the target needs it, and then through ``insert-qdq``'s exclusion list.
+
 P9 allows two forms: "unquantized, or with a float output". The pass picks the first unless the
 layer reads a residual block's output (through pooling, activations and reshapes, e.g. a ResNet
 classifier after GlobalAveragePool): a float read there makes the last block's fused
