@@ -44,7 +44,6 @@ from qdqsurgeon.calibration.methods import (
     TensorStats,
     amax_entropy,
     amax_max,
-    amax_mse,
     amax_mse_fast,
     amax_percentile,
     hist_energy,
@@ -56,11 +55,6 @@ __all__ = ["AutoSelector", "AUTO_PERCENTILES", "candidate_ranges", "layer_error"
 logger = logging.getLogger(__name__)
 
 AUTO_PERCENTILES = (99.9, 99.99, 99.999)
-# The configurations the end-to-end check weighs against the per-tensor choice ("auto"): one fixed
-# method for every tensor, by the candidate label that gives it.
-CONFIGS = {"max": "max", "percentile": "percentile 99.99", "mse": "mse", "entropy": "entropy"}
-# Calibration batches the end-to-end check runs (the first ones).
-E2E_BATCHES = 8
 # Sample budget per reading layer: rows of (input patch) such that rows x patch elements stays near
 # this, and at most this many output channels, so one candidate costs about a million MACs at most.
 _ELEMENTS = 1 << 16
@@ -81,12 +75,6 @@ def candidate_ranges(stats: TensorStats, only: Iterable[str] | None = None) -> d
               "mse": lambda: amax_mse_fast(stats),
               # on pairs of bins merged (half the work): the thresholds it can find are TensorRT's from bin 128 up
               "entropy": lambda: amax_entropy(stats.coarsened(2), start_bin=64, step=max(1, step // 2))}
-    import os  # EXPERIMENT
-    if only is None and os.environ.get("AUTO_ONLY"):
-        only = os.environ["AUTO_ONLY"].split(",")
-    if os.environ.get("AUTO_FULL"):
-        makers["mse"] = lambda: amax_mse(stats)
-        if os.environ["AUTO_FULL"] == "2": makers["entropy"] = lambda: amax_entropy(stats)
     wanted = list(makers) if only is None else [k for k in only if k in makers]
     return {k: makers[k]() for k in wanted}
 
@@ -117,7 +105,7 @@ def layer_error(rows: np.ndarray, wq: np.ndarray, ref: np.ndarray, amaxes: Seque
     energy = max(float(np.sum(np.square(ref, dtype=np.float64))), 1e-30)
     scales = scale_from_amax(np.asarray(amaxes, dtype=np.float64)).reshape(-1, 1, 1, 1)
     out = np.empty(len(amaxes))
-    if rows.shape[0] == 1 and not (wq.shape[2] == 1):
+    if rows.shape[0] == 1:
         q = np.clip(np.rint(rows[np.newaxis] / scales), -128, 127) * scales  # [C, 1, P, K]
         got = (q.reshape(-1, rows.shape[2]) @ wq[0]).reshape(len(amaxes), rows.shape[1], -1)
         diff = got - ref[0]
@@ -298,24 +286,6 @@ def _make_reader(node, tensor_name: str, rng: np.random.Generator, convtranspose
 
 
 @dataclass
-class _Folds:
-    """A tensor's statistics on the even- and odd-numbered batches the end-to-end check runs."""
-
-    even: TensorStats
-    odd: TensorStats
-    seen: int = 0
-
-
-@dataclass
-class _Options:
-    """A tied group's candidate ranges (label -> amax) and the label of least error at its readers."""
-
-    group: list[str]
-    cands: dict[str, float]
-    best: str
-
-
-@dataclass
 class _Pending:
     """What one pass collected for a tensor whose range is not chosen yet."""
 
@@ -331,8 +301,7 @@ class AutoSelector:
     so a later request for another member gets the same range.
     """
 
-    def __init__(self, model: onnx.ModelProto, *, convtranspose_axis: int | None = 1, seed: int = 0,
-                 end_to_end: bool = True) -> None:
+    def __init__(self, model: onnx.ModelProto, *, convtranspose_axis: int | None = 1, seed: int = 0) -> None:
         from qdqsurgeon.graph import import_model, is_graph_output
         from qdqsurgeon.passes.align_scales import tied_groups
         from qdqsurgeon.trt_rules import is_shape_op, is_weighted
@@ -361,12 +330,6 @@ class AutoSelector:
         self._prefetched = False
         self._graph_inputs = {i.name for i in model.graph.input}
         self.chosen: dict[str, str] = {}  # tensor -> which candidate won (for the log / tests)
-        import os  # EXPERIMENT
-        self.end_to_end = end_to_end and os.environ.get("AUTO_E2E", "0") == "1"
-        self.config = "auto"  # which configuration the end-to-end check kept (see _end_to_end)
-        self.config_sqnr: dict[str, float] = {}  # its end-to-end SQNR per configuration (dB)
-        self._refs: dict[str, list[np.ndarray]] = {}  # float graph outputs of the first batches
-        self._folds: dict[str, _Folds] = {}
         if graph is None:
             return
         tensors = graph.tensors()
@@ -400,7 +363,6 @@ class AutoSelector:
         """
         todo = [n for n in dict.fromkeys(tensors) if n not in self.decided]
         fresh = [n for n in todo if n not in self._pending]
-        first = fresh and not self._prefetched
         if fresh:
             wanted = list(fresh)
             if not self._prefetched:
@@ -409,14 +371,7 @@ class AutoSelector:
             for n in list(wanted):
                 wanted += [m for m in self.members(n) if m != n and self._weighted_readers.get(m)]
             self._collect([m for m in dict.fromkeys(wanted) if m not in self.decided and m not in self._pending],
-                          data, num_bins, progress, refs=fresh if first and self.end_to_end else None)
-        if first and self.end_to_end and self._refs:
-            try:
-                self._end_to_end([n for n in fresh if n in self._pending], data)
-            except Exception as exc:  # a check that cannot run leaves the per-tensor choice, never a failure
-                logger.warning("auto calibration: end-to-end check skipped (%s: %s)", type(exc).__name__,
-                               str(exc).splitlines()[0][:200] if str(exc) else "")
-            self._refs = {}
+                          data, num_bins, progress)
         self._choose([n for n in todo if n in self._pending])
         return {n: self.decided[n] for n in tensors if n in self.decided}
 
@@ -437,19 +392,12 @@ class AutoSelector:
                 out += [node.inputs[i] for i in data_input_indices(node) if node.inputs[i] is not None]
         return [t.name for t in out if t.name and not isinstance(t, gs.Constant) and is_float_dtype(t.dtype)]
 
-    def _collect(self, wanted: list[str], data, num_bins: int, progress: bool, *, refs: list[str] | None = None) -> None:
-        """One pass over ``data``: statistics and reader samples of ``wanted``.
-
-        ``refs`` (the tensors the end-to-end check quantizes): also keep the float graph outputs of the
-        first :data:`E2E_BATCHES` batches, which the check compares against, and these tensors'
-        statistics of the odd-numbered batches among them (its two folds).
-        """
+    def _collect(self, wanted: list[str], data, num_bins: int, progress: bool) -> None:
+        """One pass over ``data``: statistics and reader samples of ``wanted``."""
         from qdqsurgeon.calibration.collect import collect_stats
 
         if not wanted:
             return
-        ref_names = self._float_outputs() if refs else []
-        extra = [n for n in ref_names if n not in wanted]
         rng = np.random.default_rng(self.seed)
         readers: dict[str, list[_Reader]] = {}
         for m in wanted:
@@ -458,168 +406,50 @@ class AutoSelector:
         n_batches = len(data) if hasattr(data, "__len__") else 8
         batch_rng = np.random.default_rng(self.seed + 1)
 
-        kept = {n: [] for n in ref_names}
-        folds = {n: _Folds(TensorStats(n, histogram=True, num_bins=num_bins), TensorStats(n, histogram=True, num_bins=num_bins))
-                 for n in refs or ()}
-
         def observe(name: str, value: np.ndarray) -> None:
             for r in readers.get(name, ()):
                 r.observe(value, batch_rng, max(1, math.ceil(r.rows_wanted / max(1, n_batches))))
-            if name in kept and len(kept[name]) < E2E_BATCHES:
-                kept[name].append(np.array(value, copy=True))
-            f = folds.get(name)
-            if f is not None and f.seen < E2E_BATCHES:
-                (f.even, f.odd)[f.seen % 2].update(value)
-                f.seen += 1
 
-        stats = collect_stats(self.model, [*wanted, *extra], data, histogram=True, num_bins=num_bins,
-                              progress=progress, observe=observe)
-        self._refs = {n: v for n, v in kept.items() if v}
-        self._folds = folds
+        stats = collect_stats(self.model, wanted, data, histogram=True, num_bins=num_bins, progress=progress,
+                              observe=observe)
         for name, st in stats.items():
-            if name not in extra:
-                self._pending[name] = _Pending(st, [r for r in readers.get(name, []) if r.finish()])
-
-    def _float_outputs(self) -> list[str]:
-        """The model's float32 graph outputs (what the end-to-end check compares)."""
-        if self._graph is None:
-            return []
-        return [t.name for t in self._graph.outputs if t.name and t.dtype == np.float32]
-
-    def _options(self, name: str, asked: set[str]) -> _Options:
-        """The candidate ranges of ``name``'s tied group (merged histograms) and the one of least summed error."""
-        pend = self._pending
-        if name in self._graph_inputs or pend[name].stats.hist is None or not pend[name].stats.count:
-            # A network input (preprocessing bounds its range; clipping it saves little rounding and
-            # distorts every layer after it) or an initializer: the exact max.
-            return _Options([name], {"max": amax_max(pend[name].stats)}, "max")
-        group = [m for m in self.members(name) if m in pend and m not in self.decided and m not in self._graph_inputs]
-        if name not in group:
-            group.append(name)
-        scored = [m for m in group if m in asked or pend[m].readers]
-        # One range for the whole tied group: candidates come from the members' data taken together.
-        full = pend[scored[0]].stats
-        for m in scored[1:]:
-            full = full.merged(pend[m].stats)
-        cands = candidate_ranges(full)
-        labels = list(cands)
-        totals = np.zeros(len(labels))
-        for m in scored:
-            totals += self._member_error(m, pend[m].stats, pend[m].readers, [cands[k] for k in labels])
-        best = labels[int(np.argmin(totals))]  # "max" is first: a tie keeps the widest range
-        return _Options(group, cands, best)
-
-    def _decide(self, name: str, opt: _Options, label: str) -> None:
-        """Give ``label``'s range of ``opt`` to every member of ``name``'s group, collected or not: a later
-        request (align-scales filling a Concat input, quantize-pooling) must find the group's range."""
-        label = label if label in opt.cands else opt.best
-        value = float(opt.cands[label])
-        for m in dict.fromkeys([*opt.group, *self.members(name)]):
-            if m not in self.decided and m not in self._graph_inputs:
-                self.decided[m] = value
-                self.chosen[m] = label
-                self._pending.pop(m, None)
-        if name in self._graph_inputs:
-            self.decided[name], self.chosen[name] = value, label
-            self._pending.pop(name, None)
-        if len(opt.group) > 1:
-            logger.debug("auto: tied group of %d (%s ...): %s, amax %.6g", len(opt.group), name, label, value)
+            self._pending[name] = _Pending(st, [r for r in readers.get(name, []) if r.finish()])
 
     def _choose(self, todo: list[str]) -> None:
+        pend = self._pending
         asked = set(todo)
         for name in todo:
             if name in self.decided:
                 continue
-            opt = self._options(name, asked)
-            self._decide(name, opt, CONFIGS.get(self.config, opt.best))
-
-    def _end_to_end(self, first: list[str], data) -> None:
-        """Choose between the per-tensor choice and each fixed method applied everywhere, end to end.
-
-        The per-tensor choice sees one layer at a time; how errors add up through the network it does
-        not see. Every configuration (per-tensor, and max / percentile 99.99 / mse / entropy for every
-        tensor, all from the same histograms) is applied to a copy of the float model with Q/DQ on the
-        tensors of the first request (the weighted layers' inputs) and the weights fake-quantized as
-        insert-qdq quantizes them; the one whose outputs on the first calibration batches are closest
-        to the float outputs (worst-output SQNR) decides every range.
-        """
-        asked = set(first)
-        options: dict[str, _Options] = {}
-        for name in [*first, *self._pending]:
-            if name in self._pending and name not in options:
-                opt = self._options(name, asked if name in asked else {name})
-                for m in opt.group:
-                    options[m] = opt
-                options[name] = opt
-        tensors = [n for n in first if n in options and self._is_float32(n)]
-        if not tensors:
-            return
-        sim, scale_inputs = _simulation_model(self.model, tensors, self._weights())
-        n = min(len(v) for v in self._refs.values())
-        policies: dict[str, dict[str, str]] = {}  # configuration -> tensor -> candidate label
-        for config, label in [("auto", None), *CONFIGS.items()]:
-            labels = {t: label if label in options[t].cands else options[t].best for t in tensors}
-            if labels not in policies.values():
-                policies[config] = labels
-        runs: dict[str, list[tuple[dict[str, float], list[int]]]] = {}
-        for config, labels in policies.items():
-            if n < 2:  # one batch: no fold to hold out, scored on the data its ranges come from
-                runs[config] = [({t: options[t].cands[labels[t]] for t in tensors}, list(range(n)))]
+            if name in self._graph_inputs or pend[name].stats.hist is None or not pend[name].stats.count:
+                # A network input (preprocessing bounds its range; clipping it saves little rounding and
+                # distorts every layer after it) or an initializer: the exact max.
+                self.decided[name], self.chosen[name] = amax_max(pend[name].stats), "max"
                 continue
-            # Two folds: ranges from the even batches scored on the odd ones, and the other way round,
-            # so a configuration that clips what the next data will hold pays for it.
-            runs[config] = [(self._fold_ranges(tensors, options, labels, part), list(range(1 - part, n, 2)))
-                            for part in (0, 1)]
-        self.config_sqnr = _score_configs(sim, scale_inputs, runs, data, self._refs)
-        self.config = max(self.config_sqnr, key=lambda k: self.config_sqnr[k])
-        logger.info("auto calibration: end-to-end SQNR (%s) %s; kept %s",
-                    "two folds of the calibration data" if n >= 2 else "on the calibration data",
-                    ", ".join(f"{k} {v:.2f} dB" for k, v in self.config_sqnr.items()), self.config)
-        for name, opt in options.items():
-            if name not in self.decided:
-                self._decide(name, opt, CONFIGS.get(self.config, opt.best))
-
-    def _fold_ranges(self, tensors: list[str], options: dict[str, _Options], labels: dict[str, str],
-                     part: int) -> dict[str, float]:
-        """Each tensor's range by its candidate label, from one fold's statistics (its group's merged)."""
-        out: dict[str, float] = {}
-        cache: dict[int, tuple[TensorStats, dict[str, float]]] = {}
-        for t in tensors:
-            opt = options[t]
-            if len(opt.cands) == 1 or t not in self._folds:
-                out[t] = opt.cands[labels[t]]
-                continue
-            key = id(opt)
-            if key not in cache:
-                stats = [(f.even, f.odd)[part] for m in opt.group if (f := self._folds.get(m)) is not None]
-                merged = stats[0]
-                for st in stats[1:]:
-                    merged = merged.merged(st)
-                cache[key] = (merged, {})
-            merged, done = cache[key]
-            if labels[t] not in done:
-                done[labels[t]] = candidate_ranges(merged, only=[labels[t]])[labels[t]]
-            out[t] = done[labels[t]]
-        return out
-
-    def _is_float32(self, name: str) -> bool:
-        t = self._graph.tensors().get(name) if self._graph is not None else None
-        return t is not None and t.dtype == np.float32
-
-    def _weights(self) -> dict[str, int | None]:
-        """Initializer name -> per-channel axis of every weighted layer's weight (as insert-qdq quantizes it)."""
-        import onnx_graphsurgeon as gs
-
-        from qdqsurgeon.graph import weight_input_index
-        from qdqsurgeon.trt_rules import is_weighted, weight_axis
-
-        out: dict[str, int | None] = {}
-        for node in self._graph.nodes if self._graph is not None else ():
-            if is_weighted(node):
-                w = node.inputs[weight_input_index(node)]
-                if isinstance(w, gs.Constant) and w.name not in out:
-                    out[w.name] = weight_axis(node, convtranspose_axis=self.convtranspose_axis)
-        return out
+            group = [m for m in self.members(name) if m in pend and m not in self.decided and m not in self._graph_inputs]
+            if name not in group:
+                group.append(name)
+            scored = [m for m in group if m in asked or pend[m].readers]
+            # One range for the whole tied group: candidates come from the members' data taken together.
+            full = pend[scored[0]].stats
+            for m in scored[1:]:
+                full = full.merged(pend[m].stats)
+            cands = candidate_ranges(full)
+            labels = list(cands)
+            totals = np.zeros(len(labels))
+            for m in scored:
+                totals += self._member_error(m, pend[m].stats, pend[m].readers, [cands[k] for k in labels])
+            best = labels[int(np.argmin(totals))]  # "max" is first: a tie keeps the widest range
+            value = float(cands[best])
+            # Every member gets it, collected or not: a later request (align-scales filling a Concat
+            # input, quantize-pooling) must find the group's range, not choose one of its own.
+            for m in dict.fromkeys([*group, *self.members(name)]):
+                if m not in self.decided and m not in self._graph_inputs:
+                    self.decided[m] = value
+                    self.chosen[m] = best
+                    pend.pop(m, None)
+            if len(group) > 1:
+                logger.debug("auto: tied group of %d (%s ...): %s, amax %.6g", len(group), name, best, value)
 
     def _member_error(self, name: str, stats: TensorStats, readers: list[_Reader], cands: list[float]) -> np.ndarray:
         """Summed relative error at ``name``'s weighted readers (and of the tensor itself when other ops read it)."""
@@ -631,84 +461,3 @@ class AutoSelector:
             if energy > 0:
                 err += hist_sq_error(stats, np.asarray(cands)) / energy
         return err
-
-
-def _simulation_model(model: onnx.ModelProto, tensors: Sequence[str],
-                      weights: dict[str, int | None]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy of ``model`` with a Q/DQ pair after each of ``tensors`` whose scale is a graph input, and the
-    ``weights`` initializers fake-quantized (symmetric int8 per channel along their axis, as insert-qdq).
-
-    Every reader of a quantized tensor reads the pair's output (the placement shares one pair between
-    readers, P6). Returns the model and tensor -> name of its scale input.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    from qdqsurgeon.calibration.collect import _too_big, has_bfloat16
-
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 10 or _too_big(model) or has_bfloat16(model):
-        raise ValueError("model outside what the check runs (opset < 10, over 2 GB or bfloat16)")
-    sim = onnx.ModelProto()
-    sim.CopyFrom(model)
-    g = sim.graph
-    for init in g.initializer:
-        if init.name in weights and init.data_type == TensorProto.FLOAT:
-            w = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array(_fake_quant_weight(w, weights[init.name]).astype(np.float32), init.name))
-    wanted = set(tensors)
-    scale_inputs = {t: f"{t}__auto_scale" for t in tensors}
-    zero = "__auto_zero_point"
-    g.initializer.append(numpy_helper.from_array(np.zeros((), np.int8), zero))
-
-    def pair(t: str) -> list[onnx.NodeProto]:
-        return [helper.make_node("QuantizeLinear", [t, scale_inputs[t], zero], [f"{t}__auto_q"]),
-                helper.make_node("DequantizeLinear", [f"{t}__auto_q", scale_inputs[t], zero], [f"{t}__auto_dq"])]
-
-    nodes = [n for t in tensors if t in {i.name for i in g.input} for n in pair(t)]
-    for node in g.node:
-        for i, name in enumerate(node.input):
-            if name in wanted:
-                node.input[i] = f"{name}__auto_dq"
-        nodes.append(node)
-        nodes += [n for o in node.output if o in wanted for n in pair(o)]
-    del g.node[:]
-    g.node.extend(nodes)
-    g.input.extend(helper.make_tensor_value_info(scale_inputs[t], TensorProto.FLOAT, []) for t in tensors)
-    return sim, scale_inputs
-
-
-def _score_configs(sim: onnx.ModelProto, scale_inputs: dict[str, str],
-                   runs: dict[str, list[tuple[dict[str, float], list[int]]]], data,
-                   refs: dict[str, list[np.ndarray]]) -> dict[str, float]:
-    """Worst-output SQNR (dB) of ``sim`` against ``refs`` (float outputs of the first batches) per configuration.
-
-    ``runs[config]``: (ranges, indices of the batches they are scored on) pairs, pooled into one SQNR.
-    """
-    import itertools
-
-    from qdqsurgeon.calibration.collect import _feed_for_model, make_session
-    from qdqsurgeon.quant import scale_from_amax
-
-    names = list(refs)
-    n = min(len(v) for v in refs.values())
-    session = make_session(sim, optimize=False)  # Q/DQ computed as written: no fused integer kernels
-    feeds = set(scale_inputs.values())
-    plain = onnx.ModelProto()
-    inits = {t.name for t in sim.graph.initializer}
-    plain.graph.input.extend(i for i in sim.graph.input if i.name not in feeds and i.name not in inits)
-    batches = [_feed_for_model(plain, b) for b in itertools.islice(iter(data), n)]
-    out = {}
-    for config, parts in runs.items():
-        noise = {k: 0.0 for k in names}
-        energy = {k: 0.0 for k in names}
-        for values, indices in parts:
-            scales = {scale_inputs[t]: scale_from_amax(a).reshape(()) for t, a in values.items()}
-            for i in indices:
-                got = session.run(names, {**batches[i], **scales})
-                for k, g in zip(names, got):
-                    r = refs[k][i].astype(np.float64)
-                    noise[k] += float(np.sum(np.square(r - g)))
-                    energy[k] += float(np.sum(np.square(r)))
-        out[config] = min(math.inf if noise[k] == 0 else 10 * math.log10(max(energy[k], 1e-30) / noise[k])
-                          for k in names)
-    return out

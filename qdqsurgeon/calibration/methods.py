@@ -43,6 +43,8 @@ __all__ = [
     "amax_percentile",
     "amax_entropy",
     "amax_mse",
+    "amax_mse_fast",
+    "mse_curve",
     "hist_sq_error",
     "hist_energy",
 ]
