@@ -42,7 +42,7 @@ import onnx
 
 from qdqsurgeon.calibration.methods import (
     TensorStats,
-    amax_entropy,
+    amax_entropy_fast,
     amax_max,
     amax_mse_fast,
     amax_percentile,
@@ -65,16 +65,15 @@ _MAX_CHANNELS = 32
 def candidate_ranges(stats: TensorStats, only: Iterable[str] | None = None) -> dict[str, float]:
     """Candidate amax values of one tensor, by the method that gives each (``only``: just those methods).
 
-    The MSE and entropy searches run coarse to fine here (see :func:`.methods.amax_mse`).
+    MSE from the whole error curve (:func:`.methods.mse_curve`); entropy from the KL curve at every
+    8th bin count and around its 4 best (:func:`.methods.amax_entropy_fast`).
     """
     if stats.absmax <= 0.0 or stats.hist is None:
         return {"max": amax_max(stats)}
-    step = max(1, stats.used_bins() // 16)
     makers = {"max": lambda: amax_max(stats),
               **{f"percentile {p}": (lambda p=p: amax_percentile(stats, p)) for p in AUTO_PERCENTILES},
               "mse": lambda: amax_mse_fast(stats),
-              # on pairs of bins merged (half the work): the thresholds it can find are TensorRT's from bin 128 up
-              "entropy": lambda: amax_entropy(stats.coarsened(2), start_bin=64, step=max(1, step // 2))}
+              "entropy": lambda: amax_entropy_fast(stats)}
     wanted = list(makers) if only is None else [k for k in only if k in makers]
     return {k: makers[k]() for k in wanted}
 

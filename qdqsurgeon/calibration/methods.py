@@ -44,6 +44,8 @@ __all__ = [
     "amax_entropy",
     "amax_mse",
     "amax_mse_fast",
+    "amax_entropy_fast",
+    "kl_curve",
     "mse_curve",
     "hist_sq_error",
     "hist_energy",
@@ -254,6 +256,61 @@ def _kl_many(hist: np.ndarray, total: float, keep: np.ndarray, levels: int) -> n
     kl = terms.sum(axis=1)
     kl[((p > 0) & (q == 0)).any(axis=1)] = np.inf
     return kl
+
+
+def kl_curve(stats: TensorStats, start_bin: int = _ENTROPY_LEVELS, levels: int = _ENTROPY_LEVELS, *,
+             counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || Q) of :func:`amax_entropy` for every bin count ``i`` from ``start_bin`` up (or for ``counts``),
+    in O(levels) per count.
+
+    Per ``i``, with the clipped tail folded into bin ``i - 1``: ``sum p log p`` comes from a prefix sum of
+    ``h log h`` and the last bin; ``sum p log q`` is, per group, its mass times the log of its mass per
+    non-empty bin (Q is constant on a group's non-empty bins), so it needs only the groups' prefix sums.
+    (bin counts, divergences); inf where P has mass Q lacks. The same values as :func:`_kl_many`.
+    """
+    hist = _need_hist(stats, "entropy").astype(np.float64)
+    used = stats.used_bins()
+    if used == 0 or stats.width == 0.0 or used < start_bin:
+        return np.zeros(0, np.int64), np.zeros(0)
+    hist[0] = hist[1]  # the zero spike, as amax_entropy
+    h = hist[:used]
+    total = h.sum()
+    csum = np.concatenate([[0.0], np.cumsum(h)])
+    cnz = np.concatenate([[0.0], np.cumsum(h > 0)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
+    cplogp = np.concatenate([[0.0], np.cumsum(hlogh)])
+    i = np.arange(start_bin, used + 1) if counts is None else np.asarray(counts, dtype=np.int64)
+    tail = total - csum[i]
+    last = h[i - 1] + tail
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = cplogp[i - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)
+        bounds = (np.arange(levels + 1)[np.newaxis, :] * i[:, np.newaxis]) // levels  # [n, levels + 1]
+        mass = np.diff(csum[bounds], axis=1)
+        nz = np.diff(cnz[bounds], axis=1)
+        per_bin = np.where(mass > 0, mass / np.maximum(nz, 1.0), 1.0)
+        plogq_groups = np.sum(mass * np.log(per_bin), axis=1)
+        qsum = csum[i]
+        # the tail sits in bin i - 1, of the last group
+        plogq = plogq_groups + tail * np.log(np.where(h[i - 1] > 0, per_bin[:, -1], 1.0))
+        kl = (plogp - plogq) / total - np.log(total) + np.log(qsum)
+    kl[(tail > 0) & (h[i - 1] == 0)] = np.inf
+    return i, kl
+
+
+def amax_entropy_fast(stats: TensorStats, step: int = 8, keep: int = 4) -> float:
+    """:func:`amax_entropy`'s threshold from :func:`kl_curve` at every ``step``-th bin count, then at every
+    count around the ``keep`` best of those (a bumpy curve has several minima): ``auto``'s entropy candidate."""
+    used = stats.used_bins() if stats.hist is not None else 0
+    if used < _ENTROPY_LEVELS or stats.width == 0.0:
+        return _finish(stats.absmax, stats)
+    i, kl = kl_curve(stats, counts=np.unique(np.r_[np.arange(_ENTROPY_LEVELS, used + 1, step), used]))
+    if not np.isfinite(kl).any():
+        return _finish(stats.absmax, stats)
+    near = i[np.argsort(kl)[:keep]]
+    fine = np.unique(np.clip((near[:, None] + np.arange(-step + 1, step)).ravel(), _ENTROPY_LEVELS, used))
+    i, kl = kl_curve(stats, counts=fine)
+    return _finish(float(i[int(np.argmin(kl))]) * stats.width, stats)
 
 
 def _coarse_to_fine(lo: int, hi: int, step: int, best_of: Callable[[list[int]], int]) -> int:

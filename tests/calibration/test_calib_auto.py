@@ -16,7 +16,9 @@ from qdqsurgeon.calibration.methods import (
     _kl_many,
     amax_entropy,
     amax_mse,
+    amax_entropy_fast,
     amax_mse_fast,
+    kl_curve,
     hist_sq_error,
     mse_curve,
 )
@@ -128,6 +130,25 @@ def test_mse_curve_is_the_exhaustive_search():
         exact, fast = amax_mse(s), amax_mse_fast(s)
         e_exact, e_fast = hist_sq_error(s, np.array([exact, fast]))
         assert e_fast <= 1.01 * e_exact
+
+
+def test_kl_curve_is_the_per_threshold_kl():
+    rng = np.random.default_rng(7)
+    for x in (np.maximum(rng.standard_normal(200_000), 0) ** 1.5, rng.standard_t(3, 200_000)):
+        s = _stats(x)
+        counts, kl = kl_curve(s)
+        h = s.hist.astype(np.float64)
+        h[0] = h[1]
+        used = s.used_bins()
+        ref = _kl_many(h[:used], h.sum(), counts, 128)
+        finite = np.isfinite(ref)
+        assert np.array_equal(finite, np.isfinite(kl))
+        np.testing.assert_allclose(kl[finite], ref[finite], rtol=1e-9, atol=1e-12)
+        # the sampled search lands on (or next to) the exhaustive minimum's divergence
+        fast = amax_entropy_fast(s)
+        at = dict(zip(counts.tolist(), kl.tolist()))[int(round(fast / s.width))]
+        assert at <= kl[finite].min() + 0.01
+        assert amax_entropy(s) == float(counts[int(np.argmin(kl))]) * s.width
 
 
 def test_layer_error_batched_equals_one_candidate_at_a_time():
