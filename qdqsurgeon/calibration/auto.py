@@ -56,9 +56,10 @@ logger = logging.getLogger(__name__)
 
 AUTO_PERCENTILES = (99.9, 99.99, 99.999)
 # Sample budget per reading layer: rows of (input patch) such that rows x patch elements stays near
-# this, and at most this many output channels, so one candidate costs about a million MACs at most.
+# this, and at most this many output channels, so one candidate costs about two million MACs (more only
+# for patches over 2048 elements, which still get 32 rows: 1024 sampled outputs of sums over K terms).
 _ELEMENTS = 1 << 16
-_MIN_ROWS, _MAX_ROWS = 128, 1024
+_MIN_ROWS, _MAX_ROWS = 32, 1024
 _MAX_CHANNELS = 32
 
 
@@ -182,9 +183,10 @@ class _Reader:
         rows_idx = (yi * sh)[:, None] + np.arange(kh) * dh - pt  # [P, kh], in unpadded coordinates
         cols_idx = (xi * sw)[:, None] + np.arange(kw) * dw - pl  # [P, kw]
         inside = ((rows_idx >= 0) & (rows_idx < h))[:, :, None] & ((cols_idx >= 0) & (cols_idx < wd))[:, None, :]
-        patches = x[bi[:, None, None, None], np.arange(ch)[None, :, None, None],
-                    np.clip(rows_idx, 0, h - 1)[:, None, :, None], np.clip(cols_idx, 0, wd - 1)[:, None, None, :]]
-        patches *= inside[:, None, :, :]  # zero padding  [P, C, kh, kw]
+        # Advanced indices on batch, row and column around the channel slice: [P, kh, kw, C], indices P*kh*kw.
+        patches = x[bi[:, None, None], :, np.clip(rows_idx, 0, h - 1)[:, :, None], np.clip(cols_idx, 0, wd - 1)[:, None, :]]
+        patches *= inside[:, :, :, None]  # zero padding
+        patches = patches.transpose(0, 3, 1, 2)  # [P, C, kh, kw]
         g = c["group"]
         return patches.reshape(len(pos), g, -1).transpose(1, 0, 2)  # [G, P, K]
 

@@ -206,3 +206,24 @@ def test_auto_through_build_ranges(method):
     if adds:
         ranges([adds[0].input[0]])
         assert ranges.runs in (1, 2)
+
+
+def test_conv_rows_are_im2col_patches():
+    # strided, dilated, padded: every sampled row is the zero-padded input window of its output position
+    from qdqsurgeon.calibration.auto import _Reader
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 9, 11)).astype(np.float32)
+    w = rng.standard_normal((1, 27, 4)).astype(np.float32)
+    conv = {"kernel": [3, 3], "strides": [2, 1], "dilations": [1, 2], "pads": [1, 2, 1, 2], "auto_pad": "NOTSET", "group": 1}
+    rows = _Reader("n", "conv", w, w, 50, conv)._conv_rows(x, np.random.default_rng(1), 50)
+    oh, ow = 5, 11
+    pos = np.sort(np.random.default_rng(1).integers(0, 2 * oh * ow, size=50))
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (2, 2)))
+    expected = []
+    for p in pos:
+        b, rest = divmod(int(p), oh * ow)
+        yi, xi = divmod(rest, ow)
+        expected.append(xp[b, :, yi * 2:yi * 2 + 3, xi:xi + 5:2].ravel())
+    assert rows.shape == (1, 50, 27)
+    np.testing.assert_array_equal(rows[0], np.array(expected))
