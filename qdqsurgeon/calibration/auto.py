@@ -8,9 +8,11 @@ scores candidate ranges where the error lands:
 1. One streamed pass collects, for every tensor, the histogram the fixed methods use (see
    :class:`.methods.TensorStats`) and, for every tensor read by a weighted layer (Conv, Gemm, MatMul
    with a constant weight), a small random sample of that layer's input patches (im2col rows at
-   random output positions; rows of the last axis for Gemm/MatMul), a few hundred rows at most.
+   random output positions; rows of the last axis for Gemm/MatMul), 32 to 1024 rows.
 2. Candidates per tensor come from its histogram: the absolute max, the 99.9/99.99/99.999th
-   percentiles, the MSE-optimal and the entropy (KL) threshold (coarse-to-fine searches).
+   percentiles, the MSE-optimal threshold (the whole error curve from prefix sums,
+   :func:`.methods.mse_curve`) and the entropy (KL) threshold (:func:`.methods.kl_curve` sampled,
+   :func:`.methods.amax_entropy_fast`), so the candidates are the fixed methods' own values.
 3. Each candidate ``T`` is scored as the relative squared error of the reading layer's output
    computed on the sample with the activation fake-quantized at ``T`` and the weight fake-quantized
    as insert-qdq quantizes it (symmetric int8 per output channel, V3), against the float output.
@@ -26,7 +28,12 @@ The first request also collects the tensors the later placement passes ask for (
 pooling/pointwise inputs), so their ranges are chosen without another pass over the data.
 Choosing on one half of the batches and scoring on the other (cross-validation) was tried and
 measured worse on ResNet-18, EfficientNet-Lite0, MobileNetV2 and the PP-OCR classifier: with
-eight calibration samples, four per half are too few.
+eight calibration samples, four per half are too few. So was an end-to-end check (the branch's
+history keeps it): a copy of the float model with Q/DQ on the weighted layers' inputs and
+fake-quantized weights, run for the per-tensor choice and for each fixed method everywhere, keeping
+the configuration of best output SQNR. On the calibration data it favours wide ranges (ResNet-18:
+max best there, worst on the evaluation photos); on two folds of it, it also missed the evaluation
+ranking (EasyOCR: mse kept, max best on the evaluation crops), and it cost another session.
 Random choices use a fixed seed: the same data gives the same ranges.
 """
 
@@ -42,9 +49,9 @@ import onnx
 
 from qdqsurgeon.calibration.methods import (
     TensorStats,
-    amax_entropy,
+    amax_entropy_fast,
     amax_max,
-    amax_mse,
+    amax_mse_fast,
     amax_percentile,
     hist_energy,
     hist_sq_error,
@@ -56,25 +63,25 @@ logger = logging.getLogger(__name__)
 
 AUTO_PERCENTILES = (99.9, 99.99, 99.999)
 # Sample budget per reading layer: rows of (input patch) such that rows x patch elements stays near
-# this, and at most this many output channels, so one candidate costs about a million MACs at most.
+# this, and at most this many output channels, so one candidate costs about two million MACs (more only
+# for patches over 2048 elements, which still get 32 rows: 1024 sampled outputs of sums over K terms).
 _ELEMENTS = 1 << 16
-_MIN_ROWS, _MAX_ROWS = 128, 1024
+_MIN_ROWS, _MAX_ROWS = 32, 1024
 _MAX_CHANNELS = 32
 
 
 def candidate_ranges(stats: TensorStats, only: Iterable[str] | None = None) -> dict[str, float]:
     """Candidate amax values of one tensor, by the method that gives each (``only``: just those methods).
 
-    The MSE and entropy searches run coarse to fine here (see :func:`.methods.amax_mse`).
+    MSE from the whole error curve (:func:`.methods.mse_curve`); entropy from the KL curve at every
+    8th bin count and around its 4 best (:func:`.methods.amax_entropy_fast`).
     """
     if stats.absmax <= 0.0 or stats.hist is None:
         return {"max": amax_max(stats)}
-    step = max(1, stats.used_bins() // 16)
     makers = {"max": lambda: amax_max(stats),
               **{f"percentile {p}": (lambda p=p: amax_percentile(stats, p)) for p in AUTO_PERCENTILES},
-              "mse": lambda: amax_mse(stats, step=step),
-              # on pairs of bins merged (half the work): the thresholds it can find are TensorRT's from bin 128 up
-              "entropy": lambda: amax_entropy(stats.coarsened(2), start_bin=64, step=max(1, step // 2))}
+              "mse": lambda: amax_mse_fast(stats),
+              "entropy": lambda: amax_entropy_fast(stats)}
     wanted = list(makers) if only is None else [k for k in only if k in makers]
     return {k: makers[k]() for k in wanted}
 
@@ -98,9 +105,18 @@ def layer_error(rows: np.ndarray, wq: np.ndarray, ref: np.ndarray, amaxes: Seque
 
     ``rows`` [G, P, K] are input rows (im2col patches per group), ``wq`` [G, K, O] the fake-quantized
     weight, ``ref`` [G, P, O] the float output; the rows are fake-quantized at each amax in turn.
+    All candidates of an ungrouped layer go through one matrix product.
     """
+    from qdqsurgeon.quant import scale_from_amax
+
     energy = max(float(np.sum(np.square(ref, dtype=np.float64))), 1e-30)
+    scales = scale_from_amax(np.asarray(amaxes, dtype=np.float64)).reshape(-1, 1, 1, 1)
     out = np.empty(len(amaxes))
+    if rows.shape[0] == 1:
+        q = np.clip(np.rint(rows[np.newaxis] / scales), -128, 127) * scales  # [C, 1, P, K]
+        got = (q.reshape(-1, rows.shape[2]) @ wq[0]).reshape(len(amaxes), rows.shape[1], -1)
+        diff = got - ref[0]
+        return np.einsum("cpo,cpo->c", diff, diff, dtype=np.float64) / energy
     for i, amax in enumerate(amaxes):
         diff = _matmul(_fake_quant(rows, amax), wq) - ref
         out[i] = float(np.sum(np.square(diff, dtype=np.float64))) / energy
@@ -111,6 +127,8 @@ def _matmul(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
     # Depthwise convs are thousands of [P, K] @ [K, 1] products: a broadcast multiply-sum is faster.
     if w.shape[2] == 1 and w.shape[0] > 1:
         return np.einsum("gpk,gk->gp", rows, w[:, :, 0])[:, :, np.newaxis]
+    if w.shape[0] <= 8:  # a stacked np.matmul is several times slower than one BLAS call per group
+        return np.stack([r @ g for r, g in zip(rows, w)])
     return np.matmul(rows, w)
 
 
@@ -172,9 +190,10 @@ class _Reader:
         rows_idx = (yi * sh)[:, None] + np.arange(kh) * dh - pt  # [P, kh], in unpadded coordinates
         cols_idx = (xi * sw)[:, None] + np.arange(kw) * dw - pl  # [P, kw]
         inside = ((rows_idx >= 0) & (rows_idx < h))[:, :, None] & ((cols_idx >= 0) & (cols_idx < wd))[:, None, :]
-        patches = x[bi[:, None, None, None], np.arange(ch)[None, :, None, None],
-                    np.clip(rows_idx, 0, h - 1)[:, None, :, None], np.clip(cols_idx, 0, wd - 1)[:, None, None, :]]
-        patches *= inside[:, None, :, :]  # zero padding  [P, C, kh, kw]
+        # Advanced indices on batch, row and column around the channel slice: [P, kh, kw, C], indices P*kh*kw.
+        patches = x[bi[:, None, None], :, np.clip(rows_idx, 0, h - 1)[:, :, None], np.clip(cols_idx, 0, wd - 1)[:, None, :]]
+        patches *= inside[:, :, :, None]  # zero padding
+        patches = patches.transpose(0, 3, 1, 2)  # [P, C, kh, kw]
         g = c["group"]
         return patches.reshape(len(pos), g, -1).transpose(1, 0, 2)  # [G, P, K]
 

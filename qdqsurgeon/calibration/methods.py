@@ -43,6 +43,10 @@ __all__ = [
     "amax_percentile",
     "amax_entropy",
     "amax_mse",
+    "amax_mse_fast",
+    "amax_entropy_fast",
+    "kl_curve",
+    "mse_curve",
     "hist_sq_error",
     "hist_energy",
 ]
@@ -254,6 +258,61 @@ def _kl_many(hist: np.ndarray, total: float, keep: np.ndarray, levels: int) -> n
     return kl
 
 
+def kl_curve(stats: TensorStats, start_bin: int = _ENTROPY_LEVELS, levels: int = _ENTROPY_LEVELS, *,
+             counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || Q) of :func:`amax_entropy` for every bin count ``i`` from ``start_bin`` up (or for ``counts``),
+    in O(levels) per count.
+
+    Per ``i``, with the clipped tail folded into bin ``i - 1``: ``sum p log p`` comes from a prefix sum of
+    ``h log h`` and the last bin; ``sum p log q`` is, per group, its mass times the log of its mass per
+    non-empty bin (Q is constant on a group's non-empty bins), so it needs only the groups' prefix sums.
+    (bin counts, divergences); inf where P has mass Q lacks. The same values as :func:`_kl_many`.
+    """
+    hist = _need_hist(stats, "entropy").astype(np.float64)
+    used = stats.used_bins()
+    if used == 0 or stats.width == 0.0 or used < start_bin:
+        return np.zeros(0, np.int64), np.zeros(0)
+    hist[0] = hist[1]  # the zero spike, as amax_entropy
+    h = hist[:used]
+    total = h.sum()
+    csum = np.concatenate([[0.0], np.cumsum(h)])
+    cnz = np.concatenate([[0.0], np.cumsum(h > 0)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
+    cplogp = np.concatenate([[0.0], np.cumsum(hlogh)])
+    i = np.arange(start_bin, used + 1) if counts is None else np.asarray(counts, dtype=np.int64)
+    tail = total - csum[i]
+    last = h[i - 1] + tail
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = cplogp[i - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)
+        bounds = (np.arange(levels + 1)[np.newaxis, :] * i[:, np.newaxis]) // levels  # [n, levels + 1]
+        mass = np.diff(csum[bounds], axis=1)
+        nz = np.diff(cnz[bounds], axis=1)
+        per_bin = np.where(mass > 0, mass / np.maximum(nz, 1.0), 1.0)
+        plogq_groups = np.sum(mass * np.log(per_bin), axis=1)
+        qsum = csum[i]
+        # the tail sits in bin i - 1, of the last group
+        plogq = plogq_groups + tail * np.log(np.where(h[i - 1] > 0, per_bin[:, -1], 1.0))
+        kl = (plogp - plogq) / total - np.log(total) + np.log(qsum)
+    kl[(tail > 0) & (h[i - 1] == 0)] = np.inf
+    return i, kl
+
+
+def amax_entropy_fast(stats: TensorStats, step: int = 8, keep: int = 4) -> float:
+    """:func:`amax_entropy`'s threshold from :func:`kl_curve` at every ``step``-th bin count, then at every
+    count around the ``keep`` best of those (a bumpy curve has several minima): ``auto``'s entropy candidate."""
+    used = stats.used_bins() if stats.hist is not None else 0
+    if used < _ENTROPY_LEVELS or stats.width == 0.0:
+        return _finish(stats.absmax, stats)
+    i, kl = kl_curve(stats, counts=np.unique(np.r_[np.arange(_ENTROPY_LEVELS, used + 1, step), used]))
+    if not np.isfinite(kl).any():
+        return _finish(stats.absmax, stats)
+    near = i[np.argsort(kl)[:keep]]
+    fine = np.unique(np.clip((near[:, None] + np.arange(-step + 1, step)).ravel(), _ENTROPY_LEVELS, used))
+    i, kl = kl_curve(stats, counts=fine)
+    return _finish(float(i[int(np.argmin(kl))]) * stats.width, stats)
+
+
 def _coarse_to_fine(lo: int, hi: int, step: int, best_of: Callable[[list[int]], int]) -> int:
     """Search integers in ``[lo, hi]``: every ``step``-th, then ever finer steps (÷8) around the best so far."""
     best = best_of(sorted({*range(lo, hi + 1, step), hi}))
@@ -327,6 +386,58 @@ def hist_energy(stats: TensorStats) -> float:
     lo = np.arange(used) * stats.width
     hi = lo + stats.width
     return float(np.sum(hist[:used] * (hi**3 - lo**3) / (3.0 * stats.width)))
+
+
+def mse_curve(stats: TensorStats, exact_steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Expected squared error of int8 fake quantization at every bin edge as amax, in O(bins · exact_steps).
+
+    The model of :func:`hist_sq_error` (values uniform within a bin; clipping error ``(x - T)²``
+    above ``T``, rounding error ``(x - s·round(x/s))²`` below it, ``s = T / 127``) computed from
+    prefix sums of the bins' moments: the rounding error exactly for values that round to the
+    first ``exact_steps`` levels, as the uniform-noise mean ``s²/12`` above them (where the density
+    varies little within one step). (thresholds, errors).
+    """
+    hist = _need_hist(stats, "mse").astype(np.float64)
+    used = stats.used_bins()
+    if used == 0 or stats.width == 0.0:
+        return np.zeros(0), np.zeros(0)
+    w = stats.width
+    c = hist[:used]
+    lo = np.arange(used) * w
+    hi = lo + w
+    moments = [c, c * (hi**2 - lo**2) / (2.0 * w), c * (hi**3 - lo**3) / (3.0 * w)]  # count, sum x, sum x² per bin
+    prefix = [np.concatenate([[0.0], np.cumsum(m)]) for m in moments]
+
+    def below(x: np.ndarray) -> list[np.ndarray]:
+        """Count, sum x and sum x² of the values below each ``x`` (uniform within bins)."""
+        i = np.minimum((x * (1.0 / w)).astype(np.int64), used - 1)
+        a, cw = lo[i], c[i] / w
+        d1 = x - a
+        d2 = d1 * (x + a)
+        d3 = d1 * (x * x + x * a + a * a)
+        return [prefix[0][i] + cw * d1, prefix[1][i] + cw * d2 / 2.0, prefix[2][i] + cw * d3 / 3.0]
+
+    t = np.arange(1, used + 1) * w
+    j = np.arange(1, used + 1)
+    clipping = ((prefix[2][-1] - prefix[2][j]) - 2.0 * t * (prefix[1][-1] - prefix[1][j])
+                + t * t * (prefix[0][-1] - prefix[0][j]))
+    step = t / _QMAX
+    rounding = np.zeros_like(t)
+    prev = [np.zeros_like(t)] * 3
+    for k in range(exact_steps):  # values rounding to level k: [(k - 1/2) s, (k + 1/2) s) below T
+        cur = below(np.minimum((k + 0.5) * step, t))
+        n, s1, s2 = (cu - pr for cu, pr in zip(cur, prev))
+        ks = k * step
+        rounding += s2 - 2.0 * ks * s1 + ks * ks * n
+        prev = cur
+    rounding += (prefix[0][j] - prev[0]) * step * step / 12.0
+    return t, rounding + clipping
+
+
+def amax_mse_fast(stats: TensorStats) -> float:
+    """The threshold of least :func:`mse_curve` error (a bin edge): ``auto``'s MSE candidate."""
+    t, err = mse_curve(stats)
+    return _finish(float(t[int(np.argmin(err))]) if t.size else 0.0, stats)
 
 
 def amax_mse(stats: TensorStats, *, step: int = 1) -> float:

@@ -9,14 +9,18 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from qdqsurgeon.calibration import calibrate
-from qdqsurgeon.calibration.auto import AutoSelector, candidate_ranges
+from qdqsurgeon.calibration.auto import AutoSelector, _fake_quant, _matmul, candidate_ranges, layer_error
 from qdqsurgeon.calibration.methods import (
     TensorStats,
     _kl_at,
     _kl_many,
     amax_entropy,
     amax_mse,
+    amax_entropy_fast,
+    amax_mse_fast,
+    kl_curve,
     hist_sq_error,
+    mse_curve,
 )
 from qdqsurgeon.cli import cli
 from qdqsurgeon.examples import example_calibration, example_model
@@ -111,6 +115,56 @@ def test_candidates_and_fast_searches():
         np.testing.assert_allclose(vec[finite], loop[finite], rtol=1e-9)
 
 
+def test_mse_curve_is_the_exhaustive_search():
+    # auto's MSE candidate: the whole error curve from prefix sums, so no local minimum of a bumpy
+    # curve (a sparse tail) can stop the search; its minimum is the exhaustive search's within 1 %.
+    rng = np.random.default_rng(5)
+    sparse = np.concatenate([np.abs(rng.standard_normal(100_000)), 4 + 5 * rng.random(40)])
+    for x in (np.maximum(rng.standard_normal(200_000), 0) ** 1.5, rng.standard_t(3, 200_000), sparse):
+        s = _stats(x)
+        t, err = mse_curve(s)
+        assert t.size == s.used_bins()
+        # every point is hist_sq_error's model within a few percent (exact below 8 levels, s²/12 above)
+        pick = np.linspace(0, t.size - 1, 40).astype(int)
+        np.testing.assert_allclose(err[pick], hist_sq_error(s, t[pick]), rtol=0.05)
+        exact, fast = amax_mse(s), amax_mse_fast(s)
+        e_exact, e_fast = hist_sq_error(s, np.array([exact, fast]))
+        assert e_fast <= 1.01 * e_exact
+
+
+def test_kl_curve_is_the_per_threshold_kl():
+    rng = np.random.default_rng(7)
+    for x in (np.maximum(rng.standard_normal(200_000), 0) ** 1.5, rng.standard_t(3, 200_000)):
+        s = _stats(x)
+        counts, kl = kl_curve(s)
+        h = s.hist.astype(np.float64)
+        h[0] = h[1]
+        used = s.used_bins()
+        ref = _kl_many(h[:used], h.sum(), counts, 128)
+        finite = np.isfinite(ref)
+        assert np.array_equal(finite, np.isfinite(kl))
+        np.testing.assert_allclose(kl[finite], ref[finite], rtol=1e-9, atol=1e-12)
+        # the sampled search lands on (or next to) the exhaustive minimum's divergence
+        fast = amax_entropy_fast(s)
+        at = dict(zip(counts.tolist(), kl.tolist()))[int(round(fast / s.width))]
+        assert at <= kl[finite].min() + 0.01
+        assert amax_entropy(s) == float(counts[int(np.argmin(kl))]) * s.width
+
+
+def test_layer_error_batched_equals_one_candidate_at_a_time():
+    rng = np.random.default_rng(6)
+    rows = np.abs(rng.standard_t(2, (1, 200, 36))).astype(np.float32)
+    w = rng.standard_normal((1, 36, 16)).astype(np.float32)
+    ref = _matmul(rows, w)
+    amaxes = [0.5, 2.0, 5.0, float(rows.max())]
+    energy = float(np.sum(np.square(ref, dtype=np.float64)))
+    one = [float(np.sum(np.square(_matmul(_fake_quant(rows, a), w) - ref, dtype=np.float64))) / energy for a in amaxes]
+    np.testing.assert_allclose(layer_error(rows, w, ref, amaxes), one, rtol=1e-5)
+    grouped = np.concatenate([rows, rows[:, ::-1]])  # two groups take the per-candidate path
+    wg = np.concatenate([w, w])
+    np.testing.assert_allclose(layer_error(grouped, wg, _matmul(grouped, wg), amaxes), one, rtol=1e-5)
+
+
 def test_merged_stats_equal_one_pass():
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal(5000) * 3, rng.standard_normal(5000) * 50
@@ -152,3 +206,24 @@ def test_auto_through_build_ranges(method):
     if adds:
         ranges([adds[0].input[0]])
         assert ranges.runs in (1, 2)
+
+
+def test_conv_rows_are_im2col_patches():
+    # strided, dilated, padded: every sampled row is the zero-padded input window of its output position
+    from qdqsurgeon.calibration.auto import _Reader
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 9, 11)).astype(np.float32)
+    w = rng.standard_normal((1, 27, 4)).astype(np.float32)
+    conv = {"kernel": [3, 3], "strides": [2, 1], "dilations": [1, 2], "pads": [1, 2, 1, 2], "auto_pad": "NOTSET", "group": 1}
+    rows = _Reader("n", "conv", w, w, 50, conv)._conv_rows(x, np.random.default_rng(1), 50)
+    oh, ow = 5, 11
+    pos = np.sort(np.random.default_rng(1).integers(0, 2 * oh * ow, size=50))
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (2, 2)))
+    expected = []
+    for p in pos:
+        b, rest = divmod(int(p), oh * ow)
+        yi, xi = divmod(rest, ow)
+        expected.append(xp[b, :, yi * 2:yi * 2 + 3, xi:xi + 5:2].ravel())
+    assert rows.shape == (1, 50, 27)
+    np.testing.assert_array_equal(rows[0], np.array(expected))
