@@ -41,9 +41,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 CLI = "import sys; from qdqsurgeon.cli import main; sys.argv[0] = 'qdqsurgeon'; main()"
-# (External data is decided before loading: once loaded, the tensors no longer say where they came from.)
-FLOOR = ("import sys, onnx; big = any(t.data_location == onnx.TensorProto.EXTERNAL for t in "
-         "onnx.load(sys.argv[1], load_external_data=False).graph.initializer); m = onnx.load(sys.argv[1]); "
+# Saved as qdqsurgeon saves: external data only over the 2 GB protobuf limit.
+FLOOR = ("import sys, onnx; from qdqsurgeon.io import is_large; m = onnx.load(sys.argv[1]); big = is_large(m); "
          "onnx.save(m, sys.argv[2], save_as_external_data=big, "
          "location=(sys.argv[2].rsplit('/', 1)[-1] + '.data') if big else None)")
 ORT = ("import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
