@@ -41,8 +41,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 CLI = "import sys; from qdqsurgeon.cli import main; sys.argv[0] = 'qdqsurgeon'; main()"
-FLOOR = ("import sys, onnx; m = onnx.load(sys.argv[1]); big = any(t.data_location == onnx.TensorProto.EXTERNAL "
-         "for t in m.graph.initializer); onnx.save(m, sys.argv[2], save_as_external_data=big, "
+# Saved as qdqsurgeon saves: external data only over the 2 GB protobuf limit.
+FLOOR = ("import sys, onnx; from qdqsurgeon.io import is_large; m = onnx.load(sys.argv[1]); big = is_large(m); "
+         "onnx.save(m, sys.argv[2], save_as_external_data=big, "
          "location=(sys.argv[2].rsplit('/', 1)[-1] + '.data') if big else None)")
 ORT = ("import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
        "i = s.get_inputs()[0]; x = np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32); "

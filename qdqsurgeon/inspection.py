@@ -27,6 +27,7 @@ from .graph import (
     is_dq,
     is_graph_output,
     is_q,
+    np_dtype,
     opset_version,
     producer,
     QParams,
@@ -305,7 +306,8 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
             if is_graph_output(graph, node.outputs[0]):
                 problems.append(Problem("P9", node.name, "Q/DQ on a graph output only adds a Quantize+Dequantize pair"))
         src = node.inputs[0]
-        if is_q(node) and src.dtype is not None and np.dtype(src.dtype).kind in "iub":
+        # np_dtype: a constant not yet loaded carries types numpy cannot name (bfloat16) as ONNX enums
+        if is_q(node) and src.dtype is not None and (kind := np_dtype(src.dtype)) is not None and kind.kind in "iub":
             problems.append(Problem("V4", node.name, f"quantizes an integer/bool tensor {src.name}"))
     return problems
 
