@@ -175,21 +175,20 @@ class Rewriter:
 
     # -- rewiring ----------------------------------------------------------------------------
     def set_input(self, node: gs.Node, index: int, tensor: gs.Tensor, *, detail: str = "", rule: str | None = None) -> None:
-        self._snapshot_names()  # this edit can drop a name from the graph
-        old = node.inputs[index]
-        if old is tensor:
-            return
-        node.inputs[index] = tensor
-        self.log("rewire", node.name, detail or f"input {index}: {old.name} -> {tensor.name}", rule)
+        self._rebind(node, node.inputs, "input", index, tensor, detail, rule)
 
     def set_output(self, node: gs.Node, index: int, tensor: gs.Tensor, *, detail: str = "", rule: str | None = None) -> None:
         """Make ``node`` write ``tensor`` as its output ``index`` (its old output loses its producer)."""
+        self._rebind(node, node.outputs, "output", index, tensor, detail, rule)
+
+    def _rebind(self, node: gs.Node, slots: list, what: str, index: int, tensor: gs.Tensor, detail: str,
+                rule: str | None) -> None:
         self._snapshot_names()  # this edit can drop a name from the graph
-        old = node.outputs[index]
+        old = slots[index]
         if old is tensor:
             return
-        node.outputs[index] = tensor
-        self.log("rewire", node.name, detail or f"output {index}: {old.name} -> {tensor.name}", rule)
+        slots[index] = tensor
+        self.log("rewire", node.name, detail or f"{what} {index}: {old.name} -> {tensor.name}", rule)
 
     def replace_uses(
         self,
