@@ -182,6 +182,9 @@ def dequantized_input(rw: Rewriter, node: gs.Node, index: int, *, detail: str, r
 
 def _gelu_ending_at(t: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor] | None:
     """The Erf-form GELU region (:func:`trt_rules.gelu_region`) whose output is ``t``: (its nodes, its input)."""
+    last = producer(t)
+    if last is None or last.op not in ("Mul", "Div"):  # the region ends in ·0.5, ·(1+erf) or /2
+        return None
     seen: set[int] = set()
     frontier = [t]
     for _ in range(5):  # the region has five nodes: its input is at most five producers up

@@ -22,7 +22,9 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 import qdqsurgeon.graph as graph_mod
 import qdqsurgeon.io as io_mod
 from qdqsurgeon.analysis import predict
-from qdqsurgeon.graph import const_value, export_model, gc_paused, import_graph, import_model, is_constant
+from qdqsurgeon import optimize
+from qdqsurgeon.graph import (const_value, export_graph, export_model, gc_paused, import_graph, import_model, is_constant,
+                               new_constant, new_node, new_variable)
 
 from .helpers import FP32, QDQ, need_shared
 
@@ -95,6 +97,53 @@ def test_import_graph_defers_to_graphsurgeon_for_subgraphs_and_functions(monkeyp
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     model = helper.make_model(g)
     assert import_graph(model) == "gs" and calls == [model]
+
+
+def _edited_graph() -> gs.Graph:
+    """A graph as passes leave it: numpy constants of several types (scalar and per-channel), a Constant
+    node with a tensor attribute, bool/int/float/string/list/numpy-scalar attributes, an unnamed node,
+    a tensor without dtype, and a custom domain."""
+    g = import_graph(_odd_model())
+    y = g.outputs[0]
+    s16 = new_constant("s16", np.array([0.5, 0.25], np.float16))
+    zp = new_constant("zp", np.array(3, np.int8))
+    q, dq = new_variable("q", np.int8, [1, 2]), new_variable("dq")
+    k = new_variable("k", np.float32, [])
+    g.nodes += [
+        new_node("QuantizeLinear", "q", {"axis": 1, "saturate": True}, [y, s16, zp], [q]),
+        new_node("DequantizeLinear", "", {"axis": np.int64(1)}, [q, s16, zp], [dq]),
+        new_node("Constant", "k", {"value": new_constant("kv", np.array(2.0, np.float32))}, [], [k]),
+        new_node("Custom", "c", {"names": ["a", "b"], "f": 0.5, "fs": [0.5, 1.0], "is": [1, 2], "mixed": [1, 0.5]},
+                 [dq, k], [new_variable("out", np.float32, ["n", 2])], domain="my.domain"),
+    ]
+    g.outputs.append(g.nodes[-1].outputs[0])
+    return g
+
+
+def test_export_graph_writes_what_graphsurgeon_writes():
+    """The in-place exporter gives gs's bytes: on every shared model as imported and as optimized, on the
+    generated scale graphs, and on a graph with every kind of attribute and constant passes create."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scale
+
+    models = [*_models(), _odd_model(), scale.conv_chain(200), scale.transformer_chain(200)]
+    graphs = [import_graph(m) for m in models]
+    graphs += [import_graph(optimize(m, analyze=False, verify=False).model) for m in models[:3] + models[-2:]]
+    graphs.append(_edited_graph())
+    for g in graphs:
+        ours, theirs = export_graph(g), gs.export_onnx(g, do_type_check=False)
+        assert ours.SerializeToString() == theirs.SerializeToString(), g.name
+
+
+def test_export_graph_defers_to_graphsurgeon_for_functions_and_subgraphs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gs, "export_onnx", lambda g, **kw: calls.append(g) or "gs")
+    g = _edited_graph()
+    g.nodes[0].attrs["body"] = import_graph(_odd_model())
+    assert export_graph(g) == "gs" and calls == [g]
 
 
 def test_is_constant_agrees_with_const_value_and_loads_nothing():

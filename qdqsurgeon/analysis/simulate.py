@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
 from ..io import heavy, without_weight_bytes
-from ..graph import _flat_model, const_value, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph
+from ..graph import _flat_model, const_value, export_graph, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph
 from ..qdq import agreed_dq_sources, agreed_q_readers, cancels, duplicates
 from ..rewriter import Rewriter
 
@@ -32,7 +32,7 @@ def _working_graph(model_or_graph: onnx.ModelProto | gs.Graph) -> gs.Graph:
         model = model_or_graph
     elif isinstance(model_or_graph, gs.Graph):
         try:
-            model = gs.export_onnx(model_or_graph, do_type_check=False)
+            model = export_graph(model_or_graph)
         except Exception as exc:  # an unexportable graph is still analysable, just without new shapes
             logger.debug("gs export failed (%s); analysing a copy without shape inference", exc)
             return model_or_graph.copy()
