@@ -219,6 +219,19 @@ def layout_problem(node: gs.Node, *, zero_point: bool = True, qp: QParams | None
     return None
 
 
+def scale_counts(scale: np.ndarray) -> tuple[bool, int, int]:
+    """(all values finite, how many are negative, how many are zero) of a Q/DQ scale (V1).
+
+    A per-tensor scale (nearly all of them) is read as a Python number: numpy's reductions cost
+    microseconds a call, which over the Q/DQ of a 100k-node graph added up to seconds.
+    """
+    if scale.size == 1:
+        v = float(scale.reshape(-1)[0])
+        return (True, int(v < 0), int(v == 0)) if math.isfinite(v) else (False, 0, 0)
+    s = scale.astype(np.float64)
+    return bool(np.all(np.isfinite(s))), int(np.sum(s < 0)), int(np.sum(s == 0))
+
+
 def unsupported_qtype(qp: "object") -> str | None:
     """Why TensorRT cannot import a Q/DQ of this quantized type (V4), or None (int8, uint8 -> V2, int32 -> bias)."""
     name = np.dtype(qp.qdtype).name
@@ -270,14 +283,11 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
         blocked = blocked_problem(node, qp)
         if blocked is not None:
             problems.append(Problem("V3", node.name, blocked))
-        # Per-tensor parameters (nearly all of them) are read as Python numbers: numpy's reductions
-        # cost microseconds a call, which on 100k-node graphs added up to seconds.
-        scale = float(qp.scale.reshape(-1)[0]) if qp.scale.size == 1 else qp.scale.astype(np.float64)
-        if not (math.isfinite(scale) if isinstance(scale, float) else np.all(np.isfinite(scale))):
+        finite, negative, zero = scale_counts(qp.scale)
+        if not finite:
             problems.append(Problem("V1", node.name, "scale has NaN or infinite values"))
-        elif (scale <= 0) if isinstance(scale, float) else np.any(scale <= 0):
-            bad = 1 if isinstance(scale, float) else int(np.sum(scale <= 0))
-            problems.append(Problem("V1", node.name, f"{bad} scale value(s) are zero or negative"))
+        elif negative or zero:
+            problems.append(Problem("V1", node.name, f"{negative + zero} scale value(s) are zero or negative"))
         if qp.zero_point is not None:
             zp = qp.zero_point
             if zp.dtype == np.uint8:

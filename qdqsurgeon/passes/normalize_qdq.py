@@ -50,7 +50,7 @@ from ..config import Config
 from ..errors import ModelError
 from ..graph import (DQ_OP, Q_OP, WEIGHTED_OPS, QParams, const_value, is_constant, is_dq, is_float_dtype, is_graph_output, is_q,
                      opset_version, producer, qparams, weight_input_index)
-from ..inspection import OPERATOR_QUANT_OPS, blocked_problem, layout_problem, unsupported_qtype
+from ..inspection import OPERATOR_QUANT_OPS, blocked_problem, layout_problem, scale_counts, unsupported_qtype
 from ..quant import MIN_SCALE, QMAX, expand_blocks, weight_scales
 from ..qdq import unquantize_graph_output
 from ..rewriter import Rewriter
@@ -364,7 +364,7 @@ class NormalizeQdq(Pass):
                 continue
             # A one-element zero point beside a per-axis/blocked scale is repaired in run() (exact).
             zp_one = qp.zero_point is not None and qp.zero_point.size == 1
-            layout = layout_problem(node, zero_point=not zp_one)
+            layout = layout_problem(node, zero_point=not zp_one, qp=qp)
             if layout is not None:
                 raise ModelError(f"{node.op} {node.name}: {layout}; re-export the model")
             bad_type = unsupported_qtype(qp)
@@ -377,12 +377,12 @@ class NormalizeQdq(Pass):
                 # point), so it is not done behind the user's back: strip and recalibrate instead.
                 raise ModelError(f"{node.op} {node.name}: {bad_type}; use --requantize --calib DATA to re-quantize "
                                  f"it as INT8")
-            scale = qp.scale.astype(np.float64)
-            if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+            finite, negative, zero = scale_counts(qp.scale)
+            if not finite or negative:
                 # A negative scale flips signs and a NaN poisons everything: no faithful repair exists (V1).
                 raise ModelError(f"{node.op} {node.name} has a negative, NaN or infinite scale; "
                                  f"re-export or re-quantize the model (--requantize --calib DATA)")
-            if np.any(scale == 0) and not ctx.config.repair_zero_scales and not _dead_channels_only(node, qp):
+            if zero and not ctx.config.repair_zero_scales and not _dead_channels_only(node, qp):
                 # Q divides by its scale: a zero one is a broken quantizer TensorRT refuses (V1). Only an
                 # all-zero weight channel has an exact repair, made without asking (see _zero_scales).
                 raise ModelError(f"{node.op} {node.name} has a zero scale (TensorRT refuses it, V1); "
@@ -563,7 +563,7 @@ class NormalizeQdq(Pass):
         """
         for node in [n for n in graph.nodes if n.op in (Q_OP, DQ_OP) and not rw.is_removed(n)]:
             qp = qparams(node)
-            if qp is None or not np.any(qp.scale == 0):
+            if qp is None or not scale_counts(qp.scale)[2]:
                 continue
             fixed = np.where(qp.scale == 0, np.asarray(MIN_SCALE, qp.scale.dtype), qp.scale).astype(qp.scale.dtype)
             rw.set_constant(node, 1, fixed, base=f"{node.name}_scale", rule="V1",
