@@ -1,0 +1,109 @@
+"""sensitivity --ray on a throwaway local Ray head: the same figures as the local path, and one line when unreachable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qdqsurgeon.examples import example_calibration, example_model
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[default]')")
+
+CLI = [sys.executable, "-c", "from qdqsurgeon.cli import main; main()"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1.0).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[dict[str, str]]:
+    """A one-CPU Ray head on loopback, in its own process group, ended by its id (not ``ray stop``, which ends
+    every Ray process on the machine, other users' too)."""
+    # Ray's socket paths must stay under 107 characters, so not pytest's long tmp_path.
+    temp = tempfile.mkdtemp(prefix="qdqray")
+    gcs, client = _free_port(), _free_port()
+    cmd = [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start", "--head", "--block",
+           "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--ray-client-server-port", str(client),
+           "--num-cpus", "1", "--temp-dir", temp, "--include-dashboard", "false", "--disable-usage-stats"]
+    for flag in ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
+                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port"):
+        cmd += [flag, str(_free_port())]
+    # No PYTHONPATH for the cluster: the workers must get this package from the driver (py_modules).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # else SIGTERM waits 30 s for the node to drain
+    log = open(Path(temp) / "head.log", "w")
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=temp, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(client):
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the Ray head did not start: {(Path(temp) / 'head.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield {"gcs": f"127.0.0.1:{gcs}", "client": f"ray://127.0.0.1:{client}"}
+    finally:
+        head.terminate()  # ray start --block ends the processes it started
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever of its process group outlived it
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _sensitivity(tmp_path: Path, name: str, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run([*CLI, "sensitivity", str(example_model()), "--calib", str(example_calibration()), "-q",
+                           "--json", str(out), *extra], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ("seconds", "workers"):  # where and how fast it ran
+        data.pop(key)
+    return data
+
+
+@pytest.mark.slow
+def test_ray_cluster_gives_the_local_figures(ray_head, tmp_path):
+    # --jobs 2 and the Ray workers both run one intra-op thread per session: the figures are equal, not close
+    local = _sensitivity(tmp_path, "local", "--jobs", "2")
+    assert _sensitivity(tmp_path, "gcs", "--ray", ray_head["gcs"]) == local
+    assert _sensitivity(tmp_path, "client", "--ray", ray_head["client"]) == local
+    assert len(local["ranked"]) == local["groups"] > 3
+
+
+def test_ray_unreachable_address_is_one_line():
+    port = _free_port()  # bound and released: nothing listens there
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        t0 = time.monotonic()
+        proc = subprocess.run([*CLI, "sensitivity", str(example_model()), "--calib", str(example_calibration()),
+                               "--ray", address], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"cannot reach the Ray cluster at {address}" in proc.stderr
+        assert time.monotonic() - t0 < 60  # Ray alone waits minutes
