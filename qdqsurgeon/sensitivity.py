@@ -444,18 +444,21 @@ def check_ray(address: str, timeout: float = 5.0) -> Any:
     """The ``ray`` module, once Ray is importable and ``address`` (``host:port``, ``ray://host:port``) answers.
 
     Run before calibration so a wrong address costs seconds, not a whole quantization: Ray itself
-    waits minutes on a head that does not answer. ``auto`` and ``local`` are left to ``ray.init``.
+    waits minutes on a head that does not answer. ``auto`` means ``$RAY_ADDRESS`` when it is set (as
+    for ``ray.init``); otherwise ``auto`` and ``local`` are left to ``ray.init``.
     """
     try:
         import ray  # type: ignore[import-not-found]
     except ImportError:
         raise UsageError("--ray needs the ray package (pip install 'ray[default]'), which is not installed") from None
-    endpoint = _ray_endpoint(address)
+    target = (os.environ.get("RAY_ADDRESS") or address) if address == "auto" else address
+    endpoint = _ray_endpoint(target)
     if endpoint is not None:
         try:
             socket.create_connection(endpoint, timeout).close()
         except OSError as exc:
-            raise UsageError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+            via = f" (RAY_ADDRESS={target})" if target != address else ""
+            raise UsageError(f"cannot reach the Ray cluster at {address}{via}: {exc.strerror or exc}") from None
     return ray
 
 
