@@ -417,8 +417,9 @@ class _LocalRunner:
 class _RayWorker:
     """A Ray actor's evaluator: the session is built once per worker, as in a local worker process.
 
-    One intra-op thread, as a local ``--jobs N`` worker: the figures do not depend on the node a
-    configuration ran on (onnxruntime's multi-threaded kernels round differently per thread count).
+    One intra-op thread, as a local ``--jobs N`` worker, so the figures do not depend on a node's core
+    count (onnxruntime's kernels round differently per thread count); nodes with another onnxruntime
+    or another CPU kind (MLAS picks AVX2 or AVX-512 kernels) may still differ in the last digits.
     """
 
     def __init__(self, model_bytes: bytes, feeds: list[dict[str, np.ndarray]]) -> None:
@@ -466,7 +467,7 @@ class _RayRunner:
     """Runs tasks on an existing Ray cluster (imported only here): one actor per CPU, at most ``jobs`` when above 1.
 
     The switch model and the feeds go into the object store once (each node fetches them once);
-    this package travels with the actors (``py_modules``), so the workers run the driver's code
+    this package travels with the job (``py_modules``), so the workers run the driver's code
     whether or not, or in whichever version, qdqsurgeon is installed on the cluster. The workers
     need numpy and onnxruntime.
     """
@@ -635,8 +636,9 @@ def analyze(
                     results[i] = _result(groups[i], alone[i], all_rel, score(o))
     finally:
         runner.close()
-    return SensitivityReport(results, _sqnr(all_rel), min(all_cos, default=1.0), n_all, time.perf_counter() - t0, runner.workers,
-                             screen_samples=screen or n_all, remeasured=top, full=full, float_measured=len(wanted))
+    return SensitivityReport(results, _sqnr(all_rel), min(all_cos, default=1.0), n_all, time.perf_counter() - t0,
+                             runner.workers, screen_samples=screen or n_all, remeasured=top, full=full,
+                             float_measured=len(wanted))
 
 
 # ------------------------------------------------------------------------------------------------ picture
