@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,12 +16,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import qdqsurgeon
+from qdqsurgeon.calibration import open_data
 from qdqsurgeon.cli import cli
 from qdqsurgeon.examples import example_calibration, example_model
+from qdqsurgeon.sensitivity import analyze
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[default]')")
-
-CLI = [sys.executable, "-c", "from qdqsurgeon.cli import main; main()"]
 
 
 def _free_port() -> int:
@@ -78,25 +78,36 @@ def ray_head() -> Iterator[dict[str, str]]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _sensitivity(tmp_path: Path, name: str, *extra: str) -> dict:
-    out = tmp_path / f"{name}.json"
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.run([*CLI, "sensitivity", str(example_model()), "--calib", str(example_calibration()), "-q",
-                           "--json", str(out), *extra], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def quantized():
+    model = qdqsurgeon.load(example_model())
+    ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
+    return model, qdqsurgeon.optimize(model, ranges=ranges).model
+
+
+def _figures(report) -> dict:
+    data = report.to_dict()
     for key in ("seconds", "workers"):  # where and how fast it ran
         data.pop(key)
     return data
 
 
 @pytest.mark.slow
-def test_ray_cluster_gives_the_local_figures(ray_head, tmp_path):
+def test_ray_cluster_gives_the_local_figures(ray_head, quantized, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    model, q = quantized
+
+    def run(**where):
+        return analyze(q, open_data(example_calibration(), model), progress=False, **where)
+
     # --jobs 2 and the Ray workers both run one intra-op thread per session: the figures are equal, not close
-    local = _sensitivity(tmp_path, "local", "--jobs", "2")
-    assert _sensitivity(tmp_path, "gcs", "--ray", ray_head["gcs"]) == local
-    assert _sensitivity(tmp_path, "client", "--ray", ray_head["client"]) == local
-    assert len(local["ranked"]) == local["groups"] > 3
+    local = _figures(run(jobs=2))
+    assert local["groups"] == len(local["ranked"]) > 3
+    for form in ("gcs", "client"):
+        report = run(ray_address=ray_head[form])
+        assert report.workers == f"Ray cluster at {ray_head[form]}, 1 worker"
+        assert _figures(report) == local, form
+        assert not ray.is_initialized()  # the connection qdqsurgeon opened is closed
 
 
 @pytest.mark.parametrize("form", ["host:port", "ray://host:port", "auto"])
