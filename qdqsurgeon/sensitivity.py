@@ -480,12 +480,19 @@ class _RayRunner:
         if self.owned:
             package = os.path.dirname(os.path.abspath(__file__))
             env = {"py_modules": [package], "excludes": ["__pycache__", "examples/"]}  # uploads only at the job level
-            try:
-                with warnings.catch_warnings():  # the Ray client warns before it raises
-                    warnings.simplefilter("ignore")
-                    ray.init(address=address, runtime_env=env, logging_level=logging.ERROR, log_to_driver=False)
-            except Exception as exc:  # ConnectionError, and Ray's own types
-                raise UsageError(f"cannot connect to the Ray cluster at {address}: {_last_line(exc)}") from None
+            # The Ray client's per-connection server sometimes dies as it is forked (ray-project/ray#63202,
+            # "Starting Ray client server failed", about 1 connection in 15): a new connection gets a new one.
+            attempts = 3 if address.startswith("ray://") else 1
+            for attempt in range(1, attempts + 1):
+                try:
+                    with warnings.catch_warnings():  # the Ray client warns before it raises
+                        warnings.simplefilter("ignore")
+                        ray.init(address=address, runtime_env=env, logging_level=logging.ERROR, log_to_driver=False)
+                    break
+                except Exception as exc:  # ConnectionError, and Ray's own types
+                    if attempt == attempts or not isinstance(exc, (RuntimeError, ConnectionAbortedError)):
+                        raise UsageError(f"cannot connect to the Ray cluster at {address}: {_last_line(exc)}") from None
+                    logger.info("Ray client connection %d failed (%s); retrying", attempt, _last_line(exc))
         try:
             cpus = int(ray.cluster_resources().get("CPU", 0))
             if cpus < 1:
