@@ -93,6 +93,7 @@ def _figures(report) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a cluster that never schedules the actors must not hang the suite
 def test_ray_cluster_gives_the_local_figures(ray_head, quantized, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "")
     model, q = quantized
