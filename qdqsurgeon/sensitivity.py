@@ -464,7 +464,8 @@ def check_ray(address: str, timeout: float = 5.0) -> Any:
 
 
 class _RayRunner:
-    """Runs tasks on an existing Ray cluster (imported only here): one actor per CPU, at most ``jobs`` when above 1.
+    """Runs tasks on an existing Ray cluster (imported only here): one actor per CPU, at most ``jobs`` when above 1
+    and at most ``tasks`` (a large cluster would otherwise start actors with nothing to do).
 
     The switch model and the feeds go into the object store once (each node fetches them once);
     this package travels with the job (``py_modules``), so the workers run the driver's code
@@ -472,7 +473,7 @@ class _RayRunner:
     need numpy and onnxruntime.
     """
 
-    def __init__(self, address: str, model_bytes: bytes, feeds: list, jobs: int) -> None:
+    def __init__(self, address: str, model_bytes: bytes, feeds: list, jobs: int, tasks: int) -> None:
         ray = check_ray(address)
         self.ray, self.address, self.actors = ray, address, []
         # A caller's own Ray session is used as it is (its runtime env must provide this package), and left open.
@@ -499,7 +500,8 @@ class _RayRunner:
                 raise UsageError(f"the Ray cluster at {address} has no CPUs")
             actor = ray.remote(num_cpus=1)(_RayWorker)
             model_ref, feeds_ref = ray.put(model_bytes), ray.put(feeds)
-            self.actors = [actor.remote(model_ref, feeds_ref) for _ in range(min(jobs, cpus) if jobs > 1 else cpus)]
+            count = min(jobs if jobs > 1 else cpus, cpus, max(1, tasks))
+            self.actors = [actor.remote(model_ref, feeds_ref) for _ in range(count)]
             self.workers = f"Ray cluster at {address}, {len(self.actors)} worker{'s' if len(self.actors) > 1 else ''}"
         except BaseException:
             self.close()
@@ -614,7 +616,8 @@ def analyze(
         tasks += [(_one_hot(G, g.index, 0.0), None) for g in groups]
     top = 0 if screen is None else min(max(0, int(top)), G)
     bar, task = progress_bar(progress, "sensitivity", len(tasks) + top)
-    runner = _RayRunner(ray_address, model_bytes, feeds, jobs) if ray_address else _LocalRunner(model_bytes, feeds, jobs)
+    runner = (_RayRunner(ray_address, model_bytes, feeds, jobs, len(tasks)) if ray_address
+              else _LocalRunner(model_bytes, feeds, jobs))
     try:
         with bar:
             def advance(n: int) -> None:
