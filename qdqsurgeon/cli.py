@@ -601,7 +601,7 @@ def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str |
     from .config import Config
     from .io import check_output_path, check_readable, load
     from .ranges import build_ranges
-    from .sensitivity import analyze, render_html, render_png
+    from .sensitivity import analyze, check_ray, render_html, render_png
 
     check_readable(model)
     for data_path in (calib, eval_path):
@@ -614,6 +614,8 @@ def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str |
         raise UsageError("--jobs must be at least 1")
     if samples is not None and samples < 1:
         raise UsageError("--samples must be at least 1")
+    if ray_address:
+        check_ray(ray_address)
     if png_path:
         import importlib.util
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,9 +38,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import DataError, UsageError
+from .errors import DataError, ModelError, UsageError
 
-__all__ = ["QuantGroup", "GroupResult", "SensitivityReport", "find_groups", "switch_model", "analyze", "render_html"]
+__all__ = ["QuantGroup", "GroupResult", "SensitivityReport", "find_groups", "switch_model", "analyze", "check_ray",
+           "render_html"]
 
 logger = logging.getLogger(__name__)
 
@@ -378,6 +381,7 @@ class _LocalRunner:
     def __init__(self, model_bytes: bytes, feeds: list, jobs: int) -> None:
         self.jobs = jobs
         self.pool = None
+        self.workers = f"{jobs} process{'es' if jobs > 1 else ''}"
         if jobs <= 1:
             self.ev = _Evaluator(model_bytes, feeds)
             return
@@ -410,43 +414,127 @@ class _LocalRunner:
             self.pool.shutdown()
 
 
+class _RayWorker:
+    """A Ray actor's evaluator: the session is built once per worker, as in a local worker process.
+
+    One intra-op thread, as a local ``--jobs N`` worker, so the figures do not depend on a node's core
+    count (onnxruntime's kernels round differently per thread count); nodes with another onnxruntime
+    or another CPU kind (MLAS picks AVX2 or AVX-512 kernels) may still differ in the last digits.
+    """
+
+    def __init__(self, model_bytes: bytes, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.ev = _Evaluator(model_bytes, feeds, 1)
+
+    def run(self, tasks: list[Task]) -> list[Outputs]:
+        return [self.ev.outputs_for(c, n) for c, n in tasks]
+
+
+def _ray_endpoint(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port`` or ``ray://host:port``; None for ``auto``, ``local`` and the like."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    return (host.strip("[]") or "127.0.0.1", int(port)) if sep and port.isdigit() else None
+
+
+def _last_line(exc: BaseException) -> str:
+    """The line of a Ray error that names the cause (its text is a whole remote traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def check_ray(address: str, timeout: float = 5.0) -> Any:
+    """The ``ray`` module, once Ray is importable and ``address`` (``host:port``, ``ray://host:port``) answers.
+
+    Run before calibration so a wrong address costs seconds, not a whole quantization: Ray itself
+    waits minutes on a head that does not answer. ``auto`` means ``$RAY_ADDRESS`` when it is set (as
+    for ``ray.init``); otherwise ``auto`` and ``local`` are left to ``ray.init``.
+    """
+    try:
+        import ray  # type: ignore[import-not-found]
+    except ImportError:
+        raise UsageError("--ray needs the ray package (pip install 'ray[default]'), which is not installed") from None
+    target = (os.environ.get("RAY_ADDRESS") or address) if address == "auto" else address
+    endpoint = _ray_endpoint(target)
+    if endpoint is not None:
+        try:
+            socket.create_connection(endpoint, timeout).close()
+        except OSError as exc:
+            via = f" (RAY_ADDRESS={target})" if target != address else ""
+            raise UsageError(f"cannot reach the Ray cluster at {address}{via}: {exc.strerror or exc}") from None
+    return ray
+
+
 class _RayRunner:
-    """Runs tasks on an existing Ray cluster (imported only here)."""
+    """Runs tasks on an existing Ray cluster (imported only here): one actor per CPU, at most ``jobs`` when above 1
+    and at most ``tasks`` (a large cluster would otherwise start actors with nothing to do).
 
-    def __init__(self, address: str, model_bytes: bytes, feeds: list, jobs: int) -> None:
+    The switch model and the feeds go into the object store once (each node fetches them once);
+    this package travels with the job (``py_modules``), so the workers run the driver's code
+    whether or not, or in whichever version, qdqsurgeon is installed on the cluster. The workers
+    need numpy and onnxruntime.
+    """
+
+    def __init__(self, address: str, model_bytes: bytes, feeds: list, jobs: int, tasks: int) -> None:
+        ray = check_ray(address)
+        self.ray, self.address, self.actors = ray, address, []
+        # A caller's own Ray session is used as it is (its runtime env must provide this package), and left open.
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            package = os.path.dirname(os.path.abspath(__file__))
+            env = {"py_modules": [package], "excludes": ["__pycache__", "examples/"]}  # uploads only at the job level
+            # The Ray client's per-connection server sometimes dies as it is forked (ray-project/ray#63202,
+            # "Starting Ray client server failed", about 1 connection in 15): a new connection gets a new one.
+            attempts = 3 if address.startswith("ray://") else 1
+            for attempt in range(1, attempts + 1):
+                try:
+                    with warnings.catch_warnings():  # the Ray client warns before it raises
+                        warnings.simplefilter("ignore")
+                        ray.init(address=address, runtime_env=env, logging_level=logging.ERROR, log_to_driver=False)
+                    break
+                except Exception as exc:  # ConnectionError, and Ray's own types
+                    if attempt == attempts or not isinstance(exc, (RuntimeError, ConnectionAbortedError)):
+                        raise UsageError(f"cannot connect to the Ray cluster at {address}: {_last_line(exc)}") from None
+                    logger.info("Ray client connection %d failed (%s); retrying", attempt, _last_line(exc))
         try:
-            import ray  # type: ignore[import-not-found]
-        except ImportError:
-            raise UsageError("--ray needs the ray package (pip install 'ray[default]'), which is not installed") from None
-        try:
-            ray.init(address=address, ignore_reinit_error=True, logging_level=logging.ERROR)
-        except Exception as exc:  # ray raises ConnectionError and its own types
-            raise UsageError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
-
-        @ray.remote
-        def run_chunk(model_ref, feeds_ref, chunk):
-            ev = _Evaluator(model_ref, feeds_ref, 0)
-            return [ev.outputs_for(c, n) for c, n in chunk]
-
-        self.ray, self.remote = ray, run_chunk
-        self.model_ref, self.feeds_ref = ray.put(model_bytes), ray.put(feeds)
-        self.workers = max(jobs, int(ray.cluster_resources().get("CPU", 1)))
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+            if cpus < 1:
+                raise UsageError(f"the Ray cluster at {address} has no CPUs")
+            actor = ray.remote(num_cpus=1)(_RayWorker)
+            model_ref, feeds_ref = ray.put(model_bytes), ray.put(feeds)
+            count = min(jobs if jobs > 1 else cpus, cpus, max(1, tasks))
+            self.actors = [actor.remote(model_ref, feeds_ref) for _ in range(count)]
+            self.workers = f"Ray cluster at {address}, {len(self.actors)} worker{'s' if len(self.actors) > 1 else ''}"
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, tasks: list[Task], advance: Callable[[int], None]) -> list[Outputs]:
+        """Chunks go to whichever actor is idle, so a slow node takes fewer and the bar moves per chunk."""
         ray = self.ray
-        chunks = _chunks(tasks, self.workers * 2)
-        pending = {self.remote.remote(self.model_ref, self.feeds_ref, chunk): i for i, chunk in enumerate(chunks)}
-        results: list[list | None] = [None] * len(chunks)
-        while pending:
+        chunks = _chunks(tasks, len(self.actors) * 4)
+        results: list[list[Outputs] | None] = [None] * len(chunks)
+        todo, idle, pending = list(range(len(chunks)))[::-1], list(self.actors), {}
+        while todo or pending:
+            while todo and idle:
+                i, actor = todo.pop(), idle.pop()
+                pending[actor.run.remote(chunks[i])] = (i, actor)
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                i = pending.pop(ref)
-                results[i] = ray.get(ref)
+                i, actor = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # a worker's exception, a lost node, a bad runtime env
+                    raise ModelError(f"a Ray worker failed on the cluster at {self.address}: {_last_line(exc)}") from None
+                idle.append(actor)
                 advance(len(chunks[i]))
         return [r for chunk in results for r in (chunk or [])]
 
     def close(self) -> None:
-        pass
+        """Ends the actors, and the connection when this runner opened it."""
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+        if self.owned and self.ray.is_initialized():
+            self.ray.shutdown()
 
 
 def _materialize(data: Iterable[dict[str, np.ndarray]], limit: int | None) -> list[dict[str, np.ndarray]]:
@@ -504,7 +592,8 @@ def analyze(
     both configurations of every group on all samples (two forward passes per group).
     ``float_for`` (used by ``optimize --target``) is given the results so far and returns the
     indices of groups whose alone-float figures are then measured on all samples instead of estimated.
-    ``jobs`` worker processes (1: this process), or an existing Ray cluster at ``ray_address``.
+    ``jobs`` worker processes (1: this process), or an existing Ray cluster at ``ray_address`` (one
+    worker per CPU of the cluster, at most ``jobs`` when above 1).
     ``samples`` caps how many evaluation samples are used.
     """
     import time
@@ -527,7 +616,8 @@ def analyze(
         tasks += [(_one_hot(G, g.index, 0.0), None) for g in groups]
     top = 0 if screen is None else min(max(0, int(top)), G)
     bar, task = progress_bar(progress, "sensitivity", len(tasks) + top)
-    runner = _RayRunner(ray_address, model_bytes, feeds, jobs) if ray_address else _LocalRunner(model_bytes, feeds, jobs)
+    runner = (_RayRunner(ray_address, model_bytes, feeds, jobs, len(tasks)) if ray_address
+              else _LocalRunner(model_bytes, feeds, jobs))
     try:
         with bar:
             def advance(n: int) -> None:
@@ -556,9 +646,9 @@ def analyze(
                     results[i] = _result(groups[i], alone[i], all_rel, score(o))
     finally:
         runner.close()
-    workers = f"Ray cluster at {ray_address}" if ray_address else f"{jobs} process{'es' if jobs > 1 else ''}"
-    return SensitivityReport(results, _sqnr(all_rel), min(all_cos, default=1.0), n_all, time.perf_counter() - t0, workers,
-                             screen_samples=screen or n_all, remeasured=top, full=full, float_measured=len(wanted))
+    return SensitivityReport(results, _sqnr(all_rel), min(all_cos, default=1.0), n_all, time.perf_counter() - t0,
+                             runner.workers, screen_samples=screen or n_all, remeasured=top, full=full,
+                             float_measured=len(wanted))
 
 
 # ------------------------------------------------------------------------------------------------ picture
