@@ -421,6 +421,22 @@ def _set_value_info(vi: onnx.ValueInfoProto, t: gs.Tensor) -> None:
                 raise _NotFlat(f"shape entry {d!r}")
 
 
+def _write_constant(init: onnx.TensorProto, t: gs.Constant) -> None:
+    """gs's ``export_tensor_proto`` of a numpy-valued constant, written into ``init`` (one copy of the bytes)."""
+    values = t._values
+    if not isinstance(values, np.ndarray):
+        raise _NotFlat("sparse constant")
+    kind = _onnx_type(values.dtype)
+    if (t._export_dtype is not None and _onnx_type(t._export_dtype) != kind) or values.dtype.name in _PACKED_DTYPES:
+        raise _NotFlat("exported dtype conversion or packed constant")
+    init.data_type = kind
+    init.name = t.name
+    init.dims.extend(values.shape)
+    init.raw_data = values.tobytes()
+    if t.data_location is not None:
+        init.data_location = t.data_location
+
+
 def _export_flat(graph: gs.Graph) -> onnx.ModelProto:
     """``gs.export_onnx(graph, do_type_check=False)``, byte for byte, built in place.
 
@@ -478,20 +494,7 @@ def _export_flat(graph: gs.Graph) -> onnx.ModelProto:
             values.tensor.name = t.name  # as gs does: the imported proto takes the constant's name
             g.initializer.append(values.tensor)
             continue
-        if not isinstance(values, np.ndarray):
-            raise _NotFlat("sparse constant")
-        kind = _onnx_type(values.dtype)
-        if t._export_dtype is not None and _onnx_type(t._export_dtype) != kind:
-            raise _NotFlat("exported dtype conversion")
-        init = g.initializer.add()
-        init.data_type = kind
-        init.name = t.name
-        init.dims.extend(values.shape)
-        if values.dtype.name in _PACKED_DTYPES:
-            raise _NotFlat("packed constant")
-        init.raw_data = values.tobytes()
-        if t.data_location is not None:
-            init.data_location = t.data_location
+        _write_constant(g.initializer.add(), t)
     for t in graph.inputs + graph.outputs:
         tensor_map.pop(t.name, None)
     for t in tensor_map.values():
@@ -631,7 +634,11 @@ def _export_heavy(graph: gs.Graph, big: list[gs.Constant]) -> onnx.ModelProto:
     slots = {init.name: init for init in model.graph.initializer}
     for t, _ in saved:
         slot = slots[t.name]
-        slot.CopyFrom(OnnxExporter.export_tensor_proto(t))
+        try:
+            slot.Clear()
+            _write_constant(slot, t)
+        except _NotFlat:
+            slot.CopyFrom(OnnxExporter.export_tensor_proto(t))
         t._values = _lazy(slot)
     return model
 

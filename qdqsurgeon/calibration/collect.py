@@ -31,7 +31,7 @@ from qdqsurgeon.calibration.methods import (
     compute_amax,
 )
 from qdqsurgeon.errors import DataError, ModelError, UsageError
-from qdqsurgeon.io import heavy, is_plugin_domain, tensor_payload, without_weight_bytes
+from qdqsurgeon.io import heavy, is_plugin_domain, raw_nbytes, tensor_payload, without_weight_bytes
 
 __all__ = [
     "tensor_elem_types",
@@ -93,7 +93,7 @@ def _write_external(model: onnx.ModelProto, folder: Path, extra_outputs: Sequenc
     with open(weights, "wb") as f:
         for t in model.graph.initializer:
             out = skeleton.graph.initializer.add()
-            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or t.ByteSize() < _EXTERNAL_THRESHOLD:
+            if t.data_location == onnx.TensorProto.EXTERNAL or (raw_nbytes(t) or 0) < _EXTERNAL_THRESHOLD:
                 out.CopyFrom(t)
                 continue
             _copy_fields(t, out, "raw_data")
@@ -175,8 +175,11 @@ def _too_big(model: onnx.ModelProto, limit: int | None = None) -> bool:
     limit = _PROTO_LIMIT if limit is None else min(limit, _PROTO_LIMIT)
     # The tensors decide it; the exact size (ByteSize encodes the whole message, a copy of the
     # weights) only when they come within 10% of the limit.
-    if tensor_payload(model) < 0.9 * limit:
+    payload = tensor_payload(model)
+    if payload < 0.9 * limit:
         return False
+    if payload >= limit:  # the encoded message holds at least these bytes
+        return True
     try:
         return model.ByteSize() >= limit
     except Exception:  # upb refuses to size a message over 2 GB at all
