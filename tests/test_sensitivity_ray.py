@@ -55,6 +55,11 @@ def ray_head() -> Iterator[dict[str, str]]:
     # No PYTHONPATH for the cluster: the workers must get this package from the driver (py_modules).
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # else SIGTERM waits 30 s for the node to drain
+    # Token authentication off on both ends: Ray 2.5x turns it on when ~/.ray/auth_token exists, and another
+    # process on the machine can create that file between this head's start and the driver's connection.
+    env["RAY_AUTH_MODE"] = "disabled"
+    driver_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     log = open(Path(temp) / "head.log", "w")
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=temp, start_new_session=True)
     try:
@@ -76,6 +81,10 @@ def ray_head() -> Iterator[dict[str, str]]:
             pass
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+        if driver_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = driver_mode
 
 
 @pytest.fixture(scope="module")
