@@ -306,7 +306,8 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--quantize-bmm/--no-quantize-bmm", default=None,
               help="MatMuls between two activations: by default the two of each attention block are quantized "
                    "(INT8 MHA fusion) and others stay float; --quantize-bmm quantizes all, --no-quantize-bmm none.")
-@click.option("--align", type=click.Choice(["max", "output"]), default="max", show_default=True, help="Scale unification policy (P4-P6).")
+@click.option("--align", type=click.Choice(["max", "scales", "output"]), default="max", show_default=True,
+              help="Scale unification policy (P4-P6): union of the tied tensors' calibrated ranges, largest existing scale, or the consumer's.")
 @click.option("--keep-output-layers", is_flag=True, help="Also quantize weighted ops that feed graph outputs (P9).")
 @click.option("--float16", is_flag=True, help="Convert float regions to FP16 for strongly typed TensorRT builds (P10).")
 @click.option("--io-float16", is_flag=True, help="With --float16: make graph inputs/outputs FP16 too.")
