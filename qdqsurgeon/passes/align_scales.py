@@ -9,8 +9,12 @@ Before → after::
 Tensors are tied when a commuting op joins them (every input and output of a Concat or Split,
 input and output of MaxPool, reshapes, slices, zero Pad), and every Q reading a tied tensor
 gets one scale: ``--align max`` takes the largest (the union of the ranges: nothing that was
-representable clips), ``--align output`` the scale of the Q furthest downstream (the consumer's),
-raised to that of any pair a layer outside the tied ops also reads.
+representable clips), where the ranges are the pairs' scales and, when calibration is available,
+each Concat input's and Split output's own calibrated range (a range calibrated on the mixture, the
+Concat output, clips its widest part beyond that part's own tail under percentile calibration);
+``--align scales`` the largest of the pairs' scales only (the policy before); ``--align output`` the
+scale of the Q furthest downstream (the consumer's), raised to that of any pair a layer outside the
+tied ops also reads.
 A Concat whose output is quantized gets the pair on every input that lacks one. Error bound:
 inside the range the old scale represented, a re-scaled tensor moves by at most one step of the
 new scale (half a step of the old grid plus half a step of the new); values an old, smaller scale
