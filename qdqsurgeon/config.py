@@ -21,6 +21,8 @@ class Config:
     # fusion, NVIDIA/TensorRT#3243) and leaves other batch GEMMs float; True quantizes every one; False none.
     quantize_bmm: bool | None = None
     convtranspose_axis: int | None = 1  # None: per-tensor weights (target TRT unknown)
+    # P11: Convs with small, misaligned channel counts stay float unless this is set
+    quantize_small_convs: bool = False
     # The TensorRT release placement targets, (major, minor); None: the newest the rules describe
     # (trt_rules.NEWEST_VERSION). Version-dependent rules: trt_rules.VERSIONED_RULES.
     trt_version: tuple[int, int] | None = None

@@ -261,3 +261,31 @@ def test_yolov8_concat_scale_covers_each_input_own_percentile(photo_dirs):
         assert scale >= np.float32(widest) * (1 - 1e-6), name  # nothing clipped beyond its own tail
         raised += old[name][0] < np.float32(widest) * (1 - 1e-6)
     assert raised >= len(new) // 2  # the old policy clipped the widest input of most Concats (10 of 13) below its own tail
+
+
+def test_crepe_single_channel_filter_bank_stays_float():
+    """P11 on a real graph: CREPE's first Conv reads one channel (raw audio) with a 512x1 kernel and 128
+    filters; it stays float, noted under P11; every other Conv is INT8; ``quantize_small_convs`` quantizes it."""
+    from qdqsurgeon.trt_rules import misaligned_channels
+
+    path = MODELS / "zoo" / "files" / "crepe_tiny" / "crepe_tiny.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    model = qdqsurgeon.load(path)
+    graph = import_model(model)
+    small = {n.name for n in graph.nodes if misaligned_channels(n)}
+    assert [tuple(n.inputs[1].shape) for n in graph.nodes if n.name in small] == [(128, 1, 512, 1)]
+
+    def int8_convs(config):
+        res = qdqsurgeon.optimize(model, ranges=qdqsurgeon.build_ranges(model, calib_random=2, progress=False),
+                                  config=config, analyze=False)
+        onnx.checker.check_model(res.model, full_check=True)
+        d = inspect_model(res.model).to_dict()["weighted_ops"]["details"]  # (activation pairs sit above MaxPool/Pad)
+        return res, {w["node"] for w in d if w["weight_quantized"]}
+
+    res, int8 = int8_convs(Config())
+    convs = {n.name for n in graph.nodes if n.op == "Conv"}
+    assert int8 == convs - small and len(int8) == 5  # the classifier Gemm stays float too (P9)
+    assert {c.node for c in res.changes if c.rule == "P11"} == small
+    _, all_int8 = int8_convs(Config(quantize_small_convs=True))
+    assert all_int8 == convs
