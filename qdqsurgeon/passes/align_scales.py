@@ -9,8 +9,8 @@ Before → after::
 Tensors are tied when a commuting op joins them (every input and output of a Concat or Split,
 input and output of MaxPool, reshapes, slices, zero Pad), and every Q reading a tied tensor
 gets one scale: ``--align max`` takes the largest (the union of the ranges: nothing that was
-representable clips), where the ranges are the pairs' scales and, when calibration is available,
-each Concat input's and Split output's own calibrated range (a range calibrated on the mixture, the
+representable clips), where the ranges are the pairs' scales and, when calibration is available
+outside the fix path, each Concat input's and Split output's own calibrated range (a range calibrated on the mixture, the
 Concat output, clips its widest part beyond that part's own tail under percentile calibration);
 ``--align scales`` the largest of the pairs' scales only (the policy before); ``--align output`` the
 scale of the Q furthest downstream (the consumer's), raised to that of any pair a layer outside the
@@ -117,8 +117,10 @@ class AlignScales(Pass):
         self._fill_concat_inputs(graph, rw)
         groups = [g for g in tied_groups(graph) if (qs := [n for t in g for n in t.outputs if is_q(n)])
                   and all(_plain_int8(q) for q in qs)]
-        # One request for every part, so calibration runs once for the pass, not once per group.
-        parts = _mixture_parts(graph) if ctx.config.align == "max" else set()
+        # One request for every part, so calibration runs once for the pass, not once per group. The
+        # fix path keeps the model's own scales (calibration there only fills missing pairs; ranges
+        # calibrated on the Q/DQ model would move its scales on every run).
+        parts = _mixture_parts(graph) if ctx.config.align == "max" and ctx.pipeline != "fix" else set()
         amax = ctx.amax([t.name for g in groups for t in g if id(t) in parts])
         for group in groups:
             qs = [n for t in group for n in t.outputs if is_q(n)]
