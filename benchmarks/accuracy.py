@@ -15,6 +15,8 @@ symmetric, per-channel, minmax, by ``ort_ptq.py``), each in its own process. The
 comparable with ours (whole-tool wall time); ``ptq_vs_baselines.py`` measures that.
 
     python benchmarks/accuracy.py [--models a,b] [--methods max,percentile,...] [--json FILE] [--samples N] [--augment]
+    (a method ``M@k=v+k=v`` is method M with those Config fields, e.g.
+    ``percentile@align=scales+quantize_small_convs=true``, the default before P11 and the Concat-input ranges)
     python benchmarks/accuracy.py --sensitivity MODEL [--jobs N]   (sensitivity time / one calibration pass)
     python benchmarks/accuracy.py --targets [--models a,b] [--json FILE]   (optimize --target, two targets per model)
 
@@ -139,13 +141,17 @@ def run_baseline(tool: str, src: Path, calib: Path, work: Path, modelopt_python:
 
 
 def run_method(model: Any, calib: Path, method: str) -> tuple[Any, float]:
-    """(optimized model, calibration seconds) for one method."""
+    """(optimized model, calibration seconds) for one method; ``M@k=v+k=v`` is method M with those Config fields."""
     import qdqsurgeon
     from qdqsurgeon.api import prepare_opset
+    from qdqsurgeon.config import Config
 
+    method, _, options = method.partition("@")
     model, upgraded = prepare_opset(model, mode="ptq")
     ranges = TimedRanges(qdqsurgeon.build_ranges(model, calib=str(calib), method=method, progress=False))
-    res = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded)
+    fields = dict(kv.split("=", 1) for kv in options.split("+") if kv)
+    config = Config(**{k: {"true": True, "false": False}.get(v, v) for k, v in fields.items()}) if fields else None
+    res = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded, config=config)
     return res.model, ranges.seconds
 
 

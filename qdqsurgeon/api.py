@@ -175,7 +175,7 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
     pass_objs = pipeline + extras
     model, upgraded = prepare_opset(model, pass_objs, config, allow_upgrade=opset_upgrade)
 
-    ctx = PassContext(config=config, ranges=ranges)
+    ctx = PassContext(config=config, ranges=ranges, pipeline=mode)
     graph = import_model(model)
     baseline_mode = BASELINES.get(mode) if passes is None else None
     # PTQ's "before" is its insert-only baseline's analysis; the input's own is only needed when

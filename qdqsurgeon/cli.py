@@ -306,7 +306,10 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--quantize-bmm/--no-quantize-bmm", default=None,
               help="MatMuls between two activations: by default the two of each attention block are quantized "
                    "(INT8 MHA fusion) and others stay float; --quantize-bmm quantizes all, --no-quantize-bmm none.")
-@click.option("--align", type=click.Choice(["max", "output"]), default="max", show_default=True, help="Scale unification policy (P4-P6).")
+@click.option("--align", type=click.Choice(["max", "scales", "output"]), default="max", show_default=True,
+              help="Scale unification policy (P4-P6): union of the tied tensors' calibrated ranges, largest existing scale, or the consumer's.")
+@click.option("--quantize-small-convs", is_flag=True,
+              help="Also quantize Convs whose small channel counts misalign INT8 kernels (left float by default, P11).")
 @click.option("--keep-output-layers", is_flag=True, help="Also quantize weighted ops that feed graph outputs (P9).")
 @click.option("--float16", is_flag=True, help="Convert float regions to FP16 for strongly typed TensorRT builds (P10).")
 @click.option("--io-float16", is_flag=True, help="With --float16: make graph inputs/outputs FP16 too.")
@@ -336,7 +339,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
                  report_path: str | None, opset: int | None, no_opset_upgrade: bool, calib: str | None, method: str | None, percentile: float,
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str, trt_version: str | None,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
-                 keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, repair_zero_scales: bool,
+                 quantize_small_convs: bool, keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, repair_zero_scales: bool,
                  run_check: bool, eval_path: str | None, target_text: str | None, max_drop: float | None, labels_path: str | None,
                  save_precision_path: str | None, precision_path: str | None, jobs: int,
                  engine_path: str | None, no_analysis: bool, allow_regression: bool, quiet: bool) -> None:
@@ -413,7 +416,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     user = [e.name for p in pattern_paths for e in registry.load_path(p)]
     config = Config(weights=weights, exclude=list(exclude), exclude_ops=_split(exclude_op), quantize_bmm=quantize_bmm,
                     align=align, keep_output_layers=keep_output_layers, float16=float16, io_float16=io_float16,
-                    trt_version=version, repair_zero_scales=repair_zero_scales)
+                    trt_version=version, repair_zero_scales=repair_zero_scales, quantize_small_convs=quantize_small_convs)
     if version is not None:
         from .trt_rules import convtranspose_axis_for
 

@@ -21,11 +21,16 @@ class Config:
     # fusion, NVIDIA/TensorRT#3243) and leaves other batch GEMMs float; True quantizes every one; False none.
     quantize_bmm: bool | None = None
     convtranspose_axis: int | None = 1  # None: per-tensor weights (target TRT unknown)
+    # P11: Convs with small, misaligned channel counts stay float unless this is set
+    quantize_small_convs: bool = False
     # The TensorRT release placement targets, (major, minor); None: the newest the rules describe
     # (trt_rules.NEWEST_VERSION). Version-dependent rules: trt_rules.VERSIONED_RULES.
     trt_version: tuple[int, int] | None = None
     # placement
-    align: str = "max"  # "max" (union of ranges) or "output" (the consumer's scale), P4-P6
+    # P4-P6: "max" (the union of every tied tensor's calibrated range), "scales" (the largest scale the
+    # tensors' pairs already have: a pair carried back across a Concat keeps the Concat output's range)
+    # or "output" (the consumer's scale)
+    align: str = "max"
     keep_output_layers: bool = False  # P9
     float16: bool = False  # P10
     io_float16: bool = False
@@ -39,5 +44,5 @@ class Config:
     def __post_init__(self) -> None:
         if self.weights not in ("float", "int8"):
             raise ValueError(f"weights must be 'float' or 'int8', not {self.weights!r}")
-        if self.align not in ("max", "output"):
-            raise ValueError(f"align must be 'max' or 'output', not {self.align!r}")
+        if self.align not in ("max", "scales", "output"):
+            raise ValueError(f"align must be 'max', 'scales' or 'output', not {self.align!r}")

@@ -53,6 +53,7 @@ __all__ = [
     "is_silu_mul",
     "is_silu_sigmoid",
     "is_weighted",
+    "misaligned_channels",
     "weight_axis",
     "is_quantizable_wrapped",
     "is_float_only",
@@ -488,6 +489,31 @@ def _weight_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
             return None
         tensor = node.inputs[0]
     return None
+
+
+def misaligned_channels(node: gs.Node) -> str | None:
+    """Why a Conv's channel counts make INT8 a poor fit (P11), or None.
+
+    INT8 conv kernels work on channel groups of 32. P11 (ModelOpt's rule) leaves a Conv float when
+    it has fewer than 16 input (per group) or output channels, except a plain Conv with either count
+    divisible by 8, a square kernel and (first layer or one count >= 16), and a grouped Conv with
+    the output count divisible by 8 and every kernel side >= 3. Applied here to its extreme only: a
+    plain (group 1) Conv reading a single channel, a filter bank over one signal (basic-pitch's
+    constant-Q front end on raw audio: 1x256 kernels), where one lane of 32 is used and the
+    quantized signal is summed over a long kernel. Narrower multi-channel Convs stay INT8 (the
+    rule is inferred, unverified for them).
+    """
+    if node.op != "Conv" or not is_weighted(node) or int(node.attrs.get("group", 1)) != 1:
+        return None
+    shape = _weight_shape(node.inputs[1])
+    if shape is None or len(shape) < 3 or shape[1] != 1:
+        return None
+    k = shape[0]
+    kernel = list(node.attrs.get("kernel_shape") or shape[2:])
+    first = isinstance(node.inputs[0], gs.Variable) and not node.inputs[0].inputs  # reads a graph input
+    if k % 8 == 0 and (first or k >= 16) and len(set(kernel)) == 1:
+        return None
+    return f"1 input channel, {k} output, kernel {'x'.join(map(str, kernel))}: misaligned for INT8 kernels"
 
 
 def weight_axis(node: gs.Node, *, convtranspose_axis: int | None = 1) -> int | None:

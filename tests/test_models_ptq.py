@@ -224,3 +224,68 @@ def test_check_original_vs_fixed_and_fp32_vs_fixed(tmp_path, photo_dirs):
         assert res.exit_code == 0, res.output
         d = json.loads(res.output)
         assert d["outputs"]["output"]["sqnr_db"] > 25 and d["top1_agreement"] is not None
+
+
+def test_yolov8_concat_scale_covers_each_input_own_percentile(photo_dirs):
+    """P4 under percentile calibration: a Concat's one scale covers every input's own 99.99th percentile.
+
+    The percentile of the Concat output is that of the mixture of its inputs, below the widest input's
+    own percentile; the old policy (``--align scales``) gave every input that mixture's range.
+    """
+    from qdqsurgeon.calibration import calibrate
+    from qdqsurgeon.qdq import source_of
+
+    pre_spec = PTQ["yolov8n_320"][0]
+    model = qdqsurgeon.load(FP32 / "yolov8n_320.onnx")
+    data = open_data(photo_dirs[0], model, Preprocess.parse(pre_spec))
+
+    def concat_scales(config):
+        ranges = qdqsurgeon.build_ranges(model, calib=photo_dirs[0], preprocess=pre_spec, progress=False)
+        out = import_model(qdqsurgeon.optimize(model, ranges=ranges, config=config, analyze=False).model)
+        found = {}
+        for node in (n for n in out.nodes if n.op == "Concat"):
+            dqs = [t.inputs[0] for t in node.inputs if t.inputs and t.inputs[0].op == "DequantizeLinear"]
+            if len(dqs) == len(node.inputs):  # a quantized Concat (P4: all inputs or none)
+                scales = {float(np.asarray(dq.inputs[1].values)) for dq in dqs}
+                assert len(scales) == 1, node.name  # one scale for every input (P4)
+                found[node.name] = (scales.pop(), [source_of(t).name for t in node.inputs])
+        return found
+
+    new, old = concat_scales(Config()), concat_scales(Config(align="scales"))
+    assert new.keys() == old.keys() and len(new) >= 10
+    parts = sorted({p for _, names in new.values() for p in names})
+    own = calibrate(model, parts, data, "percentile", progress=False)
+    raised = 0
+    for name, (scale, names) in new.items():
+        widest = max(own[p] for p in names) / 127
+        assert scale >= np.float32(widest) * (1 - 1e-6), name  # nothing clipped beyond its own tail
+        raised += old[name][0] < np.float32(widest) * (1 - 1e-6)
+    assert raised >= len(new) // 2  # the old policy clipped the widest input of most Concats (10 of 13) below its own tail
+
+
+def test_crepe_single_channel_filter_bank_stays_float():
+    """P11 on a real graph: CREPE's first Conv reads one channel (raw audio) with a 512x1 kernel and 128
+    filters; it stays float, noted under P11; every other Conv is INT8; ``quantize_small_convs`` quantizes it."""
+    from qdqsurgeon.trt_rules import misaligned_channels
+
+    path = MODELS / "zoo" / "files" / "crepe_tiny" / "crepe_tiny.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    model = qdqsurgeon.load(path)
+    graph = import_model(model)
+    small = {n.name for n in graph.nodes if misaligned_channels(n)}
+    assert [tuple(n.inputs[1].shape) for n in graph.nodes if n.name in small] == [(128, 1, 512, 1)]
+
+    def int8_convs(config):
+        res = qdqsurgeon.optimize(model, ranges=qdqsurgeon.build_ranges(model, calib_random=2, progress=False),
+                                  config=config, analyze=False)
+        onnx.checker.check_model(res.model, full_check=True)
+        d = inspect_model(res.model).to_dict()["weighted_ops"]["details"]  # (activation pairs sit above MaxPool/Pad)
+        return res, {w["node"] for w in d if w["weight_quantized"]}
+
+    res, int8 = int8_convs(Config())
+    convs = {n.name for n in graph.nodes if n.op == "Conv"}
+    assert int8 == convs - small and len(int8) == 5  # the classifier Gemm stays float too (P9)
+    assert {c.node for c in res.changes if c.rule == "P11"} == small
+    _, all_int8 = int8_convs(Config(quantize_small_convs=True))
+    assert all_int8 == convs

@@ -9,8 +9,12 @@ Before → after::
 Tensors are tied when a commuting op joins them (every input and output of a Concat or Split,
 input and output of MaxPool, reshapes, slices, zero Pad), and every Q reading a tied tensor
 gets one scale: ``--align max`` takes the largest (the union of the ranges: nothing that was
-representable clips), ``--align output`` the scale of the Q furthest downstream (the consumer's),
-raised to that of any pair a layer outside the tied ops also reads.
+representable clips), where the ranges are the pairs' scales and, when calibration is available
+outside the fix path, each Concat input's and Split output's own calibrated range (a range calibrated on the mixture, the
+Concat output, clips its widest part beyond that part's own tail under percentile calibration);
+``--align scales`` the largest of the pairs' scales only (the policy before); ``--align output`` the
+scale of the Q furthest downstream (the consumer's), raised to that of any pair a layer outside the
+tied ops also reads.
 A Concat whose output is quantized gets the pair on every input that lacks one. Error bound:
 inside the range the old scale represented, a re-scaled tensor moves by at most one step of the
 new scale (half a step of the old grid plus half a step of the new); values an old, smaller scale
@@ -27,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph import is_dq, is_q, qparams
 from ..qdq import source_of
+from ..quant import scale_from_amax
 from ..rewriter import Rewriter
 from ..trt_rules import commutes, data_input_indices
 from .base import Pass, PassContext
@@ -110,13 +115,23 @@ class AlignScales(Pass):
         # A quantized Concat output wants every input quantized (P4); insert first, so the new
         # pairs are unified with the rest of their group below.
         self._fill_concat_inputs(graph, rw)
-        for group in tied_groups(graph):
+        groups = [g for g in tied_groups(graph) if (qs := [n for t in g for n in t.outputs if is_q(n)])
+                  and all(_plain_int8(q) for q in qs)]
+        # One request for every part, so calibration runs once for the pass, not once per group. The
+        # fix path keeps the model's own scales (calibration there only fills missing pairs; ranges
+        # calibrated on the Q/DQ model would move its scales on every run).
+        parts = _mixture_parts(graph) if ctx.config.align == "max" and ctx.pipeline != "fix" else set()
+        amax = ctx.amax([t.name for g in groups for t in g if id(t) in parts])
+        for group in groups:
             qs = [n for t in group for n in t.outputs if is_q(n)]
-            if not qs or not all(_plain_int8(q) for q in qs):
-                continue
             scales = [_scale(q) for q in qs]
-            if len(set(scales)) > 1:
+            union = _member_union(group, amax)
+            if union is not None:  # in the scales' own type, so a float16 model's second run finds nothing to raise
+                union = float(np.asarray(union, dtype=qparams(qs[0]).scale.dtype))
+            if len(set(scales)) > 1 or union is not None and union > max(scales):
                 target = self._target(group, qs, ctx.config.align)
+                if union is not None:
+                    target = max(target, union)
                 names = ", ".join(t.name for t in group[:4]) + (" ..." if len(group) > 4 else "")
                 for q in qs:
                     old = _scale(q)
@@ -154,6 +169,32 @@ class AlignScales(Pass):
                 outside = [_scale(q) for q in qs if _read_outside(q, members)]
                 return max(last + outside)
         return max(scales)
+
+
+def _mixture_parts(graph: gs.Graph) -> set[int]:
+    """id() of every Concat input and Split output: the parts whose mixture is the other side."""
+    parts: set[int] = set()
+    for node in graph.nodes:
+        if node.op == "Concat":
+            parts |= {id(source_of(node.inputs[i])) for i in data_input_indices(node) if node.inputs[i] is not None}
+        elif node.op == "Split":
+            parts |= {id(t) for t in node.outputs}
+    return {p for p in parts if p}
+
+
+def _member_union(group: list[gs.Tensor], amax: dict[str, float]) -> float | None:
+    """The scale covering the own calibrated range of each Concat input / Split output in ``group``.
+
+    A Concat's output is the mixture of its inputs (a Split's input of its outputs), so a range
+    calibrated on it with a method that clips a tail (percentile, MSE, entropy) is the tail of the
+    mixture: the widest part is clipped beyond its own tail when the others are narrower. A pair
+    carried back across a Concat took that range (PP-OCRv6's detection neck: the full-resolution
+    branch, a quarter of the Concat, clipped at 23.3 where its own 99.99th percentile is 25.2).
+    With max calibration nothing changes: the mixture's max is the largest part's (P4).
+    MaxPool and reshapes are not mixtures and keep the scales their pairs have.
+    """
+    known = [amax[t.name] for t in group if t.name in amax]
+    return float(scale_from_amax(max(known))) if known else None
 
 
 def _read_outside(q: gs.Node, members: set[int]) -> bool:

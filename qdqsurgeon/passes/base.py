@@ -46,6 +46,8 @@ class PassContext:
     config: Config = field(default_factory=Config)
     ranges: RangeProvider | None = None
     model_path: str | None = None
+    #: The named pipeline running ("ptq", "fix", ...), "custom" for an explicit pass list.
+    pipeline: str = "custom"
     #: id() of the graph the last pass left cleaned up and sorted (set by the pass manager's passes);
     #: a pass that then edits nothing skips its own cleanup, which would not change that graph.
     clean_graph: int | None = field(default=None, repr=False, compare=False)

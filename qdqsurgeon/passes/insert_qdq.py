@@ -36,7 +36,7 @@ from ..graph import (DQ_OP, Q_OP, after_plugins, const_value, is_dq, is_float_dt
 from ..io import MIN_PER_CHANNEL_OPSET
 from ..quant import quantize_int8, scale_from_amax, scale_in, weight_scales
 from ..rewriter import Rewriter
-from ..trt_rules import WEIGHTED_OPS, attention_gemms, commutes, is_weighted, weight_axis
+from ..trt_rules import WEIGHTED_OPS, attention_gemms, commutes, is_weighted, misaligned_channels, weight_axis
 from .base import Pass, PassContext
 from .float16_regions import FP16_SCALE_OPSET
 
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 def is_excluded(node: gs.Node, ctx: PassContext) -> str | None:
-    """Why ``node`` must stay float by user configuration, or None."""
+    """Why ``node`` must stay float by user configuration or by its channel counts (P11), or None."""
     cfg = ctx.config
     if node.op in cfg.exclude_ops:
         return f"op type {node.op} excluded (--exclude-op)"
@@ -55,6 +55,10 @@ def is_excluded(node: gs.Node, ctx: PassContext) -> str | None:
             return f"name matches --exclude {pattern!r}"
     if cfg.exclude_hook is not None and cfg.exclude_hook(node):
         return "excluded by the exclude hook"
+    if not cfg.quantize_small_convs:
+        why = misaligned_channels(node)
+        if why:
+            return f"{why} (P11; --quantize-small-convs quantizes it)"
     return None
 
 
@@ -135,7 +139,7 @@ class InsertQdq(Pass):
                 continue
             why = is_excluded(node, ctx)
             if why:
-                rw.note(node, f"left float: {why}", rule="P1")
+                rw.note(node, f"left float: {why}", rule="P11" if "(P11;" in why else "P1")
                 continue
             if is_weighted(node):
                 widx = 1 if node.op != "MatMul" or _folded_weight(node.inputs[1]) is not None or is_dq(producer(node.inputs[1])) else 0

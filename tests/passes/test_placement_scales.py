@@ -89,6 +89,28 @@ def test_align_concat_missing_input_pair_is_inserted_at_the_shared_scale():
     _within_one_step(model, res.model, "cat_dq_out", s1)
 
 
+def test_align_concat_covers_each_input_own_range_with_calibration():
+    """P4 with ranges: a percentile-clipped Concat output range is raised to the widest input's own range."""
+    _, s1 = _branch_scales()
+    s_out = float(np.float32(0.6 * s1))  # the mixture's percentile, below b1's own range
+    model = qat_concat([None, None], s_out)
+    rng = StaticRanges({"b0_out": 0.3 * s1 * 127, "b1_out": s1 * 127, "concat_out": s_out * 127})
+    res = optimize(model, ["align-scales"], rng)
+    assert {q_scales(res.model, t)[0] for t in ("b0_out", "b1_out", "concat_out")} == {np.float32(s1)}
+    assert by_kind_rule(res.changes) == {("add", "P4"): 4, ("constant", "P4"): 6}
+    _idempotent(res.model, ["align-scales"], rng)
+    # nothing clips any more: the Concat reads its float inputs within half a step (before: clipped at s_out)
+    feeds = calib_feeds(model)
+    exact = run_tensors(model, ["concat_out"], feeds)["concat_out"]
+    assert np.max(np.abs(run_tensors(res.model, ["cat_dq_out"], feeds)["cat_dq_out"] - exact)) <= s1 / 2 * EPS
+    assert np.max(np.abs(run_tensors(model, ["cat_dq_out"], feeds)["cat_dq_out"] - exact)) > 0.3 * s1 * 127
+    # --align scales: the carried-back pairs keep the Concat output's range, as before
+    old = optimize(model, ["align-scales"], rng, align="scales")
+    assert {q_scales(old.model, t)[0] for t in ("b0_out", "b1_out", "concat_out")} == {np.float32(s_out)}
+    # without calibration (the fix path) the pairs' own scales are all there is
+    assert {q_scales(optimize(model, ["align-scales"]).model, t)[0] for t in ("b1_out", "concat_out")} == {np.float32(s_out)}
+
+
 def test_align_concat_with_one_quantizer_per_reader_is_idempotent():
     """The Concat's readers disagree (s1 != s2) until aligned; the missing input pair comes in the same run."""
     amax = ranges_of(concat_dedicated_readers())(["Relu_3_out", "concat_out"])
