@@ -115,15 +115,14 @@ class AlignScales(Pass):
         # A quantized Concat output wants every input quantized (P4); insert first, so the new
         # pairs are unified with the rest of their group below.
         self._fill_concat_inputs(graph, rw)
-        groups = [g for g in tied_groups(graph) if (qs := [n for t in g for n in t.outputs if is_q(n)])
+        groups = [(g, qs) for g in tied_groups(graph) if (qs := [n for t in g for n in t.outputs if is_q(n)])
                   and all(_plain_int8(q) for q in qs)]
         # One request for every part, so calibration runs once for the pass, not once per group. The
         # fix path keeps the model's own scales (calibration there only fills missing pairs; ranges
         # calibrated on the Q/DQ model would move its scales on every run).
         parts = _mixture_parts(graph) if ctx.config.align == "max" and ctx.pipeline != "fix" else set()
-        amax = ctx.amax([t.name for g in groups for t in g if id(t) in parts])
-        for group in groups:
-            qs = [n for t in group for n in t.outputs if is_q(n)]
+        amax = ctx.amax([t.name for g, _ in groups for t in g if id(t) in parts])
+        for group, qs in groups:
             scales = [_scale(q) for q in qs]
             union = _member_union(group, amax)
             if union is not None:  # in the scales' own type, so a float16 model's second run finds nothing to raise

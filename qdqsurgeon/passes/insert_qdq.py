@@ -45,20 +45,20 @@ __all__ = ["InsertQdq", "is_excluded", "inline_constant_ifs", "unreachable_ops"]
 logger = logging.getLogger(__name__)
 
 
-def is_excluded(node: gs.Node, ctx: PassContext) -> str | None:
-    """Why ``node`` must stay float by user configuration or by its channel counts (P11), or None."""
+def is_excluded(node: gs.Node, ctx: PassContext) -> tuple[str, str] | None:
+    """(why, rule) when ``node`` must stay float: by user configuration (P1) or by its channel counts (P11); else None."""
     cfg = ctx.config
     if node.op in cfg.exclude_ops:
-        return f"op type {node.op} excluded (--exclude-op)"
+        return f"op type {node.op} excluded (--exclude-op)", "P1"
     for pattern in cfg.exclude:
         if re.search(pattern, node.name):
-            return f"name matches --exclude {pattern!r}"
+            return f"name matches --exclude {pattern!r}", "P1"
     if cfg.exclude_hook is not None and cfg.exclude_hook(node):
-        return "excluded by the exclude hook"
+        return "excluded by the exclude hook", "P1"
     if not cfg.quantize_small_convs:
         why = misaligned_channels(node)
         if why:
-            return f"{why} (P11; --quantize-small-convs quantizes it)"
+            return f"{why} (P11; --quantize-small-convs quantizes it)", "P11"
     return None
 
 
@@ -137,9 +137,9 @@ class InsertQdq(Pass):
         for node in graph.nodes:
             if node.op not in WEIGHTED_OPS:
                 continue
-            why = is_excluded(node, ctx)
-            if why:
-                rw.note(node, f"left float: {why}", rule="P11" if "(P11;" in why else "P1")
+            excluded = is_excluded(node, ctx)
+            if excluded:
+                rw.note(node, f"left float: {excluded[0]}", rule=excluded[1])
                 continue
             if is_weighted(node):
                 widx = 1 if node.op != "MatMul" or _folded_weight(node.inputs[1]) is not None or is_dq(producer(node.inputs[1])) else 0
