@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -77,11 +78,11 @@ def detect_mode(model: onnx.ModelProto) -> str:
     return "fix" if has_qdq(model) else "ptq"
 
 
-def _analysis(model_graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
+def _analysis(model_graph: Any, trt_version: tuple[int, int] | None = None, own: Any = None) -> dict[str, Any] | None:
     from .analysis import predict
 
     try:
-        return predict(model_graph, trt_version=trt_version).to_dict()
+        return predict(model_graph, trt_version=trt_version, own=own).to_dict()
     except Exception as exc:  # the analysis is a report, never a reason to fail an optimization
         logger.warning("static TensorRT analysis failed: %s", exc)
         return None
@@ -181,33 +182,187 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
     # PTQ's "before" is its insert-only baseline's analysis; the input's own is only needed when
     # the run's analysis fails, and is then taken from a fresh import (the passes edit ``graph``).
     before_later = analyze and mode == "ptq" and baseline_mode is not None
-    before = _before(graph, config.trt_version) if analyze and not before_later else None
-    run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze)
+    base_pipeline: list[Pass] = []
+    side: _SideJob | None = None
+    if analyze and baseline_mode is not None:
+        _, base_pipeline, _ = _resolve(model, None, baseline_mode, registry)
+        side = _SideJob.start(model, graph, base_pipeline, extras, ctx, verify, need_before=not before_later)
+        before = None
+    else:
+        before = _before(graph, config.trt_version) if analyze and not before_later else None
+    try:
+        run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze)
+    except BaseException:
+        if side is not None:
+            side.close(kill=True)
+        raise
+    if side is not None and not before_later:
+        before = side.before()
     if before_later and run.analysis is None:
         before = _before(import_model(model), config.trt_version)
     names = [p.name for p in pass_objs]
     label, regressions = "input", []
-    if analyze and run.analysis is not None and baseline_mode is not None:
+    if side is not None and run.analysis is not None:
         # Never worse (issue 12 item 3): the same model through a plainer pipeline is the yardstick.
         # PTQ's is the naive insert-only placement (it also becomes the "before" column); the fix
         # path's is the input's own placement, repaired only where TensorRT would reject it.
-        _, base_pipeline, _ = _resolve(model, None, baseline_mode, registry)
-        base = _run(model, import_model(model), base_pipeline, extras, ctx, (), verify, fixpoint=True, analyze=True)
+        base_analysis = side.analysis()
         if mode == "ptq":
-            before, label = base.analysis, "insert-only"
-        if base.analysis is not None and _score(base.analysis) < _score(run.analysis):
+            before, label = base_analysis, "insert-only"
+        if base_analysis is not None and _score(base_analysis) < _score(run.analysis):
             lost = f"{run.analysis['standalone_qdq_layers']} standalone Q/DQ and {run.analysis['validity_problems']} validity problems"
-            run = base
+            run = side.run()
             names = [p.name for p in base_pipeline + extras]
             run.changes.insert(0, Change("optimize", "P2", "note", "<model>",
                                          f"the {mode} pipeline would leave {lost}; the {baseline_mode} pipeline leaves "
-                                         f"{base.analysis['standalone_qdq_layers']} and {base.analysis['validity_problems']}: kept that"))
+                                         f"{base_analysis['standalone_qdq_layers']} and {base_analysis['validity_problems']}: kept that"))
         if mode == "fix" and before is not None:
             regressions = _regressions(before, run.analysis)
+    if side is not None:
+        side.close()
     changes = [*prior_changes, *upgraded, *run.changes]
     if any(c.pass_name == UPGRADE_PASS for c in changes):
         names.insert(0, UPGRADE_PASS)
     return OptimizeResult(run.model, changes, mode, names, run.stats, before, run.analysis, label, regressions)
+
+
+#: Graphs with at least this many nodes have their baseline pipeline (and the fix path's "before"
+#: analysis) run in a forked process beside the main pipeline, on the second core; smaller ones in turn.
+FORK_NODES = 4000
+
+
+class _SideJob:
+    """The never-worse baseline of an optimize call, and the fix path's analysis of the input.
+
+    Both are independent of the main pipeline, so on a large graph they run in a forked child while
+    the parent runs the main pipeline (issue 15: a 100k-node PTQ run spent about a third of its time
+    on them). Only numbers cross back (two analysis dicts); in the rare case the baseline wins, the
+    parent runs it again itself, which gives the same model (every pass is deterministic).
+
+    Calibration is not repeated in the child: the baseline's passes run first, in the parent, so the
+    ranges they request are calibrated (and cached for the main pipeline, whose first passes ask for
+    the same tensors) before the fork. When the baseline's passes fail, the baseline is run in turn
+    after the main pipeline, as a plain call would.
+    """
+
+    def __init__(self, model: onnx.ModelProto, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
+                 verify: bool, need_before: bool) -> None:
+        self.model, self.pipeline, self.extras, self.ctx, self.verify = model, pipeline, extras, ctx, verify
+        self.need_before = need_before
+        self._before: dict[str, Any] | None = None
+        self._analysis: dict[str, Any] | None = None
+        self._staged: _Staged | None = None
+        self._proc: Any = None
+        self._conn: Any = None
+        self._done = False
+
+    @classmethod
+    def start(cls, model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
+              verify: bool, *, need_before: bool) -> _SideJob:
+        job = cls(model, pipeline, extras, ctx, verify, need_before)
+        trt_version = ctx.config.trt_version
+        try:
+            job._staged = _stage_passes(model, import_model(model), pipeline, extras, ctx, (), False, fixpoint=True)
+        except (QdqError, MemoryError):
+            raise
+        except Exception as exc:  # the baseline runs again after the main pipeline, checked pass by pass
+            logger.debug("baseline pipeline failed (%s); it runs again after the main one", exc)
+        work = job._side_work(graph if need_before else None, trt_version)
+        if _can_fork(graph):
+            import multiprocessing
+
+            mp = multiprocessing.get_context("fork")
+            recv, send = mp.Pipe(duplex=False)
+
+            def child() -> None:
+                try:
+                    send.send(("ok", work()))
+                except BaseException as exc:  # the parent does the work itself
+                    send.send(("error", repr(exc)))
+                finally:
+                    send.close()
+
+            job._proc = mp.Process(target=child, name="qdqsurgeon-baseline", daemon=True)
+            for stream in (sys.stdout, sys.stderr):  # else the child flushes the parent's pending output again
+                if stream is not None:
+                    stream.flush()
+            job._proc.start()
+            send.close()
+            job._conn = recv
+            job._staged = None  # the child has its own copy; the parent's is freed
+        else:
+            job._before, job._analysis = work()
+            job._done = True
+        return job
+
+    def _side_work(self, graph: Any, trt_version: tuple[int, int] | None):
+        staged = self._staged
+
+        def work() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            before = _before(graph, trt_version) if graph is not None else None
+            base = None
+            if staged is not None:
+                try:
+                    base = _finish(self.model, staged, self.ctx, check_result=True, analyze=True)
+                except (QdqError, MemoryError):
+                    raise
+                except Exception as exc:  # as _run does: again, checked pass by pass
+                    logger.debug("baseline export failed (%s); running it again with a check after every pass", exc)
+            if base is None or not base.verified:
+                base = _run(self.model, import_model(self.model), self.pipeline, self.extras, self.ctx, (), self.verify,
+                            fixpoint=True, analyze=True)
+            return before, base.analysis
+
+        return work
+
+    def _wait(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            status, payload = self._conn.recv()
+        except (EOFError, OSError) as exc:  # the child died (out of memory, killed): do its work here
+            status, payload = "error", repr(exc)
+        self.close()
+        if status == "ok":
+            self._before, self._analysis = payload
+            return
+        logger.debug("baseline process failed (%s); running the baseline in this process", payload)
+        if self.need_before:  # the caller's graph has been edited since: analyse a fresh import
+            self._before = _before(import_model(self.model), self.ctx.config.trt_version)
+        self._analysis = self.run().analysis
+
+    def before(self) -> dict[str, Any] | None:
+        """The analysis of the input (fix path); None when it was not asked for or failed."""
+        self._wait()
+        return self._before
+
+    def analysis(self) -> dict[str, Any] | None:
+        """The baseline's analysis."""
+        self._wait()
+        return self._analysis
+
+    def run(self) -> _Run:
+        """The baseline's whole result, computed in this process."""
+        return _run(self.model, import_model(self.model), self.pipeline, self.extras, self.ctx, (), self.verify,
+                    fixpoint=True, analyze=True)
+
+    def close(self, kill: bool = False) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            if kill:
+                self._proc.kill()
+            self._proc.join()
+            self._proc = None
+
+
+def _can_fork(graph: Any) -> bool:
+    import multiprocessing
+
+    return (len(graph.nodes) >= FORK_NODES and "fork" in multiprocessing.get_all_start_methods()
+            and not os.environ.get("QDQSURGEON_NO_FORK"))
 
 
 def _before(graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
@@ -254,6 +409,22 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
 def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
                 instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool, analyze: bool,
                 check_result: bool = False) -> _Run:
+    staged = _stage_passes(model, graph, pipeline, extras, ctx, instruments, verify_each, fixpoint=fixpoint)
+    return _finish(model, staged, ctx, check_result=check_result, analyze=analyze)
+
+
+@dataclass
+class _Staged:
+    """A pipeline's passes done, the graph not yet exported."""
+
+    graph: Any
+    changes: list[Change]
+    modified: bool
+    stats: dict[str, PassStat]
+
+
+def _stage_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
+                  instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool) -> _Staged:
     timing = TimingInstrument()
     insts: list[Instrument] = [timing, *instruments]
     if verify_each:
@@ -271,12 +442,17 @@ def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras
         tail = PassManager(extras, instruments=insts).run(result.graph, ctx)
         modified = modified or tail.modified
         result = replace(tail, changes=result.changes + tail.changes, modified=modified)
-    out = export_model(result.graph)
+    return _Staged(result.graph, list(result.changes), modified, timing.stats)
+
+
+def _finish(model: onnx.ModelProto, staged: _Staged, ctx: PassContext, *, check_result: bool, analyze: bool) -> _Run:
+    """Export a pipeline's graph, check it, and analyse it."""
+    out = export_model(staged.graph)
     # What VerifyInstrument checked after the last pass that changed the graph (before the metadata).
-    full_check = check_result and modified
+    full_check = check_result and staged.modified
     verified = not full_check or VerifyInstrument._problem(out) is None
     if not verified:  # _run runs the pipeline again with a check after every pass, which names the culprit
-        return _Run(out, list(result.changes), timing.stats, None, False)
+        return _Run(out, staged.changes, staged.stats, None, False)
     checked_ir = out.ir_version
     carry_metadata(out, model)
     if is_large(out):
@@ -286,11 +462,16 @@ def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras
             check_model(out)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    # The analysis reads the exported model: exporting the same graph again would give the same proto.
-    analysis = _analysis(out, ctx.config.trt_version) if analyze else None
+    if not analyze:
+        return _Run(out, staged.changes, staged.stats, None, verified)
+    problems = len(validity_problems(staged.graph))
+    # The analysis takes the pipeline's graph over (nothing reads it after this), with the shapes ONNX
+    # infers on the exported model, rather than importing the export again.
+    analysis = _analysis(out, ctx.config.trt_version, own=staged.graph)
+    staged.graph = None
     if analysis is not None:
-        analysis["validity_problems"] = len(validity_problems(result.graph))
-    return _Run(out, list(result.changes), timing.stats, analysis, verified)
+        analysis["validity_problems"] = problems
+    return _Run(out, staged.changes, staged.stats, analysis, verified)
 
 
 def _same_header(out: onnx.ModelProto, checked_ir: int) -> bool:
