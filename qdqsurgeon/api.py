@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import onnx
 
+from .background import Background, can_fork
 from .config import Config
 from .errors import ModelError, QdqError, UsageError
 from .graph import carry_metadata, collect_small, export_model, gc_paused, import_model
@@ -186,7 +186,7 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
     side: _SideJob | None = None
     if analyze and baseline_mode is not None:
         _, base_pipeline, _ = _resolve(model, None, baseline_mode, registry)
-        side = _SideJob.start(model, graph, base_pipeline, extras, ctx, verify, need_before=not before_later)
+        side = _SideJob(model, graph, base_pipeline, extras, ctx, verify, need_before=not before_later)
         before = None
     else:
         before = _before(graph, config.trt_version) if analyze and not before_later else None
@@ -226,121 +226,60 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
     return OptimizeResult(run.model, changes, mode, names, run.stats, before, run.analysis, label, regressions)
 
 
-#: Graphs with at least this many nodes have their baseline pipeline (and the fix path's "before"
-#: analysis) run in a forked process beside the main pipeline, on the second core; smaller ones in turn.
-FORK_NODES = 4000
-
-
 class _SideJob:
     """The never-worse baseline of an optimize call, and the fix path's analysis of the input.
 
-    Both are independent of the main pipeline, so on a large graph they run in a forked child while
-    the parent runs the main pipeline (issue 15: a 100k-node PTQ run spent about a third of its time
-    on them). Only numbers cross back (two analysis dicts); in the rare case the baseline wins, the
-    parent runs it again itself, which gives the same model (every pass is deterministic).
+    Both are independent of the main pipeline, so on a large graph they run in a forked child
+    (:class:`.background.Background`) while the parent runs the main pipeline (issue 15: a 100k-node
+    PTQ run spent about a third of its time on them). Only the two analyses cross back; in the rare
+    case the baseline wins, the parent runs it again itself, which gives the same model (every pass is
+    deterministic).
 
     Calibration is not repeated in the child: the baseline's passes run first, in the parent, so the
     ranges they request are calibrated (and cached for the main pipeline, whose first passes ask for
-    the same tensors) before the fork. When the baseline's passes fail, the baseline is run in turn
-    after the main pipeline, as a plain call would.
+    the same tensors) before the fork.
     """
 
-    def __init__(self, model: onnx.ModelProto, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
-                 verify: bool, need_before: bool) -> None:
+    def __init__(self, model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
+                 verify: bool, *, need_before: bool) -> None:
         self.model, self.pipeline, self.extras, self.ctx, self.verify = model, pipeline, extras, ctx, verify
-        self.need_before = need_before
-        self._before: dict[str, Any] | None = None
-        self._analysis: dict[str, Any] | None = None
-        self._staged: _Staged | None = None
-        self._proc: Any = None
-        self._conn: Any = None
-        self._done = False
-
-    @classmethod
-    def start(cls, model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
-              verify: bool, *, need_before: bool) -> _SideJob:
-        job = cls(model, pipeline, extras, ctx, verify, need_before)
         trt_version = ctx.config.trt_version
+        staged: _Staged | None = None
         try:
-            job._staged = _stage_passes(model, import_model(model), pipeline, extras, ctx, (), False, fixpoint=True)
+            staged = _stage_passes(model, import_model(model), pipeline, extras, ctx, (), False, fixpoint=True)
         except (QdqError, MemoryError):
             raise
-        except Exception as exc:  # the baseline runs again after the main pipeline, checked pass by pass
-            logger.debug("baseline pipeline failed (%s); it runs again after the main one", exc)
-        work = job._side_work(graph if need_before else None, trt_version)
-        if _can_fork(graph):
-            import multiprocessing
-
-            mp = multiprocessing.get_context("fork")
-            recv, send = mp.Pipe(duplex=False)
-
-            def child() -> None:
-                try:
-                    send.send(("ok", work()))
-                except BaseException as exc:  # the parent does the work itself
-                    send.send(("error", repr(exc)))
-                finally:
-                    send.close()
-
-            job._proc = mp.Process(target=child, name="qdqsurgeon-baseline", daemon=True)
-            for stream in (sys.stdout, sys.stderr):  # else the child flushes the parent's pending output again
-                if stream is not None:
-                    stream.flush()
-            job._proc.start()
-            send.close()
-            job._conn = recv
-            job._staged = None  # the child has its own copy; the parent's is freed
-        else:
-            job._before, job._analysis = work()
-            job._done = True
-        return job
-
-    def _side_work(self, graph: Any, trt_version: tuple[int, int] | None):
-        staged = self._staged
+        except Exception as exc:  # the work below runs the baseline again, checked pass by pass
+            logger.debug("baseline pipeline failed (%s)", exc)
 
         def work() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-            before = _before(graph, trt_version) if graph is not None else None
+            before = _before(graph, trt_version) if need_before else None
             base = None
             if staged is not None:
                 try:
-                    base = _finish(self.model, staged, self.ctx, check_result=True, analyze=True)
+                    base = _finish(model, staged, ctx, check_result=True, analyze=True)
                 except (QdqError, MemoryError):
                     raise
                 except Exception as exc:  # as _run does: again, checked pass by pass
                     logger.debug("baseline export failed (%s); running it again with a check after every pass", exc)
             if base is None or not base.verified:
-                base = _run(self.model, import_model(self.model), self.pipeline, self.extras, self.ctx, (), self.verify,
-                            fixpoint=True, analyze=True)
+                base = self.run()
             return before, base.analysis
 
-        return work
+        def fallback() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            # The caller's graph has been edited since the fork: the input is analysed from a fresh import.
+            before = _before(import_model(model), trt_version) if need_before else None
+            return before, self.run().analysis
 
-    def _wait(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        try:
-            status, payload = self._conn.recv()
-        except (EOFError, OSError) as exc:  # the child died (out of memory, killed): do its work here
-            status, payload = "error", repr(exc)
-        self.close()
-        if status == "ok":
-            self._before, self._analysis = payload
-            return
-        logger.debug("baseline process failed (%s); running the baseline in this process", payload)
-        if self.need_before:  # the caller's graph has been edited since: analyse a fresh import
-            self._before = _before(import_model(self.model), self.ctx.config.trt_version)
-        self._analysis = self.run().analysis
+        self._job = Background(work, fork=can_fork(len(graph.nodes)), fallback=fallback, name="qdqsurgeon-baseline")
 
     def before(self) -> dict[str, Any] | None:
         """The analysis of the input (fix path); None when it was not asked for or failed."""
-        self._wait()
-        return self._before
+        return self._job.result()[0]
 
     def analysis(self) -> dict[str, Any] | None:
         """The baseline's analysis."""
-        self._wait()
-        return self._analysis
+        return self._job.result()[1]
 
     def run(self) -> _Run:
         """The baseline's whole result, computed in this process."""
@@ -348,21 +287,7 @@ class _SideJob:
                     fixpoint=True, analyze=True)
 
     def close(self, kill: bool = False) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._proc is not None:
-            if kill:
-                self._proc.kill()
-            self._proc.join()
-            self._proc = None
-
-
-def _can_fork(graph: Any) -> bool:
-    import multiprocessing
-
-    return (len(graph.nodes) >= FORK_NODES and "fork" in multiprocessing.get_all_start_methods()
-            and not os.environ.get("QDQSURGEON_NO_FORK"))
+        self._job.close(kill)
 
 
 def _before(graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:

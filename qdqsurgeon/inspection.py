@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .trt_rules import BIAS_OPS, WEIGHT_PASSTHROUGH_OPS
+from .background import Background, can_fork
 from .graph import (
     activation_input_index,
     gc_paused,
@@ -335,6 +336,12 @@ def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False,
 
 def _inspect(model: onnx.ModelProto | gs.Graph, trt: bool, trt_version: tuple[int, int] | str | None) -> Inspection:
     graph = import_model(model) if isinstance(model, onnx.ModelProto) else model
+    prediction = None
+    if trt and isinstance(model, onnx.ModelProto) and can_fork(len(graph.nodes)):
+        # A large graph's prediction runs in a forked child, on the graph as it is now (the census below
+        # only reads it), while the census runs here (issue 15).
+        prediction = Background(lambda: _predict(model, graph, trt_version), fork=True,
+                                fallback=lambda: _predict(model, None, trt_version), name="qdqsurgeon-predict")
     ops = Counter(n.op for n in graph.nodes)
     scale_dtypes: Counter[str] = Counter()
     zp_dtypes: Counter[str] = Counter()
@@ -373,8 +380,18 @@ def _inspect(model: onnx.ModelProto | gs.Graph, trt: bool, trt_version: tuple[in
     from .sparsity import sparsity_report
 
     result.sparsity = sparsity_report(graph).to_dict()
-    if trt:
-        from .analysis import predict
-
-        result.trt = predict(graph, trt_version=trt_version).to_dict()
+    if prediction is not None:
+        result.trt = prediction.result()
+    elif trt:
+        result.trt = _predict(model, graph, trt_version)
     return result
+
+
+def _predict(model: onnx.ModelProto | gs.Graph, graph: gs.Graph | None, trt_version: tuple[int, int] | str | None) -> dict[str, Any]:
+    """The static TensorRT prediction of ``model``; ``graph``, imported from it, is given up to the
+    prediction (which then rewrites it instead of exporting and importing the model again)."""
+    from .analysis import predict
+
+    if isinstance(model, onnx.ModelProto):
+        return predict(model, trt_version=trt_version, own=graph).to_dict()
+    return predict(model, trt_version=trt_version).to_dict()

@@ -1,7 +1,7 @@
 """How optimize runs its work (issue 15): the never-worse baseline in a forked process, the analysis on the
 pipeline's own graph.
 
-On graphs of ``api.FORK_NODES`` nodes or more, ``optimize`` runs the baseline pipeline's export and
+On graphs of ``background.FORK_NODES`` nodes or more, ``optimize`` runs the baseline pipeline's export and
 analysis in a child process beside the main pipeline. Forced on for small real models here, the result
 must be the same as the in-turn run in every field a user sees: the model's bytes, the change log, the
 before/after analyses; also when the child dies or the baseline wins. The analysis of the result takes the
@@ -18,6 +18,7 @@ import pytest
 
 import qdqsurgeon
 import qdqsurgeon.api as api
+import qdqsurgeon.background as background
 import qdqsurgeon.graph
 from qdqsurgeon.inspection import validity_problems
 from qdqsurgeon.ranges import StaticRanges
@@ -32,7 +33,7 @@ def _ranges(model):
 
 
 def _optimize(model, monkeypatch, *, fork: bool, **kw):
-    monkeypatch.setattr(api, "FORK_NODES", 0 if fork else 10**12)
+    monkeypatch.setattr(background, "FORK_NODES", 0 if fork else 10**12)
     res = qdqsurgeon.optimize(model, ranges=_ranges(model), **kw)
     return res
 
@@ -63,19 +64,18 @@ def test_a_dead_child_is_replaced_by_the_parent(monkeypatch, tmp_path):
     model = qdqsurgeon.load(QDQ / "resnet18_cifar10_ort_static_s8.onnx")
     in_turn = _optimize(model, monkeypatch, fork=False)
     parent = os.getpid()
-    real = api._SideJob._side_work
+    real = background.Background.__init__
 
-    def dying(self, graph, trt_version):
-        work = real(self, graph, trt_version)
+    def dying(self, fn, **kw):
         def run():
             if os.getpid() != parent:
                 mark.write_text(str(os.getpid()))
                 os._exit(3)
-            return work()
+            return fn()
 
-        return run
+        real(self, run, **kw)
 
-    monkeypatch.setattr(api._SideJob, "_side_work", dying)
+    monkeypatch.setattr(background.Background, "__init__", dying)
     _same(_optimize(model, monkeypatch, fork=True), in_turn)
     assert mark.exists()  # the work did go to a child
 
@@ -95,16 +95,22 @@ def test_forked_baseline_that_wins_is_kept(monkeypatch):
 
 
 def test_no_fork_below_the_threshold_or_when_switched_off(monkeypatch):
-    import onnx_graphsurgeon as gs
-
-    g = gs.Graph(nodes=[gs.Node("Relu")] * 3)
-    monkeypatch.setattr(api, "FORK_NODES", 3)
-    assert api._can_fork(g)
+    monkeypatch.setattr(background, "FORK_NODES", 3)
+    assert background.can_fork(3)
     monkeypatch.setenv("QDQSURGEON_NO_FORK", "1")
-    assert not api._can_fork(g)
+    assert not background.can_fork(3)
     monkeypatch.delenv("QDQSURGEON_NO_FORK")
-    monkeypatch.setattr(api, "FORK_NODES", 4)
-    assert not api._can_fork(g)
+    assert not background.can_fork(2)
+
+
+def test_background_gives_the_child_s_value_or_the_fallback_s():
+    parent = os.getpid()
+    job = background.Background(lambda: {"pid": os.getpid()}, fork=True)
+    assert job.forked and job.result()["pid"] != parent
+    failing = background.Background(lambda: 1 / 0, fork=True, fallback=lambda: "fallback")
+    assert failing.result() == "fallback"
+    now = background.Background(lambda: os.getpid(), fork=False)
+    assert not now.forked and now.result() == parent
 
 
 @pytest.mark.parametrize("path", [*sorted(FP32.glob("*.onnx")), *sorted(QDQ.glob("*.onnx"))], ids=lambda p: p.stem)
@@ -117,3 +123,20 @@ def test_analysis_of_the_pipeline_graph_equals_that_of_the_exported_model(path, 
     fresh = api._analysis(res.model)
     fresh["validity_problems"] = len(validity_problems(qdqsurgeon.graph.import_model(res.model)))
     assert res.after == fresh
+
+
+@pytest.mark.parametrize("fork", [False, True], ids=["in-turn", "forked"])
+@pytest.mark.parametrize("path", sorted(QDQ.glob("*.onnx")), ids=lambda p: p.stem)
+def test_inspect_prediction_on_its_own_graph_equals_the_import(path, fork, monkeypatch):
+    """inspect --trt hands its private graph to the prediction (no export and import again; on a large graph
+    in a forked child while the census runs): the same report as predicting on a fresh import."""
+    need_shared()
+    from qdqsurgeon.analysis import predict
+    from qdqsurgeon.inspection import inspect_model
+
+    monkeypatch.setattr(background, "FORK_NODES", 0 if fork else 10**12)
+    model = qdqsurgeon.load(path)
+    plain = inspect_model(model)
+    res = inspect_model(model, trt=True)
+    assert res.trt == predict(qdqsurgeon.graph.import_model(model)).to_dict()
+    assert (res.problems, res.sparsity, res.ops) == (plain.problems, plain.sparsity, plain.ops)
