@@ -184,14 +184,28 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
     before_later = analyze and mode == "ptq" and baseline_mode is not None
     base_pipeline: list[Pass] = []
     side: _SideJob | None = None
+    head: _Staged | None = None
     if analyze and baseline_mode is not None:
         _, base_pipeline, _ = _resolve(model, None, baseline_mode, registry)
-        side = _SideJob(model, graph, base_pipeline, extras, ctx, verify, need_before=not before_later)
+        shared = _shared_head(pipeline, base_pipeline)
+        if shared and can_fork(len(graph.nodes)):
+            # The passes both pipelines start with (run once: removing Identity, inserting Q/DQ, which
+            # calibrates) run here once; the child takes the graph from there to the baseline's end.
+            try:
+                head = _stage_passes(model, graph, pipeline[:shared], [], ctx, instruments, False, fixpoint=False)
+            except (QdqError, MemoryError):
+                raise
+            except Exception as exc:  # everything runs again below, in turn, from a fresh import
+                logger.debug("pipeline failed (%s)", exc)
+                graph = import_model(model)
+        side = _SideJob(model, graph, base_pipeline, extras, ctx, verify, need_before=not before_later,
+                        done=len(head.passes) if head is not None else 0)
         before = None
     else:
         before = _before(graph, config.trt_version) if analyze and not before_later else None
     try:
-        run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze)
+        run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze,
+                   head=head)
     except BaseException:
         if side is not None:
             side.close(kill=True)
@@ -229,49 +243,46 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
 class _SideJob:
     """The never-worse baseline of an optimize call, and the fix path's analysis of the input.
 
-    Both are independent of the main pipeline, so on a large graph they run in a forked child
+    Both are independent of the main pipeline. On a large graph they run in a forked child
     (:class:`.background.Background`) while the parent runs the main pipeline (issue 15: a 100k-node
-    PTQ run spent about a third of its time on them). Only the two analyses cross back; in the rare
-    case the baseline wins, the parent runs it again itself, which gives the same model (every pass is
-    deterministic).
-
-    Calibration is not repeated in the child: the baseline's passes run first, in the parent, so the
-    ranges they request are calibrated (and cached for the main pipeline, whose first passes ask for
-    the same tensors) before the fork.
+    PTQ run spent about a third of its time on them): the parent has run the passes both pipelines
+    start with (``done`` of them, insertion and its calibration among them) on ``graph``, and the
+    child takes its copy of that graph through the rest of the baseline. Only the two analyses cross
+    back; in the rare case the baseline wins, the parent runs it again itself, from the start, which
+    gives the same model (every pass is deterministic). On a small graph (``done`` = 0) everything
+    runs here at once, the baseline from a fresh import and the input's analysis on ``graph``, which
+    the main pipeline has not touched yet.
     """
 
     def __init__(self, model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
-                 verify: bool, *, need_before: bool) -> None:
+                 verify: bool, *, need_before: bool, done: int = 0) -> None:
         self.model, self.pipeline, self.extras, self.ctx, self.verify = model, pipeline, extras, ctx, verify
         trt_version = ctx.config.trt_version
-        staged: _Staged | None = None
-        try:
-            staged = _stage_passes(model, import_model(model), pipeline, extras, ctx, (), False, fixpoint=True)
-        except (QdqError, MemoryError):
-            raise
-        except Exception as exc:  # the work below runs the baseline again, checked pass by pass
-            logger.debug("baseline pipeline failed (%s)", exc)
 
         def work() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-            before = _before(graph, trt_version) if need_before else None
+            before = None
+            if need_before:
+                before = _input_analysis(model, trt_version) if done else _before(graph, trt_version)
             base = None
-            if staged is not None:
-                try:
-                    base = _finish(model, staged, ctx, check_result=True, analyze=True)
-                except (QdqError, MemoryError):
-                    raise
-                except Exception as exc:  # as _run does: again, checked pass by pass
-                    logger.debug("baseline export failed (%s); running it again with a check after every pass", exc)
+            try:
+                if done:  # the forked copy of the parent's graph, ``done`` passes into the pipeline
+                    staged = _stage_passes(model, graph, pipeline[done:], extras, ctx, (), False, fixpoint=True,
+                                           clean=True)
+                else:
+                    staged = _stage_passes(model, import_model(model), pipeline, extras, ctx, (), False, fixpoint=True)
+                base = _finish(model, staged, ctx, check_result=True, analyze=True)
+            except (QdqError, MemoryError):
+                raise
+            except Exception as exc:  # as _run does: again, checked pass by pass
+                logger.debug("baseline failed (%s); running it again with a check after every pass", exc)
             if base is None or not base.verified:
                 base = self.run()
             return before, base.analysis
 
         def fallback() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-            # The caller's graph has been edited since the fork: the input is analysed from a fresh import.
-            before = _before(import_model(model), trt_version) if need_before else None
-            return before, self.run().analysis
+            return (_input_analysis(model, trt_version) if need_before else None), self.run().analysis
 
-        self._job = Background(work, fork=can_fork(len(graph.nodes)), fallback=fallback, name="qdqsurgeon-baseline")
+        self._job = Background(work, fork=bool(done), fallback=fallback, name="qdqsurgeon-baseline")
 
     def before(self) -> dict[str, Any] | None:
         """The analysis of the input (fix path); None when it was not asked for or failed."""
@@ -288,6 +299,24 @@ class _SideJob:
 
     def close(self, kill: bool = False) -> None:
         self._job.close(kill)
+
+
+def _shared_head(pipeline: list[Pass], base: list[Pass]) -> int:
+    """How many passes both pipelines start with that run once (their fixpoint repeats what follows)."""
+    n = 0
+    while n < min(len(pipeline), len(base)) and pipeline[n].name == base[n].name and pipeline[n].name in RUN_ONCE:
+        n += 1
+    return n
+
+
+def _input_analysis(model: onnx.ModelProto, trt_version: tuple[int, int] | None) -> dict[str, Any] | None:
+    """:func:`_before` of a fresh import of ``model``, which the prediction then takes over."""
+    graph = import_model(model)
+    problems = len(validity_problems(graph))
+    before = _analysis(model, trt_version, own=graph)
+    if before is not None:
+        before["validity_problems"] = problems
+    return before
 
 
 def _before(graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
@@ -307,7 +336,8 @@ class _Run:
 
 
 def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
-         instruments: Sequence[Instrument], verify: bool, *, fixpoint: bool, analyze: bool) -> _Run:
+         instruments: Sequence[Instrument], verify: bool, *, fixpoint: bool, analyze: bool,
+         head: _Staged | None = None) -> _Run:
     """One pipeline over ``graph`` (imported from ``model``), then the exported, checked model and its analysis.
 
     Verification (onnx's full check) runs once, on the exported result, rather than on an export
@@ -315,12 +345,15 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
     the result fails (or a pass fails) is the pipeline run again from ``model`` with the check after
     every pass, which names the pass that broke the model and honours the input's own verdict
     exactly as before (:class:`VerifyInstrument`).
+
+    ``head``: the pipeline's first passes, already run on ``graph``; the rest continue from there.
     """
     if not verify:
-        return _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze)
+        return _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze,
+                           head=head)
     try:
         run = _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze,
-                          check_result=True)
+                          check_result=True, head=head)
         if run.verified:
             return run
     except (QdqError, MemoryError):  # a deliberate refusal (or no memory): running again would say the same
@@ -333,8 +366,14 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
 
 def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
                 instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool, analyze: bool,
-                check_result: bool = False) -> _Run:
-    staged = _stage_passes(model, graph, pipeline, extras, ctx, instruments, verify_each, fixpoint=fixpoint)
+                check_result: bool = False, head: _Staged | None = None) -> _Run:
+    if head is None:
+        staged = _stage_passes(model, graph, pipeline, extras, ctx, instruments, verify_each, fixpoint=fixpoint)
+    else:
+        rest = _stage_passes(model, graph, pipeline[len(head.passes):], extras, ctx, instruments, verify_each,
+                             fixpoint=fixpoint, clean=True)
+        staged = _Staged(rest.graph, head.changes + rest.changes, head.modified or rest.modified,
+                         {**head.stats, **rest.stats}, head.passes + rest.passes)
     return _finish(model, staged, ctx, check_result=check_result, analyze=analyze)
 
 
@@ -346,10 +385,12 @@ class _Staged:
     changes: list[Change]
     modified: bool
     stats: dict[str, PassStat]
+    passes: list[str]
 
 
 def _stage_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
-                  instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool) -> _Staged:
+                  instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool, clean: bool = False) -> _Staged:
+    """The passes of a pipeline over ``graph``; ``clean``: the graph is as an earlier pipeline run left it."""
     timing = TimingInstrument()
     insts: list[Instrument] = [timing, *instruments]
     if verify_each:
@@ -361,13 +402,13 @@ def _stage_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extr
     once = 0
     while fixpoint and once < len(pipeline) and pipeline[once].name in RUN_ONCE:
         once += 1
-    result = PassManager(pipeline, instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx)
+    result = PassManager(pipeline, instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx, clean=clean)
     modified = result.modified
     if extras:
         tail = PassManager(extras, instruments=insts).run(result.graph, ctx)
         modified = modified or tail.modified
         result = replace(tail, changes=result.changes + tail.changes, modified=modified)
-    return _Staged(result.graph, list(result.changes), modified, timing.stats)
+    return _Staged(result.graph, list(result.changes), modified, timing.stats, [p.name for p in pipeline])
 
 
 def _finish(model: onnx.ModelProto, staged: _Staged, ctx: PassContext, *, check_result: bool, analyze: bool) -> _Run:
