@@ -412,28 +412,41 @@ def _stage_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extr
 
 
 def _finish(model: onnx.ModelProto, staged: _Staged, ctx: PassContext, *, check_result: bool, analyze: bool) -> _Run:
-    """Export a pipeline's graph, check it, and analyse it."""
+    """Export a pipeline's graph, check it, and analyse it.
+
+    The analysis takes the pipeline's graph over (nothing else reads it after the validity count), with
+    the shapes ONNX infers on the exported model, rather than importing the export again. On a large
+    graph it runs in a forked child from the export on, while this process checks the model and counts
+    validity problems on its own copy of the graph (issue 15).
+    """
     out = export_model(staged.graph)
-    # What VerifyInstrument checked after the last pass that changed the graph (before the metadata).
-    full_check = check_result and staged.modified
-    verified = not full_check or VerifyInstrument._problem(out) is None
-    if not verified:  # _run runs the pipeline again with a check after every pass, which names the culprit
-        return _Run(out, staged.changes, staged.stats, None, False)
-    checked_ir = out.ir_version
-    carry_metadata(out, model)
-    if is_large(out):
-        logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
-    elif not (full_check and verified and _same_header(out, checked_ir)):  # else the full check covered it
-        try:
-            check_model(out)
-        except onnx.checker.ValidationError as exc:
-            raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    if not analyze:
-        return _Run(out, staged.changes, staged.stats, None, verified)
-    problems = len(validity_problems(staged.graph))
-    # The analysis takes the pipeline's graph over (nothing reads it after this), with the shapes ONNX
-    # infers on the exported model, rather than importing the export again.
-    analysis = _analysis(out, ctx.config.trt_version, own=staged.graph)
+    graph, trt_version = staged.graph, ctx.config.trt_version
+    job = None
+    if analyze and can_fork(len(graph.nodes)):
+        job = Background(lambda: _analysis(out, trt_version, own=graph), fork=True,
+                         fallback=lambda: _analysis(out, trt_version), name="qdqsurgeon-analysis")
+    try:
+        # What VerifyInstrument checked after the last pass that changed the graph (before the metadata).
+        full_check = check_result and staged.modified
+        verified = not full_check or VerifyInstrument._problem(out) is None
+        if not verified:  # _run runs the pipeline again with a check after every pass, which names the culprit
+            return _Run(out, staged.changes, staged.stats, None, False)
+        checked_ir = out.ir_version
+        carry_metadata(out, model)
+        if is_large(out):
+            logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
+        elif not (full_check and verified and _same_header(out, checked_ir)):  # else the full check covered it
+            try:
+                check_model(out)
+            except onnx.checker.ValidationError as exc:
+                raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+        if not analyze:
+            return _Run(out, staged.changes, staged.stats, None, verified)
+        problems = len(validity_problems(graph))
+        analysis = job.result() if job is not None else _analysis(out, trt_version, own=graph)
+    finally:
+        if job is not None:
+            job.close(kill=True)
     staged.graph = None
     if analysis is not None:
         analysis["validity_problems"] = problems

@@ -28,9 +28,12 @@ T = TypeVar("T")
 FORK_NODES = 4000
 
 
+_in_child = False  # set in a forked child: it does its work in turn (two cores, one child at a time each)
+
+
 def can_fork(nodes: int) -> bool:
-    """Whether work on a graph of ``nodes`` nodes goes to a forked child."""
-    return (nodes >= FORK_NODES and "fork" in multiprocessing.get_all_start_methods()
+    """Whether work on a graph of ``nodes`` nodes goes to a forked child (never from inside one)."""
+    return (nodes >= FORK_NODES and not _in_child and "fork" in multiprocessing.get_all_start_methods()
             and not os.environ.get("QDQSURGEON_NO_FORK"))
 
 
@@ -56,6 +59,8 @@ class Background(Generic[T]):
         recv, send = ctx.Pipe(duplex=False)
 
         def child() -> None:
+            global _in_child
+            _in_child = True
             try:
                 send.send(("ok", fn()))
             except BaseException as exc:  # the parent computes it instead
