@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
 from ..io import heavy, without_weight_bytes
-from ..graph import _flat_model, _value_info_tensor, const_value, export_graph, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph
+from ..graph import _flat_model, const_value, export_graph, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph, value_info_type
 from ..qdq import agreed_dq_sources, agreed_q_readers, cancels, duplicates
 from ..rewriter import Rewriter
 
@@ -68,22 +68,19 @@ def _take_over(graph: gs.Graph, model: onnx.ModelProto) -> gs.Graph | None:
     for t in tensors:
         if any(id(n) not in order for n in t.inputs) or any(id(n) not in order for n in t.outputs):
             return None
-    infos: dict[str, gs.Variable] = {}
+    infos: dict[str, tuple[object, object]] = {}
     for vi in model.graph.value_info:
-        new = _value_info_tensor(vi)
+        new = value_info_type(vi)
         old = infos.get(vi.name)
-        if old is None:
-            infos[vi.name] = new
-        else:  # import_graph's merge of repeated entries
-            old.dtype = old.dtype or new.dtype
-            old.shape = old.shape or new.shape
+        # import_graph's merge of repeated entries, with its truth tests
+        infos[vi.name] = new if old is None else (old[0] or new[0], old[1] or new[1])
     for vi in (*model.graph.input, *model.graph.output):
         if vi.name not in infos:
-            infos[vi.name] = _value_info_tensor(vi)
+            infos[vi.name] = value_info_type(vi)
+    none = (None, None)
     for t in tensors:
         if isinstance(t, gs.Variable):
-            info = infos.get(t.name)
-            t.dtype, t.shape = (info.dtype, info.shape) if info is not None else (None, None)
+            t.dtype, t.shape = infos.get(t.name, none)
         if len(t.outputs) > 1:  # the import links readers in node order; the passes, in edit order
             list.sort(t.outputs, key=lambda n: order[id(n)])
     return graph
