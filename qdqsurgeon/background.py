@@ -4,8 +4,8 @@ A forked child starts with a copy of everything the parent holds (the graph, the
 without serializing any of it; only the function's result (a small dict) crosses back, pickled
 through a pipe. Used where an independent piece of a large job (optimize's never-worse baseline,
 inspect's TensorRT prediction) would otherwise run after the rest. On small graphs, on platforms
-without ``fork`` and under ``QDQSURGEON_NO_FORK=1`` the function runs in the caller, at once; the
-result is the same either way. If the child dies (killed, out of memory) or raises, ``result``
+without ``fork``, in processes running other Python threads and under ``QDQSURGEON_NO_FORK=1`` the
+function runs in the caller, at once; the result is the same either way. If the child dies (killed, out of memory) or raises, ``result``
 runs the fallback in the caller, so a failing child costs time, never the answer.
 """
 
@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 from typing import Any, Callable, Generic, TypeVar
 
 __all__ = ["Background", "FORK_NODES", "can_fork"]
@@ -32,9 +33,11 @@ _in_child = False  # set in a forked child: it does its work in turn (two cores,
 
 
 def can_fork(nodes: int) -> bool:
-    """Whether work on a graph of ``nodes`` nodes goes to a forked child (never from inside one)."""
-    return (nodes >= FORK_NODES and not _in_child and "fork" in multiprocessing.get_all_start_methods()
-            and not os.environ.get("QDQSURGEON_NO_FORK"))
+    """Whether work on a graph of ``nodes`` nodes goes to a forked child: never from inside one, and never
+    from a process running other Python threads (an application calling the API from a thread pool, a
+    notebook kernel), whose locks a forked child could inherit held."""
+    return (nodes >= FORK_NODES and not _in_child and threading.active_count() == 1
+            and "fork" in multiprocessing.get_all_start_methods() and not os.environ.get("QDQSURGEON_NO_FORK"))
 
 
 class Background(Generic[T]):

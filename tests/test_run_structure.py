@@ -101,6 +101,17 @@ def test_no_fork_below_the_threshold_or_when_switched_off(monkeypatch):
     assert not background.can_fork(3)
     monkeypatch.delenv("QDQSURGEON_NO_FORK")
     assert not background.can_fork(2)
+    import threading
+
+    gate = threading.Event()
+    other = threading.Thread(target=gate.wait)
+    other.start()
+    try:
+        assert not background.can_fork(3)  # another Python thread is running
+    finally:
+        gate.set()
+        other.join()
+    assert background.can_fork(3)
 
 
 def test_background_gives_the_child_s_value_or_the_fallback_s():
