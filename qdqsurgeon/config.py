@@ -32,6 +32,9 @@ class Config:
     # or "output" (the consumer's scale)
     align: str = "max"
     keep_output_layers: bool = False  # P9
+    # bias-correction (PTQ with real calibration data only): INT8 layers' float biases absorb the mean
+    # output shift of their own weight and activation rounding (V4: biases stay float in TensorRT)
+    bias_correction: bool = True
     float16: bool = False  # P10
     io_float16: bool = False
     sensitive_ops: list[str] = field(default_factory=lambda: ["LayerNormalization", "Softmax"])
