@@ -198,9 +198,16 @@ def _tap_sums(x: np.ndarray, geometry: tuple) -> tuple[np.ndarray, int]:
     ins = x.shape[2:]
     pads = _pads(ins, geometry)
     outs = [(ins[i] + pads[i] + pads[i + sp] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(sp)]
-    if min(outs) <= 0:
+    if min(outs) <= 0 or x.shape[0] == 0:
         return np.zeros((x.shape[1], *kernel)), 0
-    parts = [np.asarray(x.sum(axis=0), np.float64)]  # [C, *spatial]; one list entry per tap prefix
+    n = x.shape[0] * int(np.prod(outs))
+    xb = x.sum(axis=0) if x.shape[0] > 1 else x[0]  # [C, *spatial]
+    if all(k == 1 for k in kernel) and not any(pads):  # pointwise: one strided sum
+        if any(st > 1 for st in strides):
+            xb = xb[(slice(None), *(slice(0, (o - 1) * st + 1, st) for o, st in zip(outs, strides)))]
+        sums = np.ascontiguousarray(xb).reshape(xb.shape[0], -1).sum(axis=1).astype(np.float64)
+        return sums.reshape(x.shape[1], *kernel), n
+    parts = [xb]  # one entry per tap prefix
     for i in range(sp):
         nxt = []
         for part in parts:
@@ -214,10 +221,10 @@ def _tap_sums(x: np.ndarray, geometry: tuple) -> tuple[np.ndarray, int]:
                     continue
                 lo = start + first * strides[i]
                 hi = start + last * strides[i] + 1
-                nxt.append(part[(slice(None), slice(lo, hi, strides[i]))].sum(axis=1))
+                nxt.append(part[:, lo:hi:strides[i]].sum(axis=1))
         parts = nxt
-    sums = np.stack(parts, axis=1).reshape(x.shape[1], *kernel)
-    return sums, x.shape[0] * int(np.prod(outs))
+    sums = np.stack(parts, axis=1).astype(np.float64).reshape(x.shape[1], *kernel)
+    return sums, n
 
 
 class _Stats:
@@ -238,10 +245,12 @@ class _Stats:
 def _rounding_error(x: np.ndarray, act: tuple[float, float, int, int]) -> np.ndarray:
     """Q(x) − x where Q does not saturate, 0 where it does (clipping is left out, see the module docstring)."""
     scale, zp, qmin, qmax = act
-    q = np.rint(x / np.float32(scale)) + np.float32(zp)
-    inside = (q >= qmin) & (q <= qmax)
-    d = (q - np.float32(zp)) * np.float32(scale) - x
-    d[~inside] = 0
+    d = x / np.float32(scale)
+    np.rint(d, out=d)
+    saturated = (d < qmin - zp) | (d > qmax - zp)  # round(x/s) + zp outside [qmin, qmax]
+    d *= np.float32(scale)
+    d -= x
+    d[saturated] = 0
     return d
 
 
@@ -287,14 +296,16 @@ class BiasCorrection(Pass):
                     by_tensor.setdefault(x_name, []).append((key, t))
 
         def observe(name: str, value: np.ndarray) -> None:
+            x = np.asarray(value, np.float32)
             for key, t in by_tensor.get(name, ()):
-                x = np.asarray(value, np.float32)
                 d = _rounding_error(x, t.act) if t.act is not None else None
+                c = x.shape[1] if x.ndim > 1 else 0
                 if t.kind == "conv":
                     if x.ndim != len(t.geometry[0]) + 2:
                         continue
-                    sx, n = _tap_sums(x, t.geometry)
-                    sd = _tap_sums(d, t.geometry)[0] if d is not None else None
+                    # x and its rounding error side by side on the channel axis: one reduction for both
+                    sums, n = _tap_sums(x if d is None else np.concatenate([x, d], axis=1), t.geometry)
+                    sx, sd = sums[:c], (sums[c:] if d is not None else None)
                 else:
                     if x.ndim < 2:
                         continue
@@ -305,7 +316,8 @@ class BiasCorrection(Pass):
 
         from ..calibration.collect import collect_stats
 
-        collect_stats(ctx.calib_model, list(readers), ctx.calib_data, histogram=False, progress=False, observe=observe)
+        collect_stats(ctx.calib_model, list(readers), ctx.calib_data, histogram=False, progress=False, observe=observe,
+                      accumulate=False)
 
         with rw.rule("V4"):
             for x_name, ts in readers.items():
