@@ -1,0 +1,197 @@
+"""bias-correction: INT8 layers' float biases absorb the mean output shift of their own rounding (PTQ with data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qdqsurgeon
+from qdqsurgeon.config import Config
+from qdqsurgeon.examples import example_calibration, example_model
+from qdqsurgeon.passes.audit import AuditInstrument
+from qdqsurgeon.passes.bias_correction import _pads, _rounding_error, _tap_sums
+
+
+def _naive_tap_sums(x, geometry):
+    kernel, strides, dilations, _, _, _ = geometry
+    sp = len(kernel)
+    ins = x.shape[2:]
+    pads = _pads(ins, geometry)
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + [(pads[i], pads[i + sp]) for i in range(sp)])
+    outs = [(ins[i] + pads[i] + pads[i + sp] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(sp)]
+    res = np.empty((x.shape[1], *kernel))
+    for tap in np.ndindex(*kernel):
+        sl = tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (outs[i] - 1) * strides[i] + 1, strides[i])
+                   for i in range(sp))
+        res[(slice(None), *tap)] = xp[(slice(None), slice(None), *sl)].sum(axis=tuple([0, *range(2, 2 + sp)]))
+    return res, x.shape[0] * int(np.prod(outs))
+
+
+def test_tap_sums_match_a_padded_convolution_window():
+    """The per-tap means of the zero-padded input are exact for every stride, dilation, padding and auto_pad."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        sp = int(rng.integers(1, 4))
+        kernel = tuple(int(v) for v in rng.integers(1, 6, sp))
+        strides = tuple(int(v) for v in rng.integers(1, 4, sp))
+        dilations = tuple(int(v) for v in rng.integers(1, 3, sp))
+        ins = tuple(int(v) for v in rng.integers(1, 12, sp))
+        auto_pad = str(rng.choice(["NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+        geometry = (kernel, strides, dilations, tuple(int(v) for v in rng.integers(0, 4, 2 * sp)), auto_pad, 1)
+        pads = _pads(ins, geometry)
+        if any(ins[i] + pads[i] + pads[i + sp] - (kernel[i] - 1) * dilations[i] - 1 < 0 for i in range(sp)):
+            continue
+        x = rng.normal(size=(2, 3, *ins)).astype(np.float32)
+        got, n = _tap_sums(x, geometry)
+        want, m = _naive_tap_sums(x, geometry)
+        assert n == m
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        checked += 1
+    assert checked > 150
+
+
+def test_rounding_error_leaves_saturated_elements_out():
+    x = np.array([0.013, -0.011, 5.0, -5.0, 0.0], np.float32)
+    d = _rounding_error(x, (0.02, 0.0, -128, 127))
+    np.testing.assert_allclose(d, [0.02 - 0.013, -0.02 + 0.011, 0.0, 0.0, 0.0], atol=1e-7)
+
+
+def _conv_model() -> onnx.ModelProto:
+    """Conv(3->8, 3x3, stride 2, pad 1, bias) -> Relu -> Conv(8->4, 1x1) -> output: the first conv is INT8
+    (the second feeds the output and stays float, P9)."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _matmul_model() -> onnx.ModelProto:
+    """MatMul(32->24) + Add(bias) -> Relu -> MatMul(24->8) + Add -> output: the first MatMul is INT8."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.2, (32, 24)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 24).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (24, 8)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["y1"], name="add1"),
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+        helper.make_node("Add", ["m2", "b2"], ["y"], name="add2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _calib(tmp_path, shape, n=8):
+    """Random inputs with constant regions (one value per channel over a block: a coherent rounding error)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0.3, 1.0, (n, *shape[1:])).astype(np.float32)
+    if len(shape) == 4:
+        x[:, :, :8, :] = np.array([0.417, -0.23, 0.151], np.float32)[None, :, None, None]
+    else:
+        x[:, :3, :] = 0.417
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x)
+    return path, x
+
+
+def _mean_output(model, tensor, x, axis):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_empty_tensor_value_info(tensor))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outs = np.concatenate([sess.run([tensor], {"x": x[i:i + 1]})[0] for i in range(len(x))]).astype(np.float64)
+    return outs.mean(axis=tuple(i for i in range(outs.ndim) if i != axis))
+
+
+@pytest.mark.parametrize("kind", ["conv", "matmul"])
+def test_corrected_layer_output_mean_matches_float(kind, tmp_path):
+    """With max ranges nothing saturates, so the correction is exact: on the calibration data the INT8 layer's
+    mean output per channel equals the float layer's (it did not before)."""
+    model = _conv_model() if kind == "conv" else _matmul_model()
+    calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind == "conv" else [1, 6, 32])
+    tensor, axis, op = ("y1", 1, "conv1") if kind == "conv" else ("y1", 2, "mm1")  # the MatMul's bias is its Add
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    plain = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, instruments=[AuditInstrument()])
+    want = _mean_output(model, tensor, x, axis)
+    before = _mean_output(plain.model, tensor, x, axis)
+    after = _mean_output(res.model, tensor, x, axis)
+    assert np.max(np.abs(before - want)) > 1e-3  # there was a shift to remove
+    assert np.max(np.abs(after - want)) < 1e-5 * max(1.0, np.max(np.abs(want)))
+    changes = [c for c in res.changes if c.pass_name == "bias-correction"]
+    assert [(c.kind, c.rule, c.node) for c in changes] == [("constant", "V4", op if kind == "conv" else "add1")]
+    assert "bias correction of" in changes[0].detail
+    onnx.checker.check_model(res.model, full_check=True)
+    # only a float initializer changed: same nodes, same Q/DQ parameters
+    assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in plain.model.graph.node]
+
+
+def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
+    model = qdqsurgeon.load(example_model())
+    ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
+    a = qdqsurgeon.optimize(model, ranges=ranges, analyze=False)
+    b = qdqsurgeon.optimize(model, ranges=qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False),
+                            analyze=False)
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    corrected = [c for c in a.changes if c.pass_name == "bias-correction"]
+    assert corrected and all(c.kind == "constant" and c.rule == "V4" for c in corrected)
+    assert len({c.node for c in corrected}) == len(corrected)  # one entry per layer
+    onnx.checker.check_model(a.model, full_check=True)
+    # a second optimize is the fix path: it changes nothing, with or without calibration data
+    again = qdqsurgeon.optimize(a.model, analyze=False)
+    assert again.mode == "fix" and [c for c in again.changes if c.kind != "note"] == []
+    with_data = qdqsurgeon.optimize(a.model, ranges=ranges, analyze=False)
+    assert not [c for c in with_data.changes if c.pass_name == "bias-correction"]
+
+
+def test_no_correction_without_real_data_or_when_off():
+    model = qdqsurgeon.load(example_model())
+    rnd = qdqsurgeon.build_ranges(model, calib_random=4, progress=False)
+    res = qdqsurgeon.optimize(model, ranges=rnd, analyze=False)
+    assert not [c for c in res.changes if c.pass_name == "bias-correction"]
+    ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
+    off = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
+    assert not [c for c in off.changes if c.pass_name == "bias-correction"]
+    on = qdqsurgeon.optimize(model, ranges=ranges, analyze=False)
+    # the placement is the same: only float bias initializers differ
+    assert [(n.op_type, list(n.input)[:2]) for n in on.model.graph.node] == \
+        [(n.op_type, list(n.input)[:2]) for n in off.model.graph.node]
+
+
+def test_cli_switch(tmp_path):
+    from click.testing import CliRunner
+
+    from qdqsurgeon.cli import cli
+
+    outs = {}
+    for flag in ([], ["--no-bias-correction"]):
+        out = tmp_path / f"out{len(flag)}.onnx"
+        r = CliRunner().invoke(cli, ["optimize", str(example_model()), str(out), "--calib", str(example_calibration()),
+                                      "-q", *flag])
+        assert r.exit_code == 0, r.output
+        outs[bool(flag)] = onnx.load(str(out))
+    biases = lambda m: {t.name for t in m.graph.initializer}  # noqa: E731
+    assert any("bias_corrected" in n for n in biases(outs[False]))
+    assert not any("bias_corrected" in n for n in biases(outs[True]))
