@@ -21,7 +21,10 @@ Each layer's correction counts its own error only: the input statistics come fro
 error of an upstream layer, which that layer's own correction removes, is counted twice. Clipping
 (saturation) is left out on purpose: its error sits on a few elements (outlier tokens of a transformer, the
 tail of a ReLU6), and a constant removing its mean moves every other element (all-MiniLM-L6: −11 dB with it,
-+0.5 dB without). ConvTranspose and layers without a bias are left as they are.
++0.5 dB without). A Conv without a bias takes the correction in the mean of the BatchNormalization it
+feeds alone (PaddlePaddle exports; TensorRT folds the BN into the conv), else it gets a bias (a float input
+the conv's epilogue adds at no cost). ConvTranspose, Gemm without C and MatMul without a bias Add are left
+as they are.
 
 Only the PTQ pipeline runs it, once, after placement (``RUN_LAST``), and only with real calibration data
 (``--calib``; not ``--calib-random``, not a TensorRT cache alone). The fix path never changes a model's
@@ -60,6 +63,9 @@ class _Target:
     kind: str  # "conv", "gemm", "matmul"
     scale: float = 1.0  # Gemm: alpha / beta
     geometry: tuple = field(default_factory=tuple)
+    #: where the shift is removed: "bias" (b - shift), "bn-mean" (a bias-less Conv's BatchNormalization:
+    #: mean + shift, the same as subtracting it before the BN) or "new-bias" (a bias-less Conv gets one)
+    how: str = "bias"
 
 
 def _attr(node: gs.Node, key: str, default: Any) -> Any:
@@ -129,6 +135,19 @@ def _matmul_bias(graph: gs.Graph, node: gs.Node, n_out: int) -> tuple[gs.Node, i
     return add, idx
 
 
+def _batchnorm_after(graph: gs.Graph, node: gs.Node) -> gs.Node | None:
+    """The inference BatchNormalization a bias-less Conv feeds alone (PaddlePaddle exports), or None."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or any(t is out for t in graph.outputs):
+        return None
+    bn = out.outputs[0]
+    if bn.op != "BatchNormalization" or len(bn.inputs) < 5 or len(bn.outputs) != 1 or int(_attr(bn, "training_mode", 0)):
+        return None
+    if not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
+        return None
+    return bn
+
+
 def correction_targets(graph: gs.Graph) -> list[_Target]:
     """The layers bias correction can adjust: weight from a DQ, a float constant bias (see the module docstring)."""
     out: list[_Target] = []
@@ -143,9 +162,20 @@ def correction_targets(graph: gs.Graph) -> list[_Target]:
             continue
         act = _act_params(node.inputs[0])
         if node.op == "Conv":
-            if len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant) or w_q.ndim < 3:
+            if w_q.ndim < 3:
                 continue
-            bias = const_value(node.inputs[2])
+            has_bias = len(node.inputs) > 2 and node.inputs[2].name != ""
+            if has_bias:
+                if not isinstance(node.inputs[2], gs.Constant):
+                    continue
+                bias_node, bias_index, how = node, 2, "bias"
+                bias = const_value(node.inputs[2])
+            elif (bn := _batchnorm_after(graph, node)) is not None:
+                bias_node, bias_index, how = bn, 3, "bn-mean"
+                bias = const_value(bn.inputs[3])
+            else:
+                bias_node, bias_index, how = node, 2, "new-bias"
+                bias = np.zeros(w_q.shape[0], np.float32)
             if bias is None or bias.dtype.kind != "f" or bias.shape != (w_q.shape[0],):
                 continue
             sp = w_q.ndim - 2
@@ -153,7 +183,7 @@ def correction_targets(graph: gs.Graph) -> list[_Target]:
             geometry = (tuple(w_q.shape[2:]), tuple(_attr(node, "strides", [1] * sp)),
                         tuple(_attr(node, "dilations", [1] * sp)), tuple(pads), str(_attr(node, "auto_pad", "NOTSET")),
                         int(_attr(node, "group", 1)))
-            out.append(_Target(node, node, 2, bias, w_q, act, "conv", 1.0, geometry))
+            out.append(_Target(node, bias_node, bias_index, bias, w_q, act, "conv", 1.0, geometry, how))
         elif node.op == "Gemm":
             if int(_attr(node, "transA", 0)) or len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
                 continue
@@ -364,8 +394,12 @@ class BiasCorrection(Pass):
         ref = max(float(np.max(np.abs(bias))) if bias.size else 0.0, 1.0)
         if not np.all(np.isfinite(total)) or float(np.max(np.abs(total))) <= _TINY * ref:
             return
-        new = (bias.astype(np.float64) - total.reshape(bias.shape)).astype(bias.dtype)
-        rw.set_constant(t.bias_node, t.bias_index, new, base=f"{t.node.name}_bias_corrected",
-                        detail=(f"bias correction of {t.node.name}: mean output shift of INT8 rounding removed "
+        sign = 1.0 if t.how == "bn-mean" else -1.0
+        new = (bias.astype(np.float64) + sign * total.reshape(bias.shape)).astype(bias.dtype)
+        where = {"bias": "", "bn-mean": f" (through the mean of {t.bias_node.name}, the BatchNormalization after it)",
+                 "new-bias": " (it had no bias: one added)"}[t.how]
+        name = f"{t.node.name}_{'bn_mean' if t.how == 'bn-mean' else 'bias'}_corrected"
+        rw.set_constant(t.bias_node, t.bias_index, new, base=name,
+                        detail=(f"bias correction of {t.node.name}{where}: mean output shift of INT8 rounding removed "
                                 f"(weights max {np.max(np.abs(wterm)):.3g}, activation rounding max "
                                 f"{np.max(np.abs(aterm)):.3g} per channel; biases stay float in TensorRT)"))

@@ -60,9 +60,10 @@ def test_rounding_error_leaves_saturated_elements_out():
     np.testing.assert_allclose(d, [0.02 - 0.013, -0.02 + 0.011, 0.0, 0.0, 0.0], atol=1e-7)
 
 
-def _conv_model() -> onnx.ModelProto:
-    """Conv(3->8, 3x3, stride 2, pad 1, bias) -> Relu -> Conv(8->4, 1x1) -> output: the first conv is INT8
-    (the second feeds the output and stays float, P9)."""
+def _conv_model(bias: str = "bias") -> onnx.ModelProto:
+    """Conv(3->8, 3x3, stride 2, pad 1) -> Relu -> Conv(8->4, 1x1) -> output: the first conv is INT8 (the second
+    feeds the output and stays float, P9). ``bias``: "bias", "none" (no bias input) or "bn" (no bias, then a
+    BatchNormalization, as PaddlePaddle exports it)."""
     rng = np.random.default_rng(1)
     inits = [
         numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1"),
@@ -70,8 +71,16 @@ def _conv_model() -> onnx.ModelProto:
         numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2"),
         numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
     ]
+    first = [helper.make_node("Conv", ["x", "w1", "b1"] if bias == "bias" else ["x", "w1"], ["y1"], name="conv1",
+                              pads=[1, 1, 1, 1], strides=[2, 2])]
+    if bias == "bn":
+        first = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+                 helper.make_node("BatchNormalization", ["c1", "g", "beta", "mu", "var"], ["y1"], name="bn1")]
+        inits += [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+                  (("g", rng.uniform(0.5, 2, 8)), ("beta", rng.normal(0, 0.1, 8)), ("mu", rng.normal(0, 0.2, 8)),
+                   ("var", rng.uniform(0.5, 2, 8)))]
     nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        *first,
         helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2"),
     ]
@@ -125,13 +134,14 @@ def _mean_output(model, tensor, x, axis):
     return outs.mean(axis=tuple(i for i in range(outs.ndim) if i != axis))
 
 
-@pytest.mark.parametrize("kind", ["conv", "matmul"])
+@pytest.mark.parametrize("kind", ["conv", "conv-bn", "conv-nobias", "matmul"])
 def test_corrected_layer_output_mean_matches_float(kind, tmp_path):
     """With max ranges nothing saturates, so the correction is exact: on the calibration data the INT8 layer's
     mean output per channel equals the float layer's (it did not before)."""
-    model = _conv_model() if kind == "conv" else _matmul_model()
-    calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind == "conv" else [1, 6, 32])
-    tensor, axis, op = ("y1", 1, "conv1") if kind == "conv" else ("y1", 2, "mm1")  # the MatMul's bias is its Add
+    model = _conv_model({"conv": "bias", "conv-bn": "bn", "conv-nobias": "none"}[kind]) if kind != "matmul" else _matmul_model()
+    calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind != "matmul" else [1, 6, 32])
+    # the tensor after the corrected constant; the node holding it (a MatMul's bias is its Add's, a BN's mean)
+    tensor, axis, op = {"matmul": ("y1", 2, "add1"), "conv-bn": ("y1", 1, "bn1")}.get(kind, ("y1", 1, "conv1"))
     ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
     plain = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
     res = qdqsurgeon.optimize(model, ranges=ranges, instruments=[AuditInstrument()])
@@ -141,7 +151,7 @@ def test_corrected_layer_output_mean_matches_float(kind, tmp_path):
     assert np.max(np.abs(before - want)) > 1e-3  # there was a shift to remove
     assert np.max(np.abs(after - want)) < 1e-5 * max(1.0, np.max(np.abs(want)))
     changes = [c for c in res.changes if c.pass_name == "bias-correction"]
-    assert [(c.kind, c.rule, c.node) for c in changes] == [("constant", "V4", op if kind == "conv" else "add1")]
+    assert [(c.kind, c.rule, c.node) for c in changes] == [("constant", "V4", op)]
     assert "bias correction of" in changes[0].detail
     onnx.checker.check_model(res.model, full_check=True)
     # only a float initializer changed: same nodes, same Q/DQ parameters
