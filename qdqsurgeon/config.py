@@ -35,6 +35,9 @@ class Config:
     # bias-correction (PTQ with real calibration data only): INT8 layers' float biases absorb the mean
     # output shift of their own weight and activation rounding (V4: biases stay float in TensorRT)
     bias_correction: bool = True
+    # whose activation rounding it corrects too: "input" (layers reading a network input, where the INT8 model's
+    # input is the float model's), "all" (every INT8 layer; measured on the float model's inputs) or "none"
+    bias_correction_rounding: str = "input"
     float16: bool = False  # P10
     io_float16: bool = False
     sensitive_ops: list[str] = field(default_factory=lambda: ["LayerNormalization", "Softmax"])
@@ -47,5 +50,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.weights not in ("float", "int8"):
             raise ValueError(f"weights must be 'float' or 'int8', not {self.weights!r}")
+        if self.bias_correction_rounding not in ("input", "all", "none"):
+            raise ValueError(f"bias_correction_rounding must be 'input', 'all' or 'none', not {self.bias_correction_rounding!r}")
         if self.align not in ("max", "scales", "output"):
             raise ValueError(f"align must be 'max', 'scales' or 'output', not {self.align!r}")
