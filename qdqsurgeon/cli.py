@@ -314,10 +314,10 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--no-bias-correction", is_flag=True,
               help="PTQ with --calib: leave the float biases as they are (by default each INT8 layer's bias absorbs the "
                    "mean output shift of its own weight and activation rounding).")
-@click.option("--bias-correction-rounding", type=click.Choice(["input", "all", "none"]), default="input", show_default=True,
-              help="Bias correction: whose activation rounding it corrects besides the weight rounding: layers reading a "
-                   "network input, every INT8 layer (measured on the float model's inputs; can help letterboxed "
-                   "detectors a lot and hurt others), or none.")
+@click.option("--bias-correction-rounding", type=click.Choice(["none", "input", "all"]), default="none", show_default=True,
+              help="Bias correction: whose activation rounding it corrects besides the weight rounding: none, layers "
+                   "reading a network input, or every INT8 layer (measured on the float model's inputs: YOLOv8n +8.9 dB "
+                   "on letterboxed photos, but the PP-OCR classifier -12.6 dB).")
 @click.option("--float16", is_flag=True, help="Convert float regions to FP16 for strongly typed TensorRT builds (P10).")
 @click.option("--io-float16", is_flag=True, help="With --float16: make graph inputs/outputs FP16 too.")
 @click.option("--requantize", is_flag=True, help="Model already has Q/DQ: drop it and calibrate afresh (needs --calib).")

@@ -35,9 +35,10 @@ class Config:
     # bias-correction (PTQ with real calibration data only): INT8 layers' float biases absorb the mean
     # output shift of their own weight and activation rounding (V4: biases stay float in TensorRT)
     bias_correction: bool = True
-    # whose activation rounding it corrects too: "input" (layers reading a network input, where the INT8 model's
-    # input is the float model's), "all" (every INT8 layer; measured on the float model's inputs) or "none"
-    bias_correction_rounding: str = "input"
+    # whose activation rounding it corrects too, besides the weight rounding: "none" (default), "input" (layers
+    # reading a network input, where the INT8 model's input is the float model's) or "all" (every INT8 layer,
+    # measured on the float model's inputs)
+    bias_correction_rounding: str = "none"
     float16: bool = False  # P10
     io_float16: bool = False
     sensitive_ops: list[str] = field(default_factory=lambda: ["LayerNormalization", "Softmax"])

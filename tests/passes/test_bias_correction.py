@@ -110,11 +110,13 @@ def _matmul_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _calib(tmp_path, shape, n=8):
+def _calib(tmp_path, shape, n=8, constant=True):
     """Random inputs with constant regions (one value per channel over a block: a coherent rounding error)."""
     rng = np.random.default_rng(3)
     x = rng.normal(0.3, 1.0, (n, *shape[1:])).astype(np.float32)
-    if len(shape) == 4:
+    if not constant:
+        pass
+    elif len(shape) == 4:
         x[:, :, :8, :] = np.array([0.417, -0.23, 0.151], np.float32)[None, :, None, None]
     else:
         x[:, :3, :] = 0.417
@@ -134,17 +136,19 @@ def _mean_output(model, tensor, x, axis):
     return outs.mean(axis=tuple(i for i in range(outs.ndim) if i != axis))
 
 
+@pytest.mark.parametrize("rounding", ["input", "all"])
 @pytest.mark.parametrize("kind", ["conv", "conv-bn", "conv-nobias", "matmul"])
-def test_corrected_layer_output_mean_matches_float(kind, tmp_path):
-    """With max ranges nothing saturates, so the correction is exact: on the calibration data the INT8 layer's
-    mean output per channel equals the float layer's (it did not before)."""
+def test_corrected_layer_output_mean_matches_float(kind, rounding, tmp_path):
+    """With max ranges nothing saturates, so with its rounding term the correction is exact: on the calibration
+    data the INT8 layer's mean output per channel equals the float layer's (it did not before)."""
     model = _conv_model({"conv": "bias", "conv-bn": "bn", "conv-nobias": "none"}[kind]) if kind != "matmul" else _matmul_model()
     calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind != "matmul" else [1, 6, 32])
     # the tensor after the corrected constant; the node holding it (a MatMul's bias is its Add's, a BN's mean)
     tensor, axis, op = {"matmul": ("y1", 2, "add1"), "conv-bn": ("y1", 1, "bn1")}.get(kind, ("y1", 1, "conv1"))
     ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
     plain = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
-    res = qdqsurgeon.optimize(model, ranges=ranges, instruments=[AuditInstrument()])
+    res = qdqsurgeon.optimize(model, ranges=ranges, instruments=[AuditInstrument()],
+                              config=Config(bias_correction_rounding=rounding))
     want = _mean_output(model, tensor, x, axis)
     before = _mean_output(plain.model, tensor, x, axis)
     after = _mean_output(res.model, tensor, x, axis)
@@ -156,6 +160,24 @@ def test_corrected_layer_output_mean_matches_float(kind, tmp_path):
     onnx.checker.check_model(res.model, full_check=True)
     # only a float initializer changed: same nodes, same Q/DQ parameters
     assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in plain.model.graph.node]
+
+
+@pytest.mark.parametrize("kind", ["conv", "matmul"])
+def test_default_removes_the_weight_rounding_shift(kind, tmp_path):
+    """The default corrects the weight term only: on inputs without constant regions (activation rounding
+    averages out) most of the mean shift goes; with the rounding term as well (on the first layer) all of it."""
+    model = _conv_model() if kind == "conv" else _matmul_model()
+    calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind == "conv" else [1, 6, 32], constant=False)
+    axis = 1 if kind == "conv" else 2
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    want = _mean_output(model, "y1", x, axis)
+    err = {}
+    for label, config in (("off", Config(bias_correction=False)), ("default", None),
+                          ("input", Config(bias_correction_rounding="input"))):
+        out = qdqsurgeon.optimize(model, ranges=ranges, config=config, analyze=False).model
+        err[label] = float(np.sqrt(np.mean((_mean_output(out, "y1", x, axis) - want) ** 2)))
+    assert err["default"] < 0.5 * err["off"]
+    assert err["input"] < 1e-5 * max(1.0, float(np.max(np.abs(want))))
 
 
 def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
