@@ -6,7 +6,8 @@ calibration method with nothing else changed, as ``qdqsurgeon optimize IN OUT --
 would. Printed per model: worst-output SQNR (dB) against the float model on the evaluation samples for
 each method, the best fixed method, ``auto`` minus that best, and the calibration wall time of each method
 as a ratio to the current default's, measured in the same run (time spent inside the range provider,
-i.e. onnxruntime collection plus range selection; placement and export are the same for every method).
+i.e. onnxruntime collection plus range selection, and in ``bias-correction``'s pass over the calibration data;
+placement and export are the same for every method).
 
 The baselines are columns too, on the same calibration and evaluation data: ``modelopt`` (NVIDIA
 ModelOpt's ONNX INT8 PTQ, entropy calibration, run by ``modelopt_ptq.py`` in the ModelOpt venv given by

@@ -9,6 +9,9 @@ the method's SQNR with the luck averaged out, the standard deviation the noise o
 ``accuracy.py``'s table. Data as ``accuracy.py`` (``zoo_data.py``: 8 calibration, up to 8 evaluation samples).
 
     python benchmarks/range_jitter.py [--models a,b] [--methods max,percentile,mse,entropy,auto] [--draws 6] [--scale 0.01]
+
+A method ``M@k=v+k=v`` is method M with those Config fields, as in ``accuracy.py``; every draw keeps the real
+calibration data, which ``bias-correction`` reads (only the ranges are jittered).
 """
 
 from __future__ import annotations
