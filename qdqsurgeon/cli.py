@@ -311,9 +311,9 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--quantize-small-convs", is_flag=True,
               help="Also quantize Convs whose small channel counts misalign INT8 kernels (left float by default, P11).")
 @click.option("--keep-output-layers", is_flag=True, help="Also quantize weighted ops that feed graph outputs (P9).")
-@click.option("--no-bias-correction", is_flag=True,
-              help="PTQ with --calib: leave the float biases as they are (by default each INT8 layer's bias absorbs the "
-                   "mean output shift of its own weight and activation rounding).")
+@click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+              help="PTQ with --calib: each INT8 layer's float bias absorbs the mean output shift of its own weight "
+                   "rounding (measured on the calibration data; one more pass over it).")
 @click.option("--bias-correction-rounding", type=click.Choice(["none", "input", "all"]), default="none", show_default=True,
               help="Bias correction: whose activation rounding it corrects besides the weight rounding: none, layers "
                    "reading a network input, or every INT8 layer (measured on the float model's inputs: YOLOv8n +8.9 dB "
@@ -346,7 +346,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
                  report_path: str | None, opset: int | None, no_opset_upgrade: bool, calib: str | None, method: str | None, percentile: float,
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str, trt_version: str | None,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
-                 quantize_small_convs: bool, keep_output_layers: bool, no_bias_correction: bool,
+                 quantize_small_convs: bool, keep_output_layers: bool, bias_correction: bool,
                  bias_correction_rounding: str, float16: bool, io_float16: bool, requantize: bool, repair_zero_scales: bool,
                  run_check: bool, eval_path: str | None, target_text: str | None, max_drop: float | None, labels_path: str | None,
                  save_precision_path: str | None, precision_path: str | None, jobs: int,
@@ -425,7 +425,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     config = Config(weights=weights, exclude=list(exclude), exclude_ops=_split(exclude_op), quantize_bmm=quantize_bmm,
                     align=align, keep_output_layers=keep_output_layers, float16=float16, io_float16=io_float16,
                     trt_version=version, repair_zero_scales=repair_zero_scales, quantize_small_convs=quantize_small_convs,
-                    bias_correction=not no_bias_correction, bias_correction_rounding=bias_correction_rounding)
+                    bias_correction=bias_correction, bias_correction_rounding=bias_correction_rounding)
     if version is not None:
         from .trt_rules import convtranspose_axis_for
 

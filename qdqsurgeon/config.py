@@ -32,9 +32,9 @@ class Config:
     # or "output" (the consumer's scale)
     align: str = "max"
     keep_output_layers: bool = False  # P9
-    # bias-correction (PTQ with real calibration data only): INT8 layers' float biases absorb the mean
-    # output shift of their own weight and activation rounding (V4: biases stay float in TensorRT)
-    bias_correction: bool = True
+    # bias-correction (PTQ with real calibration data only; opt-in, see README "Bias correction"): INT8 layers'
+    # float biases absorb the mean output shift of their own weight rounding (V4: biases stay float in TensorRT)
+    bias_correction: bool = False
     # whose activation rounding it corrects too, besides the weight rounding: "none" (default), "input" (layers
     # reading a network input, where the INT8 model's input is the float model's) or "all" (every INT8 layer,
     # measured on the float model's inputs)

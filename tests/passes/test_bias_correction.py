@@ -148,7 +148,7 @@ def test_corrected_layer_output_mean_matches_float(kind, rounding, tmp_path):
     ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
     plain = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
     res = qdqsurgeon.optimize(model, ranges=ranges, instruments=[AuditInstrument()],
-                              config=Config(bias_correction_rounding=rounding))
+                              config=Config(bias_correction=True, bias_correction_rounding=rounding))
     want = _mean_output(model, tensor, x, axis)
     before = _mean_output(plain.model, tensor, x, axis)
     after = _mean_output(res.model, tensor, x, axis)
@@ -164,49 +164,59 @@ def test_corrected_layer_output_mean_matches_float(kind, rounding, tmp_path):
 
 @pytest.mark.parametrize("kind", ["conv", "matmul"])
 def test_default_removes_the_weight_rounding_shift(kind, tmp_path):
-    """The default corrects the weight term only: on inputs without constant regions (activation rounding
-    averages out) most of the mean shift goes; with the rounding term as well (on the first layer) all of it."""
+    """By default the correction (opt-in) is the weight term only: on inputs without constant regions (activation
+    rounding averages out) most of the mean shift goes; with the rounding term as well (first layer) all of it."""
     model = _conv_model() if kind == "conv" else _matmul_model()
     calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind == "conv" else [1, 6, 32], constant=False)
     axis = 1 if kind == "conv" else 2
     ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
     want = _mean_output(model, "y1", x, axis)
     err = {}
-    for label, config in (("off", Config(bias_correction=False)), ("default", None),
-                          ("input", Config(bias_correction_rounding="input"))):
+    for label, config in (("off", None), ("default", Config(bias_correction=True)),
+                          ("input", Config(bias_correction=True, bias_correction_rounding="input"))):
         out = qdqsurgeon.optimize(model, ranges=ranges, config=config, analyze=False).model
         err[label] = float(np.sqrt(np.mean((_mean_output(out, "y1", x, axis) - want) ** 2)))
     assert err["default"] < 0.5 * err["off"]
     assert err["input"] < 1e-5 * max(1.0, float(np.max(np.abs(want))))
 
 
+ON = Config(bias_correction=True)
+
+
+def test_off_by_default():
+    model = qdqsurgeon.load(example_model())
+    ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, analyze=False)
+    assert not [c for c in res.changes if c.pass_name == "bias-correction"]
+
+
 def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
     model = qdqsurgeon.load(example_model())
     ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
-    a = qdqsurgeon.optimize(model, ranges=ranges, analyze=False)
+    a = qdqsurgeon.optimize(model, ranges=ranges, analyze=False, config=ON)
     b = qdqsurgeon.optimize(model, ranges=qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False),
-                            analyze=False)
+                            analyze=False, config=ON)
     assert a.model.SerializeToString() == b.model.SerializeToString()
     corrected = [c for c in a.changes if c.pass_name == "bias-correction"]
     assert corrected and all(c.kind == "constant" and c.rule == "V4" for c in corrected)
     assert len({c.node for c in corrected}) == len(corrected)  # one entry per layer
     onnx.checker.check_model(a.model, full_check=True)
     # a second optimize is the fix path: it changes nothing, with or without calibration data
-    again = qdqsurgeon.optimize(a.model, analyze=False)
+    again = qdqsurgeon.optimize(a.model, analyze=False, config=ON)
     assert again.mode == "fix" and [c for c in again.changes if c.kind != "note"] == []
-    with_data = qdqsurgeon.optimize(a.model, ranges=ranges, analyze=False)
+    with_data = qdqsurgeon.optimize(a.model, ranges=ranges, analyze=False, config=ON)
     assert not [c for c in with_data.changes if c.pass_name == "bias-correction"]
 
 
 def test_no_correction_without_real_data_or_when_off():
     model = qdqsurgeon.load(example_model())
     rnd = qdqsurgeon.build_ranges(model, calib_random=4, progress=False)
-    res = qdqsurgeon.optimize(model, ranges=rnd, analyze=False)
+    res = qdqsurgeon.optimize(model, ranges=rnd, analyze=False, config=ON)
     assert not [c for c in res.changes if c.pass_name == "bias-correction"]
     ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
     off = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
     assert not [c for c in off.changes if c.pass_name == "bias-correction"]
-    on = qdqsurgeon.optimize(model, ranges=ranges, analyze=False)
+    on = qdqsurgeon.optimize(model, ranges=ranges, analyze=False, config=ON)
     # the placement is the same: only float bias initializers differ
     assert [(n.op_type, list(n.input)[:2]) for n in on.model.graph.node] == \
         [(n.op_type, list(n.input)[:2]) for n in off.model.graph.node]
@@ -218,12 +228,10 @@ def test_cli_switch(tmp_path):
     from qdqsurgeon.cli import cli
 
     outs = {}
-    for flag in ([], ["--no-bias-correction"]):
-        out = tmp_path / f"out{len(flag)}.onnx"
+    for i, flag in enumerate(([], ["--bias-correction"], ["--no-bias-correction"])):
+        out = tmp_path / f"out{i}.onnx"
         r = CliRunner().invoke(cli, ["optimize", str(example_model()), str(out), "--calib", str(example_calibration()),
                                       "-q", *flag])
         assert r.exit_code == 0, r.output
-        outs[bool(flag)] = onnx.load(str(out))
-    biases = lambda m: {t.name for t in m.graph.initializer}  # noqa: E731
-    assert any("bias_corrected" in n for n in biases(outs[False]))
-    assert not any("bias_corrected" in n for n in biases(outs[True]))
+        outs[i] = {t.name for t in onnx.load(str(out)).graph.initializer}
+    assert [any("bias_corrected" in n for n in outs[i]) for i in range(3)] == [False, True, False]
