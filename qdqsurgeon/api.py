@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import onnx
 
+from .background import Background, can_fork
 from .config import Config
 from .errors import ModelError, QdqError, UsageError
 from .graph import carry_metadata, collect_small, export_model, gc_paused, import_model
@@ -77,11 +78,11 @@ def detect_mode(model: onnx.ModelProto) -> str:
     return "fix" if has_qdq(model) else "ptq"
 
 
-def _analysis(model_graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
+def _analysis(model_graph: Any, trt_version: tuple[int, int] | None = None, own: Any = None) -> dict[str, Any] | None:
     from .analysis import predict
 
     try:
-        return predict(model_graph, trt_version=trt_version).to_dict()
+        return predict(model_graph, trt_version=trt_version, own=own).to_dict()
     except Exception as exc:  # the analysis is a report, never a reason to fail an optimization
         logger.warning("static TensorRT analysis failed: %s", exc)
         return None
@@ -197,23 +198,51 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
     # PTQ's "before" is its insert-only baseline's analysis; the input's own is only needed when
     # the run's analysis fails, and is then taken from a fresh import (the passes edit ``graph``).
     before_later = analyze and mode == "ptq" and baseline_mode is not None
-    before = _before(graph, config.trt_version) if analyze and not before_later else None
-    run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze)
+    base_pipeline: list[Pass] = []
+    side: _SideJob | None = None
+    head: _Staged | None = None
+    if analyze and baseline_mode is not None:
+        _, base_pipeline, _ = _resolve(model, None, baseline_mode, registry)
+        shared = _shared_head(pipeline, base_pipeline)
+        if shared and can_fork(len(graph.nodes)):
+            # The passes both pipelines start with (run once: removing Identity, inserting Q/DQ, which
+            # calibrates) run here once; the child takes the graph from there to the baseline's end.
+            try:
+                head = _stage_passes(model, graph, pipeline[:shared], [], ctx, instruments, False, fixpoint=False)
+            except (QdqError, MemoryError):
+                raise
+            except Exception as exc:  # everything runs again below, in turn, from a fresh import
+                logger.debug("pipeline failed (%s)", exc)
+                graph = import_model(model)
+        side = _SideJob(model, graph, base_pipeline, extras, ctx, verify, need_before=not before_later,
+                        done=len(head.passes) if head is not None else 0)
+        before = None
+    else:
+        before = _before(graph, config.trt_version) if analyze and not before_later else None
+    try:
+        run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze,
+                   head=head)
+    except BaseException:
+        if side is not None:
+            side.close(kill=True)
+        raise
+    if side is not None and not before_later:
+        before = side.before()
     if before_later and run.analysis is None:
         before = _before(import_model(model), config.trt_version)
     names = [p.name for p in pass_objs]
     label, regressions = "input", []
-    if analyze and run.analysis is not None and baseline_mode is not None:
+    if side is not None and run.analysis is not None:
         # Never worse (issue 12 item 3): the same model through a plainer pipeline is the yardstick.
         # PTQ's is the naive insert-only placement (it also becomes the "before" column); the fix
         # path's is the input's own placement, repaired only where TensorRT would reject it.
-        _, base_pipeline, _ = _resolve(model, None, baseline_mode, registry)
-        base = _run(model, import_model(model), base_pipeline, extras, ctx, (), verify, fixpoint=True, analyze=True)
+        base_analysis = side.analysis()
         if mode == "ptq":
-            before, label = base.analysis, "insert-only"
-        if base.analysis is not None and _score(base.analysis) < _score(run.analysis):
+            before, label = base_analysis, "insert-only"
+        if base_analysis is not None and _score(base_analysis) < _score(run.analysis):
             lost = f"{run.analysis['standalone_qdq_layers']} standalone Q/DQ and {run.analysis['validity_problems']} validity problems"
             names = [p.name for p in base_pipeline + extras]
+            base = side.run()
             # The baseline keeps the pipeline's data-driven tail: bias correction changes no placement (so
             # not the score) and is run on the placement kept, not on both.
             tail = [p for p in pipeline if p.name == "bias-correction"] if mode == "ptq" else []
@@ -225,13 +254,94 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
             run = base
             run.changes.insert(0, Change("optimize", "P2", "note", "<model>",
                                          f"the {mode} pipeline would leave {lost}; the {baseline_mode} pipeline leaves "
-                                         f"{base.analysis['standalone_qdq_layers']} and {base.analysis['validity_problems']}: kept that"))
+                                         f"{base_analysis['standalone_qdq_layers']} and {base_analysis['validity_problems']}: kept that"))
         if mode == "fix" and before is not None:
             regressions = _regressions(before, run.analysis)
+    if side is not None:
+        side.close()
     changes = [*prior_changes, *upgraded, *run.changes]
     if any(c.pass_name == UPGRADE_PASS for c in changes):
         names.insert(0, UPGRADE_PASS)
     return OptimizeResult(run.model, changes, mode, names, run.stats, before, run.analysis, label, regressions)
+
+
+class _SideJob:
+    """The never-worse baseline of an optimize call, and the fix path's analysis of the input.
+
+    Both are independent of the main pipeline. On a large graph they run in a forked child
+    (:class:`.background.Background`) while the parent runs the main pipeline (issue 15: a 100k-node
+    PTQ run spent about a third of its time on them): the parent has run the passes both pipelines
+    start with (``done`` of them, insertion and its calibration among them) on ``graph``, and the
+    child takes its copy of that graph through the rest of the baseline. Only the two analyses cross
+    back; in the rare case the baseline wins, the parent runs it again itself, from the start, which
+    gives the same model (every pass is deterministic). On a small graph (``done`` = 0) everything
+    runs here at once, the baseline from a fresh import and the input's analysis on ``graph``, which
+    the main pipeline has not touched yet.
+    """
+
+    def __init__(self, model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
+                 verify: bool, *, need_before: bool, done: int = 0) -> None:
+        self.model, self.pipeline, self.extras, self.ctx, self.verify = model, pipeline, extras, ctx, verify
+        trt_version = ctx.config.trt_version
+
+        def work() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            before = None
+            if need_before:
+                before = _input_analysis(model, trt_version) if done else _before(graph, trt_version)
+            base = None
+            try:
+                if done:  # the forked copy of the parent's graph, ``done`` passes into the pipeline
+                    staged = _stage_passes(model, graph, pipeline[done:], extras, ctx, (), False, fixpoint=True,
+                                           clean=True)
+                else:
+                    staged = _stage_passes(model, import_model(model), pipeline, extras, ctx, (), False, fixpoint=True)
+                base = _finish(model, staged, ctx, check_result=True, analyze=True)
+            except (QdqError, MemoryError):
+                raise
+            except Exception as exc:  # as _run does: again, checked pass by pass
+                logger.debug("baseline failed (%s); running it again with a check after every pass", exc)
+            if base is None or not base.verified:
+                base = self.run()
+            return before, base.analysis
+
+        def fallback() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            return (_input_analysis(model, trt_version) if need_before else None), self.run().analysis
+
+        self._job = Background(work, fork=bool(done), fallback=fallback, name="qdqsurgeon-baseline")
+
+    def before(self) -> dict[str, Any] | None:
+        """The analysis of the input (fix path); None when it was not asked for or failed."""
+        return self._job.result()[0]
+
+    def analysis(self) -> dict[str, Any] | None:
+        """The baseline's analysis."""
+        return self._job.result()[1]
+
+    def run(self) -> _Run:
+        """The baseline's whole result, computed in this process."""
+        return _run(self.model, import_model(self.model), self.pipeline, self.extras, self.ctx, (), self.verify,
+                    fixpoint=True, analyze=True)
+
+    def close(self, kill: bool = False) -> None:
+        self._job.close(kill)
+
+
+def _shared_head(pipeline: list[Pass], base: list[Pass]) -> int:
+    """How many passes both pipelines start with that run once (their fixpoint repeats what follows)."""
+    n = 0
+    while n < min(len(pipeline), len(base)) and pipeline[n].name == base[n].name and pipeline[n].name in RUN_ONCE:
+        n += 1
+    return n
+
+
+def _input_analysis(model: onnx.ModelProto, trt_version: tuple[int, int] | None) -> dict[str, Any] | None:
+    """:func:`_before` of a fresh import of ``model``, which the prediction then takes over."""
+    graph = import_model(model)
+    problems = len(validity_problems(graph))
+    before = _analysis(model, trt_version, own=graph)
+    if before is not None:
+        before["validity_problems"] = problems
+    return before
 
 
 def _before(graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
@@ -251,7 +361,8 @@ class _Run:
 
 
 def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
-         instruments: Sequence[Instrument], verify: bool, *, fixpoint: bool, analyze: bool) -> _Run:
+         instruments: Sequence[Instrument], verify: bool, *, fixpoint: bool, analyze: bool,
+         head: _Staged | None = None) -> _Run:
     """One pipeline over ``graph`` (imported from ``model``), then the exported, checked model and its analysis.
 
     Verification (onnx's full check) runs once, on the exported result, rather than on an export
@@ -259,12 +370,15 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
     the result fails (or a pass fails) is the pipeline run again from ``model`` with the check after
     every pass, which names the pass that broke the model and honours the input's own verdict
     exactly as before (:class:`VerifyInstrument`).
+
+    ``head``: the pipeline's first passes, already run on ``graph``; the rest continue from there.
     """
     if not verify:
-        return _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze)
+        return _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze,
+                           head=head)
     try:
         run = _run_passes(model, graph, pipeline, extras, ctx, instruments, False, fixpoint=fixpoint, analyze=analyze,
-                          check_result=True)
+                          check_result=True, head=head)
         if run.verified:
             return run
     except (QdqError, MemoryError):  # a deliberate refusal (or no memory): running again would say the same
@@ -277,7 +391,31 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
 
 def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
                 instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool, analyze: bool,
-                check_result: bool = False) -> _Run:
+                check_result: bool = False, head: _Staged | None = None) -> _Run:
+    if head is None:
+        staged = _stage_passes(model, graph, pipeline, extras, ctx, instruments, verify_each, fixpoint=fixpoint)
+    else:
+        rest = _stage_passes(model, graph, pipeline[len(head.passes):], extras, ctx, instruments, verify_each,
+                             fixpoint=fixpoint, clean=True)
+        staged = _Staged(rest.graph, head.changes + rest.changes, head.modified or rest.modified,
+                         {**head.stats, **rest.stats}, head.passes + rest.passes)
+    return _finish(model, staged, ctx, check_result=check_result, analyze=analyze)
+
+
+@dataclass
+class _Staged:
+    """A pipeline's passes done, the graph not yet exported."""
+
+    graph: Any
+    changes: list[Change]
+    modified: bool
+    stats: dict[str, PassStat]
+    passes: list[str]
+
+
+def _stage_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
+                  instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool, clean: bool = False) -> _Staged:
+    """The passes of a pipeline over ``graph``; ``clean``: the graph is as an earlier pipeline run left it."""
     timing = TimingInstrument()
     insts: list[Instrument] = [timing, *instruments]
     if verify_each:
@@ -292,7 +430,7 @@ def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras
     last = len(pipeline)
     while fixpoint and last > once and pipeline[last - 1].name in RUN_LAST:
         last -= 1
-    result = PassManager(pipeline[:last], instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx)
+    result = PassManager(pipeline[:last], instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx, clean=clean)
     modified = result.modified
     if last < len(pipeline):  # once, on the placement the fixpoint settled on (pipelines.RUN_LAST)
         tail = PassManager(pipeline[last:], instruments=insts).run(result.graph, ctx)
@@ -302,26 +440,49 @@ def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras
         tail = PassManager(extras, instruments=insts).run(result.graph, ctx)
         modified = modified or tail.modified
         result = replace(tail, changes=result.changes + tail.changes, modified=modified)
-    out = export_model(result.graph)
-    # What VerifyInstrument checked after the last pass that changed the graph (before the metadata).
-    full_check = check_result and modified
-    verified = not full_check or VerifyInstrument._problem(out) is None
-    if not verified:  # _run runs the pipeline again with a check after every pass, which names the culprit
-        return _Run(out, list(result.changes), timing.stats, None, False)
-    checked_ir = out.ir_version
-    carry_metadata(out, model)
-    if is_large(out):
-        logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
-    elif not (full_check and verified and _same_header(out, checked_ir)):  # else the full check covered it
-        try:
-            check_model(out)
-        except onnx.checker.ValidationError as exc:
-            raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    # The analysis reads the exported model: exporting the same graph again would give the same proto.
-    analysis = _analysis(out, ctx.config.trt_version) if analyze else None
+    return _Staged(result.graph, list(result.changes), modified, timing.stats, [p.name for p in pipeline])
+
+
+def _finish(model: onnx.ModelProto, staged: _Staged, ctx: PassContext, *, check_result: bool, analyze: bool) -> _Run:
+    """Export a pipeline's graph, check it, and analyse it.
+
+    The analysis takes the pipeline's graph over (nothing else reads it after the validity count), with
+    the shapes ONNX infers on the exported model, rather than importing the export again. On a large
+    graph it runs in a forked child from the export on, while this process checks the model and counts
+    validity problems on its own copy of the graph (issue 15).
+    """
+    out = export_model(staged.graph)
+    graph, trt_version = staged.graph, ctx.config.trt_version
+    job = None
+    if analyze and can_fork(len(graph.nodes)):
+        job = Background(lambda: _analysis(out, trt_version, own=graph), fork=True,
+                         fallback=lambda: _analysis(out, trt_version), name="qdqsurgeon-analysis")
+    try:
+        # What VerifyInstrument checked after the last pass that changed the graph (before the metadata).
+        full_check = check_result and staged.modified
+        verified = not full_check or VerifyInstrument._problem(out) is None
+        if not verified:  # _run runs the pipeline again with a check after every pass, which names the culprit
+            return _Run(out, staged.changes, staged.stats, None, False)
+        checked_ir = out.ir_version
+        carry_metadata(out, model)
+        if is_large(out):
+            logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
+        elif not (full_check and verified and _same_header(out, checked_ir)):  # else the full check covered it
+            try:
+                check_model(out)
+            except onnx.checker.ValidationError as exc:
+                raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+        if not analyze:
+            return _Run(out, staged.changes, staged.stats, None, verified)
+        problems = len(validity_problems(graph))
+        analysis = job.result() if job is not None else _analysis(out, trt_version, own=graph)
+    finally:
+        if job is not None:
+            job.close(kill=True)
+    staged.graph = None
     if analysis is not None:
-        analysis["validity_problems"] = len(validity_problems(result.graph))
-    return _Run(out, list(result.changes), timing.stats, analysis, verified)
+        analysis["validity_problems"] = problems
+    return _Run(out, staged.changes, staged.stats, analysis, verified)
 
 
 def _same_header(out: onnx.ModelProto, checked_ir: int) -> bool:

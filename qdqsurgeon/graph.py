@@ -238,6 +238,21 @@ def _lazy(tensor: onnx.TensorProto) -> LazyValues:
     return lv
 
 
+def value_info_type(vi: onnx.ValueInfoProto) -> tuple[object, object]:
+    """(dtype, shape) of the tensor :func:`_value_info_tensor` would build from ``vi``, without building it."""
+    typ = vi.type
+    if typ.HasField("tensor_type"):
+        tt = typ.tensor_type
+        dtype = _np_type(tt.elem_type)
+        if dtype is not None:
+            if not tt.HasField("shape"):
+                return dtype, None
+            return dtype, [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+                           for d in tt.shape.dim]
+    t = _value_info_tensor(vi)
+    return t.dtype, t.shape
+
+
 def _value_info_tensor(vi: onnx.ValueInfoProto) -> gs.Variable:
     """gs's ``OnnxImporter.import_tensor`` of a ValueInfoProto."""
     typ = vi.type

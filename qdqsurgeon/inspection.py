@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .trt_rules import BIAS_OPS, WEIGHT_PASSTHROUGH_OPS
+from .background import Background, can_fork
 from .graph import (
     activation_input_index,
     gc_paused,
@@ -222,19 +223,37 @@ def layout_problem(node: gs.Node, *, zero_point: bool = True, qp: QParams | None
 def scale_counts(scale: np.ndarray) -> tuple[bool, int, int]:
     """(all values finite, how many are negative, how many are zero) of a Q/DQ scale (V1).
 
-    A per-tensor scale (nearly all of them) is read as a Python number: numpy's reductions cost
-    microseconds a call, which over the Q/DQ of a 100k-node graph added up to seconds.
+    A scale of up to a few hundred values (per-tensor ones and most per-channel ones) is read as
+    Python numbers: numpy's reductions cost microseconds a call, which over the Q/DQ of a 100k-node
+    graph added up to seconds.
     """
     if scale.size == 1:
         v = float(scale.reshape(-1)[0])
         return (True, int(v < 0), int(v == 0)) if math.isfinite(v) else (False, 0, 0)
+    if scale.size <= 256:
+        values = [float(v) for v in scale.reshape(-1).tolist()]
+        return all(map(math.isfinite, values)), sum(v < 0 for v in values), sum(v == 0 for v in values)
     s = scale.astype(np.float64)
     return bool(np.all(np.isfinite(s))), int(np.sum(s < 0)), int(np.sum(s == 0))
 
 
+_DTYPE_NAMES: dict[object, str] = {}
+
+
+def _dtype_name(dtype: object) -> str:
+    """``np.dtype(dtype).name``, cached (numpy computes the name in Python on every call)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        _DTYPE_NAMES[dtype] = name = np.dtype(dtype).name
+        return name
+    except TypeError:  # an unhashable description
+        return np.dtype(dtype).name
+
+
 def unsupported_qtype(qp: "object") -> str | None:
     """Why TensorRT cannot import a Q/DQ of this quantized type (V4), or None (int8, uint8 -> V2, int32 -> bias)."""
-    name = np.dtype(qp.qdtype).name
+    name = _dtype_name(qp.qdtype)
     if name in TRT_QTYPES or name in ("uint8", "int32"):
         return None
     return (f"{name} quantization is not importable by TensorRT (its Quantize/Dequantize layers take "
@@ -335,6 +354,12 @@ def inspect_model(model: onnx.ModelProto | gs.Graph, *, trt: bool = False,
 
 def _inspect(model: onnx.ModelProto | gs.Graph, trt: bool, trt_version: tuple[int, int] | str | None) -> Inspection:
     graph = import_model(model) if isinstance(model, onnx.ModelProto) else model
+    prediction = None
+    if trt and isinstance(model, onnx.ModelProto) and can_fork(len(graph.nodes)):
+        # A large graph's prediction runs in a forked child, on the graph as it is now (the census below
+        # only reads it), while the census runs here (issue 15).
+        prediction = Background(lambda: _predict(model, graph, trt_version), fork=True,
+                                fallback=lambda: _predict(model, None, trt_version), name="qdqsurgeon-predict")
     ops = Counter(n.op for n in graph.nodes)
     scale_dtypes: Counter[str] = Counter()
     zp_dtypes: Counter[str] = Counter()
@@ -373,8 +398,18 @@ def _inspect(model: onnx.ModelProto | gs.Graph, trt: bool, trt_version: tuple[in
     from .sparsity import sparsity_report
 
     result.sparsity = sparsity_report(graph).to_dict()
-    if trt:
-        from .analysis import predict
-
-        result.trt = predict(graph, trt_version=trt_version).to_dict()
+    if prediction is not None:
+        result.trt = prediction.result()
+    elif trt:
+        result.trt = _predict(model, graph, trt_version)
     return result
+
+
+def _predict(model: onnx.ModelProto | gs.Graph, graph: gs.Graph | None, trt_version: tuple[int, int] | str | None) -> dict[str, Any]:
+    """The static TensorRT prediction of ``model``; ``graph``, imported from it, is given up to the
+    prediction (which then rewrites it instead of exporting and importing the model again)."""
+    from .analysis import predict
+
+    if isinstance(model, onnx.ModelProto):
+        return predict(model, trt_version=trt_version, own=graph).to_dict()
+    return predict(model, trt_version=trt_version).to_dict()

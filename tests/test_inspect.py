@@ -100,3 +100,16 @@ def test_inspect_text_output(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", str(p)])
     assert result.exit_code == 0
     assert "weighted ops: 1/1" in result.output and "[V1]" in result.output
+
+
+def test_scale_counts_agree_with_numpy_on_every_kind_of_value():
+    """scale_counts reads small scales as Python numbers (issue 15): the counts must be numpy's."""
+    from qdqsurgeon.inspection import scale_counts
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float16, np.float64):
+        for n in (2, 8, 256, 257, 1000):
+            for _ in range(20):
+                s = rng.choice([0.0, -1.0, 1e-3, np.nan, np.inf, -np.inf, 2.5], size=n).astype(dtype)
+                wide = s.astype(np.float64)
+                assert scale_counts(s) == (bool(np.all(np.isfinite(wide))), int(np.sum(wide < 0)), int(np.sum(wide == 0)))

@@ -331,13 +331,16 @@ def _unverified(sim: _Sim, chains: list[_Chain], int8_units: list[gs.Node]) -> l
     return list(found.values())
 
 
-def predict(model_or_graph: onnx.ModelProto | gs.Graph, *, trt_version: R.Version | str | None = None) -> TrtPrediction:
+def predict(model_or_graph: onnx.ModelProto | gs.Graph, *, trt_version: R.Version | str | None = None,
+            own: gs.Graph | None = None) -> TrtPrediction:
     """Predict the TensorRT engine for a Q/DQ model (see the module docstring for the semantics).
 
     Takes an ``onnx.ModelProto`` or a ``gs.Graph``; neither is modified. ``trt_version``
     (default: the newest release the rules describe) selects the version-dependent rules.
+    ``own``: the graph a ModelProto was exported from, given up by the caller, which the
+    prediction then rewrites instead of importing the model again (optimize's pipeline graph).
     """
-    graph = _working_graph(model_or_graph)
+    graph = _working_graph(model_or_graph, own)
     sim = _Sim(graph, R.parse_version(trt_version))
     macs = {id(n): weighted_op_macs(n) for n in sim.nodes if R.is_weighted(n)}
     sim.move()

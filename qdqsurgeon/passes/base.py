@@ -247,9 +247,12 @@ class PassManager:
         self.max_iterations = max_iterations
         self.repeat_from = repeat_from  # iterations after the first start at this pass
 
-    def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> PipelineResult:
+    def run(self, graph: gs.Graph, ctx: PassContext | None = None, *, clean: bool = False) -> PipelineResult:
+        """``clean``: ``graph`` comes straight from another manager's run with ``ctx`` (it continues a
+        pipeline split in two), so it is as clean as that run's last pass left it."""
         ctx = ctx or PassContext()
-        ctx.clean_graph = None  # nothing is known about a graph this manager has not cleaned
+        if not (clean and ctx.clean_graph == id(graph)):
+            ctx.clean_graph = None  # nothing is known about a graph this manager has not cleaned
         changes: list[Change] = []
         notes: set[Change] = set()  # a note a repeated iteration writes again is logged once
         modified = False
