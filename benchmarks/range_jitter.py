@@ -9,6 +9,9 @@ the method's SQNR with the luck averaged out, the standard deviation the noise o
 ``accuracy.py``'s table. Data as ``accuracy.py`` (``zoo_data.py``: 8 calibration, up to 8 evaluation samples).
 
     python benchmarks/range_jitter.py [--models a,b] [--methods max,percentile,mse,entropy,auto] [--draws 6] [--scale 0.01]
+
+A method ``M@k=v+k=v`` is method M with those Config fields, as in ``accuracy.py``; every draw keeps the real
+calibration data, which ``bias-correction`` reads (only the ranges are jittered).
 """
 
 from __future__ import annotations
@@ -51,15 +54,23 @@ def jitter_row(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, met
     ref = run_outputs(src, data.eval)
     model, upgraded = prepare_opset(qdqsurgeon.load(str(src)), mode="ptq")
 
-    def score(ranges) -> float:
-        out = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded).model
+    def score(ranges, config=None, source=(None, None)) -> float:
+        # the jittered draws keep the real calibration data, which bias-correction reads (``source``)
+        out = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded, config=config,
+                                  calib_model=source[0], calib_data=source[1]).model
         path = work / "jitter.onnx"
         onnx.save(out, str(path))
         return sqnr_cosine(ref, run_outputs(path, data.eval))[0]
 
     row: dict[str, Any] = {"model": m.name if m else accuracy.PPOCR_CLS[0], "methods": {}}
-    for method in methods:
+    from qdqsurgeon.config import Config
+
+    for spec in methods:  # ``M@k=v+k=v``: method M with those Config fields, as in accuracy.py
+        method, _, options = spec.partition("@")
+        fields = dict(kv.split("=", 1) for kv in options.split("+") if kv)
+        config = Config(**{k: {"true": True, "false": False}.get(v, v) for k, v in fields.items()}) if fields else None
         inner = qdqsurgeon.build_ranges(model, calib=str(calib), method=method, progress=False)
+        source = inner.calibration_source()
         seen: dict[str, float] = {}
 
         def recording(names, inner=inner, seen=seen):
@@ -67,10 +78,12 @@ def jitter_row(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, met
             seen.update(got)
             return got
 
-        base = score(recording)
+        base = score(recording, config, source)
         rng = np.random.default_rng(0)
-        jittered = [score(StaticRanges({k: v * (1.0 + scale * rng.standard_normal()) for k, v in seen.items()}))
+        jittered = [score(StaticRanges({k: v * (1.0 + scale * rng.standard_normal()) for k, v in seen.items()}),
+                          config, source)
                     for _ in range(draws)]
+        method = spec
         row["methods"][method] = {"base": base, "draws": jittered, "mean": statistics.fmean(jittered),
                                   "sd": statistics.pstdev(jittered)}
         print(f"{row['model']} {method}: {base:.2f} dB; jittered {statistics.fmean(jittered):.2f} "

@@ -24,7 +24,7 @@ from .inspection import has_qdq, validity_problems
 from .io import check_model, is_large
 from .opset import UPGRADE_PASS, ensure_opset
 from .passes.base import Instrument, Pass, PassContext, PassManager, PassStat, RangeProvider, TimingInstrument, VerifyInstrument
-from .pipelines import BASELINES, PIPELINES, RUN_ONCE
+from .pipelines import BASELINES, PIPELINES, RUN_LAST, RUN_ONCE
 from .registry import Registry
 from .rewriter import Change
 
@@ -151,6 +151,8 @@ def optimize(
     analyze: bool = True,
     opset_upgrade: bool = True,
     prior_changes: Sequence[Change] = (),
+    calib_data: Any = None,
+    calib_model: onnx.ModelProto | None = None,
 ) -> OptimizeResult:
     """Run qdqsurgeon's passes over ``model`` (which is not modified) and return the result.
 
@@ -159,24 +161,38 @@ def optimize(
     ranges to passes that insert Q/DQ. ``extra_passes`` run after the pipeline (user patterns).
     A model below the opset a pass needs is upgraded first (logged, numerically checked;
     ``opset_upgrade=False`` refuses instead). ``prior_changes`` (e.g. an upgrade the caller already
-    made with :func:`prepare_opset`) head the change log.
+    made with :func:`prepare_opset`) head the change log. ``calib_data`` (re-iterable batches of real
+    calibration data) and ``calib_model`` (the float model they run through) feed ``bias-correction``;
+    by default they are the range provider's (:func:`calibration_source`), none for random data.
     """
+    if calib_data is None:
+        calib_model, calib_data = calibration_source(ranges)
     with gc_paused():
         return _optimize(model, passes, config, registry, ranges, mode, extra_passes, instruments, verify, analyze,
-                         opset_upgrade, prior_changes)
+                         opset_upgrade, prior_changes, calib_data, calib_model)
+
+
+def calibration_source(ranges: Any) -> tuple[onnx.ModelProto | None, Any]:
+    """(float model, real calibration data) behind a range provider, or (None, None): a provider says so
+    with a ``calibration_source`` attribute (:class:`~qdqsurgeon.ranges.CalibrationRanges` does, unless
+    its data is random; a TensorRT cache through its fallback)."""
+    source = getattr(ranges, "calibration_source", None)
+    found = source() if callable(source) else None
+    return found if found is not None else (None, None)
 
 
 def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, config: Config | None,
               registry: Registry | None, ranges: RangeProvider | None, mode: str | None,
               extra_passes: Sequence[str | Pass], instruments: Sequence[Instrument], verify: bool, analyze: bool,
-              opset_upgrade: bool, prior_changes: Sequence[Change]) -> OptimizeResult:
+              opset_upgrade: bool, prior_changes: Sequence[Change], calib_data: Any = None,
+              calib_model: onnx.ModelProto | None = None) -> OptimizeResult:
     registry = registry or Registry.builtin()
     config = config or Config()
     mode, pipeline, extras = _resolve(model, passes, mode, registry, extra_passes)
     pass_objs = pipeline + extras
     model, upgraded = prepare_opset(model, pass_objs, config, allow_upgrade=opset_upgrade)
 
-    ctx = PassContext(config=config, ranges=ranges, pipeline=mode)
+    ctx = PassContext(config=config, ranges=ranges, pipeline=mode, calib_data=calib_data, calib_model=calib_model)
     graph = import_model(model)
     baseline_mode = BASELINES.get(mode) if passes is None else None
     # PTQ's "before" is its insert-only baseline's analysis; the input's own is only needed when
@@ -225,8 +241,17 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
             before, label = base_analysis, "insert-only"
         if base_analysis is not None and _score(base_analysis) < _score(run.analysis):
             lost = f"{run.analysis['standalone_qdq_layers']} standalone Q/DQ and {run.analysis['validity_problems']} validity problems"
-            run = side.run()
             names = [p.name for p in base_pipeline + extras]
+            base = side.run()
+            # The baseline keeps the pipeline's data-driven tail: bias correction changes no placement (so
+            # not the score) and is run on the placement kept, not on both.
+            tail = [p for p in pipeline if p.name == "bias-correction"] if mode == "ptq" else []
+            if tail:
+                fixed = _run(base.model, import_model(base.model), tail, [], ctx, instruments, verify, fixpoint=False,
+                             analyze=False)
+                base = _Run(fixed.model, base.changes + fixed.changes, {**base.stats, **fixed.stats}, base.analysis)
+                names.append(tail[0].name)
+            run = base
             run.changes.insert(0, Change("optimize", "P2", "note", "<model>",
                                          f"the {mode} pipeline would leave {lost}; the {baseline_mode} pipeline leaves "
                                          f"{base_analysis['standalone_qdq_layers']} and {base_analysis['validity_problems']}: kept that"))
@@ -402,8 +427,15 @@ def _stage_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extr
     once = 0
     while fixpoint and once < len(pipeline) and pipeline[once].name in RUN_ONCE:
         once += 1
-    result = PassManager(pipeline, instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx, clean=clean)
+    last = len(pipeline)
+    while fixpoint and last > once and pipeline[last - 1].name in RUN_LAST:
+        last -= 1
+    result = PassManager(pipeline[:last], instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx, clean=clean)
     modified = result.modified
+    if last < len(pipeline):  # once, on the placement the fixpoint settled on (pipelines.RUN_LAST)
+        tail = PassManager(pipeline[last:], instruments=insts).run(result.graph, ctx)
+        modified = modified or tail.modified
+        result = replace(tail, changes=result.changes + tail.changes, modified=modified)
     if extras:
         tail = PassManager(extras, instruments=insts).run(result.graph, ctx)
         modified = modified or tail.modified

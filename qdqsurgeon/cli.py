@@ -311,6 +311,13 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--quantize-small-convs", is_flag=True,
               help="Also quantize Convs whose small channel counts misalign INT8 kernels (left float by default, P11).")
 @click.option("--keep-output-layers", is_flag=True, help="Also quantize weighted ops that feed graph outputs (P9).")
+@click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+              help="PTQ with --calib: each INT8 layer's float bias absorbs the mean output shift of its own weight "
+                   "rounding (measured on the calibration data; one more pass over it).")
+@click.option("--bias-correction-rounding", type=click.Choice(["none", "input", "all"]), default="none", show_default=True,
+              help="Bias correction: whose activation rounding it corrects besides the weight rounding: none, layers "
+                   "reading a network input, or every INT8 layer (measured on the float model's inputs: YOLOv8n +8.9 dB "
+                   "on letterboxed photos, but the PP-OCR classifier -12.6 dB).")
 @click.option("--float16", is_flag=True, help="Convert float regions to FP16 for strongly typed TensorRT builds (P10).")
 @click.option("--io-float16", is_flag=True, help="With --float16: make graph inputs/outputs FP16 too.")
 @click.option("--requantize", is_flag=True, help="Model already has Q/DQ: drop it and calibrate afresh (needs --calib).")
@@ -339,7 +346,8 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
                  report_path: str | None, opset: int | None, no_opset_upgrade: bool, calib: str | None, method: str | None, percentile: float,
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str, trt_version: str | None,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
-                 quantize_small_convs: bool, keep_output_layers: bool, float16: bool, io_float16: bool, requantize: bool, repair_zero_scales: bool,
+                 quantize_small_convs: bool, keep_output_layers: bool, bias_correction: bool,
+                 bias_correction_rounding: str, float16: bool, io_float16: bool, requantize: bool, repair_zero_scales: bool,
                  run_check: bool, eval_path: str | None, target_text: str | None, max_drop: float | None, labels_path: str | None,
                  save_precision_path: str | None, precision_path: str | None, jobs: int,
                  engine_path: str | None, no_analysis: bool, allow_regression: bool, quiet: bool) -> None:
@@ -416,7 +424,8 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
     user = [e.name for p in pattern_paths for e in registry.load_path(p)]
     config = Config(weights=weights, exclude=list(exclude), exclude_ops=_split(exclude_op), quantize_bmm=quantize_bmm,
                     align=align, keep_output_layers=keep_output_layers, float16=float16, io_float16=io_float16,
-                    trt_version=version, repair_zero_scales=repair_zero_scales, quantize_small_convs=quantize_small_convs)
+                    trt_version=version, repair_zero_scales=repair_zero_scales, quantize_small_convs=quantize_small_convs,
+                    bias_correction=bias_correction, bias_correction_rounding=bias_correction_rounding)
     if version is not None:
         from .trt_rules import convtranspose_axis_for
 

@@ -32,6 +32,13 @@ class Config:
     # or "output" (the consumer's scale)
     align: str = "max"
     keep_output_layers: bool = False  # P9
+    # bias-correction (PTQ with real calibration data only; opt-in, see README "Bias correction"): INT8 layers'
+    # float biases absorb the mean output shift of their own weight rounding (V4: biases stay float in TensorRT)
+    bias_correction: bool = False
+    # whose activation rounding it corrects too, besides the weight rounding: "none" (default), "input" (layers
+    # reading a network input, where the INT8 model's input is the float model's) or "all" (every INT8 layer,
+    # measured on the float model's inputs)
+    bias_correction_rounding: str = "none"
     float16: bool = False  # P10
     io_float16: bool = False
     sensitive_ops: list[str] = field(default_factory=lambda: ["LayerNormalization", "Softmax"])
@@ -44,5 +51,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.weights not in ("float", "int8"):
             raise ValueError(f"weights must be 'float' or 'int8', not {self.weights!r}")
+        if self.bias_correction_rounding not in ("input", "all", "none"):
+            raise ValueError(f"bias_correction_rounding must be 'input', 'all' or 'none', not {self.bias_correction_rounding!r}")
         if self.align not in ("max", "scales", "output"):
             raise ValueError(f"align must be 'max', 'scales' or 'output', not {self.align!r}")

@@ -322,7 +322,9 @@ def search(
     if target.metric == "top1" and scorer.class_output is None:
         raise UsageError(f"{target.text}: the model has no output that looks like class scores ([batch, classes]); "
                          "use a cosine or sqnr target")
-    base = replace(config, keep_output_layers=True)
+    # Candidates are placed without bias correction (one more pass over the data each); the chosen
+    # placement gets it when optimize runs with the decision.
+    base = replace(config, keep_output_layers=True, bias_correction=False)
     plans: dict[frozenset[str], Any] = {}  # static predictions
     measured: dict[frozenset[str], Step] = {}
     steps: list[Step] = []

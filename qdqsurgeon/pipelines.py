@@ -20,13 +20,18 @@ Why the PTQ order is what it is:
 8. Cleanup: ``fold-qdq-pairs`` removes DQ->Q round trips that moves created, ``dedupe-qdq``
    merges identical pairs (C1, P6), ``remove-unused-domains`` drops opset imports no node uses
    (on PTQ too, so that the fix pipeline finds nothing to do on a PTQ output).
-9. ``float16-regions`` (only with ``--float16``) runs last, on the final placement: it decides
+9. ``bias-correction`` (PTQ with real calibration data) runs once the placement is final: it
+   corrects each INT8 layer's float bias for the mean shift its own rounding causes (V4), which
+   depends on which layers ended up INT8 and with which scales.
+10. ``float16-regions`` (only with ``--float16``) runs last, on the final placement: it decides
    which DQs emit FP16 from where the Q/DQ ended up (P10); a no-op otherwise.
 
 A named pipeline repeats, from its first pass after insertion, until no pass changes anything:
 a late pass can open work for an earlier one (``move-qdq`` carries a pair back across a MaxPool, so
 the SE-style Mul before it now has INT8 neighbours and ``quantize-pooling`` wraps it). Insertion
 (``RUN_ONCE``) is not repeated: it would re-quantize the layers ``exclude-output-layers`` keeps float.
+The passes of ``RUN_LAST`` at a pipeline's end run once, after that fixpoint: they read the final
+placement, and changing a float bias or a DQ's output type opens no work for the others.
 
 ``--requantize`` runs ``remove-qdq`` alone first, calibrates the float model it recovers, then
 the PTQ pipeline. The fix pipeline is the same as PTQ without insertion: the model's own Q/DQ are normalized first, and
@@ -36,10 +41,11 @@ epilogue chains (onnxruntime's placement) is gone before residuals and scales ar
 
 from __future__ import annotations
 
-__all__ = ["PIPELINES", "CLEANUP", "PLACEMENT", "RUN_ONCE", "BASELINES"]
+__all__ = ["PIPELINES", "CLEANUP", "PLACEMENT", "RUN_ONCE", "RUN_LAST", "BASELINES"]
 
 CLEANUP: tuple[str, ...] = ("fold-qdq-pairs", "dedupe-qdq", "remove-unused-domains")
 RUN_ONCE: frozenset[str] = frozenset({"remove-identity", "insert-qdq"})
+RUN_LAST: frozenset[str] = frozenset({"bias-correction", "float16-regions"})
 PLACEMENT: tuple[str, ...] = (
     "exclude-output-layers",
     "quantize-residual",
@@ -53,7 +59,7 @@ PLACEMENT: tuple[str, ...] = (
 
 PIPELINES: dict[str, tuple[str, ...]] = {
     "cleanup": CLEANUP,
-    "ptq": ("remove-identity", "insert-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
+    "ptq": ("remove-identity", "insert-qdq", *PLACEMENT, *CLEANUP, "bias-correction", "float16-regions"),
     "fix": ("remove-identity", "normalize-qdq", "remove-misplaced-qdq", *PLACEMENT, *CLEANUP, "float16-regions"),
     "insert-only": ("remove-identity", "insert-qdq", *CLEANUP),
     "repair-only": ("remove-identity", "normalize-qdq", *CLEANUP),

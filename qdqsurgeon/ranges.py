@@ -47,6 +47,12 @@ class CalibrationRanges:
         self.runs = 0
         self._auto = None  # one AutoSelector for every request: graph analysis once, tied groups remembered
 
+    def calibration_source(self) -> tuple[onnx.ModelProto, Iterable] | None:
+        """(float model, data) for bias correction; None for random data, which says nothing about real inputs."""
+        from .calibration.data import _RandomSource
+
+        return None if isinstance(self.data, _RandomSource) else (self.model, self.data)
+
     def __call__(self, names: Sequence[str]) -> dict[str, float]:
         from .calibration import calibrate
 
@@ -72,6 +78,9 @@ class CacheRanges:
         self.amax = {k: float(v) * 127.0 for k, v in scales.items() if np.isfinite(v) and v > 0}
         self.fallback = fallback
         self.missing: set[str] = set()
+
+    def calibration_source(self) -> tuple[onnx.ModelProto, Iterable] | None:
+        return self.fallback.calibration_source() if self.fallback is not None else None
 
     def __call__(self, names: Sequence[str]) -> dict[str, float]:
         out = {n: self.amax[n] for n in names if n in self.amax}

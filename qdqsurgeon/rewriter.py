@@ -268,11 +268,16 @@ class Rewriter:
 
     def set_constant(self, node: gs.Node, index: int, values: np.ndarray, *, base: str | None = None,
                      detail: str = "", rule: str | None = None) -> gs.Constant:
-        """Give input ``index`` of ``node`` a new constant (e.g. a scale), logging old and new values."""
-        old = node.inputs[index]
+        """Give input ``index`` of ``node`` a new constant (e.g. a scale), logging old and new values.
+
+        ``index`` may be one past the last input: an optional input (a Conv's bias) is added."""
+        old = node.inputs[index] if index < len(node.inputs) else None
         old_values = old.values if isinstance(old, gs.Constant) else None
         new = self.constant(base or f"{node.name}_in{index}", values)
-        node.inputs[index] = new
+        if index == len(node.inputs):
+            node.inputs.append(new)
+        else:
+            node.inputs[index] = new
         what = f"{_fmt(old_values)} -> {_fmt(new.values)}" if old_values is not None else f"-> {_fmt(new.values)}"
         self.log("constant", node.name, f"{detail}: {what}" if detail else f"input {index}: {what}", rule)
         return new

@@ -532,13 +532,15 @@ def collect_stats(
     num_bins: int = 2048,
     progress: bool = True,
     observe: Callable[[str, np.ndarray], None] | None = None,
+    accumulate: bool = True,
 ) -> dict[str, TensorStats]:
     """Stream ``data`` through ``model`` and accumulate statistics of ``tensors``.
 
     Graph inputs and initializers among ``tensors`` are read from the feed / the model directly.
     Tensors that are not floating point are skipped with a warning (absent from the result).
     ``observe(name, value)``, when given, also sees every batch's value of each tensor (``auto``
-    keeps small samples with it).
+    keeps small samples with it). ``accumulate=False`` leaves the statistics empty (only ``observe`` sees
+    the values; bias correction needs no ranges).
     """
     model = inline_constant_ifs(model)
     bf16 = has_bfloat16(model)
@@ -593,24 +595,27 @@ def collect_stats(
             if bf16:
                 batch = _as_float32(batch)
             for name in feed_names:
-                stats[name].update(batch[name])
+                if accumulate:
+                    stats[name].update(batch[name])
                 if observe is not None:
                     observe(name, batch[name])
             if session is not None:
                 for name, value in zip(run_names, _run(session, run_names, _feed_for(session, batch))):
-                    stats[name].update(value)
+                    if accumulate:
+                        stats[name].update(value)
                     if observe is not None:
                         observe(name, value)
             elif segments is not None:
                 for name, value in zip(run_names, segments.run(_feed_for_model(model, batch), run_names)):
-                    stats[name].update(value)
+                    if accumulate:
+                        stats[name].update(value)
                     if observe is not None:
                         observe(name, value)
             batches += 1
             bar.advance(task)
     if batches == 0:
         raise DataError("the calibration data yielded no batches")
-    for s in stats.values():
+    for s in stats.values() if accumulate else ():
         if s.nonfinite and s.count == 0:
             # Nothing but NaN/inf: every scale would be meaningless, so the data is wrong, not the model.
             where = "calibration input" if s.name in graph_inputs else "tensor (computed from the calibration data)"

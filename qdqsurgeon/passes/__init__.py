@@ -17,6 +17,7 @@ from .remove_misplaced_qdq import RemoveMisplacedQdq
 from .float16_regions import Float16Regions
 from .remove_unused_domains import RemoveUnusedDomains
 from .remove_identity import RemoveIdentity
+from .bias_correction import BiasCorrection
 
 __all__ = [
     "BUILTIN_PASSES",
@@ -45,4 +46,5 @@ BUILTIN_PASSES: tuple[type[Pass], ...] = (
     DedupeQdq,
     RemoveUnusedDomains,
     RemoveIdentity,
+    BiasCorrection,
 )

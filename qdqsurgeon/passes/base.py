@@ -11,7 +11,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -48,6 +48,10 @@ class PassContext:
     model_path: str | None = None
     #: The named pipeline running ("ptq", "fix", ...), "custom" for an explicit pass list.
     pipeline: str = "custom"
+    #: Real calibration data (re-iterable batches) and the float model it runs through; None without
+    #: ``--calib`` (random data and TensorRT caches give none). Only bias-correction reads them.
+    calib_data: Any = None
+    calib_model: onnx.ModelProto | None = None
     #: id() of the graph the last pass left cleaned up and sorted (set by the pass manager's passes);
     #: a pass that then edits nothing skips its own cleanup, which would not change that graph.
     clean_graph: int | None = field(default=None, repr=False, compare=False)

@@ -1,0 +1,237 @@
+"""bias-correction: INT8 layers' float biases absorb the mean output shift of their own rounding (PTQ with data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qdqsurgeon
+from qdqsurgeon.config import Config
+from qdqsurgeon.examples import example_calibration, example_model
+from qdqsurgeon.passes.audit import AuditInstrument
+from qdqsurgeon.passes.bias_correction import _pads, _rounding_error, _tap_sums
+
+
+def _naive_tap_sums(x, geometry):
+    kernel, strides, dilations, _, _, _ = geometry
+    sp = len(kernel)
+    ins = x.shape[2:]
+    pads = _pads(ins, geometry)
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + [(pads[i], pads[i + sp]) for i in range(sp)])
+    outs = [(ins[i] + pads[i] + pads[i + sp] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(sp)]
+    res = np.empty((x.shape[1], *kernel))
+    for tap in np.ndindex(*kernel):
+        sl = tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (outs[i] - 1) * strides[i] + 1, strides[i])
+                   for i in range(sp))
+        res[(slice(None), *tap)] = xp[(slice(None), slice(None), *sl)].sum(axis=tuple([0, *range(2, 2 + sp)]))
+    return res, x.shape[0] * int(np.prod(outs))
+
+
+def test_tap_sums_match_a_padded_convolution_window():
+    """The per-tap means of the zero-padded input are exact for every stride, dilation, padding and auto_pad."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        sp = int(rng.integers(1, 4))
+        kernel = tuple(int(v) for v in rng.integers(1, 6, sp))
+        strides = tuple(int(v) for v in rng.integers(1, 4, sp))
+        dilations = tuple(int(v) for v in rng.integers(1, 3, sp))
+        ins = tuple(int(v) for v in rng.integers(1, 12, sp))
+        auto_pad = str(rng.choice(["NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+        geometry = (kernel, strides, dilations, tuple(int(v) for v in rng.integers(0, 4, 2 * sp)), auto_pad, 1)
+        pads = _pads(ins, geometry)
+        if any(ins[i] + pads[i] + pads[i + sp] - (kernel[i] - 1) * dilations[i] - 1 < 0 for i in range(sp)):
+            continue
+        x = rng.normal(size=(2, 3, *ins)).astype(np.float32)
+        got, n = _tap_sums(x, geometry)
+        want, m = _naive_tap_sums(x, geometry)
+        assert n == m
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        checked += 1
+    assert checked > 150
+
+
+def test_rounding_error_leaves_saturated_elements_out():
+    x = np.array([0.013, -0.011, 5.0, -5.0, 0.0], np.float32)
+    d = _rounding_error(x, (0.02, 0.0, -128, 127))
+    np.testing.assert_allclose(d, [0.02 - 0.013, -0.02 + 0.011, 0.0, 0.0, 0.0], atol=1e-7)
+
+
+def _conv_model(bias: str = "bias") -> onnx.ModelProto:
+    """Conv(3->8, 3x3, stride 2, pad 1) -> Relu -> Conv(8->4, 1x1) -> output: the first conv is INT8 (the second
+    feeds the output and stays float, P9). ``bias``: "bias", "none" (no bias input) or "bn" (no bias, then a
+    BatchNormalization, as PaddlePaddle exports it)."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+    ]
+    first = [helper.make_node("Conv", ["x", "w1", "b1"] if bias == "bias" else ["x", "w1"], ["y1"], name="conv1",
+                              pads=[1, 1, 1, 1], strides=[2, 2])]
+    if bias == "bn":
+        first = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+                 helper.make_node("BatchNormalization", ["c1", "g", "beta", "mu", "var"], ["y1"], name="bn1")]
+        inits += [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+                  (("g", rng.uniform(0.5, 2, 8)), ("beta", rng.normal(0, 0.1, 8)), ("mu", rng.normal(0, 0.2, 8)),
+                   ("var", rng.uniform(0.5, 2, 8)))]
+    nodes = [
+        *first,
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _matmul_model() -> onnx.ModelProto:
+    """MatMul(32->24) + Add(bias) -> Relu -> MatMul(24->8) + Add -> output: the first MatMul is INT8."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.2, (32, 24)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 24).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (24, 8)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["y1"], name="add1"),
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+        helper.make_node("Add", ["m2", "b2"], ["y"], name="add2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _calib(tmp_path, shape, n=8, constant=True):
+    """Random inputs with constant regions (one value per channel over a block: a coherent rounding error)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0.3, 1.0, (n, *shape[1:])).astype(np.float32)
+    if not constant:
+        pass
+    elif len(shape) == 4:
+        x[:, :, :8, :] = np.array([0.417, -0.23, 0.151], np.float32)[None, :, None, None]
+    else:
+        x[:, :3, :] = 0.417
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x)
+    return path, x
+
+
+def _mean_output(model, tensor, x, axis):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_empty_tensor_value_info(tensor))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outs = np.concatenate([sess.run([tensor], {"x": x[i:i + 1]})[0] for i in range(len(x))]).astype(np.float64)
+    return outs.mean(axis=tuple(i for i in range(outs.ndim) if i != axis))
+
+
+@pytest.mark.parametrize("rounding", ["input", "all"])
+@pytest.mark.parametrize("kind", ["conv", "conv-bn", "conv-nobias", "matmul"])
+def test_corrected_layer_output_mean_matches_float(kind, rounding, tmp_path):
+    """With max ranges nothing saturates, so with its rounding term the correction is exact: on the calibration
+    data the INT8 layer's mean output per channel equals the float layer's (it did not before)."""
+    model = _conv_model({"conv": "bias", "conv-bn": "bn", "conv-nobias": "none"}[kind]) if kind != "matmul" else _matmul_model()
+    calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind != "matmul" else [1, 6, 32])
+    # the tensor after the corrected constant; the node holding it (a MatMul's bias is its Add's, a BN's mean)
+    tensor, axis, op = {"matmul": ("y1", 2, "add1"), "conv-bn": ("y1", 1, "bn1")}.get(kind, ("y1", 1, "conv1"))
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    plain = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, instruments=[AuditInstrument()],
+                              config=Config(bias_correction=True, bias_correction_rounding=rounding))
+    want = _mean_output(model, tensor, x, axis)
+    before = _mean_output(plain.model, tensor, x, axis)
+    after = _mean_output(res.model, tensor, x, axis)
+    assert np.max(np.abs(before - want)) > 1e-3  # there was a shift to remove
+    assert np.max(np.abs(after - want)) < 1e-5 * max(1.0, np.max(np.abs(want)))
+    changes = [c for c in res.changes if c.pass_name == "bias-correction"]
+    assert [(c.kind, c.rule, c.node) for c in changes] == [("constant", "V4", op)]
+    assert "bias correction of" in changes[0].detail
+    onnx.checker.check_model(res.model, full_check=True)
+    # only a float initializer changed: same nodes, same Q/DQ parameters
+    assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in plain.model.graph.node]
+
+
+@pytest.mark.parametrize("kind", ["conv", "matmul"])
+def test_default_removes_the_weight_rounding_shift(kind, tmp_path):
+    """By default the correction (opt-in) is the weight term only: on inputs without constant regions (activation
+    rounding averages out) most of the mean shift goes; with the rounding term as well (first layer) all of it."""
+    model = _conv_model() if kind == "conv" else _matmul_model()
+    calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind == "conv" else [1, 6, 32], constant=False)
+    axis = 1 if kind == "conv" else 2
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    want = _mean_output(model, "y1", x, axis)
+    err = {}
+    for label, config in (("off", None), ("default", Config(bias_correction=True)),
+                          ("input", Config(bias_correction=True, bias_correction_rounding="input"))):
+        out = qdqsurgeon.optimize(model, ranges=ranges, config=config, analyze=False).model
+        err[label] = float(np.sqrt(np.mean((_mean_output(out, "y1", x, axis) - want) ** 2)))
+    assert err["default"] < 0.5 * err["off"]
+    assert err["input"] < 1e-5 * max(1.0, float(np.max(np.abs(want))))
+
+
+ON = Config(bias_correction=True)
+
+
+def test_off_by_default():
+    model = qdqsurgeon.load(example_model())
+    ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, analyze=False)
+    assert not [c for c in res.changes if c.pass_name == "bias-correction"]
+
+
+def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
+    model = qdqsurgeon.load(example_model())
+    ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
+    a = qdqsurgeon.optimize(model, ranges=ranges, analyze=False, config=ON)
+    b = qdqsurgeon.optimize(model, ranges=qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False),
+                            analyze=False, config=ON)
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    corrected = [c for c in a.changes if c.pass_name == "bias-correction"]
+    assert corrected and all(c.kind == "constant" and c.rule == "V4" for c in corrected)
+    assert len({c.node for c in corrected}) == len(corrected)  # one entry per layer
+    onnx.checker.check_model(a.model, full_check=True)
+    # a second optimize is the fix path: it changes nothing, with or without calibration data
+    again = qdqsurgeon.optimize(a.model, analyze=False, config=ON)
+    assert again.mode == "fix" and [c for c in again.changes if c.kind != "note"] == []
+    with_data = qdqsurgeon.optimize(a.model, ranges=ranges, analyze=False, config=ON)
+    assert not [c for c in with_data.changes if c.pass_name == "bias-correction"]
+
+
+def test_no_correction_without_real_data_or_when_off():
+    model = qdqsurgeon.load(example_model())
+    rnd = qdqsurgeon.build_ranges(model, calib_random=4, progress=False)
+    res = qdqsurgeon.optimize(model, ranges=rnd, analyze=False, config=ON)
+    assert not [c for c in res.changes if c.pass_name == "bias-correction"]
+    ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
+    off = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
+    assert not [c for c in off.changes if c.pass_name == "bias-correction"]
+    on = qdqsurgeon.optimize(model, ranges=ranges, analyze=False, config=ON)
+    # the placement is the same: only float bias initializers differ
+    assert [(n.op_type, list(n.input)[:2]) for n in on.model.graph.node] == \
+        [(n.op_type, list(n.input)[:2]) for n in off.model.graph.node]
+
+
+def test_cli_switch(tmp_path):
+    from click.testing import CliRunner
+
+    from qdqsurgeon.cli import cli
+
+    outs = {}
+    for i, flag in enumerate(([], ["--bias-correction"], ["--no-bias-correction"])):
+        out = tmp_path / f"out{i}.onnx"
+        r = CliRunner().invoke(cli, ["optimize", str(example_model()), str(out), "--calib", str(example_calibration()),
+                                      "-q", *flag])
+        assert r.exit_code == 0, r.output
+        outs[i] = {t.name for t in onnx.load(str(out)).graph.initializer}
+    assert [any("bias_corrected" in n for n in outs[i]) for i in range(3)] == [False, True, False]
