@@ -433,7 +433,7 @@ def _stage_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extr
     result = PassManager(pipeline[:last], instruments=insts, fixpoint=fixpoint, repeat_from=once).run(graph, ctx, clean=clean)
     modified = result.modified
     if last < len(pipeline):  # once, on the placement the fixpoint settled on (pipelines.RUN_LAST)
-        tail = PassManager(pipeline[last:], instruments=insts).run(result.graph, ctx)
+        tail = PassManager(pipeline[last:], instruments=insts).run(result.graph, ctx, clean=True)
         modified = modified or tail.modified
         result = replace(tail, changes=result.changes + tail.changes, modified=modified)
     if extras:
