@@ -124,7 +124,9 @@ def test_background_gives_the_child_s_value_or_the_fallback_s():
     assert not now.forked and now.result() == parent
 
 
-@pytest.mark.parametrize("path", [*sorted(FP32.glob("*.onnx")), *sorted(QDQ.glob("*.onnx"))], ids=lambda p: p.stem)
+# MiniLM (18 s here) is left to benchmarks: the other ten cover Conv, Concat/Split, residual and fix-path graphs.
+@pytest.mark.parametrize("path", [*sorted(p for p in FP32.glob("*.onnx") if "minilm" not in p.name), *sorted(QDQ.glob("*.onnx"))],
+                         ids=lambda p: p.stem)
 def test_analysis_of_the_pipeline_graph_equals_that_of_the_exported_model(path, monkeypatch):
     """optimize's analysis takes the pipeline's own graph over (with the shapes ONNX infers on its export)
     instead of importing the export: the prediction must be the one a fresh import gives, field for field."""
