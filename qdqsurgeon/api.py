@@ -214,11 +214,10 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
             except Exception as exc:  # everything runs again below, in turn, from a fresh import
                 logger.debug("pipeline failed (%s)", exc)
                 graph = import_model(model)
-        side = _SideJob(model, graph, base_pipeline, extras, ctx, verify, need_before=not before_later,
-                        done=len(head.passes) if head is not None else 0)
+        side = _SideJob(model, graph, base_pipeline, extras, ctx, verify, need_before=not before_later, head=head)
         before = None
     else:
-        before = _before(graph, config.trt_version) if analyze and not before_later else None
+        before = _before(model, config.trt_version) if analyze and not before_later else None
     try:
         run = _run(model, graph, pipeline, extras, ctx, instruments, verify, fixpoint=passes is None, analyze=analyze,
                    head=head)
@@ -229,7 +228,7 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
     if side is not None and not before_later:
         before = side.before()
     if before_later and run.analysis is None:
-        before = _before(import_model(model), config.trt_version)
+        before = _before(model, config.trt_version)
     names = [p.name for p in pass_objs]
     label, regressions = "input", []
     if side is not None and run.analysis is not None:
@@ -243,14 +242,15 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
             lost = f"{run.analysis['standalone_qdq_layers']} standalone Q/DQ and {run.analysis['validity_problems']} validity problems"
             names = [p.name for p in base_pipeline + extras]
             base = side.run()
-            # The baseline keeps the pipeline's data-driven tail: bias correction changes no placement (so
-            # not the score) and is run on the placement kept, not on both.
-            tail = [p for p in pipeline if p.name == "bias-correction"] if mode == "ptq" else []
+            # The baseline keeps the pipeline's RUN_LAST tail it lacks (bias correction, FP16 regions): they
+            # change no placement (so not the score) and run on the placement kept, not on both.
+            kept = set(names)
+            tail = [p for p in pipeline if p.name in RUN_LAST and p.name not in kept]
             if tail:
                 fixed = _run(base.model, import_model(base.model), tail, [], ctx, instruments, verify, fixpoint=False,
                              analyze=False)
                 base = _Run(fixed.model, base.changes + fixed.changes, {**base.stats, **fixed.stats}, base.analysis)
-                names.append(tail[0].name)
+                names += [p.name for p in tail]
             run = base
             run.changes.insert(0, Change("optimize", "P2", "note", "<model>",
                                          f"the {mode} pipeline would leave {lost}; the {baseline_mode} pipeline leaves "
@@ -271,43 +271,30 @@ class _SideJob:
     Both are independent of the main pipeline. On a large graph they run in a forked child
     (:class:`.background.Background`) while the parent runs the main pipeline (issue 15: a 100k-node
     PTQ run spent about a third of its time on them): the parent has run the passes both pipelines
-    start with (``done`` of them, insertion and its calibration among them) on ``graph``, and the
+    start with (``head``: insertion and its calibration among them) on ``graph``, and the
     child takes its copy of that graph through the rest of the baseline. Only the two analyses cross
     back; in the rare case the baseline wins, the parent runs it again itself, from the start, which
-    gives the same model (every pass is deterministic). On a small graph (``done`` = 0) everything
-    runs here at once, the baseline from a fresh import and the input's analysis on ``graph``, which
-    the main pipeline has not touched yet.
+    gives the same model (every pass is deterministic). On a small graph (no ``head``) everything runs
+    here at once, the baseline from a fresh import.
     """
 
     def __init__(self, model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
-                 verify: bool, *, need_before: bool, done: int = 0) -> None:
+                 verify: bool, *, need_before: bool, head: _Staged | None = None) -> None:
         self.model, self.pipeline, self.extras, self.ctx, self.verify = model, pipeline, extras, ctx, verify
         trt_version = ctx.config.trt_version
 
         def work() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-            before = None
-            if need_before:
-                before = _input_analysis(model, trt_version) if done else _before(graph, trt_version)
-            base = None
-            try:
-                if done:  # the forked copy of the parent's graph, ``done`` passes into the pipeline
-                    staged = _stage_passes(model, graph, pipeline[done:], extras, ctx, (), False, fixpoint=True,
-                                           clean=True)
-                else:
-                    staged = _stage_passes(model, import_model(model), pipeline, extras, ctx, (), False, fixpoint=True)
-                base = _finish(model, staged, ctx, check_result=True, analyze=True)
-            except (QdqError, MemoryError):
-                raise
-            except Exception as exc:  # as _run does: again, checked pass by pass
-                logger.debug("baseline failed (%s); running it again with a check after every pass", exc)
-            if base is None or not base.verified:
-                base = self.run()
-            return before, base.analysis
+            before = _before(model, trt_version) if need_before else None
+            if head is None:
+                return before, self.run().analysis
+            # the forked copy of the parent's graph, ``head``'s passes into the pipeline
+            return before, _run(model, graph, pipeline, extras, ctx, (), verify, fixpoint=True, analyze=True,
+                                head=head).analysis
 
         def fallback() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-            return (_input_analysis(model, trt_version) if need_before else None), self.run().analysis
+            return (_before(model, trt_version) if need_before else None), self.run().analysis
 
-        self._job = Background(work, fork=bool(done), fallback=fallback, name="qdqsurgeon-baseline")
+        self._job = Background(work, fork=head is not None, fallback=fallback, name="qdqsurgeon-baseline")
 
     def before(self) -> dict[str, Any] | None:
         """The analysis of the input (fix path); None when it was not asked for or failed."""
@@ -334,20 +321,13 @@ def _shared_head(pipeline: list[Pass], base: list[Pass]) -> int:
     return n
 
 
-def _input_analysis(model: onnx.ModelProto, trt_version: tuple[int, int] | None) -> dict[str, Any] | None:
-    """:func:`_before` of a fresh import of ``model``, which the prediction then takes over."""
+def _before(model: onnx.ModelProto, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
+    """The analysis of the input ``model`` with its validity problems, on a fresh import the prediction takes over."""
     graph = import_model(model)
     problems = len(validity_problems(graph))
     before = _analysis(model, trt_version, own=graph)
     if before is not None:
         before["validity_problems"] = problems
-    return before
-
-
-def _before(graph: Any, trt_version: tuple[int, int] | None = None) -> dict[str, Any] | None:
-    before = _analysis(graph, trt_version)
-    if before is not None:
-        before["validity_problems"] = len(validity_problems(graph))
     return before
 
 

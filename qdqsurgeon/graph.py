@@ -238,39 +238,35 @@ def _lazy(tensor: onnx.TensorProto) -> LazyValues:
     return lv
 
 
+def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[object, object] | None:
+    """(dtype, shape) of a plain tensor ``vi`` as gs reads them; None for anything else (gs's own import)."""
+    typ = vi.type
+    if not typ.HasField("tensor_type"):
+        return None
+    tt = typ.tensor_type
+    dtype = _np_type(tt.elem_type)
+    if dtype is None:
+        return None
+    if not tt.HasField("shape"):
+        return dtype, None
+    return dtype, [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+                   for d in tt.shape.dim]
+
+
 def value_info_type(vi: onnx.ValueInfoProto) -> tuple[object, object]:
     """(dtype, shape) of the tensor :func:`_value_info_tensor` would build from ``vi``, without building it."""
-    typ = vi.type
-    if typ.HasField("tensor_type"):
-        tt = typ.tensor_type
-        dtype = _np_type(tt.elem_type)
-        if dtype is not None:
-            if not tt.HasField("shape"):
-                return dtype, None
-            return dtype, [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
-                           for d in tt.shape.dim]
+    found = _tensor_type(vi)
+    if found is not None:
+        return found
     t = _value_info_tensor(vi)
     return t.dtype, t.shape
 
 
 def _value_info_tensor(vi: onnx.ValueInfoProto) -> gs.Variable:
     """gs's ``OnnxImporter.import_tensor`` of a ValueInfoProto."""
-    typ = vi.type
-    if typ.HasField("tensor_type"):
-        tt = typ.tensor_type
-        dtype = _np_type(tt.elem_type)
-        if dtype is not None:
-            shape = None
-            if tt.HasField("shape"):
-                shape = []
-                for dim in tt.shape.dim:
-                    if dim.HasField("dim_param"):
-                        shape.append(dim.dim_param)
-                    elif dim.HasField("dim_value"):
-                        shape.append(dim.dim_value)
-                    else:
-                        shape.append(None)
-            return new_variable(vi.name, dtype, shape, "tensor_type")
+    found = _tensor_type(vi)
+    if found is not None:
+        return new_variable(vi.name, found[0], found[1], "tensor_type")
     return _gs_importer.OnnxImporter.import_tensor(vi)
 
 
