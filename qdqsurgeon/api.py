@@ -295,9 +295,16 @@ class _SideJob:
             before = _before(model, trt_version) if need_before else None
             if head is None:
                 return before, self.run().analysis
-            # the forked copy of the parent's graph (or a copy of it), ``head``'s passes into the pipeline
-            return before, _run(model, graph, pipeline, extras, ctx, (), verify, fixpoint=True, analyze=True,
-                                head=head).analysis
+            # the forked copy of the parent's graph (or a copy of it), ``head``'s passes into the pipeline; only
+            # its analysis is used, and a baseline that wins is run again (and checked) by the caller: no check
+            try:
+                return before, _run_passes(model, graph, pipeline, extras, ctx, (), False, fixpoint=True,
+                                           analyze=True, head=head, check=False).analysis
+            except (QdqError, MemoryError):
+                raise
+            except Exception as exc:  # from the start, checked after every pass if need be (as _run does)
+                logger.debug("baseline failed (%s); running it again from the input", exc)
+                return before, self.run().analysis
 
         def fallback() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
             return (_before(model, trt_version) if need_before else None), self.run().analysis
@@ -379,7 +386,7 @@ def _run(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[
 
 def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras: list[Pass], ctx: PassContext,
                 instruments: Sequence[Instrument], verify_each: bool, *, fixpoint: bool, analyze: bool,
-                check_result: bool = False, head: _Staged | None = None) -> _Run:
+                check_result: bool = False, head: _Staged | None = None, check: bool = True) -> _Run:
     if head is None:
         staged = _stage_passes(model, graph, pipeline, extras, ctx, instruments, verify_each, fixpoint=fixpoint)
     else:
@@ -387,7 +394,7 @@ def _run_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extras
                              fixpoint=fixpoint, clean=True)
         staged = _Staged(rest.graph, head.changes + rest.changes, head.modified or rest.modified,
                          {**head.stats, **rest.stats}, head.passes + rest.passes)
-    return _finish(model, staged, ctx, check_result=check_result, analyze=analyze)
+    return _finish(model, staged, ctx, check_result=check_result, analyze=analyze, check=check)
 
 
 @dataclass
@@ -431,8 +438,9 @@ def _stage_passes(model: onnx.ModelProto, graph: Any, pipeline: list[Pass], extr
     return _Staged(result.graph, list(result.changes), modified, timing.stats, [p.name for p in pipeline])
 
 
-def _finish(model: onnx.ModelProto, staged: _Staged, ctx: PassContext, *, check_result: bool, analyze: bool) -> _Run:
-    """Export a pipeline's graph, check it, and analyse it.
+def _finish(model: onnx.ModelProto, staged: _Staged, ctx: PassContext, *, check_result: bool, analyze: bool,
+            check: bool = True) -> _Run:
+    """Export a pipeline's graph, check it (``check``: at all), and analyse it.
 
     The analysis takes the pipeline's graph over (nothing else reads it after the validity count), with
     the shapes ONNX infers on the exported model, rather than importing the export again. On a large
@@ -453,7 +461,9 @@ def _finish(model: onnx.ModelProto, staged: _Staged, ctx: PassContext, *, check_
             return _Run(out, staged.changes, staged.stats, None, False)
         checked_ir = out.ir_version
         carry_metadata(out, model)
-        if is_large(out):
+        if not check:  # (the never-worse baseline's analysis)
+            pass
+        elif is_large(out):
             logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
         elif not (full_check and verified and _same_header(out, checked_ir)):  # else the full check covered it
             try:

@@ -80,6 +80,41 @@ def test_a_dead_child_is_replaced_by_the_parent(monkeypatch, tmp_path):
     assert mark.exists()  # the work did go to a child
 
 
+@pytest.mark.parametrize("path", [FP32 / "resnet18_cifar10.onnx", QDQ / "mobilenetv2_ort_static_u8.onnx"],
+                         ids=lambda p: p.stem)
+def test_baseline_on_a_copy_after_the_shared_head_equals_a_fresh_one(path, monkeypatch):
+    """In turn, the baseline continues a copy of the graph after the passes both pipelines start with (insertion
+    reads every weight once); it must give what the baseline run from a fresh import gives."""
+    need_shared()
+    model = qdqsurgeon.load(path)
+    copies = []
+    real_copy = qdqsurgeon.graph.gs.Graph.copy
+    monkeypatch.setattr(qdqsurgeon.graph.gs.Graph, "copy", lambda g: copies.append(1) or real_copy(g))
+    shared = _optimize(model, monkeypatch, fork=False)
+    assert copies  # the head ran once and the baseline took a copy
+    monkeypatch.setattr(api, "_shared_head", lambda pipeline, base: 0)
+    fresh = _optimize(model, monkeypatch, fork=False)
+    _same(shared, fresh)
+
+
+def test_the_baseline_is_not_checked_unless_it_wins(monkeypatch):
+    """The baseline's model is only analysed (a baseline that wins is run again, checked): the side job runs no
+    onnx check; the main pipeline's result is checked once."""
+    need_shared()
+    model = qdqsurgeon.load(FP32 / "resnet18_cifar10.onnx")
+    checked = []
+    real = qdqsurgeon.io.check_model
+
+    def counted(m, *a, **k):
+        checked.append(m)
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(api, "check_model", counted)  # the plain check of the result
+    monkeypatch.setattr(qdqsurgeon.io, "check_model", counted)  # VerifyInstrument's full check
+    res = _optimize(model, monkeypatch, fork=False)
+    assert len(checked) == 1 and checked[0] is res.model
+
+
 def test_forked_baseline_that_wins_is_kept(monkeypatch):
     """When the baseline scores better, the parent runs it again and keeps it, as the in-turn run does."""
     need_shared()

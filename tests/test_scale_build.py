@@ -230,3 +230,36 @@ def test_gc_paused_restores_the_collector():
         with gc_paused():
             raise RuntimeError("boom")
     assert gc.isenabled()
+
+
+def test_copy_fields_copies_everything_but_the_skipped_field():
+    """The skeleton writer's field copy (calibration of models over 2 GB) equals CopyFrom + ClearField, on a real
+    model with metadata, and never needs the skipped field (a tensor's raw_data is not read)."""
+    from qdqsurgeon.calibration.collect import _copy_fields
+
+    need_shared()
+    model = onnx.load(str(FP32 / "resnet18_cifar10.onnx"))
+    model.doc_string = "doc"
+    model.metadata_props.add(key="k", value="v")
+    for src, skip in [(model, "graph"), (model.graph, "initializer"), *((t, "raw_data") for t in model.graph.initializer)]:
+        dst, ref = type(src)(), type(src)()
+        _copy_fields(src, dst, skip)
+        ref.CopyFrom(src)
+        ref.ClearField(skip)
+        assert dst == ref, skip
+
+
+def test_is_large_from_the_payload_alone(monkeypatch):
+    """A payload over the protobuf limit is large without sizing the message; within 10 % below it, the message
+    size decides; well below it, it is not large."""
+    import qdqsurgeon.examples
+
+    model = onnx.load(str(qdqsurgeon.examples.example_model()))
+    payload, size = io_mod.tensor_payload(model), model.ByteSize()
+    assert payload < size
+    monkeypatch.setattr(io_mod, "PROTOBUF_LIMIT", payload - 1)
+    assert io_mod.is_large(model)
+    monkeypatch.setattr(io_mod, "PROTOBUF_LIMIT", int(payload / 0.95))  # payload within 10 %: ByteSize decides
+    assert io_mod.is_large(model) == (size > io_mod.PROTOBUF_LIMIT)
+    monkeypatch.setattr(io_mod, "PROTOBUF_LIMIT", size * 2)
+    assert not io_mod.is_large(model)
