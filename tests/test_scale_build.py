@@ -205,6 +205,19 @@ def test_heavy_check_and_shape_inference_match_the_ordinary_ones(monkeypatch):
     broken.graph.node[0].input[0] = "nowhere"
     with pytest.raises(onnx.checker.ValidationError, match="nowhere"):
         io_mod.check_model(broken)
+    # the plain check of a heavy model (its big tensors empty stand-ins) says what the ordinary one says
+    for edit in (lambda m: m.graph.node[1].attribute.add(name="bogus", type=onnx.AttributeProto.INT, i=1),
+                 lambda m: m.graph.node.reverse(),  # out of topological order
+                 lambda m: m.graph.initializer[0].ClearField("data_type"),
+                 lambda m: setattr(m.graph.node[0], "op_type", "NoSuchOp")):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(model)
+        edit(bad)
+        with pytest.raises(onnx.checker.ValidationError) as ordinary_error:
+            onnx.checker.check_model(bad)
+        with pytest.raises(onnx.checker.ValidationError) as heavy_error:
+            io_mod.check_model(bad)
+        assert str(heavy_error.value).splitlines()[0] == str(ordinary_error.value).splitlines()[0]
 
 
 def test_analysis_of_a_heavy_model_matches_the_ordinary_one(monkeypatch):
