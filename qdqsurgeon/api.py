@@ -253,10 +253,11 @@ def _optimize(model: onnx.ModelProto, passes: Sequence[str | Pass] | None, confi
             # change no placement (so not the score) and run on the placement kept, not on both.
             kept = set(names)
             tail = [p for p in pipeline if p.name in RUN_LAST and p.name not in kept]
-            if tail:
+            if tail:  # (the model the user gets is analysed again: FP16 regions change what TensorRT builds)
                 fixed = _run(base.model, import_model(base.model), tail, [], ctx, instruments, verify, fixpoint=False,
-                             analyze=False)
-                base = _Run(fixed.model, base.changes + fixed.changes, {**base.stats, **fixed.stats}, base.analysis)
+                             analyze=True)
+                base = _Run(fixed.model, base.changes + fixed.changes, {**base.stats, **fixed.stats},
+                            fixed.analysis if fixed.analysis is not None else base.analysis)
                 names += [p.name for p in tail]
             run = base
             run.changes.insert(0, Change("optimize", "P2", "note", "<model>",

@@ -129,6 +129,20 @@ def test_forked_baseline_that_wins_is_kept(monkeypatch):
     assert "align-scales" not in results[0].passes
 
 
+def test_a_kept_baseline_is_analysed_after_its_tail(monkeypatch):
+    """A baseline that wins gets the pipeline's RUN_LAST passes (here FP16 regions); the "after" analysis is that
+    of the model returned, not of the baseline before them."""
+    need_shared()
+    model = qdqsurgeon.load(FP32 / "resnet18_cifar10.onnx")
+    scores = iter([(0, 1), (0, 5)])  # _score(insert-only), then _score(ptq)
+    monkeypatch.setattr(api, "_score", lambda analysis: next(scores))
+    res = _optimize(model, monkeypatch, fork=False, config=qdqsurgeon.Config(float16=True))
+    assert "float16-regions" in res.passes and any(c.pass_name == "float16-regions" for c in res.changes)
+    fresh = api._analysis(res.model)
+    fresh["validity_problems"] = len(validity_problems(qdqsurgeon.graph.import_model(res.model)))
+    assert res.after == fresh
+
+
 def test_no_fork_below_the_threshold_or_when_switched_off(monkeypatch):
     monkeypatch.setattr(background, "FORK_NODES", 3)
     assert background.can_fork(3)
