@@ -248,7 +248,7 @@ def test_gc_paused_restores_the_collector():
 def test_copy_fields_copies_everything_but_the_skipped_field():
     """The skeleton writer's field copy (calibration of models over 2 GB) equals CopyFrom + ClearField, on a real
     model with metadata, and never needs the skipped field (a tensor's raw_data is not read)."""
-    from qdqsurgeon.calibration.collect import _copy_fields
+    from qdqsurgeon.io import copy_fields as _copy_fields
 
     need_shared()
     model = onnx.load(str(FP32 / "resnet18_cifar10.onnx"))
@@ -276,3 +276,27 @@ def test_is_large_from_the_payload_alone(monkeypatch):
     assert io_mod.is_large(model) == (size > io_mod.PROTOBUF_LIMIT)
     monkeypatch.setattr(io_mod, "PROTOBUF_LIMIT", size * 2)
     assert not io_mod.is_large(model)
+
+
+def test_heavy_checks_keep_local_functions(monkeypatch):
+    """The weightless copy behind the checks and shape inference of heavy models keeps everything but the weights'
+    bytes: a model calling a local function passes both checks, as it does in memory."""
+    fn = helper.make_function("local", "Scale2", ["x", "w"], ["y"],
+                              [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                              [helper.make_opsetid("", 17)])
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Scale2", ["x", "w"], ["y"], domain="local", name="f")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[fn])
+    model.metadata_props.add(key="k", value="v")
+    onnx.checker.check_model(model, full_check=True)
+    monkeypatch.setattr(io_mod, "HEAVY_PAYLOAD", 1_000)
+    monkeypatch.setattr(io_mod, "_STRIP_TENSOR", 1_000)
+    assert io_mod.heavy(model)
+    lean, stripped = io_mod.without_weight_bytes(model)
+    assert list(stripped) == ["w"] and lean.functions == model.functions and lean.metadata_props == model.metadata_props
+    io_mod.check_model(model)
+    io_mod.check_model(model, full_check=True)
