@@ -211,3 +211,37 @@ def test_calibration_in_slices_gives_the_same_ranges(monkeypatch, family):
     sliced = col.calibrate(model, names, data, "max", progress=False)
     assert built and built[0] >= 5  # it did run in slices
     assert sliced == whole
+
+
+@pytest.mark.parametrize("child", ["works", "dies", "dies-later"])
+def test_calibration_slices_half_in_a_forked_child_give_the_same_ranges(monkeypatch, child):
+    """On a large graph the second half of the slices is set up and run in a forked child while this process does
+    the first half: the statistics are those of the in-turn run; a child that dies is replaced by this process."""
+    import os
+
+    import qdqsurgeon.background as background
+    import qdqsurgeon.calibration.collect as col
+    from qdqsurgeon.calibration import random_data
+
+    model = onnx.shape_inference.infer_shapes(_scale_module().conv_chain(300))
+    names = [n.output[0] for n in model.graph.node][::2]
+    data = random_data(model, 3)
+    monkeypatch.setattr(col, "_SEGMENT_NODES", 20)
+    whole = col.calibrate(model, names, data, "percentile", progress=False)
+    monkeypatch.setattr(background, "FORK_NODES", 0)
+    started = []
+    real_init = col._RemoteSlices.__init__
+    monkeypatch.setattr(col._RemoteSlices, "__init__", lambda self, *a: (started.append(len(a[0])), real_init(self, *a))[1])
+    if child == "dies":
+        monkeypatch.setattr(col, "_serve", lambda conn, *a: os._exit(3))
+    elif child == "dies-later":  # after saying it is ready, at the first batch
+
+        def dying(conn, *a):
+            conn.send(("ready", None))
+            conn.recv()
+            os._exit(3)
+
+        monkeypatch.setattr(col, "_serve", dying)
+    forked = col.calibrate(model, names, data, "percentile", progress=False)
+    assert started and started[0] >= 2  # half of the slices went to the child
+    assert forked == whole

@@ -12,11 +12,14 @@ output, so the values are the model's own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -30,7 +33,8 @@ from qdqsurgeon.calibration.methods import (
     TensorStats,
     compute_amax,
 )
-from qdqsurgeon.errors import DataError, ModelError, UsageError
+from qdqsurgeon.background import can_fork
+from qdqsurgeon.errors import DataError, ModelError, QdqError, UsageError
 from qdqsurgeon.io import copy_fields, heavy, is_plugin_domain, raw_nbytes, tensor_payload, without_weight_bytes
 
 __all__ = [
@@ -364,11 +368,13 @@ def make_session(
     threads: int = 0,
     outputs: Sequence[str] = (),
     types: dict[str, onnx.TypeProto] | None = None,
+    in_memory: bool = False,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session; ``optimize=False`` disables every graph optimization.
 
     ``outputs``: intermediate tensors to expose as extra outputs (as :func:`expose_tensors`). A model
-    over 2 GB is handed to onnxruntime as a file with external data, written without an in-memory copy.
+    over 2 GB is handed to onnxruntime as a file with external data, written without an in-memory copy
+    (``in_memory``: the caller knows the model is below the size for which a file is used).
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
@@ -379,7 +385,7 @@ def make_session(
     # caller turns the exception into the one error line the CLI prints
     opts.log_severity_level = 4
     try:
-        if _too_big(model, _FILE_SESSION_BYTES):
+        if not in_memory and _too_big(model, _FILE_SESSION_BYTES):
             with tempfile.TemporaryDirectory() as tmp:
                 path = _write_external(model, Path(tmp), _output_infos(model, outputs, types) if outputs else ())
                 return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -432,10 +438,10 @@ class _Segments:
                 bounds.append((start, i + 1))
                 start = i + 1
         bounds.append((start, len(nodes)))
-        self.slices: list[tuple[ort.InferenceSession, list[str], list[str]]] = []
         self.drop_after: list[list[str]] = []
         graph_inputs = {i.name: i for i in model.graph.input}
         init_protos = {t.name: t for t in model.graph.initializer}
+        specs: list[tuple[onnx.ModelProto, list[str], list[str]]] = []
         for a, b in bounds:
             part = nodes[a:b]
             used = {n for names in reads[a:b] for n in names}
@@ -450,21 +456,156 @@ class _Segments:
                 part_inits)
             m = helper.make_model(g, opset_imports=model.opset_import, ir_version=model.ir_version)
             m.functions.extend(model.functions)
-            self.slices.append((make_session(m), ins, outs))
+            specs.append((m, ins, outs))
             self.drop_after.append([t for t in used | set(outs) if last_use.get(t, -1) < b and t not in wanted_set])
+        small = not _too_big(model, _FILE_SESSION_BYTES)  # then so is every slice: no size check per slice
+        # Session setup is most of a large graph's calibration, on one core: a forked child sets up and runs
+        # the second half of the slices while this process does the first half (the values crossing the cut
+        # go to the child, the wanted ones of its half come back).
+        half = len(specs) // 2 if len(specs) >= 4 and can_fork(len(nodes)) else len(specs)
+        self._remote: _RemoteSlices | None = None
+        if half < len(specs):
+            self._remote = _RemoteSlices(specs[half:], self.drop_after[half:], wanted_set, small)
+        self.slices = [(make_session(m, in_memory=small), ins, outs) for m, ins, outs in specs[:half]]
+        if self._remote is not None and not self._remote.ready():  # the child failed: its half is built here
+            self._remote = None
+            self.slices += [(make_session(m, in_memory=small), ins, outs) for m, ins, outs in specs[half:]]
+        self._specs = specs[half:] if self._remote is not None else []
+        self._drops = self.drop_after[half:] if self._remote is not None else []
+        self.drop_after = self.drop_after[:len(self.slices)]
+        self._small = small
 
     def run(self, feed: dict[str, np.ndarray], wanted: Sequence[str]) -> list[np.ndarray]:
         values = dict(feed)
-        found: dict[str, np.ndarray] = {}
-        for (session, ins, outs), drop in zip(self.slices, self.drop_after):
-            for name, value in zip(outs, _run(session, outs, {n: values[n] for n in ins})):
-                values[name] = value
-            for name in drop:
-                values.pop(name, None)
-            for name in wanted:
-                if name in values and name not in found:
-                    found[name] = values[name]
+        wanted_set = set(wanted)
+        found = _run_slices(self.slices, self.drop_after, values, wanted_set)
+        if self._remote is not None:
+            remote = self._remote.run({n: values[n] for n in self._remote.reads})
+            if remote is None:  # the child died: its half is built and run here from now on
+                self._remote = None
+                self.slices += [(make_session(m, in_memory=self._small), ins, outs) for m, ins, outs in self._specs]
+                self.drop_after += self._drops
+                return self.run(feed, wanted)
+            found.update(remote)
         return [found[n] for n in wanted]
+
+    def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
+
+
+@contextlib.contextmanager
+def _closing(segments: _Segments | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if segments is not None:
+            segments.close()
+
+
+def _run_slices(slices: Sequence[tuple[ort.InferenceSession, list[str], list[str]]], drops: Sequence[list[str]],
+                values: dict[str, np.ndarray], wanted: set[str]) -> dict[str, np.ndarray]:
+    """Run consecutive slices on ``values`` (updated in place); the ``wanted`` tensors they made."""
+    found: dict[str, np.ndarray] = {}
+    for (session, ins, outs), drop in zip(slices, drops):
+        for name, value in zip(outs, _run(session, outs, {n: values[n] for n in ins})):
+            values[name] = value
+        for name in drop:
+            values.pop(name, None)
+        for name in outs:
+            if name in wanted:
+                found[name] = values[name]
+    return found
+
+
+class _RemoteSlices:
+    """Slices set up and run in a forked child (:func:`_serve`), one batch at a time through a pipe.
+
+    Its sessions are the same as this process would build, on the same inputs, so the values are the same.
+    ``ready`` and ``run`` answer False / None when the child died or failed other than by a QdqError (which
+    is raised here, as it would have been in turn); the caller then does the work itself.
+    """
+
+    def __init__(self, specs: list[tuple[onnx.ModelProto, list[str], list[str]]], drops: list[list[str]],
+                 wanted: set[str], small: bool) -> None:
+        made: set[str] = set()
+        reads: list[str] = []
+        for _, ins, outs in specs:  # what the half reads from before it: the feed and the first half
+            reads += [n for n in ins if n not in made]
+            made |= set(outs)
+        self.reads = list(dict.fromkeys(reads))
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        self._proc = ctx.Process(target=_serve, args=(child, specs, drops, wanted, small), daemon=True,
+                                 name="qdqsurgeon-calibration")
+        self._proc.start()
+        child.close()
+
+    def _answer(self) -> tuple[str, Any]:
+        try:
+            status, payload = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            status, payload = "died", repr(exc)
+        if status == "error" and isinstance(payload, QdqError):
+            self.close()
+            raise payload
+        if status not in ("ok", "ready"):
+            logger.debug("calibration worker failed (%s); continuing in this process", payload)
+            self.close(kill=True)
+        return status, payload
+
+    def ready(self) -> bool:
+        return self._answer()[0] == "ready"
+
+    def run(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        try:
+            self._conn.send(values)
+        except (OSError, ValueError):
+            self.close(kill=True)
+            return None
+        status, payload = self._answer()
+        return payload if status == "ok" else None
+
+    def close(self, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        try:
+            if not kill:
+                self._conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self._conn.close()
+        if kill:
+            self._proc.kill()
+        self._proc.join()
+        self._proc = None
+
+
+def _serve(conn: Any, specs: list[tuple[onnx.ModelProto, list[str], list[str]]], drops: list[list[str]],
+           wanted: set[str], small: bool) -> None:
+    """The child of :class:`_RemoteSlices`: set up the sessions, then run each batch it is sent until None."""
+    from qdqsurgeon import background
+
+    background._in_child = True  # its work runs in turn
+    try:
+        slices = [(make_session(m, in_memory=small), ins, outs) for m, ins, outs in specs]
+        del specs
+        conn.send(("ready", None))
+        while (values := conn.recv()) is not None:
+            conn.send(("ok", _run_slices(slices, drops, values, wanted)))
+    except EOFError:
+        pass
+    except BaseException as exc:  # the parent raises a QdqError, or does the work itself
+        try:
+            conn.send(("error", exc if isinstance(exc, QdqError) else repr(exc)))
+        except Exception:
+            pass
+    finally:
+        conn.close()
 
 
 def progress_bar(enabled: bool, description: str, total: int | None):
@@ -577,7 +718,7 @@ def collect_stats(
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     bar, task = progress_bar(progress, "calibrating", total)
     batches = 0
-    with bar:
+    with bar, _closing(segments):
         for batch in data:
             if bf16:
                 batch = _as_float32(batch)
