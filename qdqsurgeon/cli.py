@@ -311,7 +311,7 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--quantize-small-convs", is_flag=True,
               help="Also quantize Convs whose small channel counts misalign INT8 kernels (left float by default, P11).")
 @click.option("--keep-output-layers", is_flag=True, help="Also quantize weighted ops that feed graph outputs (P9).")
-@click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+@click.option("--bias-correction/--no-bias-correction", default=None,
               help="PTQ with --calib: each INT8 layer's float bias absorbs the mean output shift of its own weight "
                    "rounding (measured on the calibration data; one more pass over it).")
 @click.option("--bias-correction-rounding", type=click.Choice(["none", "input", "all"]), default="none", show_default=True,
@@ -346,7 +346,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
                  report_path: str | None, opset: int | None, no_opset_upgrade: bool, calib: str | None, method: str | None, percentile: float,
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str, trt_version: str | None,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
-                 quantize_small_convs: bool, keep_output_layers: bool, bias_correction: bool,
+                 quantize_small_convs: bool, keep_output_layers: bool, bias_correction: bool | None,
                  bias_correction_rounding: str, float16: bool, io_float16: bool, requantize: bool, repair_zero_scales: bool,
                  run_check: bool, eval_path: str | None, target_text: str | None, max_drop: float | None, labels_path: str | None,
                  save_precision_path: str | None, precision_path: str | None, jobs: int,

@@ -58,9 +58,16 @@ from ..graph import DQ_OP, Q_OP, const_value, is_constant, np_dtype, producer, q
 from ..rewriter import Rewriter
 from .base import Pass, PassContext
 
-__all__ = ["BiasCorrection", "correction_targets"]
+__all__ = ["BiasCorrection", "correction_targets", "DEFAULT_ON", "NO_DATA_MESSAGE"]
 
 logger = logging.getLogger(__name__)
+
+#: Whether PTQ corrects biases when Config.bias_correction is None (neither --bias-correction nor
+#: --no-bias-correction): only where the held-out check on the calibration data finds that it helps.
+DEFAULT_ON = False
+
+NO_DATA_MESSAGE = ("bias correction needs real calibration data (--calib): not applied (random data and a TensorRT "
+                   "calibration cache say nothing about the inputs' means)")
 
 #: Corrections smaller than this fraction of the bias's own scale (max |b|, or 1) are not written.
 _TINY = 1e-7
@@ -285,18 +292,28 @@ def _tap_sums(x: np.ndarray, geometry: tuple) -> tuple[np.ndarray, int]:
 
 
 class _Stats:
-    """Per input tensor and reader geometry: tap sums of x and of the rounding error Q(x) − x."""
+    """Per input tensor and reader geometry: tap sums of x and of the rounding error Q(x) − x, one set per fold
+    (batch i goes to fold i mod k)."""
 
-    def __init__(self) -> None:
-        self.sx: np.ndarray | None = None
-        self.sd: np.ndarray | None = None
-        self.n = 0
+    def __init__(self, folds: int) -> None:
+        self.sx: list[np.ndarray | None] = [None] * folds
+        self.sd: list[np.ndarray | None] = [None] * folds
+        self.n = [0] * folds
 
-    def add(self, sx: np.ndarray, sd: np.ndarray | None, n: int) -> None:
-        self.sx = sx if self.sx is None else self.sx + sx
+    def add(self, fold: int, sx: np.ndarray, sd: np.ndarray | None, n: int) -> None:
+        self.sx[fold] = sx if self.sx[fold] is None else self.sx[fold] + sx
         if sd is not None:
-            self.sd = sd if self.sd is None else self.sd + sd
-        self.n += n
+            self.sd[fold] = sd if self.sd[fold] is None else self.sd[fold] + sd
+        self.n[fold] += n
+
+    def pooled(self, leave_out: int | None = None) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """(E[x], E[Q(x) − x]) over every fold, or over all but fold ``leave_out``; None without data."""
+        keep = [i for i in range(len(self.n)) if i != leave_out and self.n[i] and self.sx[i] is not None]
+        n = sum(self.n[i] for i in keep)
+        if not n:
+            return None
+        ds = [self.sd[i] for i in keep if self.sd[i] is not None]
+        return sum(self.sx[i] for i in keep) / n, (sum(ds) / n if ds else None)
 
 
 def _rounding_error(x: np.ndarray, act: tuple[float, float, int, int]) -> np.ndarray:
@@ -323,7 +340,13 @@ class BiasCorrection(Pass):
     edits_through_rewriter = True
 
     def run(self, graph: gs.Graph, rw: Rewriter, ctx: PassContext) -> None:
-        if not ctx.config.bias_correction or ctx.pipeline != "ptq" or ctx.calib_data is None or ctx.calib_model is None:
+        asked = ctx.config.bias_correction  # True: asked for; None: the default (DEFAULT_ON); False: off
+        if asked is False or ctx.pipeline != "ptq" or (asked is None and not DEFAULT_ON):
+            return
+        if ctx.calib_data is None or ctx.calib_model is None:
+            if asked:  # asked for, and impossible: said once, not silently skipped
+                logger.warning(NO_DATA_MESSAGE)
+                rw.note("<model>", NO_DATA_MESSAGE, rule="V4")
             return
         targets = correction_targets(graph, ctx.config.bias_correction_rounding)
         if not targets:
@@ -350,16 +373,20 @@ class BiasCorrection(Pass):
         if not readers:
             return
 
+        folds = max(1, int(ctx.config.bias_correction_folds))
         stats: dict[tuple, _Stats] = {}
         by_tensor: dict[str, list[tuple]] = {}
         for x_name, ts in readers.items():
             for t, _ in ts:
                 key = _key(t, x_name)
                 if key not in stats:
-                    stats[key] = _Stats()
+                    stats[key] = _Stats(folds)
                     by_tensor.setdefault(x_name, []).append((key, t))
+        seen: dict[str, int] = {}  # batches observed per tensor: batch i goes to fold i mod k
 
         def observe(name: str, value: np.ndarray) -> None:
+            fold = seen.get(name, 0) % folds
+            seen[name] = seen.get(name, 0) + 1
             x = np.asarray(value, np.float32)
             for key, t in by_tensor.get(name, ()):
                 d = _rounding_error(x, t.act) if t.act is not None else None
@@ -376,7 +403,7 @@ class BiasCorrection(Pass):
                     flat = x.reshape(-1, x.shape[-1])
                     sx, n = flat.sum(axis=0, dtype=np.float64), flat.shape[0]
                     sd = d.reshape(-1, d.shape[-1]).sum(axis=0, dtype=np.float64) if d is not None else None
-                stats[key].add(sx, sd, n)
+                stats[key].add(fold, sx, sd, n)
 
         from ..calibration.collect import collect_stats
 
@@ -384,17 +411,40 @@ class BiasCorrection(Pass):
                       accumulate=False)
 
         shifts: list[tuple[_Target, np.ndarray, np.ndarray]] = []
+        used = [f for f in range(folds) if any(st.n[f] for st in stats.values())]  # folds that got batches
+        held_out: dict[int, list[np.ndarray]] = {f: [] for f in used}  # per fold: the shifts fitted without it
         for x_name, ts in readers.items():
             for t, w_name in ts:
                 st = stats[_key(t, x_name)]
-                if st.n == 0 or st.sx is None:
+                pooled = st.pooled()
+                if pooled is None:
                     continue
                 w = np.asarray(numpy_helper.to_array(weights[w_name]), np.float64)
-                mx = st.sx / st.n
-                md = st.sd / st.n if st.sd is not None else None
-                shift = self._shift(t, w, mx, md)
-                if shift is not None:
-                    shifts.append((t, *shift))
+                shift = self._shift(t, w, *pooled)
+                if shift is None:
+                    continue
+                if len(used) > 1:
+                    others = {f: st.pooled(leave_out=f) for f in used}
+                    fitted = {f: self._shift(t, w, *o) if o is not None else None for f, o in others.items()}
+                    if any(v is None for v in fitted.values()):
+                        continue
+                    for f in used:
+                        held_out[f].append(fitted[f][0] + fitted[f][1])
+                shifts.append((t, *shift))
+        if not shifts:
+            return
+        if folds > 1:
+            if len(used) < 2:
+                batches = max(seen.values(), default=0)
+                rw.note("<model>", f"not applied: the calibration data has {batches} batch, too few to check the "
+                        "correction on data it was not fitted to (give more samples, or smaller batches)", rule="V4")
+                return
+            verdict = _cross_validate(graph, [t for t, _, _ in shifts], held_out, folds, ctx)
+            if not verdict.apply:
+                rw.note("<model>", f"not applied: {verdict.why}", rule="V4")
+                return
+            rw.note("<model>", f"applied: {verdict.why}", rule="V4")
+            shifts = [(t, wterm * verdict.strength, aterm * verdict.strength) for t, wterm, aterm in shifts]
         with rw.rule("V4"):
             for t, wterm, aterm in shifts:
                 self._write(rw, t, (wterm, aterm))
@@ -426,12 +476,9 @@ class BiasCorrection(Pass):
     def _write(rw: Rewriter, t: _Target, shift: tuple[np.ndarray, np.ndarray]) -> None:
         wterm, aterm = shift
         total = wterm + aterm
-        bias = np.asarray(t.bias)
-        ref = max(float(np.max(np.abs(bias))) if bias.size else 0.0, 1.0)
-        if not np.all(np.isfinite(total)) or float(np.max(np.abs(total))) <= _TINY * ref:
+        new = _corrected(t, total)
+        if new is None:
             return
-        sign = 1.0 if t.how == "bn-mean" else -1.0
-        new = (bias.astype(np.float64) + sign * total.reshape(bias.shape)).astype(bias.dtype)
         where = {"bias": "", "bn-mean": f" (through the mean of {t.bias_node.name}, the BatchNormalization after it)",
                  "new-bias": " (it had no bias: one added)"}[t.how]
         name = f"{t.node.name}_{'bn_mean' if t.how == 'bn-mean' else 'bias'}_corrected"
@@ -439,3 +486,123 @@ class BiasCorrection(Pass):
                         detail=(f"bias correction of {t.node.name}{where}: mean output shift of INT8 rounding removed "
                                 f"(weights max {np.max(np.abs(wterm)):.3g}, activation rounding max "
                                 f"{np.max(np.abs(aterm)):.3g} per channel; biases stay float in TensorRT)"))
+
+
+def _corrected(t: _Target, total: np.ndarray) -> np.ndarray | None:
+    """The bias (or BatchNormalization mean) with the shift ``total`` removed; None when there is nothing to do."""
+    bias = np.asarray(t.bias)
+    ref = max(float(np.max(np.abs(bias))) if bias.size else 0.0, 1.0)
+    if not np.all(np.isfinite(total)) or float(np.max(np.abs(total))) <= _TINY * ref:
+        return None
+    sign = 1.0 if t.how == "bn-mean" else -1.0
+    return (bias.astype(np.float64) + sign * total.reshape(bias.shape)).astype(bias.dtype)
+
+
+#: The strengths of the correction the held-out check tries (the best one that beats no correction is applied).
+STRENGTHS = (1.0, 0.5)
+
+
+@dataclass
+class _Verdict:
+    apply: bool
+    why: str
+    strength: float = 1.0
+
+
+def _bias_inputs(base: Any, targets: list[_Target]) -> tuple[Any, dict[str, int]]:
+    """A copy of the exported Q/DQ model ``base`` whose targets read their bias (or BatchNormalization mean) from a
+    new graph input: one session runs the model with any set of corrections. Returns (model, input name -> target)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    by_output = {n.output[0]: n for n in model.graph.node if n.output}
+    names: dict[str, int] = {}
+    for i, t in enumerate(targets):
+        node = by_output.get(t.bias_node.outputs[0].name)
+        bias = np.asarray(t.bias)
+        if node is None or bias.dtype not in (np.float32, np.float16, np.float64):
+            continue
+        name = f"__bias_correction_check_{i}"
+        elem = helper.np_dtype_to_tensor_dtype(bias.dtype)
+        model.graph.input.append(helper.make_tensor_value_info(name, elem, list(bias.shape)))
+        while len(node.input) <= t.bias_index:
+            node.input.append("")
+        node.input[t.bias_index] = name
+        names[name] = i
+    return model, names
+
+
+def _cross_validate(graph: gs.Graph, targets: list[_Target], held_out: dict[int, list[np.ndarray]], folds: int,
+                    ctx: PassContext) -> _Verdict:
+    """Whether the correction improves the model's outputs on data it was not fitted to: batch i of the calibration
+    data is in fold i mod k; each batch runs through the Q/DQ model corrected with the shifts measured on the other
+    folds, and through the uncorrected Q/DQ model, against the float model (onnxruntime, no graph optimizations:
+    the Q/DQ arithmetic as written). Applied if that held-out worst-output SQNR (errors summed over every batch)
+    is higher with the correction; else, if it is higher with half of it, half (see ``STRENGTHS``)."""
+    from ..calibration.collect import cut_at_plugins, float32_copy, has_bfloat16, make_session
+    from ..check import _feed, _pair_outputs, sqnr_db
+    from ..graph import export_graph
+
+    worst: dict[float, float] = {}
+    try:
+        reference, _ = cut_at_plugins(ctx.calib_model)
+        plain, _ = cut_at_plugins(export_graph(graph))
+        pairs = _pair_outputs(reference, plain)
+        checked, inputs = _bias_inputs(plain, targets)
+        if has_bfloat16(reference) or has_bfloat16(checked):
+            reference, checked = float32_copy(reference), float32_copy(checked)
+        ref_s = make_session(reference, optimize=False)
+        q_s = make_session(checked, optimize=False)
+        original = {name: np.asarray(targets[i].bias) for name, i in inputs.items()}
+        names = list(pairs)
+        outs = [pairs[n] for n in names]
+
+        def biases(strength: float, fold: int) -> dict[str, np.ndarray]:
+            if strength == 0.0:
+                return original
+            values = {}
+            for name, i in inputs.items():
+                new = _corrected(targets[i], strength * held_out[fold][i])
+                values[name] = new if new is not None else original[name]
+            return values
+
+        def sqnrs(strengths: tuple[float, ...]) -> dict[float, float]:
+            """Worst-output held-out SQNR per strength, over every calibration batch (one pass over the data)."""
+            signal = dict.fromkeys(names, 0.0)
+            noise = {k: dict.fromkeys(names, 0.0) for k in strengths}
+            for i, batch in enumerate(ctx.calib_data):
+                ref = ref_s.run(names, _feed(ref_s, batch, None))
+                fold = i % folds
+                got = {k: q_s.run(outs, _feed(q_s, {**batch, **biases(k, fold)}, None)) for k in strengths}
+                for j, n in enumerate(names):
+                    r = np.asarray(ref[j])
+                    if r.dtype.kind != "f":
+                        continue
+                    r = r.astype(np.float64)
+                    signal[n] += float(np.sum(r * r))
+                    for k, values in got.items():
+                        noise[k][n] += float(np.sum((r - np.asarray(values[j], np.float64)) ** 2))
+            compared = [n for n in names if signal[n] > 0]
+            if not compared:
+                raise ValueError("no float output to compare")
+            return {k: min(sqnr_db(signal[n], noise[k][n]) for n in compared) for k in strengths}
+
+        worst.update(sqnrs((0.0, STRENGTHS[0])))
+        for strength in STRENGTHS[1:]:  # a weaker correction only when the stronger one did not help
+            if max(worst[k] for k in worst if k) > worst[0.0]:
+                break
+            worst.update(sqnrs((strength,)))
+    except Exception as exc:  # onnxruntime cannot run it: unchecked, so not applied
+        logger.debug("bias correction check failed", exc_info=True)
+        return _Verdict(False, f"the held-out check could not run ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:160] if str(exc) else ''})")
+    tried = [k for k in STRENGTHS if k in worst]
+    what = (f"held out on {len(held_out)} folds of the calibration batches (each corrected with the shifts measured "
+            f"on the others), worst-output SQNR {worst[0.0]:.2f} dB without, "
+            + ", ".join(f"{worst[k]:.2f} dB with it" + (f" at {k:g}x" if k != 1.0 else "") for k in tried))
+    good = [k for k in tried if worst[k] > worst[0.0]]
+    if not good:
+        return _Verdict(False, what)
+    return _Verdict(True, what + (f"; applied at {good[0]:g}x" if good[0] != 1.0 else ""), good[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,7 +14,7 @@ import qdqsurgeon
 from qdqsurgeon.config import Config
 from qdqsurgeon.examples import example_calibration, example_model
 from qdqsurgeon.passes.audit import AuditInstrument
-from qdqsurgeon.passes.bias_correction import _pads, _rounding_error, _tap_sums
+from qdqsurgeon.passes.bias_correction import NO_DATA_MESSAGE, _pads, _rounding_error, _tap_sums
 
 
 def _naive_tap_sums(x, geometry):
@@ -155,8 +157,10 @@ def test_corrected_layer_output_mean_matches_float(kind, rounding, tmp_path):
     assert np.max(np.abs(before - want)) > 1e-3  # there was a shift to remove
     assert np.max(np.abs(after - want)) < 1e-5 * max(1.0, np.max(np.abs(want)))
     changes = [c for c in res.changes if c.pass_name == "bias-correction"]
-    assert [(c.kind, c.rule, c.node) for c in changes] == [("constant", "V4", op)]
-    assert "bias correction of" in changes[0].detail
+    # the held-out check's verdict, then the one corrected layer
+    assert [(c.kind, c.rule, c.node) for c in changes] == [("note", "V4", "<model>"), ("constant", "V4", op)]
+    assert changes[0].detail.startswith("applied: held out on 8 folds")
+    assert "bias correction of" in changes[1].detail
     onnx.checker.check_model(res.model, full_check=True)
     # only a float initializer changed: same nodes, same Q/DQ parameters
     assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in plain.model.graph.node]
@@ -172,8 +176,10 @@ def test_default_removes_the_weight_rounding_shift(kind, tmp_path):
     ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
     want = _mean_output(model, "y1", x, axis)
     err = {}
-    for label, config in (("off", None), ("default", Config(bias_correction=True)),
-                          ("input", Config(bias_correction=True, bias_correction_rounding="input"))):
+    # the correction's arithmetic: without the held-out check (folds=1), which may refuse a correction of random data
+    for label, config in (("off", Config(bias_correction=False)),
+                          ("default", Config(bias_correction=True, bias_correction_folds=1)),
+                          ("input", Config(bias_correction=True, bias_correction_rounding="input", bias_correction_folds=1))):
         out = qdqsurgeon.optimize(model, ranges=ranges, config=config, analyze=False).model
         err[label] = float(np.sqrt(np.mean((_mean_output(out, "y1", x, axis) - want) ** 2)))
     assert err["default"] < 0.5 * err["off"]
@@ -197,7 +203,9 @@ def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
     b = qdqsurgeon.optimize(model, ranges=qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False),
                             analyze=False, config=ON)
     assert a.model.SerializeToString() == b.model.SerializeToString()
-    corrected = [c for c in a.changes if c.pass_name == "bias-correction"]
+    notes = [c for c in a.changes if c.pass_name == "bias-correction" and c.kind == "note"]
+    assert [c.detail.split(":")[0] for c in notes] == ["applied"]  # the held-out check's verdict, once
+    corrected = [c for c in a.changes if c.pass_name == "bias-correction" and c.kind != "note"]
     assert corrected and all(c.kind == "constant" and c.rule == "V4" for c in corrected)
     assert len({c.node for c in corrected}) == len(corrected)  # one entry per layer
     onnx.checker.check_model(a.model, full_check=True)
@@ -208,11 +216,21 @@ def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
     assert not [c for c in with_data.changes if c.pass_name == "bias-correction"]
 
 
-def test_no_correction_without_real_data_or_when_off():
+def test_no_correction_without_real_data_or_when_off(caplog):
     model = qdqsurgeon.load(example_model())
     rnd = qdqsurgeon.build_ranges(model, calib_random=4, progress=False)
-    res = qdqsurgeon.optimize(model, ranges=rnd, analyze=False, config=ON)
-    assert not [c for c in res.changes if c.pass_name == "bias-correction"]
+    with caplog.at_level("WARNING", logger="qdqsurgeon.passes.bias_correction"):
+        res = qdqsurgeon.optimize(model, ranges=rnd, analyze=False, config=ON)
+    # asked for with random data: nothing corrected, and said once (a warning and a change-log note)
+    changes = [c for c in res.changes if c.pass_name == "bias-correction"]
+    assert [(c.kind, c.node, c.detail) for c in changes] == [("note", "<model>", NO_DATA_MESSAGE)]
+    assert [r.getMessage() for r in caplog.records if r.name.endswith("bias_correction")] == [NO_DATA_MESSAGE]
+    plain = qdqsurgeon.optimize(model, ranges=rnd, analyze=False, config=Config(bias_correction=False))
+    assert res.model.SerializeToString() == plain.model.SerializeToString()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qdqsurgeon.passes.bias_correction"):
+        default = qdqsurgeon.optimize(model, ranges=rnd, analyze=False)  # not asked for: silent
+    assert not [c for c in default.changes if c.pass_name == "bias-correction"] and not caplog.records
     ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
     off = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
     assert not [c for c in off.changes if c.pass_name == "bias-correction"]
@@ -235,3 +253,68 @@ def test_cli_switch(tmp_path):
         assert r.exit_code == 0, r.output
         outs[i] = {t.name for t in onnx.load(str(out)).graph.initializer}
     assert [any("bias_corrected" in n for n in outs[i]) for i in range(3)] == [False, True, False]
+
+
+def test_cli_says_once_that_random_data_gives_no_correction(tmp_path):
+    """`optimize --bias-correction --calib-random N` used to do nothing silently: one warning line on stderr now,
+    and the output is the one without the flag."""
+    from click.testing import CliRunner
+
+    from qdqsurgeon.cli import cli
+
+    runs = {}
+    for flag in ("--bias-correction", None):
+        out = tmp_path / f"{flag}.onnx"
+        r = CliRunner().invoke(cli, ["optimize", str(example_model()), str(out), "--calib-random", "4",
+                                                      "-q", *([flag] if flag else [])])
+        assert r.exit_code == 0, r.output + r.stderr
+        runs[flag] = (r.stderr, onnx.load(str(out)).SerializeToString())
+    stderr, model = runs["--bias-correction"]
+    assert [line for line in stderr.splitlines() if "bias correction" in line] == [f"WARNING: {NO_DATA_MESSAGE}"]
+    assert "bias correction" not in runs[None][0]
+    assert model == runs[None][1]
+
+
+def _alternating_calib(tmp_path, shape):
+    """Calibration samples whose mean flips sign from one batch to the next: fold 0 (even batches) and fold 1 (odd
+    batches) of the held-out check see opposite input means, so a shift fitted on one is wrong on the other."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 0.3, (8, *shape[1:])).astype(np.float32)
+    x[0::2] += 1.0
+    x[1::2] -= 1.0
+    path = tmp_path / "alternating.npz"
+    np.savez(path, x=x)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["conv", "matmul"])
+def test_held_out_check_refuses_a_correction_the_folds_disagree_on(kind, tmp_path):
+    """The correction is applied only if, fitted on some batches of the calibration data, it improves the model's
+    outputs on the others: with input means that flip between the folds it makes them worse, so nothing changes
+    and the change log says why (with the two SQNRs); ``bias_correction_folds=1`` (no check) still corrects."""
+    model = _conv_model() if kind == "conv" else _matmul_model()
+    calib = _alternating_calib(tmp_path, [1, 3, 16, 16] if kind == "conv" else [1, 6, 32])
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    plain = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, config=ON, analyze=False)
+    changes = [c for c in res.changes if c.pass_name == "bias-correction"]
+    assert [(c.kind, c.node) for c in changes] == [("note", "<model>")]
+    assert changes[0].detail.startswith("not applied: held out on 8 folds")
+    # without it, with it, with half of it (tried since the full one did not help): both worse
+    without, *with_ = (float(v) for v in re.findall(r"([-\d.]+) dB", changes[0].detail))
+    assert len(with_) == 2 and max(with_) < without and "at 0.5x" in changes[0].detail
+    assert res.model.SerializeToString() == plain.model.SerializeToString()
+    unchecked = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=True, bias_correction_folds=1),
+                                    analyze=False)
+    assert [c.kind for c in unchecked.changes if c.pass_name == "bias-correction"] == ["constant"]
+
+
+def test_held_out_check_needs_a_batch_per_fold(tmp_path):
+    """One calibration batch cannot be split into folds: no correction, and a note saying so."""
+    model = _conv_model()
+    calib, _ = _calib(tmp_path, [1, 3, 16, 16], n=1)
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, config=ON, analyze=False)
+    changes = [c for c in res.changes if c.pass_name == "bias-correction"]
+    assert [c.kind for c in changes] == ["note"]
+    assert "has 1 batch, too few" in changes[0].detail
