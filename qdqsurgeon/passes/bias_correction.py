@@ -183,7 +183,7 @@ def correction_targets(graph: gs.Graph, rounding: str = "input") -> list[_Target
     "all" or "none"."""
     out: list[_Target] = []
     for node in graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
         wdq = producer(node.inputs[1])
         if wdq is None or wdq.op != DQ_OP:
@@ -194,9 +194,12 @@ def correction_targets(graph: gs.Graph, rounding: str = "input") -> list[_Target
         act = _act_params(node.inputs[0])
         if rounding == "none" or (rounding == "input" and not _reads_network_input(graph, node.inputs[0])):
             act = None
-        if node.op == "Conv":
+        if node.op in ("Conv", "ConvTranspose"):
             if w_q.ndim < 3:
                 continue
+            transposed = node.op == "ConvTranspose"
+            # ConvTranspose's weight is [C_in, C_out / group, *kernel]: one bias per output channel all the same
+            n_out = w_q.shape[1] * int(_attr(node, "group", 1)) if transposed else w_q.shape[0]
             has_bias = len(node.inputs) > 2 and node.inputs[2].name != ""
             if has_bias:
                 if not isinstance(node.inputs[2], gs.Constant):
@@ -209,24 +212,40 @@ def correction_targets(graph: gs.Graph, rounding: str = "input") -> list[_Target
             else:
                 bias_node, bias_index, how = node, 2, "new-bias"
                 dtype = np_dtype(node.inputs[1].dtype) or np_dtype(node.inputs[0].dtype) or np.dtype(np.float32)
-                bias = np.zeros(w_q.shape[0], dtype)  # the conv's float type (float16, bfloat16 models)
-            if bias is None or bias.dtype.kind != "f" or bias.shape != (w_q.shape[0],):
+                bias = np.zeros(n_out, dtype)  # the conv's float type (float16, bfloat16 models)
+            if bias is None or bias.dtype.kind != "f" or bias.shape != (n_out,):
                 continue
             sp = w_q.ndim - 2
             pads = list(_attr(node, "pads", [0] * (2 * sp)))
             geometry = (tuple(w_q.shape[2:]), tuple(_attr(node, "strides", [1] * sp)),
                         tuple(_attr(node, "dilations", [1] * sp)), tuple(pads), str(_attr(node, "auto_pad", "NOTSET")),
                         int(_attr(node, "group", 1)))
-            out.append(_Target(node, bias_node, bias_index, bias, w_q, act, "conv", 1.0, geometry, how))
+            if transposed:
+                # explicit pads only (an output_shape or auto_pad sets them from the input's size)
+                if geometry[4] != "NOTSET" or _attr(node, "output_shape", None) is not None or len(pads) != 2 * sp:
+                    continue
+                geometry += (tuple(_attr(node, "output_padding", [0] * sp)),)
+            out.append(_Target(node, bias_node, bias_index, bias, w_q, act, "convT" if transposed else "conv", 1.0,
+                               geometry, how))
         elif node.op == "Gemm":
-            if int(_attr(node, "transA", 0)) or len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
+            if int(_attr(node, "transA", 0)) or w_q.ndim != 2:
                 continue
             w = w_q.T if int(_attr(node, "transB", 0)) else w_q  # [K, N]
-            bias = const_value(node.inputs[2])
             beta, alpha = float(_attr(node, "beta", 1.0)), float(_attr(node, "alpha", 1.0))
+            how = "bias"
+            if len(node.inputs) < 3 or node.inputs[2].name == "":  # no C: one added (beta·C, so C = shift / beta)
+                how = "new-bias"
+                dtype = np_dtype(node.inputs[1].dtype) or np_dtype(node.inputs[0].dtype) or np.dtype(np.float32)
+                bias = np.zeros(w.shape[1], dtype)
+                if len(node.inputs) == 3:
+                    continue  # an empty C name left in place: not worth the special case
+            elif not isinstance(node.inputs[2], gs.Constant):
+                continue
+            else:
+                bias = const_value(node.inputs[2])
             if bias is None or bias.dtype.kind != "f" or bias.size != w.shape[1] or bias.ndim > 2 or beta == 0:
                 continue
-            out.append(_Target(node, node, 2, bias, w, act, "gemm", alpha / beta))
+            out.append(_Target(node, node, 2, bias, w, act, "gemm", alpha / beta, how=how))
         else:  # MatMul: constant 2-D weight as the second operand, then Add(bias)
             if w_q.ndim != 2:
                 continue
@@ -289,6 +308,31 @@ def _tap_sums(x: np.ndarray, geometry: tuple) -> tuple[np.ndarray, int]:
         parts = nxt
     sums = np.stack(parts, axis=1).astype(np.float64).reshape(x.shape[1], *kernel)
     return sums, n
+
+
+def _transposed_tap_sums(x: np.ndarray, geometry: tuple) -> tuple[np.ndarray, int]:
+    """ConvTranspose: ([C, *kernel] sums, over the batch, of the input positions whose contribution through each
+    kernel tap lands inside the output; the number of (sample, output position) pairs). Input position i reaches
+    output o = i·s + k·d − pad_lo through tap k."""
+    kernel, strides, dilations, pads, _, _, out_pad = geometry
+    sp = len(kernel)
+    ins = x.shape[2:]
+    outs = [strides[i] * (ins[i] - 1) + out_pad[i] + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[i + sp]
+            for i in range(sp)]
+    if min(outs) <= 0 or x.shape[0] == 0:
+        return np.zeros((x.shape[1], *kernel)), 0
+    n = x.shape[0] * int(np.prod(outs))
+    parts = [x.sum(axis=0) if x.shape[0] > 1 else x[0]]
+    for i in range(sp):
+        nxt = []
+        for part in parts:
+            for k in range(kernel[i]):
+                off = k * dilations[i] - pads[i]  # o = i*s + off, inside [0, O)
+                lo = max(0, -(off // strides[i]))  # ceil(-off / s)
+                hi = min(ins[i] - 1, (outs[i] - 1 - off) // strides[i])
+                nxt.append(part[:, lo:hi + 1].sum(axis=1) if hi >= lo else np.zeros(part.shape[:1] + part.shape[2:]))
+        parts = nxt
+    return np.stack(parts, axis=1).astype(np.float64).reshape(x.shape[1], *kernel), n
 
 
 class _Stats:
@@ -391,11 +435,12 @@ class BiasCorrection(Pass):
             for key, t in by_tensor.get(name, ()):
                 d = _rounding_error(x, t.act) if t.act is not None else None
                 c = x.shape[1] if x.ndim > 1 else 0
-                if t.kind == "conv":
+                if t.kind in ("conv", "convT"):
                     if x.ndim != len(t.geometry[0]) + 2:
                         continue
                     # x and its rounding error side by side on the channel axis: one reduction for both
-                    sums, n = _tap_sums(x if d is None else np.concatenate([x, d], axis=1), t.geometry)
+                    taps = _tap_sums if t.kind == "conv" else _transposed_tap_sums
+                    sums, n = taps(x if d is None else np.concatenate([x, d], axis=1), t.geometry)
                     sx, sd = sums[:c], (sums[c:] if d is not None else None)
                 else:
                     if x.ndim < 2:
@@ -463,6 +508,21 @@ class BiasCorrection(Pass):
             dw = (t.w_q - w).reshape(co, -1)
             wterm = (dw * mxg).sum(axis=1)
             aterm = (t.w_q.reshape(co, -1) * md.reshape(groups, -1)[g]).sum(axis=1) if md is not None else np.zeros(co)
+            return wterm, aterm
+        if t.kind == "convT":  # w [C_in, C_out/g, *k], means [C_in, *k]
+            if w.shape != t.w_q.shape or mx.shape[0] != w.shape[0] or w.shape[0] % t.geometry[5]:
+                return None
+            groups = t.geometry[5]
+            ci, cog = w.shape[0] // groups, w.shape[1]
+
+            def per_out(weight: np.ndarray, means: np.ndarray) -> np.ndarray:
+                m = means.reshape(means.shape[0], -1)  # [C_in, taps]
+                wt = weight.reshape(weight.shape[0], weight.shape[1], -1)  # [C_in, C_out/g, taps]
+                return np.concatenate([np.einsum("ct,cot->o", m[g * ci:(g + 1) * ci], wt[g * ci:(g + 1) * ci])
+                                       for g in range(groups)])
+
+            wterm = per_out(t.w_q - w, mx)
+            aterm = per_out(t.w_q, md) if md is not None else np.zeros(cog * groups)
             return wterm, aterm
         if t.kind == "gemm":
             w = w.T if w.shape != t.w_q.shape else w

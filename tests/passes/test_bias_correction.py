@@ -14,7 +14,7 @@ import qdqsurgeon
 from qdqsurgeon.config import Config
 from qdqsurgeon.examples import example_calibration, example_model
 from qdqsurgeon.passes.audit import AuditInstrument
-from qdqsurgeon.passes.bias_correction import NO_DATA_MESSAGE, _pads, _rounding_error, _tap_sums
+from qdqsurgeon.passes.bias_correction import NO_DATA_MESSAGE, _pads, _rounding_error, _tap_sums, _transposed_tap_sums
 
 
 def _naive_tap_sums(x, geometry):
@@ -119,7 +119,7 @@ def _calib(tmp_path, shape, n=8, constant=True):
     if not constant:
         pass
     elif len(shape) == 4:
-        x[:, :, :8, :] = np.array([0.417, -0.23, 0.151], np.float32)[None, :, None, None]
+        x[:, :, :8, :] = np.resize(np.array([0.417, -0.23, 0.151], np.float32), shape[1])[None, :, None, None]
     else:
         x[:, :3, :] = 0.417
     path = tmp_path / "calib.npz"
@@ -318,3 +318,105 @@ def test_held_out_check_needs_a_batch_per_fold(tmp_path):
     changes = [c for c in res.changes if c.pass_name == "bias-correction"]
     assert [c.kind for c in changes] == ["note"]
     assert "has 1 batch, too few" in changes[0].detail
+
+
+def _naive_transposed_tap_sums(x, geometry):
+    kernel, strides, dilations, pads, _, _, out_pad = geometry
+    sp = len(kernel)
+    ins = x.shape[2:]
+    outs = [strides[i] * (ins[i] - 1) + out_pad[i] + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[i + sp]
+            for i in range(sp)]
+    res = np.zeros((x.shape[1], *kernel))
+    for tap in np.ndindex(*kernel):
+        for pos in np.ndindex(*ins):
+            o = [pos[i] * strides[i] + tap[i] * dilations[i] - pads[i] for i in range(sp)]
+            if all(0 <= o[i] < outs[i] for i in range(sp)):
+                res[(slice(None), *tap)] += x[(slice(None), slice(None), *pos)].sum(axis=0)
+    return res, x.shape[0] * int(np.prod(outs))
+
+
+def test_transposed_tap_sums_match_a_scatter():
+    """ConvTranspose: each tap's sum is over the input positions whose output lands inside the (cropped) output."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(200):
+        sp = int(rng.integers(1, 3))
+        kernel = tuple(int(v) for v in rng.integers(1, 5, sp))
+        strides = tuple(int(v) for v in rng.integers(1, 4, sp))
+        dilations = tuple(int(v) for v in rng.integers(1, 3, sp))
+        pads = tuple(int(v) for v in rng.integers(0, 3, 2 * sp))
+        out_pad = tuple(int(rng.integers(0, s)) for s in strides)
+        ins = tuple(int(v) for v in rng.integers(1, 7, sp))
+        geometry = (kernel, strides, dilations, pads, "NOTSET", 1, out_pad)
+        x = rng.normal(size=(2, 3, *ins)).astype(np.float32)
+        want, m = _naive_transposed_tap_sums(x, geometry)
+        if m <= 0:
+            continue
+        got, n = _transposed_tap_sums(x, geometry)
+        assert n == m
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        checked += 1
+    assert checked > 100
+
+
+def _convtranspose_model(bias: bool, group: int = 1) -> onnx.ModelProto:
+    """ConvTranspose(4->8, 3x3, stride 2, pad 1, output_padding 1) -> Relu -> Conv(8->4) -> output: the ConvTranspose
+    is INT8 (the last conv feeds the output and stays float, P9)."""
+    rng = np.random.default_rng(8)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 8 // group, 3, 3)).astype(np.float32), "wt"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "bt"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "wt", "bt"] if bias else ["x", "wt"], ["y1"], name="deconv",
+                         pads=[1, 1, 1, 1], strides=[2, 2], output_padding=[1, 1], group=group),
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32, 32])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _gemm_model() -> onnx.ModelProto:
+    """Gemm(32->24, transB, no C, alpha 0.5, beta 2) -> Relu -> Gemm(24->8): the first is INT8 and has no bias."""
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (24, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (8, 24)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["y1"], name="gemm1", transB=1, alpha=0.5, beta=2.0),
+             helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+             helper.make_node("Gemm", ["r1", "w2", "b2"], ["y"], name="gemm2", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["deconv", "deconv-nobias", "deconv-group", "gemm-noc"])
+def test_convtranspose_and_biasless_gemm_are_corrected(kind, tmp_path):
+    """A ConvTranspose (with a bias, without one: one added, grouped) and a Gemm without C (one added, scaled by
+    alpha/beta): with max ranges and the rounding term the INT8 layer's mean output per channel equals the float
+    layer's on the calibration data (the correction's arithmetic: no held-out check, folds=1)."""
+    if kind == "gemm-noc":
+        model, shape, axis, op = _gemm_model(), [1, 32], 1, "gemm1"
+    else:
+        model, shape, axis, op = _convtranspose_model(kind != "deconv-nobias", 2 if kind == "deconv-group" else 1), \
+            [1, 4, 16, 16], 1, "deconv"
+    calib, x = _calib(tmp_path, shape if len(shape) > 2 else [1, 1, 32])
+    if kind == "gemm-noc":
+        x = x.reshape(len(x), 32)
+        np.savez(calib, x=x)
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    plain = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, analyze=False,
+                              config=Config(bias_correction=True, bias_correction_rounding="all", bias_correction_folds=1))
+    want = _mean_output(model, "y1", x, axis)
+    before = _mean_output(plain.model, "y1", x, axis)
+    after = _mean_output(res.model, "y1", x, axis)
+    assert np.max(np.abs(before - want)) > 1e-3
+    assert np.max(np.abs(after - want)) < 1e-5 * max(1.0, np.max(np.abs(want)))
+    changes = [c for c in res.changes if c.pass_name == "bias-correction" and c.node == op]
+    assert len(changes) == 1 and changes[0].kind == "constant"
+    assert ("one added" in changes[0].detail) == (kind in ("deconv-nobias", "gemm-noc"))
+    onnx.checker.check_model(res.model, full_check=True)
