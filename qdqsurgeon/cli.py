@@ -313,7 +313,9 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--keep-output-layers", is_flag=True, help="Also quantize weighted ops that feed graph outputs (P9).")
 @click.option("--bias-correction/--no-bias-correction", default=None,
               help="PTQ with --calib: each INT8 layer's float bias absorbs the mean output shift of its own weight "
-                   "rounding (measured on the calibration data; one more pass over it).")
+                   "rounding (measured on the calibration data), applied only if a held-out check on the calibration "
+                   "batches finds it improves the outputs (default: on; --no-bias-correction: off; "
+                   "--bias-correction without real data says so).")
 @click.option("--bias-correction-rounding", type=click.Choice(["none", "input", "all"]), default="none", show_default=True,
               help="Bias correction: whose activation rounding it corrects besides the weight rounding: none, layers "
                    "reading a network input, or every INT8 layer (measured on the float model's inputs: YOLOv8n +8.9 dB "

@@ -32,8 +32,9 @@ class Config:
     # or "output" (the consumer's scale)
     align: str = "max"
     keep_output_layers: bool = False  # P9
-    # bias-correction (PTQ with real calibration data only; opt-in, see README "Bias correction"): INT8 layers'
-    # float biases absorb the mean output shift of their own weight rounding (V4: biases stay float in TensorRT)
+    # bias-correction (PTQ with real calibration data only, where a held-out check on that data finds it helps;
+    # see README "Bias correction"): INT8 layers' float biases absorb the mean output shift of their own weight
+    # rounding (V4: biases stay float in TensorRT)
     # None: the default (passes.bias_correction.DEFAULT_ON); True: asked for (said so when impossible); False: off
     bias_correction: bool | None = None
     # whose activation rounding it corrects too, besides the weight rounding: "none" (default), "input" (layers

@@ -168,7 +168,7 @@ def test_corrected_layer_output_mean_matches_float(kind, rounding, tmp_path):
 
 @pytest.mark.parametrize("kind", ["conv", "matmul"])
 def test_default_removes_the_weight_rounding_shift(kind, tmp_path):
-    """By default the correction (opt-in) is the weight term only: on inputs without constant regions (activation
+    """By default the correction is the weight term only: on inputs without constant regions (activation
     rounding averages out) most of the mean shift goes; with the rounding term as well (first layer) all of it."""
     model = _conv_model() if kind == "conv" else _matmul_model()
     calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind == "conv" else [1, 6, 32], constant=False)
@@ -189,11 +189,19 @@ def test_default_removes_the_weight_rounding_shift(kind, tmp_path):
 ON = Config(bias_correction=True)
 
 
-def test_off_by_default():
+def test_on_by_default_where_the_check_passes(tmp_path):
+    """With real calibration data the default is the explicit --bias-correction (held-out check included): the
+    example model is corrected; data the check refuses (input means flipping between folds) is not."""
     model = qdqsurgeon.load(example_model())
     ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
     res = qdqsurgeon.optimize(model, ranges=ranges, analyze=False)
-    assert not [c for c in res.changes if c.pass_name == "bias-correction"]
+    on = qdqsurgeon.optimize(model, ranges=ranges, analyze=False, config=ON)
+    assert res.model.SerializeToString() == on.model.SerializeToString()
+    assert [c.kind for c in res.changes if c.pass_name == "bias-correction"][:2] == ["note", "constant"]
+    small = _conv_model()
+    alternating = qdqsurgeon.build_ranges(small, calib=_alternating_calib(tmp_path, [1, 3, 16, 16]), progress=False)
+    refused = qdqsurgeon.optimize(small, ranges=alternating, analyze=False)
+    assert [c.detail.split(":")[0] for c in refused.changes if c.pass_name == "bias-correction"] == ["not applied"]
 
 
 def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
@@ -252,7 +260,7 @@ def test_cli_switch(tmp_path):
                                       "-q", *flag])
         assert r.exit_code == 0, r.output
         outs[i] = {t.name for t in onnx.load(str(out)).graph.initializer}
-    assert [any("bias_corrected" in n for n in outs[i]) for i in range(3)] == [False, True, False]
+    assert [any("bias_corrected" in n for n in outs[i]) for i in range(3)] == [True, True, False]  # on by default
 
 
 def test_cli_says_once_that_random_data_gives_no_correction(tmp_path):
