@@ -642,7 +642,9 @@ def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str |
         raise UsageError("sensitivity takes a float model (it quantizes it once itself); this one already has Q/DQ")
     pre = Preprocess.parse(preprocess) if preprocess else None
     eval_data = open_data(eval_path or calib, src, pre)  # checked now, before calibration
-    config = Config(exclude=list(exclude))
+    # without bias correction: its corrected biases assume every layer INT8, and the analysis switches groups to
+    # float (a float layer with a corrected bias would carry the correction as an error of its own)
+    config = Config(exclude=list(exclude), bias_correction=False)
     src, upgraded = prepare_opset(src, None, config, mode="ptq")
     ranges = build_ranges(src, calib=calib, method=method, preprocess=preprocess, progress=not quiet)
     quantized = optimize(src, config=config, ranges=ranges, mode="ptq", prior_changes=upgraded).model
