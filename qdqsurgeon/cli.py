@@ -311,9 +311,11 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
 @click.option("--quantize-small-convs", is_flag=True,
               help="Also quantize Convs whose small channel counts misalign INT8 kernels (left float by default, P11).")
 @click.option("--keep-output-layers", is_flag=True, help="Also quantize weighted ops that feed graph outputs (P9).")
-@click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+@click.option("--bias-correction/--no-bias-correction", default=None,
               help="PTQ with --calib: each INT8 layer's float bias absorbs the mean output shift of its own weight "
-                   "rounding (measured on the calibration data; one more pass over it).")
+                   "rounding (measured on the calibration data), applied only if a held-out check on the calibration "
+                   "batches finds it improves the outputs (default: on; --no-bias-correction: off; "
+                   "--bias-correction without real data says so).")
 @click.option("--bias-correction-rounding", type=click.Choice(["none", "input", "all"]), default="none", show_default=True,
               help="Bias correction: whose activation rounding it corrects besides the weight rounding: none, layers "
                    "reading a network input, or every INT8 layer (measured on the float model's inputs: YOLOv8n +8.9 dB "
@@ -346,7 +348,7 @@ def optimize_cmd(paths: tuple[str, ...], example: bool, pass_names: str | None, 
                  report_path: str | None, opset: int | None, no_opset_upgrade: bool, calib: str | None, method: str | None, percentile: float,
                  preprocess: str | None, calib_random: int | None, calib_cache: str | None, weights: str, trt_version: str | None,
                  exclude: tuple[str, ...], exclude_op: tuple[str, ...], quantize_bmm: bool | None, align: str,
-                 quantize_small_convs: bool, keep_output_layers: bool, bias_correction: bool,
+                 quantize_small_convs: bool, keep_output_layers: bool, bias_correction: bool | None,
                  bias_correction_rounding: str, float16: bool, io_float16: bool, requantize: bool, repair_zero_scales: bool,
                  run_check: bool, eval_path: str | None, target_text: str | None, max_drop: float | None, labels_path: str | None,
                  save_precision_path: str | None, precision_path: str | None, jobs: int,
@@ -640,7 +642,9 @@ def sensitivity_cmd(model: str, calib: str, eval_path: str | None, method: str |
         raise UsageError("sensitivity takes a float model (it quantizes it once itself); this one already has Q/DQ")
     pre = Preprocess.parse(preprocess) if preprocess else None
     eval_data = open_data(eval_path or calib, src, pre)  # checked now, before calibration
-    config = Config(exclude=list(exclude))
+    # without bias correction: its corrected biases assume every layer INT8, and the analysis switches groups to
+    # float (a float layer with a corrected bias would carry the correction as an error of its own)
+    config = Config(exclude=list(exclude), bias_correction=False)
     src, upgraded = prepare_opset(src, None, config, mode="ptq")
     ranges = build_ranges(src, calib=calib, method=method, preprocess=preprocess, progress=not quiet)
     quantized = optimize(src, config=config, ranges=ranges, mode="ptq", prior_changes=upgraded).model

@@ -32,13 +32,19 @@ class Config:
     # or "output" (the consumer's scale)
     align: str = "max"
     keep_output_layers: bool = False  # P9
-    # bias-correction (PTQ with real calibration data only; opt-in, see README "Bias correction"): INT8 layers'
-    # float biases absorb the mean output shift of their own weight rounding (V4: biases stay float in TensorRT)
-    bias_correction: bool = False
+    # bias-correction (PTQ with real calibration data only, where a held-out check on that data finds it helps;
+    # see README "Bias correction"): INT8 layers' float biases absorb the mean output shift of their own weight
+    # rounding (V4: biases stay float in TensorRT)
+    # None: the default (passes.bias_correction.DEFAULT_ON); True: asked for (said so when impossible); False: off
+    bias_correction: bool | None = None
     # whose activation rounding it corrects too, besides the weight rounding: "none" (default), "input" (layers
     # reading a network input, where the INT8 model's input is the float model's) or "all" (every INT8 layer,
     # measured on the float model's inputs)
     bias_correction_rounding: str = "none"
+    # the held-out check: calibration batch i is in fold i mod k; the correction is applied only if, fitted on the
+    # other folds, it improves the model's outputs on each fold's batches (worst-output SQNR summed over them).
+    # 1: no check, the correction as measured on all the data
+    bias_correction_folds: int = 8
     float16: bool = False  # P10
     io_float16: bool = False
     sensitive_ops: list[str] = field(default_factory=lambda: ["LayerNormalization", "Softmax"])
@@ -53,5 +59,8 @@ class Config:
             raise ValueError(f"weights must be 'float' or 'int8', not {self.weights!r}")
         if self.bias_correction_rounding not in ("input", "all", "none"):
             raise ValueError(f"bias_correction_rounding must be 'input', 'all' or 'none', not {self.bias_correction_rounding!r}")
+        if int(self.bias_correction_folds) < 1:
+            raise ValueError(f"bias_correction_folds must be >= 1, not {self.bias_correction_folds!r}")
+        self.bias_correction_folds = int(self.bias_correction_folds)
         if self.align not in ("max", "scales", "output"):
             raise ValueError(f"align must be 'max', 'scales' or 'output', not {self.align!r}")

@@ -582,7 +582,8 @@ def analyze(
     top: int = 2,
     float_for: Callable[[list[GroupResult]], Sequence[int]] | None = None,
 ) -> SensitivityReport:
-    """Per-group sensitivity of ``qdq_model`` (the output of ``optimize``) on ``data``.
+    """Per-group sensitivity of ``qdq_model`` (the output of ``optimize``, without bias correction: its corrected
+    biases assume every layer INT8, and groups are switched to float here) on ``data``.
 
     Default (fast): every group alone INT8 on the first ``screen_samples`` samples (default: the
     number of samples over the number of groups, at least 1, so screening costs about one pass

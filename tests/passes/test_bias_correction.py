@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,7 +14,7 @@ import qdqsurgeon
 from qdqsurgeon.config import Config
 from qdqsurgeon.examples import example_calibration, example_model
 from qdqsurgeon.passes.audit import AuditInstrument
-from qdqsurgeon.passes.bias_correction import _pads, _rounding_error, _tap_sums
+from qdqsurgeon.passes.bias_correction import NO_DATA_MESSAGE, _pads, _rounding_error, _tap_sums, _transposed_tap_sums
 
 
 def _naive_tap_sums(x, geometry):
@@ -117,7 +119,7 @@ def _calib(tmp_path, shape, n=8, constant=True):
     if not constant:
         pass
     elif len(shape) == 4:
-        x[:, :, :8, :] = np.array([0.417, -0.23, 0.151], np.float32)[None, :, None, None]
+        x[:, :, :8, :] = np.resize(np.array([0.417, -0.23, 0.151], np.float32), shape[1])[None, :, None, None]
     else:
         x[:, :3, :] = 0.417
     path = tmp_path / "calib.npz"
@@ -155,8 +157,10 @@ def test_corrected_layer_output_mean_matches_float(kind, rounding, tmp_path):
     assert np.max(np.abs(before - want)) > 1e-3  # there was a shift to remove
     assert np.max(np.abs(after - want)) < 1e-5 * max(1.0, np.max(np.abs(want)))
     changes = [c for c in res.changes if c.pass_name == "bias-correction"]
-    assert [(c.kind, c.rule, c.node) for c in changes] == [("constant", "V4", op)]
-    assert "bias correction of" in changes[0].detail
+    # the held-out check's verdict, then the one corrected layer
+    assert [(c.kind, c.rule, c.node) for c in changes] == [("note", "V4", "<model>"), ("constant", "V4", op)]
+    assert changes[0].detail.startswith("applied: held out on 8 folds")
+    assert "bias correction of" in changes[1].detail
     onnx.checker.check_model(res.model, full_check=True)
     # only a float initializer changed: same nodes, same Q/DQ parameters
     assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in plain.model.graph.node]
@@ -164,7 +168,7 @@ def test_corrected_layer_output_mean_matches_float(kind, rounding, tmp_path):
 
 @pytest.mark.parametrize("kind", ["conv", "matmul"])
 def test_default_removes_the_weight_rounding_shift(kind, tmp_path):
-    """By default the correction (opt-in) is the weight term only: on inputs without constant regions (activation
+    """By default the correction is the weight term only: on inputs without constant regions (activation
     rounding averages out) most of the mean shift goes; with the rounding term as well (first layer) all of it."""
     model = _conv_model() if kind == "conv" else _matmul_model()
     calib, x = _calib(tmp_path, [1, 3, 16, 16] if kind == "conv" else [1, 6, 32], constant=False)
@@ -172,8 +176,10 @@ def test_default_removes_the_weight_rounding_shift(kind, tmp_path):
     ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
     want = _mean_output(model, "y1", x, axis)
     err = {}
-    for label, config in (("off", None), ("default", Config(bias_correction=True)),
-                          ("input", Config(bias_correction=True, bias_correction_rounding="input"))):
+    # the correction's arithmetic: without the held-out check (folds=1), which may refuse a correction of random data
+    for label, config in (("off", Config(bias_correction=False)),
+                          ("default", Config(bias_correction=True, bias_correction_folds=1)),
+                          ("input", Config(bias_correction=True, bias_correction_rounding="input", bias_correction_folds=1))):
         out = qdqsurgeon.optimize(model, ranges=ranges, config=config, analyze=False).model
         err[label] = float(np.sqrt(np.mean((_mean_output(out, "y1", x, axis) - want) ** 2)))
     assert err["default"] < 0.5 * err["off"]
@@ -183,11 +189,19 @@ def test_default_removes_the_weight_rounding_shift(kind, tmp_path):
 ON = Config(bias_correction=True)
 
 
-def test_off_by_default():
+def test_on_by_default_where_the_check_passes(tmp_path):
+    """With real calibration data the default is the explicit --bias-correction (held-out check included): the
+    example model is corrected; data the check refuses (input means flipping between folds) is not."""
     model = qdqsurgeon.load(example_model())
     ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
     res = qdqsurgeon.optimize(model, ranges=ranges, analyze=False)
-    assert not [c for c in res.changes if c.pass_name == "bias-correction"]
+    on = qdqsurgeon.optimize(model, ranges=ranges, analyze=False, config=ON)
+    assert res.model.SerializeToString() == on.model.SerializeToString()
+    assert [c.kind for c in res.changes if c.pass_name == "bias-correction"][:2] == ["note", "constant"]
+    small = _conv_model()
+    alternating = qdqsurgeon.build_ranges(small, calib=_alternating_calib(tmp_path, [1, 3, 16, 16]), progress=False)
+    refused = qdqsurgeon.optimize(small, ranges=alternating, analyze=False)
+    assert [c.detail.split(":")[0] for c in refused.changes if c.pass_name == "bias-correction"] == ["not applied"]
 
 
 def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
@@ -197,7 +211,9 @@ def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
     b = qdqsurgeon.optimize(model, ranges=qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False),
                             analyze=False, config=ON)
     assert a.model.SerializeToString() == b.model.SerializeToString()
-    corrected = [c for c in a.changes if c.pass_name == "bias-correction"]
+    notes = [c for c in a.changes if c.pass_name == "bias-correction" and c.kind == "note"]
+    assert [c.detail.split(":")[0] for c in notes] == ["applied"]  # the held-out check's verdict, once
+    corrected = [c for c in a.changes if c.pass_name == "bias-correction" and c.kind != "note"]
     assert corrected and all(c.kind == "constant" and c.rule == "V4" for c in corrected)
     assert len({c.node for c in corrected}) == len(corrected)  # one entry per layer
     onnx.checker.check_model(a.model, full_check=True)
@@ -208,11 +224,21 @@ def test_example_ptq_deterministic_idempotent_and_fix_path_untouched():
     assert not [c for c in with_data.changes if c.pass_name == "bias-correction"]
 
 
-def test_no_correction_without_real_data_or_when_off():
+def test_no_correction_without_real_data_or_when_off(caplog):
     model = qdqsurgeon.load(example_model())
     rnd = qdqsurgeon.build_ranges(model, calib_random=4, progress=False)
-    res = qdqsurgeon.optimize(model, ranges=rnd, analyze=False, config=ON)
-    assert not [c for c in res.changes if c.pass_name == "bias-correction"]
+    with caplog.at_level("WARNING", logger="qdqsurgeon.passes.bias_correction"):
+        res = qdqsurgeon.optimize(model, ranges=rnd, analyze=False, config=ON)
+    # asked for with random data: nothing corrected, and said once (a warning and a change-log note)
+    changes = [c for c in res.changes if c.pass_name == "bias-correction"]
+    assert [(c.kind, c.node, c.detail) for c in changes] == [("note", "<model>", NO_DATA_MESSAGE)]
+    assert [r.getMessage() for r in caplog.records if r.name.endswith("bias_correction")] == [NO_DATA_MESSAGE]
+    plain = qdqsurgeon.optimize(model, ranges=rnd, analyze=False, config=Config(bias_correction=False))
+    assert res.model.SerializeToString() == plain.model.SerializeToString()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qdqsurgeon.passes.bias_correction"):
+        default = qdqsurgeon.optimize(model, ranges=rnd, analyze=False)  # not asked for: silent
+    assert not [c for c in default.changes if c.pass_name == "bias-correction"] and not caplog.records
     ranges = qdqsurgeon.build_ranges(model, calib=example_calibration(), progress=False)
     off = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
     assert not [c for c in off.changes if c.pass_name == "bias-correction"]
@@ -234,4 +260,171 @@ def test_cli_switch(tmp_path):
                                       "-q", *flag])
         assert r.exit_code == 0, r.output
         outs[i] = {t.name for t in onnx.load(str(out)).graph.initializer}
-    assert [any("bias_corrected" in n for n in outs[i]) for i in range(3)] == [False, True, False]
+    assert [any("bias_corrected" in n for n in outs[i]) for i in range(3)] == [True, True, False]  # on by default
+
+
+def test_cli_says_once_that_random_data_gives_no_correction(tmp_path):
+    """`optimize --bias-correction --calib-random N` used to do nothing silently: one warning line on stderr now,
+    and the output is the one without the flag."""
+    from click.testing import CliRunner
+
+    from qdqsurgeon.cli import cli
+
+    runs = {}
+    for flag in ("--bias-correction", None):
+        out = tmp_path / f"{flag}.onnx"
+        r = CliRunner().invoke(cli, ["optimize", str(example_model()), str(out), "--calib-random", "4",
+                                                      "-q", *([flag] if flag else [])])
+        assert r.exit_code == 0, r.output + r.stderr
+        runs[flag] = (r.stderr, onnx.load(str(out)).SerializeToString())
+    stderr, model = runs["--bias-correction"]
+    assert [line for line in stderr.splitlines() if "bias correction" in line] == [f"WARNING: {NO_DATA_MESSAGE}"]
+    assert "bias correction" not in runs[None][0]
+    assert model == runs[None][1]
+
+
+def _alternating_calib(tmp_path, shape):
+    """Calibration samples whose mean flips sign from one batch to the next: fold 0 (even batches) and fold 1 (odd
+    batches) of the held-out check see opposite input means, so a shift fitted on one is wrong on the other."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 0.3, (8, *shape[1:])).astype(np.float32)
+    x[0::2] += 1.0
+    x[1::2] -= 1.0
+    path = tmp_path / "alternating.npz"
+    np.savez(path, x=x)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["conv", "matmul"])
+def test_held_out_check_refuses_a_correction_the_folds_disagree_on(kind, tmp_path):
+    """The correction is applied only if, fitted on some batches of the calibration data, it improves the model's
+    outputs on the others: with input means that flip between the folds it makes them worse, so nothing changes
+    and the change log says why (with the two SQNRs); ``bias_correction_folds=1`` (no check) still corrects."""
+    model = _conv_model() if kind == "conv" else _matmul_model()
+    calib = _alternating_calib(tmp_path, [1, 3, 16, 16] if kind == "conv" else [1, 6, 32])
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    plain = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, config=ON, analyze=False)
+    changes = [c for c in res.changes if c.pass_name == "bias-correction"]
+    assert [(c.kind, c.node) for c in changes] == [("note", "<model>")]
+    assert changes[0].detail.startswith("not applied: held out on 8 folds")
+    # without it, with it, with half of it (tried since the full one did not help): both worse
+    without, *with_ = (float(v) for v in re.findall(r"([-\d.]+) dB", changes[0].detail))
+    assert len(with_) == 2 and max(with_) < without and "at 0.5x" in changes[0].detail
+    assert res.model.SerializeToString() == plain.model.SerializeToString()
+    unchecked = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=True, bias_correction_folds=1),
+                                    analyze=False)
+    assert [c.kind for c in unchecked.changes if c.pass_name == "bias-correction"] == ["constant"]
+
+
+def test_held_out_check_needs_a_batch_per_fold(tmp_path):
+    """One calibration batch cannot be split into folds: no correction, and a note saying so."""
+    model = _conv_model()
+    calib, _ = _calib(tmp_path, [1, 3, 16, 16], n=1)
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, config=ON, analyze=False)
+    changes = [c for c in res.changes if c.pass_name == "bias-correction"]
+    assert [c.kind for c in changes] == ["note"]
+    assert "has 1 batch, too few" in changes[0].detail
+
+
+def _naive_transposed_tap_sums(x, geometry):
+    kernel, strides, dilations, pads, _, _, out_pad = geometry
+    sp = len(kernel)
+    ins = x.shape[2:]
+    outs = [strides[i] * (ins[i] - 1) + out_pad[i] + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[i + sp]
+            for i in range(sp)]
+    res = np.zeros((x.shape[1], *kernel))
+    for tap in np.ndindex(*kernel):
+        for pos in np.ndindex(*ins):
+            o = [pos[i] * strides[i] + tap[i] * dilations[i] - pads[i] for i in range(sp)]
+            if all(0 <= o[i] < outs[i] for i in range(sp)):
+                res[(slice(None), *tap)] += x[(slice(None), slice(None), *pos)].sum(axis=0)
+    return res, x.shape[0] * int(np.prod(outs))
+
+
+def test_transposed_tap_sums_match_a_scatter():
+    """ConvTranspose: each tap's sum is over the input positions whose output lands inside the (cropped) output."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(200):
+        sp = int(rng.integers(1, 3))
+        kernel = tuple(int(v) for v in rng.integers(1, 5, sp))
+        strides = tuple(int(v) for v in rng.integers(1, 4, sp))
+        dilations = tuple(int(v) for v in rng.integers(1, 3, sp))
+        pads = tuple(int(v) for v in rng.integers(0, 3, 2 * sp))
+        out_pad = tuple(int(rng.integers(0, s)) for s in strides)
+        ins = tuple(int(v) for v in rng.integers(1, 7, sp))
+        geometry = (kernel, strides, dilations, pads, "NOTSET", 1, out_pad)
+        x = rng.normal(size=(2, 3, *ins)).astype(np.float32)
+        want, m = _naive_transposed_tap_sums(x, geometry)
+        if m <= 0:
+            continue
+        got, n = _transposed_tap_sums(x, geometry)
+        assert n == m
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        checked += 1
+    assert checked > 100
+
+
+def _convtranspose_model(bias: bool, group: int = 1) -> onnx.ModelProto:
+    """ConvTranspose(4->8, 3x3, stride 2, pad 1, output_padding 1) -> Relu -> Conv(8->4) -> output: the ConvTranspose
+    is INT8 (the last conv feeds the output and stays float, P9)."""
+    rng = np.random.default_rng(8)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 8 // group, 3, 3)).astype(np.float32), "wt"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "bt"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "wt", "bt"] if bias else ["x", "wt"], ["y1"], name="deconv",
+                         pads=[1, 1, 1, 1], strides=[2, 2], output_padding=[1, 1], group=group),
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32, 32])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _gemm_model() -> onnx.ModelProto:
+    """Gemm(32->24, transB, no C, alpha 0.5, beta 2) -> Relu -> Gemm(24->8): the first is INT8 and has no bias."""
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (24, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (8, 24)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["y1"], name="gemm1", transB=1, alpha=0.5, beta=2.0),
+             helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+             helper.make_node("Gemm", ["r1", "w2", "b2"], ["y"], name="gemm2", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["deconv", "deconv-nobias", "deconv-group", "gemm-noc"])
+def test_convtranspose_and_biasless_gemm_are_corrected(kind, tmp_path):
+    """A ConvTranspose (with a bias, without one: one added, grouped) and a Gemm without C (one added, scaled by
+    alpha/beta): with max ranges and the rounding term the INT8 layer's mean output per channel equals the float
+    layer's on the calibration data (the correction's arithmetic: no held-out check, folds=1)."""
+    if kind == "gemm-noc":
+        model, shape, axis, op = _gemm_model(), [1, 32], 1, "gemm1"
+    else:
+        model, shape, axis, op = _convtranspose_model(kind != "deconv-nobias", 2 if kind == "deconv-group" else 1), \
+            [1, 4, 16, 16], 1, "deconv"
+    calib, x = _calib(tmp_path, shape if len(shape) > 2 else [1, 1, 32])
+    if kind == "gemm-noc":
+        x = x.reshape(len(x), 32)
+        np.savez(calib, x=x)
+    ranges = qdqsurgeon.build_ranges(model, calib=calib, method="max", progress=False)
+    plain = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False), analyze=False)
+    res = qdqsurgeon.optimize(model, ranges=ranges, analyze=False,
+                              config=Config(bias_correction=True, bias_correction_rounding="all", bias_correction_folds=1))
+    want = _mean_output(model, "y1", x, axis)
+    before = _mean_output(plain.model, "y1", x, axis)
+    after = _mean_output(res.model, "y1", x, axis)
+    assert np.max(np.abs(before - want)) > 1e-3
+    assert np.max(np.abs(after - want)) < 1e-5 * max(1.0, np.max(np.abs(want)))
+    changes = [c for c in res.changes if c.pass_name == "bias-correction" and c.node == op]
+    assert len(changes) == 1 and changes[0].kind == "constant"
+    assert ("one added" in changes[0].detail) == (kind in ("deconv-nobias", "gemm-noc"))
+    onnx.checker.check_model(res.model, full_check=True)
