@@ -239,8 +239,31 @@ def _lazy(tensor: onnx.TensorProto) -> LazyValues:
 
 
 def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[object, object] | None:
-    """(dtype, shape) of a plain tensor ``vi`` as gs reads them; None for anything else (gs's own import)."""
+    """(dtype, shape) of a plain tensor ``vi`` as gs reads them; None for anything else (gs's own import).
+
+    Parsed once per distinct type (a graph's hundreds of thousands of tensors share a few hundred
+    types, and reading a shape's dims through protobuf costs microseconds each); the shape is a new list.
+    """
     typ = vi.type
+    key = typ.SerializeToString()
+    found = _TYPES.get(key, _UNSEEN)
+    if found is _UNSEEN:
+        found = _parse_tensor_type(typ)
+        if len(_TYPES) >= _TYPES_KEPT:
+            _TYPES.clear()
+        _TYPES[key] = found
+    if found is None:
+        return None
+    dtype, shape = found
+    return dtype, (list(shape) if shape is not None else None)
+
+
+_TYPES: dict[bytes, tuple[object, tuple | None] | None] = {}
+_TYPES_KEPT = 1 << 14
+_UNSEEN = object()
+
+
+def _parse_tensor_type(typ: onnx.TypeProto) -> tuple[object, tuple | None] | None:
     if not typ.HasField("tensor_type"):
         return None
     tt = typ.tensor_type
@@ -249,8 +272,8 @@ def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[object, object] | None:
         return None
     if not tt.HasField("shape"):
         return dtype, None
-    return dtype, [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
-                   for d in tt.shape.dim]
+    return dtype, tuple(d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+                        for d in tt.shape.dim)
 
 
 def value_info_type(vi: onnx.ValueInfoProto) -> tuple[object, object]:
@@ -438,7 +461,7 @@ def _write_constant(init: onnx.TensorProto, t: gs.Constant) -> None:
     if not isinstance(values, np.ndarray):
         raise _NotFlat("sparse constant")
     kind = _onnx_type(values.dtype)
-    if (t._export_dtype is not None and _onnx_type(t._export_dtype) != kind) or values.dtype.name in _PACKED_DTYPES:
+    if (t._export_dtype is not None and _onnx_type(t._export_dtype) != kind) or dtype_name(values.dtype) in _PACKED_DTYPES:
         raise _NotFlat("exported dtype conversion or packed constant")
     init.data_type = kind
     init.name = t.name
@@ -561,9 +584,23 @@ def is_float_dtype(dtype: object) -> bool:
 _PACKED_DTYPES = ("int4", "uint4", "float4_e2m1fn")
 
 
+_DTYPE_NAMES: dict[object, str] = {}
+
+
+def dtype_name(dtype: object) -> str:
+    """``np.dtype(dtype).name``, cached (numpy computes the name in Python on every call)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        _DTYPE_NAMES[dtype] = name = np.dtype(dtype).name
+        return name
+    except TypeError:  # an unhashable description
+        return np.dtype(dtype).name
+
+
 def _repack_subbyte_constants(graph: gs.Graph) -> None:
     for t in _all_tensors(graph):
-        if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray) and t._values.dtype.name in _PACKED_DTYPES:
+        if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray) and dtype_name(t._values.dtype) in _PACKED_DTYPES:
             t._values = LazyValues(onnx.numpy_helper.from_array(t._values, t.name))
 
 
@@ -1023,6 +1060,29 @@ def toposort_graph(graph: gs.Graph) -> gs.Graph:
     index = {id(n) for n in nodes}
     local = _local_names(graph)
     levels: dict[int, int] = {}
+    # The common case, a graph already in topological order: gs's recursion then finishes the nodes in
+    # their order, and each node's level follows from its producers' in one forward pass.
+    for node in nodes:
+        top = -1
+        for t in node.inputs:
+            if t.name in local:
+                for p in t.inputs:
+                    level = levels.get(id(p))
+                    if level is None:  # a later producer, a cycle or one outside the graph: the full walk
+                        break
+                    if level > top:
+                        top = level
+                else:
+                    continue
+                break
+        else:
+            levels[id(node)] = top + 1
+            continue
+        levels.clear()
+        break
+    if levels:
+        graph.nodes = sorted(nodes, key=lambda n: levels[id(n)])
+        return graph
     order: list[gs.Node] = []  # in the order gs's recursion finishes nodes
 
     def producers(node: gs.Node) -> list[gs.Node] | None:

@@ -19,6 +19,7 @@ from .trt_rules import BIAS_OPS, WEIGHT_PASSTHROUGH_OPS
 from .background import Background, can_fork
 from .graph import (
     activation_input_index,
+    dtype_name,
     gc_paused,
     behind_constant,
     DQ_OP,
@@ -176,9 +177,14 @@ def _data_shape(node: gs.Node) -> list[int] | None:
     """The quantized side's static shape (a Q's input, a DQ's input), or None when unknown or dynamic."""
     t = node.inputs[0] if node.inputs else None
     shape = getattr(t, "shape", None)
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+    if shape is None:
         return None
-    return [int(d) for d in shape]
+    out = []
+    for d in shape:
+        if type(d) is not int and not isinstance(d, (int, np.integer)) or d < 0:
+            return None
+        out.append(int(d))
+    return out
 
 
 def layout_problem(node: gs.Node, *, zero_point: bool = True, qp: QParams | None = None) -> str | None:
@@ -196,8 +202,8 @@ def layout_problem(node: gs.Node, *, zero_point: bool = True, qp: QParams | None
     if zero_point and zp is not None and zp.shape != scale.shape and not (zp.size == 1 and scale.size == 1):
         return (f"zero point shape {list(zp.shape)} differs from the scale's {list(scale.shape)} "
                 f"(ONNX requires the same shape)")
-    shape = _data_shape(node)
     if qp.blocked:
+        shape = _data_shape(node)
         if shape is None:
             return None
         if scale.ndim != len(shape):
@@ -213,7 +219,8 @@ def layout_problem(node: gs.Node, *, zero_point: bool = True, qp: QParams | None
         if scale.ndim != 1:
             return (f"scale of shape {list(scale.shape)} is neither per-tensor nor 1-D per-axis "
                     f"(and no block_size is set)")
-        if shape is not None and shape:
+        shape = _data_shape(node)
+        if shape:
             axis = (qp.axis if qp.axis is not None else 1) % len(shape)
             if shape[axis] != scale.size:
                 return (f"{scale.size} per-axis scales for axis {qp.axis} of extent {shape[axis]}")
@@ -237,23 +244,18 @@ def scale_counts(scale: np.ndarray) -> tuple[bool, int, int]:
     return bool(np.all(np.isfinite(s))), int(np.sum(s < 0)), int(np.sum(s == 0))
 
 
-_DTYPE_NAMES: dict[object, str] = {}
-
-
-def _dtype_name(dtype: object) -> str:
-    """``np.dtype(dtype).name``, cached (numpy computes the name in Python on every call)."""
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        _DTYPE_NAMES[dtype] = name = np.dtype(dtype).name
-        return name
-    except TypeError:  # an unhashable description
-        return np.dtype(dtype).name
+def _nonzero(zp: np.ndarray) -> bool:
+    """Whether a zero point has a non-zero value (small ones read as Python numbers, as in :func:`scale_counts`)."""
+    if zp.size == 1:
+        return float(zp.reshape(-1)[0]) != 0
+    if zp.size <= 256 and zp.dtype.kind in "iu":
+        return any(zp.reshape(-1).tolist())
+    return bool(np.any(zp.astype(np.float64) != 0))
 
 
 def unsupported_qtype(qp: "object") -> str | None:
     """Why TensorRT cannot import a Q/DQ of this quantized type (V4), or None (int8, uint8 -> V2, int32 -> bias)."""
-    name = _dtype_name(qp.qdtype)
+    name = dtype_name(qp.qdtype)
     if name in TRT_QTYPES or name in ("uint8", "int32"):
         return None
     return (f"{name} quantization is not importable by TensorRT (its Quantize/Dequantize layers take "
@@ -311,7 +313,7 @@ def validity_problems(graph: gs.Graph) -> list[Problem]:
             zp = qp.zero_point
             if zp.dtype == np.uint8:
                 problems.append(Problem("V2", node.name, "uint8 zero point: TensorRT reads it as int8 and quantizes symmetrically"))
-            if (float(zp.reshape(-1)[0]) != 0) if zp.size == 1 else np.any(zp.astype(np.float64) != 0):
+            if _nonzero(zp):
                 problems.append(Problem("V2", node.name, "non-zero zero point: TensorRT supports symmetric quantization only"))
             if qp.zero_point.dtype == np.int32:
                 problems.append(Problem("V4", node.name, f"{qp.zero_point.dtype} dequantization (bias?) is not importable"))

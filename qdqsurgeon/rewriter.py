@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import (DQ_OP, Q_OP, cleanup_graph, is_graph_output, nested_nodes, new_constant, new_node, new_variable,
+from .graph import (DQ_OP, Q_OP, cleanup_graph, dtype_name, is_graph_output, nested_nodes, new_constant, new_node, new_variable,
                     toposort_graph, used_names)
 
 __all__ = ["Change", "Rewriter"]
@@ -154,7 +154,7 @@ class Rewriter:
         attrs = {} if axis is None else {"axis": int(axis)}
         scale = np.asarray(scale)
         # The scale type is the precision of the DQ output (trt-rules section 1): float16 data keeps float16 scales.
-        keep = scale.dtype in (np.float16, np.float32) or scale.dtype.name == "bfloat16"
+        keep = scale.dtype in (np.float16, np.float32) or dtype_name(scale.dtype) == "bfloat16"
         scale_c = self.constant(f"{base}_scale", scale if keep else scale.astype(np.float32))
         zp_c = self.constant(f"{base}_zero_point", np.asarray(zero_point))
         q_out = new_variable(self.fresh_name(f"{base}_quantized"), np.asarray(zero_point).dtype, tensor.shape)

@@ -65,6 +65,38 @@ def test_toposort_and_cleanup_match_graphsurgeon_on_real_models():
             assert _names(ours) == _names(theirs)
 
 
+def test_toposort_of_any_topological_order_matches_gs():
+    # the one-pass levels of a graph already in a topological order (any one, not only gs's level order)
+    for model in _models():
+        for seed in (0, 1, 2):
+            graphs = [import_model(model) for _ in range(2)]
+            rng = random.Random(seed)
+            g = graphs[0]
+            readers: dict[int, list[int]] = {}
+            pending = []
+            index = {id(n): i for i, n in enumerate(g.nodes)}
+            for i, n in enumerate(g.nodes):
+                producers = {index[id(p)] for t in n.inputs for p in t.inputs if id(p) in index}
+                pending.append(len(producers))
+                for p in producers:
+                    readers.setdefault(p, []).append(i)
+            ready, order = [i for i, k in enumerate(pending) if k == 0], []
+            while ready:  # Kahn's algorithm, ties broken at random
+                i = ready.pop(rng.randrange(len(ready)))
+                order.append(i)
+                for r in readers.get(i, ()):
+                    pending[r] -= 1
+                    if pending[r] == 0:
+                        ready.append(r)
+            assert len(order) == len(g.nodes)
+            for h in graphs:
+                h.nodes = [h.nodes[i] for i in order]
+            ours, theirs = graphs
+            toposort_graph(ours)
+            theirs.toposort()
+            assert _names(ours) == _names(theirs), model.graph.name
+
+
 def test_toposort_has_no_recursion_limit():
     # 5000 nodes appended in reverse order: gs's recursive levels would need a 5000-deep stack
     x = gs.Variable("x", dtype=np.float32, shape=[1])

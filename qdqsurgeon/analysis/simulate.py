@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
 from ..io import heavy, without_weight_bytes
-from ..graph import _flat_model, const_value, export_graph, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph, value_info_type
+from ..graph import _all_tensors, _flat_model, const_value, dtype_name, export_graph, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph, value_info_type
 from ..qdq import agreed_dq_sources, agreed_q_readers, cancels, duplicates
 from ..rewriter import Rewriter
 
@@ -64,10 +64,11 @@ def _take_over(graph: gs.Graph, model: onnx.ModelProto) -> gs.Graph | None:
     tensor's readers in node order. None when a tensor still links a node outside the graph (the
     import would not have it): then the model is imported after all."""
     order = {id(n): i for i, n in enumerate(graph.nodes)}
-    tensors = graph.tensors().values()
-    for t in tensors:
-        if any(id(n) not in order for n in t.inputs) or any(id(n) not in order for n in t.outputs):
-            return None
+    tensors = list(_all_tensors(graph))  # (a flat graph: those of graph.tensors(), without its name checks)
+    linked = {id(n) for t in tensors for n in t.inputs}
+    linked.update(id(n) for t in tensors for n in t.outputs)
+    if not linked <= order.keys():
+        return None
     infos: dict[str, tuple[object, object]] = {}
     for vi in model.graph.value_info:
         new = value_info_type(vi)
@@ -78,8 +79,9 @@ def _take_over(graph: gs.Graph, model: onnx.ModelProto) -> gs.Graph | None:
         if vi.name not in infos:
             infos[vi.name] = value_info_type(vi)
     none = (None, None)
+    variable = gs.Variable
     for t in tensors:
-        if isinstance(t, gs.Variable):
+        if type(t) is variable or isinstance(t, variable):
             t.dtype, t.shape = infos.get(t.name, none)
         if len(t.outputs) > 1:  # the import links readers in node order; the passes, in edit order
             list.sort(t.outputs, key=lambda n: order[id(n)])
@@ -128,15 +130,27 @@ def _qkey(node: gs.Node) -> tuple:
     return key if key is not None else ("dynamic", id(node))
 
 
+_INT8_TYPES = {np.int8: "int8", np.uint8: "uint8", np.dtype(np.int8): "int8", np.dtype(np.uint8): "uint8"}
+
+
 def _qlabel(sim: "_Sim", node: gs.Node) -> str:
     """``int8``, ``fp8``... : the quantized type of the activation DQ feeding ``node`` (int8 when unknown)."""
     from ..inspection import QTYPE_LABELS
 
     for t in node.inputs:
         dq = sim.dq_of(t)
-        qp = qparams(dq) if dq is not None else None
-        if qp is not None:
-            return QTYPE_LABELS.get(np.dtype(qp.qdtype).name, "int8")
+        if dq is None:
+            continue
+        ins = dq.inputs
+        name = None
+        if len(ins) > 2 and type(ins[1]) is gs.Constant and type(ins[2]) is gs.Constant and ins[2].name:
+            name = _INT8_TYPES.get(ins[2].dtype)  # the zero point's type, as qparams would load it
+        if name is None:
+            qp = qparams(dq)
+            if qp is None:
+                continue
+            name = dtype_name(qp.qdtype)
+        return QTYPE_LABELS.get(name, "int8")
     return "int8"
 
 
