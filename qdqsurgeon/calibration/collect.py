@@ -162,11 +162,11 @@ def _as_float32(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) if np.asarray(v).dtype.name == "bfloat16" else v for k, v in batch.items()}
 
 
-def _too_big(model: onnx.ModelProto, limit: int | None = None) -> bool:
+def _too_big(model: onnx.ModelProto, limit: int | None = None, payload: int | None = None) -> bool:
     limit = _PROTO_LIMIT if limit is None else min(limit, _PROTO_LIMIT)
     # The tensors decide it; the exact size (ByteSize encodes the whole message, a copy of the
-    # weights) only when they come within 10% of the limit.
-    payload = tensor_payload(model)
+    # weights) only when they come within 10% of the limit. ``payload``: the model's tensor_payload, if known.
+    payload = tensor_payload(model) if payload is None else payload
     if payload < 0.9 * limit:
         return False
     if payload >= limit:  # the encoded message holds at least these bytes
@@ -177,9 +177,11 @@ def _too_big(model: onnx.ModelProto, limit: int | None = None) -> bool:
         return True
 
 
-def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Type (with shape where known) of every tensor after shape inference."""
-    if _too_big(model):
+def _inferred_types(model: onnx.ModelProto, payload: int | None = None) -> dict[str, onnx.TypeProto]:
+    """Type (with shape where known) of every tensor after shape inference (``payload``: the model's
+    :func:`tensor_payload`, when the caller has it)."""
+    payload = tensor_payload(model) if payload is None else payload
+    if _too_big(model, payload=payload):
         # The in-memory API serializes the model; big ones go through a file with external data.
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = _write_external(model, Path(tmp), data=False), Path(tmp) / "inferred.onnx"
@@ -188,7 +190,7 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     else:
         try:
             # a heavy model's weights need not be serialized to infer their readers' types
-            inferred = onnx.shape_inference.infer_shapes(without_weight_bytes(model)[0] if heavy(model) else model)
+            inferred = onnx.shape_inference.infer_shapes(without_weight_bytes(model)[0] if heavy(model, payload) else model)
         except Exception as exc:  # onnx raises several unrelated types here
             logger.warning("shape inference failed (%s); using only the types the model declares", exc)
             inferred = model
@@ -415,7 +417,7 @@ class _Segments:
     """
 
     def __init__(self, model: onnx.ModelProto, wanted: Sequence[str], types: dict[str, onnx.TypeProto],
-                 size: int | None = None) -> None:
+                 size: int | None = None, payload: int | None = None) -> None:
         size = size or _SEGMENT_NODES
         nodes = list(model.graph.node)
         inits = {t.name for t in model.graph.initializer}
@@ -458,7 +460,7 @@ class _Segments:
             m.functions.extend(model.functions)
             specs.append((m, ins, outs))
             self.drop_after.append([t for t in used | set(outs) if last_use.get(t, -1) < b and t not in wanted_set])
-        small = not _too_big(model, _FILE_SESSION_BYTES)  # then so is every slice: no size check per slice
+        small = not _too_big(model, _FILE_SESSION_BYTES, payload)  # then so is every slice: no size check per slice
         # Session setup is most of a large graph's calibration, on one core: a forked child sets up and runs
         # the second half of the slices while this process does the first half (the values crossing the cut
         # go to the child, the wanted ones of its half come back).
@@ -675,9 +677,13 @@ def collect_stats(
     if bf16:
         logger.info("bfloat16 model: calibrating a float32 copy (onnxruntime's CPU provider lacks bfloat16 kernels)")
         model = float32_copy(model)
-    full_types = _inferred_types(model)
+    payload = tensor_payload(model)  # (counted once: the size checks below need it)
+    full_types = _inferred_types(model, payload)
     types = {name: t.tensor_type.elem_type for name, t in full_types.items()}
+    uncut = model
     model, after_plugin = cut_at_plugins(model, full_types)
+    if model is not uncut:
+        payload = None
     initializers = {t.name: t for t in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input} - set(initializers)
     produced = {o for n in model.graph.node for o in n.output}
@@ -707,9 +713,9 @@ def collect_stats(
     run_names = [n for n in stats if n not in initializers and n not in graph_inputs]
     feed_names = [n for n in stats if n in graph_inputs]
     session = segments = None
-    if run_names and len(model.graph.node) > 2 * _SEGMENT_NODES and not _too_big(model):
+    if run_names and len(model.graph.node) > 2 * _SEGMENT_NODES and not _too_big(model, payload=payload):
         try:
-            segments = _Segments(model, run_names, full_types)
+            segments = _Segments(model, run_names, full_types, payload=payload)
         except KeyError as exc:  # a tensor crossing a cut has no inferred type: one session after all
             logger.debug("calibrating in one session: no type for %s", exc)
     if run_names and segments is None:

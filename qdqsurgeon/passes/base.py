@@ -165,15 +165,18 @@ class VerifyInstrument(Instrument):
         self._warned = False
 
     @staticmethod
-    def _problem(graph_or_model: gs.Graph | onnx.ModelProto, full: bool = True) -> str | None:
+    def _problem(graph_or_model: gs.Graph | onnx.ModelProto, full: bool = True, payload: int | None = None) -> str | None:
+        """onnx's check of a graph or model (``payload``: the model's tensor payload, when known)."""
         from ..graph import export_model
-        from ..io import check_model, is_large
+        from ..io import check_model, is_large, tensor_payload
 
         model = graph_or_model if isinstance(graph_or_model, onnx.ModelProto) else export_model(graph_or_model)
-        if is_large(model):
+        if payload is None or model is not graph_or_model:
+            payload = tensor_payload(model)
+        if is_large(model, payload):
             return None  # the in-memory checker cannot take 2 GB; the saved model is checked by path
         try:
-            check_model(model, full_check=full)
+            check_model(model, full_check=full, payload=payload)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             return str(exc).strip().splitlines()[0]
         return None
