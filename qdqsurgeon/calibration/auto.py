@@ -57,7 +57,7 @@ from qdqsurgeon.calibration.methods import (
     hist_sq_error,
 )
 
-__all__ = ["AutoSelector", "AUTO_PERCENTILES", "candidate_ranges", "layer_error"]
+__all__ = ["AutoSelector", "AUTO_PERCENTILES", "candidate_ranges", "gate", "layer_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +70,59 @@ _MIN_ROWS, _MAX_ROWS = 32, 1024
 _MAX_CHANNELS = 32
 
 
-def candidate_ranges(stats: TensorStats, only: Iterable[str] | None = None) -> dict[str, float]:
-    """Candidate amax values of one tensor, by the method that gives each (``only``: just those methods).
+def candidate_ranges(stats: TensorStats, only: Iterable[str] | None = None,
+                     extra: Iterable[float] = ()) -> dict[str, float]:
+    """Candidate amax values of one tensor, by the method that gives each (``only``: just those methods;
+    ``extra``: more percentiles, such as the configured one).
 
     MSE from the whole error curve (:func:`.methods.mse_curve`); entropy from the KL curve at every
     8th bin count and around its 4 best (:func:`.methods.amax_entropy_fast`).
     """
     if stats.absmax <= 0.0 or stats.hist is None:
         return {"max": amax_max(stats)}
+    percentiles = sorted(set(AUTO_PERCENTILES) | {float(p) for p in extra})
     makers = {"max": lambda: amax_max(stats),
-              **{f"percentile {p}": (lambda p=p: amax_percentile(stats, p)) for p in AUTO_PERCENTILES},
+              **{f"percentile {p:g}": (lambda p=p: amax_percentile(stats, p)) for p in percentiles},
               "mse": lambda: amax_mse_fast(stats),
               "entropy": lambda: amax_entropy_fast(stats)}
     wanted = list(makers) if only is None else [k for k in only if k in makers]
     return {k: makers[k]() for k in wanted}
+
+
+# One-sided Student t quantiles at 1 %, by degrees of freedom (1-30; beyond, the normal's 2.326): the 5 %
+# level of a paired test split over the five candidates that may replace the baseline (Bonferroni).
+_T99 = (31.821, 6.965, 4.541, 3.747, 3.365, 3.143, 2.998, 2.896, 2.821, 2.764, 2.718, 2.681, 2.650, 2.624, 2.602,
+        2.583, 2.567, 2.552, 2.539, 2.528, 2.518, 2.508, 2.500, 2.492, 2.485, 2.479, 2.473, 2.467, 2.462, 2.457)
+MIN_FOLDS = 3
+
+
+def gate(labels: Sequence[str], errors: np.ndarray, baseline: str) -> tuple[str, dict]:
+    """The candidate to use, given its error per fold (``errors`` [len(labels), folds]): ``baseline``
+    unless another candidate has less error *consistently*, i.e. a paired one-sided t-test over the folds
+    of (baseline error - candidate error) rejects "no better" at 1 % (:data:`_T99`); among the candidates
+    that pass, the least total error. With fewer than :data:`MIN_FOLDS` folds there is no evidence: the
+    baseline. Returns the label and what decided it (t statistic and mean gain of the winner, folds).
+    """
+    labels = list(labels)
+    if baseline not in labels:  # a tensor with nothing to choose (all zero): one candidate
+        return labels[0], {"folds": errors.shape[1], "reason": "one candidate"}
+    b = labels.index(baseline)
+    folds = errors.shape[1]
+    if folds < MIN_FOLDS:
+        return baseline, {"folds": folds, "reason": "too few folds"}
+    diff = errors[b][np.newaxis] - errors  # > 0: the candidate has less error than the baseline on that fold
+    mean = diff.mean(axis=1)
+    sd = diff.std(axis=1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(sd > 0, mean / (sd / math.sqrt(folds)), np.where(mean > 0, np.inf, 0.0))
+    crit = _T99[folds - 2] if folds - 2 < len(_T99) else 2.326
+    passing = [i for i in range(len(labels)) if i != b and mean[i] > 0 and t[i] > crit]
+    if not passing:
+        i = int(np.argmax(np.where(np.arange(len(labels)) == b, -np.inf, t)))
+        return baseline, {"folds": folds, "reason": "no consistent gain", "best_other": labels[i], "t": float(t[i])}
+    i = min(passing, key=lambda j: (errors[j].sum(), j))
+    gain = float(mean[i] * folds / max(errors[b].sum(), 1e-30))
+    return labels[i], {"folds": folds, "reason": "consistent gain", "t": float(t[i]), "relative_gain": gain}
 
 
 def _fake_quant(x: np.ndarray, amax: float) -> np.ndarray:
@@ -100,27 +139,36 @@ def _fake_quant_weight(w: np.ndarray, axis: int | None) -> np.ndarray:
     return fake_quant(w, weight_scales(w, axis), axis)
 
 
-def layer_error(rows: np.ndarray, wq: np.ndarray, ref: np.ndarray, amaxes: Sequence[float]) -> np.ndarray:
+def layer_error(rows: np.ndarray, wq: np.ndarray, ref: np.ndarray, amaxes: Sequence[float],
+                fold: np.ndarray | None = None, folds: int = 1) -> np.ndarray:
     """Relative squared error of a layer output for each of ``amaxes``.
 
     ``rows`` [G, P, K] are input rows (im2col patches per group), ``wq`` [G, K, O] the fake-quantized
     weight, ``ref`` [G, P, O] the float output; the rows are fake-quantized at each amax in turn.
-    All candidates of an ungrouped layer go through one matrix product.
+    All candidates of an ungrouped layer go through one matrix product. With ``fold`` (the fold of
+    each of the P rows) the result is [len(amaxes), folds]: each fold's share of the error, relative
+    to the energy of all rows, so the folds sum to the total.
     """
     from qdqsurgeon.quant import scale_from_amax
 
     energy = max(float(np.sum(np.square(ref, dtype=np.float64))), 1e-30)
     scales = scale_from_amax(np.asarray(amaxes, dtype=np.float64)).reshape(-1, 1, 1, 1)
-    out = np.empty(len(amaxes))
+    per_row = np.empty((len(amaxes), rows.shape[1]))
     if rows.shape[0] == 1:
         q = np.clip(np.rint(rows[np.newaxis] / scales), -128, 127) * scales  # [C, 1, P, K]
         got = (q.reshape(-1, rows.shape[2]) @ wq[0]).reshape(len(amaxes), rows.shape[1], -1)
         diff = got - ref[0]
-        return np.einsum("cpo,cpo->c", diff, diff, dtype=np.float64) / energy
-    for i, amax in enumerate(amaxes):
-        diff = _matmul(_fake_quant(rows, amax), wq) - ref
-        out[i] = float(np.sum(np.square(diff, dtype=np.float64))) / energy
-    return out
+        per_row[:] = np.einsum("cpo,cpo->cp", diff, diff, dtype=np.float64)
+    else:
+        for i, amax in enumerate(amaxes):
+            diff = _matmul(_fake_quant(rows, amax), wq) - ref
+            per_row[i] = np.einsum("gpo,gpo->p", diff, diff, dtype=np.float64)
+    if fold is None:
+        return per_row.sum(axis=1) / energy
+    out = np.zeros((len(amaxes), folds))
+    for f in range(folds):
+        out[:, f] = per_row[:, fold == f].sum(axis=1)
+    return out / energy
 
 
 def _matmul(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -144,17 +192,23 @@ class _Reader:
     conv: dict = field(default_factory=dict)  # kernel, strides, pads, dilations, group
     transpose: bool = False  # Gemm transA
     samples: list[np.ndarray] = field(default_factory=list)
+    sample_folds: list[int] = field(default_factory=list)
     have: int = 0
+    batches: int = 0
     rows: np.ndarray | None = None
     ref: np.ndarray | None = None
+    fold: np.ndarray | None = None  # the fold of each row (the calibration batch it came from, mod the folds)
 
-    def observe(self, x: np.ndarray, rng: np.random.Generator, per_batch: int) -> None:
+    def observe(self, x: np.ndarray, rng: np.random.Generator, per_batch: int, folds: int = 1) -> None:
+        batch = self.batches
+        self.batches += 1
         if self.have >= self.rows_wanted:
             return
         take = min(per_batch, self.rows_wanted - self.have)
         rows = self._conv_rows(x, rng, take) if self.kind == "conv" else self._dense_rows(x, rng, take)
         if rows is not None and rows.shape[1]:
             self.samples.append(rows)
+            self.sample_folds.append(batch % folds)
             self.have += rows.shape[1]
 
     def _dense_rows(self, x: np.ndarray, rng: np.random.Generator, take: int) -> np.ndarray | None:
@@ -201,15 +255,16 @@ class _Reader:
         """Stack the samples and compute their float output; False when nothing was sampled."""
         if not self.samples:
             return False
+        self.fold = np.concatenate([np.full(r.shape[1], f) for r, f in zip(self.samples, self.sample_folds)])
         self.rows = np.concatenate(self.samples, axis=1)
         self.ref = _matmul(self.rows, self.w)
         self.samples = []
         return True
 
-    def errors(self, amaxes: Sequence[float]) -> np.ndarray:
-        """Relative output error on the sampled rows for each amax."""
+    def errors(self, amaxes: Sequence[float], folds: int = 1) -> np.ndarray:
+        """Relative output error on the sampled rows for each amax, per fold: [len(amaxes), folds]."""
         assert self.rows is not None and self.ref is not None
-        return layer_error(self.rows, self.wq, self.ref, amaxes)
+        return layer_error(self.rows, self.wq, self.ref, amaxes, self.fold, folds)
 
 
 def _pads(c: dict, h: int, w: int) -> tuple[int, int, int, int]:
@@ -299,6 +354,7 @@ class _Pending:
 
     stats: TensorStats
     readers: list[_Reader]
+    folds: list[TensorStats] | None = None  # per-fold histograms, for a tensor scored (also) by its own error
 
 
 class AutoSelector:
@@ -309,13 +365,19 @@ class AutoSelector:
     so a later request for another member gets the same range.
     """
 
-    def __init__(self, model: onnx.ModelProto, *, convtranspose_axis: int | None = 1, seed: int = 0) -> None:
+    def __init__(self, model: onnx.ModelProto, *, convtranspose_axis: int | None = 1, seed: int = 0,
+                 percentile: float = 99.99, folds: int = 8) -> None:
         from qdqsurgeon.graph import import_model, is_graph_output
         from qdqsurgeon.passes.align_scales import tied_groups
         from qdqsurgeon.trt_rules import is_shape_op, is_weighted
 
         self.model = model
         self.seed = seed
+        self.percentile = float(percentile)
+        self.baseline = f"percentile {self.percentile:g}"
+        self.max_folds = max(1, int(folds))
+        self.folds = 1
+        self.evidence: dict[str, dict] = {}  # tensor -> what the gate saw (for the log / tests)
         self.convtranspose_axis = convtranspose_axis
         try:
             graph = import_model(model)
@@ -376,8 +438,8 @@ class AutoSelector:
             if not self._prefetched:
                 wanted += self._later_requests()
                 self._prefetched = True
-            for n in list(wanted):
-                wanted += [m for m in self.members(n) if m != n and self._weighted_readers.get(m)]
+            for n in list(wanted):  # every member: kept at the baseline, each keeps its own range
+                wanted += [m for m in self.members(n) if m != n]
             self._collect([m for m in dict.fromkeys(wanted) if m not in self.decided and m not in self._pending],
                           data, num_bins, progress)
         self._choose([n for n in todo if n in self._pending])
@@ -401,7 +463,7 @@ class AutoSelector:
         return [t.name for t in out if t.name and not isinstance(t, gs.Constant) and is_float_dtype(t.dtype)]
 
     def _collect(self, wanted: list[str], data, num_bins: int, progress: bool) -> None:
-        """One pass over ``data``: statistics and reader samples of ``wanted``."""
+        """One pass over ``data``: statistics and reader samples of ``wanted``, each kept per fold."""
         from qdqsurgeon.calibration.collect import collect_stats
 
         if not wanted:
@@ -412,60 +474,67 @@ class AutoSelector:
             made = [_make_reader(node, m, rng, self.convtranspose_axis) for node in self._weighted_readers.get(m, [])]
             readers[m] = [r for r in made if r is not None]
         n_batches = len(data) if hasattr(data, "__len__") else 8
+        folds = self.folds = max(1, min(self.max_folds, n_batches))
         batch_rng = np.random.default_rng(self.seed + 1)
+        # A tensor scored (also) by its own error keeps one histogram per fold: the gate needs that error per fold.
+        fold_stats = {m: [TensorStats(m, histogram=True, num_bins=num_bins) for _ in range(folds)]
+                      for m in wanted if folds > 1 and (not readers[m] or self._plain_readers.get(m, True))}
+        seen = dict.fromkeys(fold_stats, 0)
 
         def observe(name: str, value: np.ndarray) -> None:
             for r in readers.get(name, ()):
-                r.observe(value, batch_rng, max(1, math.ceil(r.rows_wanted / max(1, n_batches))))
+                r.observe(value, batch_rng, max(1, math.ceil(r.rows_wanted / max(1, n_batches))), folds)
+            if name in fold_stats:
+                fold_stats[name][seen[name] % folds].update(value)
+                seen[name] += 1
 
         stats = collect_stats(self.model, wanted, data, histogram=True, num_bins=num_bins, progress=progress,
                               observe=observe)
         for name, st in stats.items():
-            self._pending[name] = _Pending(st, [r for r in readers.get(name, []) if r.finish()])
+            self._pending[name] = _Pending(st, [r for r in readers.get(name, []) if r.finish()], fold_stats.get(name))
 
     def _choose(self, todo: list[str]) -> None:
         pend = self._pending
-        asked = set(todo)
+        base = self.baseline
         for name in todo:
             if name in self.decided:
                 continue
-            if name in self._graph_inputs or pend[name].stats.hist is None or not pend[name].stats.count:
-                # A network input (preprocessing bounds its range; clipping it saves little rounding and
-                # distorts every layer after it) or an initializer: the exact max.
-                self.decided[name], self.chosen[name] = amax_max(pend[name].stats), "max"
-                continue
-            group = [m for m in self.members(name) if m in pend and m not in self.decided and m not in self._graph_inputs]
+            group = [m for m in self.members(name) if m in pend and m not in self.decided]
             if name not in group:
                 group.append(name)
-            scored = [m for m in group if m in asked or pend[m].readers]
-            # One range for the whole tied group: candidates come from the members' data taken together.
-            full = pend[scored[0]].stats
-            for m in scored[1:]:
-                full = full.merged(pend[m].stats)
-            cands = candidate_ranges(full)
-            labels = list(cands)
-            totals = np.zeros(len(labels))
-            for m in scored:
-                totals += self._member_error(m, pend[m].stats, pend[m].readers, [cands[k] for k in labels])
-            best = labels[int(np.argmin(totals))]  # "max" is first: a tie keeps the widest range
-            value = float(cands[best])
-            # Every member gets it, collected or not: a later request (align-scales filling a Concat
-            # input, quantize-pooling) must find the group's range, not choose one of its own.
-            for m in dict.fromkeys([*group, *self.members(name)]):
-                if m not in self.decided and m not in self._graph_inputs:
-                    self.decided[m] = value
-                    self.chosen[m] = best
-                    pend.pop(m, None)
+            # Every candidate is what the fixed method of that name gives the group: each member's own
+            # value, the largest taken (as align-scales does for a group calibrated per tensor).
+            own = {m: candidate_ranges(pend[m].stats, extra=(self.percentile,)) for m in group}
+            labels = list(own[name])
+            cands = {k: max(own[m].get(k, own[m]["max"]) for m in group) for k in labels}
+            errors = np.zeros((len(labels), self.folds))
+            for m in group:
+                errors += self._member_error(m, [cands[k] for k in labels])
+            best, evidence = gate(labels, errors, base)
+            self.evidence[name] = evidence
+            for m in group:
+                # Kept at the baseline, each member keeps its own percentile: align-scales then ties the
+                # group exactly as it does under ``--method percentile``.
+                self.decided[m] = float(cands[best] if best != base else own[m].get(base, own[m]["max"]))
+                self.chosen[m] = best
+                pend.pop(m, None)
             if len(group) > 1:
-                logger.debug("auto: tied group of %d (%s ...): %s, amax %.6g", len(group), name, best, value)
+                logger.debug("auto: tied group of %d (%s ...): %s, amax %.6g", len(group), name, best, cands[best])
 
-    def _member_error(self, name: str, stats: TensorStats, readers: list[_Reader], cands: list[float]) -> np.ndarray:
-        """Summed relative error at ``name``'s weighted readers (and of the tensor itself when other ops read it)."""
-        err = np.zeros(len(cands))
-        for r in readers:
-            err += r.errors(cands)
-        if not readers or self._plain_readers.get(name, True):
-            energy = hist_energy(stats) if stats.hist is not None else 0.0
+    def _member_error(self, name: str, cands: list[float]) -> np.ndarray:
+        """Relative error per candidate and fold, [len(cands), folds]: at ``name``'s weighted readers, and
+        of the tensor itself when other ops read it (or nothing weighted does)."""
+        p = self._pending[name]
+        err = np.zeros((len(cands), self.folds))
+        for r in p.readers:
+            err += r.errors(cands, self.folds)
+        if not p.readers or self._plain_readers.get(name, True):
+            energy = hist_energy(p.stats) if p.stats.hist is not None and p.stats.width > 0 else 0.0
             if energy > 0:
-                err += hist_sq_error(stats, np.asarray(cands)) / energy
+                if p.folds is not None:
+                    for f, st in enumerate(p.folds):
+                        if st.width > 0:
+                            err[:, f] += hist_sq_error(st, np.asarray(cands)) / energy
+                else:  # one fold: no evidence, and the gate keeps the baseline anyway
+                    err[:, 0] += hist_sq_error(p.stats, np.asarray(cands)) / energy
         return err
