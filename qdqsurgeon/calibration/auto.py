@@ -261,6 +261,19 @@ class _Reader:
         self.samples = []
         return True
 
+    def errors_by_fold(self, amaxes: np.ndarray) -> np.ndarray:
+        """[C, F]: fold f's share of the relative output error with fold f's own candidates ``amaxes[f]``."""
+        assert self.rows is not None and self.ref is not None and self.fold is not None
+        total = max(float(np.sum(np.square(self.ref, dtype=np.float64))), 1e-30)
+        out = np.zeros((amaxes.shape[1], amaxes.shape[0]))
+        for f in range(amaxes.shape[0]):
+            at = self.fold == f
+            if at.any():
+                ref = self.ref[:, at]
+                share = float(np.sum(np.square(ref, dtype=np.float64))) / total
+                out[:, f] = layer_error(self.rows[:, at], self.wq, ref, amaxes[f]) * share
+        return out
+
     def errors(self, amaxes: Sequence[float], folds: int = 1) -> np.ndarray:
         """Relative output error on the sampled rows for each amax, per fold: [len(amaxes), folds]."""
         assert self.rows is not None and self.ref is not None
@@ -354,7 +367,7 @@ class _Pending:
 
     stats: TensorStats
     readers: list[_Reader]
-    folds: list[TensorStats] | None = None  # per-fold histograms, for a tensor scored (also) by its own error
+    folds: list[TensorStats] | None = None  # per-fold histograms (None with one fold)
 
 
 class AutoSelector:
@@ -378,6 +391,10 @@ class AutoSelector:
         self.max_folds = max(1, int(folds))
         self.folds = 1
         self.evidence: dict[str, dict] = {}  # tensor -> what the gate saw (for the log / tests)
+        self.model_choice: str | None = None  # the fixed method the tensors keep without evidence of their own
+        self.model_evidence: dict = {}
+        self._scores: dict = {}
+        self._held: dict = {}
         self.convtranspose_axis = convtranspose_axis
         try:
             graph = import_model(model)
@@ -476,9 +493,10 @@ class AutoSelector:
         n_batches = len(data) if hasattr(data, "__len__") else 8
         folds = self.folds = max(1, min(self.max_folds, n_batches))
         batch_rng = np.random.default_rng(self.seed + 1)
-        # A tensor scored (also) by its own error keeps one histogram per fold: the gate needs that error per fold.
+        # Every tensor keeps one histogram per fold: the gate needs its own error per fold, and candidates
+        # found without each fold to score them on it.
         fold_stats = {m: [TensorStats(m, histogram=True, num_bins=num_bins) for _ in range(folds)]
-                      for m in wanted if folds > 1 and (not readers[m] or self._plain_readers.get(m, True))}
+                      for m in wanted if folds > 1}
         seen = dict.fromkeys(fold_stats, 0)
 
         def observe(name: str, value: np.ndarray) -> None:
@@ -495,46 +513,119 @@ class AutoSelector:
 
     def _choose(self, todo: list[str]) -> None:
         pend = self._pending
-        base = self.baseline
+        if self.model_choice is None:
+            self._first_choice()
+        base = self.model_choice
         for name in todo:
             if name in self.decided:
                 continue
-            group = [m for m in self.members(name) if m in pend and m not in self.decided]
-            if name not in group:
-                group.append(name)
-            # Every candidate is what the fixed method of that name gives the group: each member's own
-            # value, the largest taken (as align-scales does for a group calibrated per tensor).
-            own = {m: candidate_ranges(pend[m].stats, extra=(self.percentile,)) for m in group}
-            labels = list(own[name])
-            cands = {k: max(own[m].get(k, own[m]["max"]) for m in group) for k in labels}
-            errors = np.zeros((len(labels), self.folds))
-            for m in group:
-                errors += self._member_error(m, [cands[k] for k in labels])
-            best, evidence = gate(labels, errors, base)
+            group, own, labels, cands, errors = self._scored(name)
+            best, evidence = self._pick(name, base)
             self.evidence[name] = evidence
             for m in group:
-                # Kept at the baseline, each member keeps its own percentile: align-scales then ties the
-                # group exactly as it does under ``--method percentile``.
+                # Kept at the baseline, each member keeps its own value: align-scales then ties the group
+                # exactly as it does under that fixed method.
                 self.decided[m] = float(cands[best] if best != base else own[m].get(base, own[m]["max"]))
                 self.chosen[m] = best
                 pend.pop(m, None)
             if len(group) > 1:
                 logger.debug("auto: tied group of %d (%s ...): %s, amax %.6g", len(group), name, best, cands[best])
 
-    def _member_error(self, name: str, cands: list[float]) -> np.ndarray:
+    def _first_choice(self) -> None:
+        """The fixed method the model's tensors keep without evidence of their own, from every tensor collected.
+
+        Each tensor's evidence alone is weak with a few folds; summed over the model's tensors it is not:
+        the fixed method the model keeps is chosen by the same gate on the summed per-layer errors, proposed on
+        the errors of candidates found on all the data and confirmed on held-out errors (:meth:`_held_out`).
+        """
+        pend = self._pending
+        firsts = {self._group_of.get(n, n): n for n in reversed(list(pend)) if n not in self.decided}
+        scored = {n: self._scored(n) for n in firsts.values()}
+        labels = max((sc[2] for sc in scored.values()), key=len, default=[self.baseline])
+        full = [sc for sc in scored.values() if sc[2] == labels]
+        total = sum((sc[4] for sc in full), np.zeros((len(labels), self.folds)))
+        self.model_choice, self.model_evidence = gate(labels, total, self.baseline) if full else (self.baseline, {})
+        if self.model_choice != self.baseline:  # confirmed held out, or not at all
+            held = sum((self._held_out(n) for n, sc in scored.items() if sc[2] == labels),
+                       np.zeros((len(labels), self.folds)))
+            choice, evidence = gate(labels, held, self.baseline)
+            self.model_evidence = {**evidence, "in_sample": self.model_evidence}
+            self.model_choice = choice
+
+    def _pick(self, name: str, base: str) -> tuple[str, dict]:
+        """``name``'s candidate: proposed by the gate on the per-fold errors of candidates found on all the data,
+        confirmed by the gate on held-out errors (:meth:`_held_out`, computed only for a proposed departure)."""
+        _group, _own, labels, _cands, errors = self._scored(name)
+        best, evidence = gate(labels, errors, base)
+        if best == base or base not in labels:
+            return best, evidence
+        best, held = gate(labels, self._held_out(name), base)
+        if best == base:
+            held["reason"] = "not confirmed held out"
+        return best, {**held, "in_sample": evidence}
+
+    def _scored(self, name: str) -> tuple:
+        """(members, their own candidates, labels, the group's candidates, errors [labels, folds]) of ``name``'s group."""
+        key = self._group_of.get(name, name)
+        if key in self._scores and all(m in self._pending for m in self._scores[key][0]):
+            return self._scores[key]
+        pend = self._pending
+        group = [m for m in self.members(name) if m in pend and m not in self.decided]
+        if name not in group:
+            group.append(name)
+        # Every candidate is what the fixed method of that name gives the group: each member's own
+        # value, the largest taken (as align-scales does for a group calibrated per tensor).
+        own = {m: candidate_ranges(pend[m].stats, extra=(self.percentile,)) for m in group}
+        labels = list(own[name])
+        cands = {k: max(own[m].get(k, own[m]["max"]) for m in group) for k in labels}
+        errors = np.zeros((len(labels), self.folds))
+        for m in group:
+            errors += self._member_error(m, [cands[k] for k in labels])
+        self._scores[key] = (group, own, labels, cands, errors)
+        return self._scores[key]
+
+    def _member_error(self, name: str, cands) -> np.ndarray:
         """Relative error per candidate and fold, [len(cands), folds]: at ``name``'s weighted readers, and
-        of the tensor itself when other ops read it (or nothing weighted does)."""
+        of the tensor itself when other ops read it (or nothing weighted does). ``cands``: one amax per
+        candidate, or [folds, candidates] for each fold's own (held out: found without that fold)."""
         p = self._pending[name]
-        err = np.zeros((len(cands), self.folds))
+        cands = np.asarray(cands, dtype=np.float64)
+        per_fold = cands.ndim == 2
+        err = np.zeros((cands.shape[-1], self.folds))
         for r in p.readers:
-            err += r.errors(cands, self.folds)
+            err += r.errors_by_fold(cands) if per_fold else r.errors(cands, self.folds)
         if not p.readers or self._plain_readers.get(name, True):
             energy = hist_energy(p.stats) if p.stats.hist is not None and p.stats.width > 0 else 0.0
             if energy > 0:
                 if p.folds is not None:
                     for f, st in enumerate(p.folds):
                         if st.width > 0:
-                            err[:, f] += hist_sq_error(st, np.asarray(cands)) / energy
+                            err[:, f] += hist_sq_error(st, cands[f] if per_fold else cands) / energy
                 else:  # one fold: no evidence, and the gate keeps the baseline anyway
-                    err[:, 0] += hist_sq_error(p.stats, np.asarray(cands)) / energy
+                    err[:, 0] += hist_sq_error(p.stats, cands) / energy
         return err
+
+    def _held_out(self, name: str) -> np.ndarray:
+        """Like :meth:`_scored`'s errors, but each fold scored with the candidates found on the other folds
+        (leave one fold out), so a candidate that fits the data it was found on and not the next pays for it."""
+        key = self._group_of.get(name, name)
+        if key in self._held:
+            return self._held[key]
+        group, _own, labels, _cands, _errors = self._scored(name)
+        pend = self._pending
+        per_fold = np.zeros((self.folds, len(labels)))
+        for f in range(self.folds):
+            own = {}
+            for m in group:
+                rest = [st for g, st in enumerate(pend[m].folds or []) if g != f and st.width > 0]
+                merged = rest[0] if rest else pend[m].stats
+                for st in rest[1:]:
+                    merged = merged.merged(st)
+                own[m] = candidate_ranges(merged, extra=(self.percentile,))
+            per_fold[f] = [max(own[m].get(k, own[m]["max"]) for m in group) for k in labels]
+        err = np.zeros((len(labels), self.folds))
+        for m in group:
+            err += self._member_error(m, per_fold)
+        self._held[key] = err
+        return err
+

@@ -150,7 +150,9 @@ def test_consistent_winner_is_chosen_on_real_data():
     data = _outlier_data()
     sel = AutoSelector(_conv_reader_model(0.0))
     got = sel.select(["r"], data, progress=False)
-    assert sel.chosen["r"] != sel.baseline and sel.evidence["r"]["reason"] == "consistent gain"
+    assert sel.chosen["r"] != sel.baseline
+    # the model's only tensor: the evidence that moves the model's method is this tensor's
+    assert sel.model_choice == sel.chosen["r"] and sel.model_evidence["reason"] == "consistent gain"
     assert got["r"] < calibrate(_conv_reader_model(0.0), ["r"], data, "percentile", progress=False)["r"]
 
 
