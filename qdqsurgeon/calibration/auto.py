@@ -125,6 +125,17 @@ def gate(labels: Sequence[str], errors: np.ndarray, baseline: str) -> tuple[str,
     return labels[i], {"folds": folds, "reason": "consistent gain", "t": float(t[i]), "relative_gain": gain}
 
 
+def _check_finite(stats: TensorStats, graph_input: bool) -> None:
+    """What collect_stats checks of the statistics it accumulates, for those merged from per-fold ones."""
+    from qdqsurgeon.errors import DataError
+
+    if stats.nonfinite and stats.count == 0:
+        where = "calibration input" if graph_input else "tensor (computed from the calibration data)"
+        raise DataError(f"{where} {stats.name!r} has no finite values ({stats.nonfinite} NaN/inf): check the calibration data")
+    if stats.nonfinite:
+        logger.warning("%s: ignored %d non-finite value(s)", stats.name, stats.nonfinite)
+
+
 def _fake_quant(x: np.ndarray, amax: float) -> np.ndarray:
     """Symmetric int8 fake quantization with scale ``amax / 127`` (as QuantizeLinear/DequantizeLinear)."""
     from qdqsurgeon.quant import scale_from_amax
@@ -506,8 +517,17 @@ class AutoSelector:
                 fold_stats[name][seen[name] % folds].update(value)
                 seen[name] += 1
 
+        # The per-fold histograms are the data: a tensor's whole histogram is their merge (exact, and the
+        # same as one accumulated in one go: bin widths are powers of two), so none is computed twice.
         stats = collect_stats(self.model, wanted, data, histogram=True, num_bins=num_bins, progress=progress,
-                              observe=observe)
+                              observe=observe, accumulate=not fold_stats)
+        for name, st in list(stats.items()):
+            parts = fold_stats.get(name)
+            if parts is not None and st.count == 0:  # initializers are read whole, not per batch
+                for part in parts:
+                    st = st.merged(part)
+                stats[name] = st
+                _check_finite(st, name in self._graph_inputs)
         for name, st in stats.items():
             self._pending[name] = _Pending(st, [r for r in readers.get(name, []) if r.finish()], fold_stats.get(name))
 
@@ -605,6 +625,18 @@ class AutoSelector:
                     err[:, 0] += hist_sq_error(p.stats, cands) / energy
         return err
 
+    def _fold_candidates(self, group: list[str], labels: list[str], fold: int) -> list[float]:
+        """The group's candidates (``labels``) found on every fold but ``fold``."""
+        own = {}
+        for m in group:
+            p = self._pending[m]
+            rest = [st for g, st in enumerate(p.folds or []) if g != fold and st.width > 0]
+            merged = rest[0] if rest else p.stats
+            for st in rest[1:]:
+                merged = merged.merged(st)
+            own[m] = candidate_ranges(merged, extra=(self.percentile,))
+        return [max(own[m].get(k, own[m]["max"]) for m in group) for k in labels]
+
     def _held_out(self, name: str) -> np.ndarray:
         """Like :meth:`_scored`'s errors, but each fold scored with the candidates found on the other folds
         (leave one fold out), so a candidate that fits the data it was found on and not the next pays for it."""
@@ -612,17 +644,7 @@ class AutoSelector:
         if key in self._held:
             return self._held[key]
         group, _own, labels, _cands, _errors = self._scored(name)
-        pend = self._pending
-        per_fold = np.zeros((self.folds, len(labels)))
-        for f in range(self.folds):
-            own = {}
-            for m in group:
-                rest = [st for g, st in enumerate(pend[m].folds or []) if g != f and st.width > 0]
-                merged = rest[0] if rest else pend[m].stats
-                for st in rest[1:]:
-                    merged = merged.merged(st)
-                own[m] = candidate_ranges(merged, extra=(self.percentile,))
-            per_fold[f] = [max(own[m].get(k, own[m]["max"]) for m in group) for k in labels]
+        per_fold = np.array([self._fold_candidates(group, labels, f) for f in range(self.folds)])
         err = np.zeros((len(labels), self.folds))
         for m in group:
             err += self._member_error(m, per_fold)
