@@ -205,9 +205,9 @@ def test_departure_needs_held_out_confirmation(monkeypatch):
     sel._collect(["r"], _outlier_data(), 2048, False)
     _group, _own, labels, _cands, errors = sel._scored("r")
     assert gate(labels, errors, sel.baseline)[0] != sel.baseline
-    worse = errors.copy()
-    worse[[i for i, k in enumerate(labels) if k != sel.baseline]] = 1.5 * errors[labels.index(sel.baseline)]
-    monkeypatch.setattr(sel, "_held_out", lambda name: worse)
+    base = errors[labels.index(sel.baseline)]
+    monkeypatch.setattr(sel, "_held_out", lambda name, compared: np.stack(
+        [base if k == sel.baseline else 1.5 * base for k in compared]))
     best, why = sel._pick("r", sel.baseline)
     assert best == sel.baseline and why["reason"] == "not confirmed held out"
 
