@@ -39,8 +39,8 @@ The first request also collects the tensors the later placement passes ask for (
 pooling/pointwise inputs), so their ranges are chosen without another pass over the data.
 Tried before the gate and dropped: choosing on one half of the batches and scoring on the other
 (two folds of four samples), and choosing the candidate of least error outright (ResNet-18, YOLOv8n,
-the PP-OCR classifier, openWakeWord and EasyOCR lost 0.4-8.5 dB against the best fixed method: the
-choices followed noise). An end-to-end check (a copy of the float model with Q/DQ on the weighted
+the PP-OCR classifier, BlazeFace, openWakeWord and EasyOCR lost 0.4-8.5 dB against the best fixed
+method in one run: the choices followed noise). An end-to-end check (a copy of the float model with Q/DQ on the weighted
 layers' inputs and fake-quantized weights, run on the calibration batches) was tried twice: to choose
 among the per-tensor choice and each fixed method (it favoured wide ranges on the data it was fitted
 to), and as a veto on the gate's departures (on the five models where it ran it never vetoed one,
