@@ -583,6 +583,10 @@ class AutoSelector:
             choice, evidence = gate(pair, held, self.baseline)
             self.model_evidence = {**evidence, "in_sample": self.model_evidence}
             self.model_choice = choice
+        ev = self.model_evidence
+        logger.info("auto calibration: the model keeps %s (%s; %d calibration folds%s)", self.model_choice,
+                    ev.get("reason", "no evidence"), self.folds,
+                    f", {ev.get('best_other', self.model_choice)} t = {ev['t']:.2f}" if "t" in ev else "")
 
     def _pick(self, name: str, base: str) -> tuple[str, dict]:
         """``name``'s candidate: proposed by the gate on the per-fold errors of candidates found on all the data,
