@@ -294,7 +294,7 @@ def _print_summary(res: Any, src: str, dst: str, seconds: float) -> None:
               help="Refuse a model below the opset a pass needs (13 for per-channel weights) instead of upgrading it.")
 @click.option("--calib", type=click.Path(readable=False), help="Calibration data: .npz, folder of .npz/.npy, or folder of images.")
 @click.option("--method", type=click.Choice(["auto", "max", "percentile", "entropy", "mse"]), default=None,
-              help="Calibration method (default: percentile; auto chooses per tensor by the error at the layer reading it)." )
+              help="Calibration method (default: percentile; auto departs from it, for the model or a tensor, where another method's error at the layers reading the tensors is lower on every calibration fold, held out too)." )
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --method percentile.")
 @click.option("--preprocess", default=None, help="Image preprocessing, e.g. 'size=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,scale=1/255'.")
 @click.option("--calib-random", type=int, default=None, help="Smoke test only: calibrate on N random inputs.")

@@ -62,7 +62,7 @@ class CalibrationRanges:
             if self.method == "auto":
                 from .calibration.auto import AutoSelector
 
-                self._auto = self._auto or AutoSelector(self.model)
+                self._auto = self._auto or AutoSelector(self.model, percentile=self.percentile)
                 found = self._auto.select(todo, self.data, progress=self.progress)
             else:
                 found = calibrate(self.model, todo, self.data, self.method, percentile=self.percentile, progress=self.progress)

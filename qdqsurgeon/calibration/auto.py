@@ -20,20 +20,31 @@ scores candidate ranges where the error lands:
    scored by the relative squared error of the tensor itself, from its histogram.
 4. Tensors TensorRT ties into one INT8 buffer (Concat/Split inputs and output, MaxPool, reshapes:
    :func:`qdqsurgeon.passes.align_scales.tied_groups` on the float graph, rules P4-P6) get one
-   range chosen jointly: the candidates come from the members' histograms merged, each is scored
-   on every member's readers, and the sum decides. A tensor read by several layers (fan-out, P6)
-   sums the errors of all its readers. Network inputs keep their max (preprocessing bounds them).
+   choice: each candidate is the largest of the members' own values (what align-scales makes of a
+   group calibrated per tensor by that method), scored on every member's readers, and the sum decides.
+   A tensor read by several layers (fan-out, P6) sums the errors of all its readers.
+5. **The gate.** With a few calibration samples most differences between candidates are noise, so
+   the errors are kept per fold (calibration batch *i* in fold *i* mod 8) and a candidate replaces the
+   baseline only when it has less error *consistently*: a paired one-sided t-test over the folds at
+   1 % (:func:`gate`). First for the model as a whole: the errors of every tensor summed per fold pick
+   the fixed method the model keeps (the configured percentile unless another method passes). Then per
+   tensor or group, against that method. Each departure, proposed on the errors of candidates found on
+   all the data, is kept only if the gate also passes on held-out errors: each fold scored with the
+   candidates found on the other folds (a range that fits the data it was found on, and not the next
+   batch, pays for it there). A tensor kept at the model's method gets exactly that fixed method's
+   range (tied groups: each member its own, as align-scales expects), so with no consistent evidence
+   anywhere ``auto`` gives the ranges of ``--method percentile``.
 
 The first request also collects the tensors the later placement passes ask for (Add inputs,
 pooling/pointwise inputs), so their ranges are chosen without another pass over the data.
-Choosing on one half of the batches and scoring on the other (cross-validation) was tried and
-measured worse on ResNet-18, EfficientNet-Lite0, MobileNetV2 and the PP-OCR classifier: with
-eight calibration samples, four per half are too few. So was an end-to-end check (the branch's
-history keeps it): a copy of the float model with Q/DQ on the weighted layers' inputs and
-fake-quantized weights, run for the per-tensor choice and for each fixed method everywhere, keeping
-the configuration of best output SQNR. On the calibration data it favours wide ranges (ResNet-18:
-max best there, worst on the evaluation photos); on two folds of it, it also missed the evaluation
-ranking (EasyOCR: mse kept, max best on the evaluation crops), and it cost another session.
+Tried before the gate and dropped: choosing on one half of the batches and scoring on the other
+(two folds of four samples), and choosing the candidate of least error outright (ResNet-18, YOLOv8n,
+the PP-OCR classifier, BlazeFace, openWakeWord and EasyOCR lost 0.4-8.5 dB against the best fixed
+method in one run: the choices followed noise). An end-to-end check (a copy of the float model with Q/DQ on the weighted
+layers' inputs and fake-quantized weights, run on the calibration batches) was tried twice: to choose
+among the per-tensor choice and each fixed method (it favoured wide ranges on the data it was fitted
+to), and as a veto on the gate's departures (on the five models where it ran it never vetoed one,
+openWakeWord's included, whose in-sample departures cost 1.2 dB on the evaluation data).
 Random choices use a fixed seed: the same data gives the same ranges.
 """
 
@@ -57,7 +68,7 @@ from qdqsurgeon.calibration.methods import (
     hist_sq_error,
 )
 
-__all__ = ["AutoSelector", "AUTO_PERCENTILES", "candidate_ranges", "layer_error"]
+__all__ = ["AutoSelector", "AUTO_PERCENTILES", "candidate_ranges", "gate", "layer_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +81,70 @@ _MIN_ROWS, _MAX_ROWS = 32, 1024
 _MAX_CHANNELS = 32
 
 
-def candidate_ranges(stats: TensorStats, only: Iterable[str] | None = None) -> dict[str, float]:
-    """Candidate amax values of one tensor, by the method that gives each (``only``: just those methods).
+def candidate_ranges(stats: TensorStats, only: Iterable[str] | None = None,
+                     extra: Iterable[float] = ()) -> dict[str, float]:
+    """Candidate amax values of one tensor, by the method that gives each (``only``: just those methods;
+    ``extra``: more percentiles, such as the configured one).
 
     MSE from the whole error curve (:func:`.methods.mse_curve`); entropy from the KL curve at every
     8th bin count and around its 4 best (:func:`.methods.amax_entropy_fast`).
     """
     if stats.absmax <= 0.0 or stats.hist is None:
         return {"max": amax_max(stats)}
+    percentiles = sorted(set(AUTO_PERCENTILES) | {float(p) for p in extra})
     makers = {"max": lambda: amax_max(stats),
-              **{f"percentile {p}": (lambda p=p: amax_percentile(stats, p)) for p in AUTO_PERCENTILES},
+              **{f"percentile {p:g}": (lambda p=p: amax_percentile(stats, p)) for p in percentiles},
               "mse": lambda: amax_mse_fast(stats),
               "entropy": lambda: amax_entropy_fast(stats)}
     wanted = list(makers) if only is None else [k for k in only if k in makers]
     return {k: makers[k]() for k in wanted}
+
+
+# One-sided Student t quantiles at 1 %, by degrees of freedom (1-30; beyond, the normal's 2.326): the 5 %
+# level of a paired test split over the five candidates that may replace the baseline (Bonferroni).
+_T99 = (31.821, 6.965, 4.541, 3.747, 3.365, 3.143, 2.998, 2.896, 2.821, 2.764, 2.718, 2.681, 2.650, 2.624, 2.602,
+        2.583, 2.567, 2.552, 2.539, 2.528, 2.518, 2.508, 2.500, 2.492, 2.485, 2.479, 2.473, 2.467, 2.462, 2.457)
+MIN_FOLDS = 3
+
+
+def gate(labels: Sequence[str], errors: np.ndarray, baseline: str) -> tuple[str, dict]:
+    """The candidate to use, given its error per fold (``errors`` [len(labels), folds]): ``baseline``
+    unless another candidate has less error *consistently*, i.e. a paired one-sided t-test over the folds
+    of (baseline error - candidate error) rejects "no better" at 1 % (:data:`_T99`); among the candidates
+    that pass, the least total error. With fewer than :data:`MIN_FOLDS` folds there is no evidence: the
+    baseline. Returns the label and what decided it (t statistic and mean gain of the winner, folds).
+    """
+    labels = list(labels)
+    if baseline not in labels:  # a tensor with nothing to choose (all zero): one candidate
+        return labels[0], {"folds": errors.shape[1], "reason": "one candidate"}
+    b = labels.index(baseline)
+    folds = errors.shape[1]
+    if folds < MIN_FOLDS:
+        return baseline, {"folds": folds, "reason": "too few folds"}
+    diff = errors[b][np.newaxis] - errors  # > 0: the candidate has less error than the baseline on that fold
+    mean = diff.mean(axis=1)
+    sd = diff.std(axis=1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(sd > 0, mean / (sd / math.sqrt(folds)), np.where(mean > 0, np.inf, 0.0))
+    crit = _T99[folds - 2] if folds - 2 < len(_T99) else 2.326
+    passing = [i for i in range(len(labels)) if i != b and mean[i] > 0 and t[i] > crit]
+    if not passing:
+        i = int(np.argmax(np.where(np.arange(len(labels)) == b, -np.inf, t)))
+        return baseline, {"folds": folds, "reason": "no consistent gain", "best_other": labels[i], "t": float(t[i])}
+    i = min(passing, key=lambda j: (errors[j].sum(), j))
+    gain = float(mean[i] * folds / max(errors[b].sum(), 1e-30))
+    return labels[i], {"folds": folds, "reason": "consistent gain", "t": float(t[i]), "relative_gain": gain}
+
+
+def _check_finite(stats: TensorStats, graph_input: bool) -> None:
+    """What collect_stats checks of the statistics it accumulates, for those merged from per-fold ones."""
+    from qdqsurgeon.errors import DataError
+
+    if stats.nonfinite and stats.count == 0:
+        where = "calibration input" if graph_input else "tensor (computed from the calibration data)"
+        raise DataError(f"{where} {stats.name!r} has no finite values ({stats.nonfinite} NaN/inf): check the calibration data")
+    if stats.nonfinite:
+        logger.warning("%s: ignored %d non-finite value(s)", stats.name, stats.nonfinite)
 
 
 def _fake_quant(x: np.ndarray, amax: float) -> np.ndarray:
@@ -100,27 +161,36 @@ def _fake_quant_weight(w: np.ndarray, axis: int | None) -> np.ndarray:
     return fake_quant(w, weight_scales(w, axis), axis)
 
 
-def layer_error(rows: np.ndarray, wq: np.ndarray, ref: np.ndarray, amaxes: Sequence[float]) -> np.ndarray:
+def layer_error(rows: np.ndarray, wq: np.ndarray, ref: np.ndarray, amaxes: Sequence[float],
+                fold: np.ndarray | None = None, folds: int = 1) -> np.ndarray:
     """Relative squared error of a layer output for each of ``amaxes``.
 
     ``rows`` [G, P, K] are input rows (im2col patches per group), ``wq`` [G, K, O] the fake-quantized
     weight, ``ref`` [G, P, O] the float output; the rows are fake-quantized at each amax in turn.
-    All candidates of an ungrouped layer go through one matrix product.
+    All candidates of an ungrouped layer go through one matrix product. With ``fold`` (the fold of
+    each of the P rows) the result is [len(amaxes), folds]: each fold's share of the error, relative
+    to the energy of all rows, so the folds sum to the total.
     """
     from qdqsurgeon.quant import scale_from_amax
 
     energy = max(float(np.sum(np.square(ref, dtype=np.float64))), 1e-30)
     scales = scale_from_amax(np.asarray(amaxes, dtype=np.float64)).reshape(-1, 1, 1, 1)
-    out = np.empty(len(amaxes))
+    per_row = np.empty((len(amaxes), rows.shape[1]))
     if rows.shape[0] == 1:
         q = np.clip(np.rint(rows[np.newaxis] / scales), -128, 127) * scales  # [C, 1, P, K]
         got = (q.reshape(-1, rows.shape[2]) @ wq[0]).reshape(len(amaxes), rows.shape[1], -1)
         diff = got - ref[0]
-        return np.einsum("cpo,cpo->c", diff, diff, dtype=np.float64) / energy
-    for i, amax in enumerate(amaxes):
-        diff = _matmul(_fake_quant(rows, amax), wq) - ref
-        out[i] = float(np.sum(np.square(diff, dtype=np.float64))) / energy
-    return out
+        per_row[:] = np.einsum("cpo,cpo->cp", diff, diff, dtype=np.float64)
+    else:
+        for i, amax in enumerate(amaxes):
+            diff = _matmul(_fake_quant(rows, amax), wq) - ref
+            per_row[i] = np.einsum("gpo,gpo->p", diff, diff, dtype=np.float64)
+    if fold is None:
+        return per_row.sum(axis=1) / energy
+    out = np.zeros((len(amaxes), folds))
+    for f in range(folds):
+        out[:, f] = per_row[:, fold == f].sum(axis=1)
+    return out / energy
 
 
 def _matmul(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -144,17 +214,23 @@ class _Reader:
     conv: dict = field(default_factory=dict)  # kernel, strides, pads, dilations, group
     transpose: bool = False  # Gemm transA
     samples: list[np.ndarray] = field(default_factory=list)
+    sample_folds: list[int] = field(default_factory=list)
     have: int = 0
+    batches: int = 0
     rows: np.ndarray | None = None
     ref: np.ndarray | None = None
+    fold: np.ndarray | None = None  # the fold of each row (the calibration batch it came from, mod the folds)
 
-    def observe(self, x: np.ndarray, rng: np.random.Generator, per_batch: int) -> None:
+    def observe(self, x: np.ndarray, rng: np.random.Generator, per_batch: int, folds: int = 1) -> None:
+        batch = self.batches
+        self.batches += 1
         if self.have >= self.rows_wanted:
             return
         take = min(per_batch, self.rows_wanted - self.have)
         rows = self._conv_rows(x, rng, take) if self.kind == "conv" else self._dense_rows(x, rng, take)
         if rows is not None and rows.shape[1]:
             self.samples.append(rows)
+            self.sample_folds.append(batch % folds)
             self.have += rows.shape[1]
 
     def _dense_rows(self, x: np.ndarray, rng: np.random.Generator, take: int) -> np.ndarray | None:
@@ -201,15 +277,29 @@ class _Reader:
         """Stack the samples and compute their float output; False when nothing was sampled."""
         if not self.samples:
             return False
+        self.fold = np.concatenate([np.full(r.shape[1], f) for r, f in zip(self.samples, self.sample_folds)])
         self.rows = np.concatenate(self.samples, axis=1)
         self.ref = _matmul(self.rows, self.w)
         self.samples = []
         return True
 
-    def errors(self, amaxes: Sequence[float]) -> np.ndarray:
-        """Relative output error on the sampled rows for each amax."""
+    def errors_by_fold(self, amaxes: np.ndarray) -> np.ndarray:
+        """[C, F]: fold f's share of the relative output error with fold f's own candidates ``amaxes[f]``."""
+        assert self.rows is not None and self.ref is not None and self.fold is not None
+        total = max(float(np.sum(np.square(self.ref, dtype=np.float64))), 1e-30)
+        out = np.zeros((amaxes.shape[1], amaxes.shape[0]))
+        for f in range(amaxes.shape[0]):
+            at = self.fold == f
+            if at.any():
+                ref = self.ref[:, at]
+                share = float(np.sum(np.square(ref, dtype=np.float64))) / total
+                out[:, f] = layer_error(self.rows[:, at], self.wq, ref, amaxes[f]) * share
+        return out
+
+    def errors(self, amaxes: Sequence[float], folds: int = 1) -> np.ndarray:
+        """Relative output error on the sampled rows for each amax, per fold: [len(amaxes), folds]."""
         assert self.rows is not None and self.ref is not None
-        return layer_error(self.rows, self.wq, self.ref, amaxes)
+        return layer_error(self.rows, self.wq, self.ref, amaxes, self.fold, folds)
 
 
 def _pads(c: dict, h: int, w: int) -> tuple[int, int, int, int]:
@@ -299,6 +389,7 @@ class _Pending:
 
     stats: TensorStats
     readers: list[_Reader]
+    folds: list[TensorStats] | None = None  # per-fold histograms (None with one fold)
 
 
 class AutoSelector:
@@ -309,13 +400,23 @@ class AutoSelector:
     so a later request for another member gets the same range.
     """
 
-    def __init__(self, model: onnx.ModelProto, *, convtranspose_axis: int | None = 1, seed: int = 0) -> None:
+    def __init__(self, model: onnx.ModelProto, *, convtranspose_axis: int | None = 1, seed: int = 0,
+                 percentile: float = 99.99, folds: int = 8) -> None:
         from qdqsurgeon.graph import import_model, is_graph_output
         from qdqsurgeon.passes.align_scales import tied_groups
         from qdqsurgeon.trt_rules import is_shape_op, is_weighted
 
         self.model = model
         self.seed = seed
+        self.percentile = float(percentile)
+        self.baseline = f"percentile {self.percentile:g}"
+        self.max_folds = max(1, int(folds))
+        self.folds = 1
+        self.evidence: dict[str, dict] = {}  # tensor -> what the gate saw (for the log / tests)
+        self.model_choice: str | None = None  # the fixed method the tensors keep without evidence of their own
+        self.model_evidence: dict = {}
+        self._scores: dict = {}
+        self._held: dict = {}
         self.convtranspose_axis = convtranspose_axis
         try:
             graph = import_model(model)
@@ -376,8 +477,8 @@ class AutoSelector:
             if not self._prefetched:
                 wanted += self._later_requests()
                 self._prefetched = True
-            for n in list(wanted):
-                wanted += [m for m in self.members(n) if m != n and self._weighted_readers.get(m)]
+            for n in list(wanted):  # every member: kept at the baseline, each keeps its own range
+                wanted += [m for m in self.members(n) if m != n]
             self._collect([m for m in dict.fromkeys(wanted) if m not in self.decided and m not in self._pending],
                           data, num_bins, progress)
         self._choose([n for n in todo if n in self._pending])
@@ -401,7 +502,7 @@ class AutoSelector:
         return [t.name for t in out if t.name and not isinstance(t, gs.Constant) and is_float_dtype(t.dtype)]
 
     def _collect(self, wanted: list[str], data, num_bins: int, progress: bool) -> None:
-        """One pass over ``data``: statistics and reader samples of ``wanted``."""
+        """One pass over ``data``: statistics and reader samples of ``wanted``, each kept per fold."""
         from qdqsurgeon.calibration.collect import collect_stats
 
         if not wanted:
@@ -412,60 +513,161 @@ class AutoSelector:
             made = [_make_reader(node, m, rng, self.convtranspose_axis) for node in self._weighted_readers.get(m, [])]
             readers[m] = [r for r in made if r is not None]
         n_batches = len(data) if hasattr(data, "__len__") else 8
+        folds = self.folds = max(1, min(self.max_folds, n_batches))
         batch_rng = np.random.default_rng(self.seed + 1)
+        # Every tensor keeps one histogram per fold: the gate needs its own error per fold, and candidates
+        # found without each fold to score them on it.
+        fold_stats = {m: [TensorStats(m, histogram=True, num_bins=num_bins) for _ in range(folds)]
+                      for m in wanted if folds > 1}
+        seen = dict.fromkeys(fold_stats, 0)
 
         def observe(name: str, value: np.ndarray) -> None:
             for r in readers.get(name, ()):
-                r.observe(value, batch_rng, max(1, math.ceil(r.rows_wanted / max(1, n_batches))))
+                r.observe(value, batch_rng, max(1, math.ceil(r.rows_wanted / max(1, n_batches))), folds)
+            if name in fold_stats:
+                fold_stats[name][seen[name] % folds].update(value)
+                seen[name] += 1
 
+        # The per-fold histograms are the data: a tensor's whole histogram is their merge (exact, and the
+        # same as one accumulated in one go: bin widths are powers of two), so none is computed twice.
         stats = collect_stats(self.model, wanted, data, histogram=True, num_bins=num_bins, progress=progress,
-                              observe=observe)
+                              observe=observe, accumulate=not fold_stats)
+        for name, st in list(stats.items()):
+            parts = fold_stats.get(name)
+            if parts is not None and st.count == 0:  # initializers are read whole, not per batch
+                for part in parts:
+                    st = st.merged(part)
+                stats[name] = st
+                _check_finite(st, name in self._graph_inputs)
         for name, st in stats.items():
-            self._pending[name] = _Pending(st, [r for r in readers.get(name, []) if r.finish()])
+            self._pending[name] = _Pending(st, [r for r in readers.get(name, []) if r.finish()], fold_stats.get(name))
 
     def _choose(self, todo: list[str]) -> None:
         pend = self._pending
-        asked = set(todo)
+        if self.model_choice is None:
+            self._first_choice()
+        base = self.model_choice
         for name in todo:
             if name in self.decided:
                 continue
-            if name in self._graph_inputs or pend[name].stats.hist is None or not pend[name].stats.count:
-                # A network input (preprocessing bounds its range; clipping it saves little rounding and
-                # distorts every layer after it) or an initializer: the exact max.
-                self.decided[name], self.chosen[name] = amax_max(pend[name].stats), "max"
-                continue
-            group = [m for m in self.members(name) if m in pend and m not in self.decided and m not in self._graph_inputs]
-            if name not in group:
-                group.append(name)
-            scored = [m for m in group if m in asked or pend[m].readers]
-            # One range for the whole tied group: candidates come from the members' data taken together.
-            full = pend[scored[0]].stats
-            for m in scored[1:]:
-                full = full.merged(pend[m].stats)
-            cands = candidate_ranges(full)
-            labels = list(cands)
-            totals = np.zeros(len(labels))
-            for m in scored:
-                totals += self._member_error(m, pend[m].stats, pend[m].readers, [cands[k] for k in labels])
-            best = labels[int(np.argmin(totals))]  # "max" is first: a tie keeps the widest range
-            value = float(cands[best])
-            # Every member gets it, collected or not: a later request (align-scales filling a Concat
-            # input, quantize-pooling) must find the group's range, not choose one of its own.
-            for m in dict.fromkeys([*group, *self.members(name)]):
-                if m not in self.decided and m not in self._graph_inputs:
-                    self.decided[m] = value
-                    self.chosen[m] = best
-                    pend.pop(m, None)
+            group, own, labels, cands, errors = self._scored(name)
+            best, evidence = self._pick(name, base)
+            self.evidence[name] = evidence
+            for m in group:
+                # Kept at the baseline, each member keeps its own value: align-scales then ties the group
+                # exactly as it does under that fixed method.
+                self.decided[m] = float(cands[best] if best != base else own[m].get(base, own[m]["max"]))
+                self.chosen[m] = best
+                pend.pop(m, None)
             if len(group) > 1:
-                logger.debug("auto: tied group of %d (%s ...): %s, amax %.6g", len(group), name, best, value)
+                logger.debug("auto: tied group of %d (%s ...): %s, amax %.6g", len(group), name, best, cands[best])
 
-    def _member_error(self, name: str, stats: TensorStats, readers: list[_Reader], cands: list[float]) -> np.ndarray:
-        """Summed relative error at ``name``'s weighted readers (and of the tensor itself when other ops read it)."""
-        err = np.zeros(len(cands))
-        for r in readers:
-            err += r.errors(cands)
-        if not readers or self._plain_readers.get(name, True):
-            energy = hist_energy(stats) if stats.hist is not None else 0.0
+    def _first_choice(self) -> None:
+        """The fixed method the model's tensors keep without evidence of their own, from every tensor collected.
+
+        Each tensor's evidence alone is weak with a few folds; summed over the model's tensors it is not:
+        the fixed method the model keeps is chosen by the same gate on the summed per-layer errors, proposed on
+        the errors of candidates found on all the data and confirmed on held-out errors (:meth:`_held_out`).
+        """
+        pend = self._pending
+        firsts = {self._group_of.get(n, n): n for n in reversed(list(pend)) if n not in self.decided}
+        scored = {n: self._scored(n) for n in firsts.values()}
+        labels = max((sc[2] for sc in scored.values()), key=len, default=[self.baseline])
+        full = [sc for sc in scored.values() if sc[2] == labels]
+        total = sum((sc[4] for sc in full), np.zeros((len(labels), self.folds)))
+        self.model_choice, self.model_evidence = gate(labels, total, self.baseline) if full else (self.baseline, {})
+        if self.model_choice != self.baseline:  # confirmed held out, or not at all
+            pair = [self.baseline, self.model_choice]
+            held = sum((self._held_out(n, pair) for n, sc in scored.items() if sc[2] == labels),
+                       np.zeros((2, self.folds)))
+            choice, evidence = gate(pair, held, self.baseline)
+            self.model_evidence = {**evidence, "in_sample": self.model_evidence}
+            self.model_choice = choice
+        ev = self.model_evidence
+        logger.info("auto calibration: the model keeps %s (%s; %d calibration folds%s)", self.model_choice,
+                    ev.get("reason", "no evidence"), self.folds,
+                    f", {ev.get('best_other', self.model_choice)} t = {ev['t']:.2f}" if "t" in ev else "")
+
+    def _pick(self, name: str, base: str) -> tuple[str, dict]:
+        """``name``'s candidate: proposed by the gate on the per-fold errors of candidates found on all the data,
+        confirmed by the gate on held-out errors (:meth:`_held_out`, computed only for a proposed departure)."""
+        _group, _own, labels, _cands, errors = self._scored(name)
+        best, evidence = gate(labels, errors, base)
+        if best == base or base not in labels:
+            return best, evidence
+        pair = [base, best]
+        best, held = gate(pair, self._held_out(name, pair), base)
+        if best == base:
+            held["reason"] = "not confirmed held out"
+        return best, {**held, "in_sample": evidence}
+
+    def _scored(self, name: str) -> tuple:
+        """(members, their own candidates, labels, the group's candidates, errors [labels, folds]) of ``name``'s group."""
+        key = self._group_of.get(name, name)
+        if key in self._scores and all(m in self._pending for m in self._scores[key][0]):
+            return self._scores[key]
+        pend = self._pending
+        group = [m for m in self.members(name) if m in pend and m not in self.decided]
+        if name not in group:
+            group.append(name)
+        # Every candidate is what the fixed method of that name gives the group: each member's own
+        # value, the largest taken (as align-scales does for a group calibrated per tensor).
+        own = {m: candidate_ranges(pend[m].stats, extra=(self.percentile,)) for m in group}
+        labels = list(own[name])
+        cands = {k: max(own[m].get(k, own[m]["max"]) for m in group) for k in labels}
+        errors = np.zeros((len(labels), self.folds))
+        for m in group:
+            errors += self._member_error(m, [cands[k] for k in labels])
+        self._scores[key] = (group, own, labels, cands, errors)
+        return self._scores[key]
+
+    def _member_error(self, name: str, cands) -> np.ndarray:
+        """Relative error per candidate and fold, [len(cands), folds]: at ``name``'s weighted readers, and
+        of the tensor itself when other ops read it (or nothing weighted does). ``cands``: one amax per
+        candidate, or [folds, candidates] for each fold's own (held out: found without that fold)."""
+        p = self._pending[name]
+        cands = np.asarray(cands, dtype=np.float64)
+        per_fold = cands.ndim == 2
+        err = np.zeros((cands.shape[-1], self.folds))
+        for r in p.readers:
+            err += r.errors_by_fold(cands) if per_fold else r.errors(cands, self.folds)
+        if not p.readers or self._plain_readers.get(name, True):
+            energy = hist_energy(p.stats) if p.stats.hist is not None and p.stats.width > 0 else 0.0
             if energy > 0:
-                err += hist_sq_error(stats, np.asarray(cands)) / energy
+                if p.folds is not None:
+                    for f, st in enumerate(p.folds):
+                        if st.width > 0:
+                            err[:, f] += hist_sq_error(st, cands[f] if per_fold else cands) / energy
+                else:  # one fold: no evidence, and the gate keeps the baseline anyway
+                    err[:, 0] += hist_sq_error(p.stats, cands) / energy
         return err
+
+    def _fold_candidates(self, group: list[str], labels: list[str], fold: int) -> list[float]:
+        """The group's candidates (``labels``) found on every fold but ``fold``."""
+        own = {}
+        for m in group:
+            p = self._pending[m]
+            rest = [st for g, st in enumerate(p.folds or []) if g != fold and st.width > 0]
+            merged = rest[0] if rest else p.stats
+            for st in rest[1:]:
+                merged = merged.merged(st)
+            own[m] = candidate_ranges(merged, only=labels, extra=(self.percentile,))
+        return [max(own[m].get(k, own[m]["max"] if "max" in own[m] else amax_max(self._pending[m].stats))
+                    for m in group) for k in labels]
+
+    def _held_out(self, name: str, labels: list[str]) -> np.ndarray:
+        """The errors of ``labels`` [len(labels), folds] as :meth:`_scored`'s, but each fold scored with the
+        candidates found on the other folds (leave one fold out), so a candidate that fits the data it was
+        found on and not the next pays for it. Only the candidates compared are found again (the MSE and KL
+        searches cost the most)."""
+        key = (self._group_of.get(name, name), tuple(labels))
+        if key in self._held:
+            return self._held[key]
+        group = self._scored(name)[0]
+        per_fold = np.array([self._fold_candidates(group, labels, f) for f in range(self.folds)])
+        err = np.zeros((len(labels), self.folds))
+        for m in group:
+            err += self._member_error(m, per_fold)
+        self._held[key] = err
+        return err
+

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from qdqsurgeon.calibration import calibrate
-from qdqsurgeon.calibration.auto import AutoSelector, _fake_quant, _matmul, candidate_ranges, layer_error
+from qdqsurgeon.calibration.auto import AutoSelector, _fake_quant, _matmul, candidate_ranges, gate, layer_error
 from qdqsurgeon.calibration.methods import (
     TensorStats,
     _kl_at,
@@ -69,24 +69,178 @@ def test_auto_scores_at_the_reading_layer():
     assert calibrate(_conv_reader_model(0.0), ["r"], data, "auto", progress=False)["r"] == ignored  # deterministic
 
 
-def test_tied_concat_group_gets_one_range():
+def _concat_model() -> onnx.ModelProto:
     # a (small) and b (large) are Concat inputs read by a Conv: TensorRT needs one scale (P4).
     rng = np.random.default_rng(2)
     nodes = [helper.make_node("Relu", ["x1"], ["a"], name="ra"), helper.make_node("Relu", ["x2"], ["b"], name="rb"),
              helper.make_node("Concat", ["a", "b"], ["c"], axis=1, name="cat"),
              helper.make_node("Conv", ["c", "w"], ["y"], name="conv"),
              helper.make_node("Conv", ["a", "w2"], ["y2"], name="conv_a")]
-    model = make_model(nodes, [("x1", TensorProto.FLOAT, [None, 2, 6, 6]), ("x2", TensorProto.FLOAT, [None, 2, 6, 6])],
-                       [("y", TensorProto.FLOAT, [None, 4, 4, 4]), ("y2", TensorProto.FLOAT, [None, 4, 6, 6])],
-                       [init("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32)),
-                        init("w2", rng.standard_normal((4, 2, 1, 1)).astype(np.float32))])
-    data = [{"x1": rng.standard_normal((1, 2, 6, 6)).astype(np.float32),
-             "x2": 10 * rng.standard_normal((1, 2, 6, 6)).astype(np.float32)} for _ in range(4)]
+    return make_model(nodes, [("x1", TensorProto.FLOAT, [None, 2, 6, 6]), ("x2", TensorProto.FLOAT, [None, 2, 6, 6])],
+                      [("y", TensorProto.FLOAT, [None, 4, 4, 4]), ("y2", TensorProto.FLOAT, [None, 4, 6, 6])],
+                      [init("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32)),
+                       init("w2", rng.standard_normal((4, 2, 1, 1)).astype(np.float32))])
+
+
+def _concat_data(batches: int, seed: int = 2) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x1": rng.standard_normal((1, 2, 6, 6)).astype(np.float32),
+             "x2": 10 * rng.standard_normal((1, 2, 6, 6)).astype(np.float32)} for _ in range(batches)]
+
+
+def test_tied_group_is_chosen_jointly():
+    model = _concat_model()
     sel = AutoSelector(model)
     assert set(sel.members("c")) == {"a", "b", "c"}
-    got = sel.select(["c", "a"], data, progress=False)
-    assert got["c"] == got["a"] == sel.decided["b"]
-    assert got["c"] > float(max(np.abs(np.maximum(d["x1"], 0)).max() for d in data))  # b's range, not a's
+    got = sel.select(["c", "a"], _concat_data(8), progress=False)
+    assert sel.chosen["a"] == sel.chosen["b"] == sel.chosen["c"]  # one decision for the group
+    if sel.chosen["c"] != sel.baseline:  # a departure: one range, covering b (the wide member)
+        assert got["c"] == got["a"] == sel.decided["b"]
+    else:  # kept at the baseline: each member its own percentile, which align-scales ties as for --method percentile
+        assert got == calibrate(model, ["c", "a"], _concat_data(8), "percentile", progress=False)
+
+
+def test_tied_group_ends_with_one_scale():
+    import qdqsurgeon
+    from qdqsurgeon.config import Config
+    from qdqsurgeon.ranges import CalibrationRanges
+
+    model = _concat_model()
+    out = qdqsurgeon.optimize(model, ranges=CalibrationRanges(model, _concat_data(8), "auto", progress=False),
+                              mode="ptq", config=Config(keep_output_layers=True)).model
+    onnx.checker.check_model(out, full_check=True)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    produced = {o: n for n in out.graph.node for o in n.output}
+    scales = set()
+    for n in out.graph.node:
+        if n.op_type == "Concat":
+            for i in n.input:  # each input is a DequantizeLinear's output
+                scales.add(float(inits[produced[i].input[1]]))
+    assert len(scales) == 1
+
+
+def test_gate_departs_only_on_consistent_evidence():
+    labels = ["max", "percentile 99.99", "mse"]
+    rng = np.random.default_rng(11)
+    base = 1.0 + 0.2 * rng.random(8)
+    # mse wins on every fold by about 10 %: chosen
+    errors = np.stack([base * 1.3, base, base * 0.9 + 0.001 * rng.random(8)])
+    got, why = gate(labels, errors, "percentile 99.99")
+    assert got == "mse" and why["reason"] == "consistent gain" and why["t"] > 3
+    # noisy ties (the others are the baseline plus noise): departures at the test's level, 1 % per candidate
+    noise = np.random.default_rng(12).standard_normal((1000, 2, 8)) * 0.05
+    departed = sum(gate(labels, np.stack([base + n[0], base, base + n[1]]), "percentile 99.99")[0] != "percentile 99.99"
+                   for n in noise)
+    assert departed <= 40  # 2 x 1 % of 1000 expected; far more would mean the threshold is wrong
+    # a large gain on one fold and small losses on the others: less error in total, not consistently
+    errors = np.stack([base * 1.3, base, base * 1.02])
+    errors[2, 3] = 0.01
+    assert errors[2].sum() < errors[1].sum()
+    assert gate(labels, errors, "percentile 99.99") == ("percentile 99.99", gate(labels, errors, "percentile 99.99")[1])
+    # two folds are no evidence
+    assert gate(labels, np.stack([base[:2] * 9, base[:2], base[:2] * 0.1]), "percentile 99.99")[0] == "percentile 99.99"
+    # several pass: the least total error among them
+    errors = np.stack([base * 0.8, base, base * 0.9])
+    assert gate(labels, errors, "percentile 99.99")[0] == "max"
+
+
+def test_consistent_winner_is_chosen_on_real_data():
+    # Channel 0's heavy tail meets zero weights: clipping it costs nothing at the output on every batch,
+    # while the percentile range wastes the grid on it. A narrower candidate wins on every fold.
+    data = _outlier_data()
+    sel = AutoSelector(_conv_reader_model(0.0))
+    got = sel.select(["r"], data, progress=False)
+    assert sel.chosen["r"] != sel.baseline
+    # the model's only tensor: the evidence that moves the model's method is this tensor's
+    assert sel.model_choice == sel.chosen["r"] and sel.model_evidence["reason"] == "consistent gain"
+    assert got["r"] < calibrate(_conv_reader_model(0.0), ["r"], data, "percentile", progress=False)["r"]
+
+
+def _three_readers_model() -> onnx.ModelProto:
+    """Three Relu -> Conv(1x1) branches; input channel 0 of each carries the outliers and meets zero weights."""
+    rng = np.random.default_rng(0)
+    nodes, inits, outs = [], [], []
+    for i in range(3):
+        w = rng.standard_normal((8, 4, 1, 1)).astype(np.float32)
+        w[:, 0] = 0.0
+        nodes += [helper.make_node("Relu", [f"x{i}"], [f"r{i}"], name=f"relu{i}"),
+                  helper.make_node("Conv", [f"r{i}", f"w{i}"], [f"y{i}"], name=f"conv{i}")]
+        inits.append(init(f"w{i}", w))
+        outs.append((f"y{i}", TensorProto.FLOAT, [None, 8, 8, 8]))
+    return make_model(nodes, [(f"x{i}", TensorProto.FLOAT, [None, 4, 8, 8]) for i in range(3)], outs, inits, opset=17)
+
+
+def test_model_method_moves_on_summed_evidence():
+    # Every tensor prefers a narrower range on every fold: the model's method moves (confirmed held out) and the
+    # tensors keep it, each at its own value, as that fixed method would give.
+    data = [{f"x{i}": d["x"] * (i + 1) for i in range(3)} for d in _outlier_data()]
+    model = _three_readers_model()
+    sel = AutoSelector(model)
+    got = sel.select(["r0", "r1", "r2"], data, progress=False)
+    assert sel.model_choice != sel.baseline and "in_sample" in sel.model_evidence
+    assert all(sel.chosen[t] == sel.model_choice or sel.evidence[t]["reason"] == "consistent gain" for t in got)
+    method = sel.model_choice.split()[0]
+    if method in ("mse", "entropy", "max"):
+        fixed = calibrate(model, ["r0"], data, method, progress=False)
+        assert sel.chosen["r0"] != sel.model_choice or got["r0"] == pytest.approx(fixed["r0"], rel=1e-6)
+
+
+def test_held_out_candidates_leave_the_fold_out():
+    data = _outlier_data()
+    sel = AutoSelector(_conv_reader_model(3.0))
+    sel.select(["r"], data, progress=False)
+    # pending again for the check (select decided it): re-collect
+    sel2 = AutoSelector(_conv_reader_model(3.0))
+    sel2._collect(["r"], data, 2048, False)
+    labels = list(candidate_ranges(sel2._pending["r"].stats))
+    for f in range(8):
+        cands = dict(zip(labels, sel2._fold_candidates(["r"], labels, f)))
+        others = max(float(np.maximum(d["x"], 0).max()) for i, d in enumerate(data) if i != f)
+        assert cands["max"] == pytest.approx(others, rel=1e-6)
+
+
+def test_departure_needs_held_out_confirmation(monkeypatch):
+    # In-sample the narrow candidate wins on every fold; held out it is made to lose: the baseline is kept.
+    sel = AutoSelector(_conv_reader_model(0.0))
+    sel._collect(["r"], _outlier_data(), 2048, False)
+    _group, _own, labels, _cands, errors = sel._scored("r")
+    assert gate(labels, errors, sel.baseline)[0] != sel.baseline
+    base = errors[labels.index(sel.baseline)]
+    monkeypatch.setattr(sel, "_held_out", lambda name, compared: np.stack(
+        [base if k == sel.baseline else 1.5 * base for k in compared]))
+    best, why = sel._pick("r", sel.baseline)
+    assert best == sel.baseline and why["reason"] == "not confirmed held out"
+
+
+def test_no_evidence_is_the_percentile_method():
+    # With one calibration batch there are no folds to compare: auto gives exactly the percentile ranges,
+    # tied groups and network inputs included (so the optimized model is --method percentile's).
+    import qdqsurgeon
+    from qdqsurgeon.config import Config
+    from qdqsurgeon.ranges import CalibrationRanges
+
+    model = _concat_model()
+    data = [{k: np.concatenate([d[k] for d in _concat_data(8)]) for k in ("x1", "x2")}]  # one batch of 8
+    names = ["x1", "x2", "a", "b", "c"]
+    sel = AutoSelector(model)
+    assert sel.select(names, data, progress=False) == calibrate(model, names, data, "percentile", progress=False)
+    assert set(sel.chosen.values()) == {sel.baseline}
+
+    def optimized(method: str) -> bytes:
+        out = qdqsurgeon.optimize(model, ranges=CalibrationRanges(model, data, method, progress=False), mode="ptq",
+                                  config=Config(keep_output_layers=True))
+        assert any(n.op_type == "QuantizeLinear" for n in out.model.graph.node)
+        return out.model.SerializeToString()
+
+    assert optimized("auto") == optimized("percentile")
+
+
+def test_baseline_follows_the_configured_percentile():
+    data = [{k: np.concatenate([d[k] for d in _concat_data(8)]) for k in ("x1", "x2")}]
+    sel = AutoSelector(_concat_model(), percentile=99.9)
+    assert sel.baseline == "percentile 99.9"
+    assert sel.select(["c"], data, progress=False)["c"] == \
+        calibrate(_concat_model(), ["c"], data, "percentile", percentile=99.9, progress=False)["c"]
 
 
 def test_candidates_and_fast_searches():
