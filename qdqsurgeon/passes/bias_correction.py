@@ -834,15 +834,18 @@ def _cross_validate(graph: gs.Graph, targets: list[_Target], held_out: dict[int,
         weights = _dequantized_weights(checked)
         q_s = make_session(checked, optimize=False)
         original = {name: np.asarray(targets[i].bias) for name, i in inputs.items()}
+        made: dict[tuple[float, int], dict[str, np.ndarray]] = {}  # (strength, fold): the biases fed
 
         def biases(strength: float, fold: int) -> dict[str, np.ndarray]:
             if strength == 0.0:
                 return original
-            values = {}
-            for name, i in inputs.items():
-                new = _corrected(targets[i], strength * held_out[fold][i])
-                values[name] = new if new is not None else original[name]
-            return values
+            if (strength, fold) not in made:
+                values = {}
+                for name, i in inputs.items():
+                    new = _corrected(targets[i], strength * held_out[fold][i])
+                    values[name] = new if new is not None else original[name]
+                made[strength, fold] = values
+            return made[strength, fold]
 
         def sqnrs(strengths: tuple[float, ...]) -> dict[float, float]:
             """Worst-output held-out SQNR per strength, over every calibration batch (one pass over the data)."""
