@@ -626,6 +626,9 @@ def test_faster_check_on_shared_models(name, samples, tmp_path, monkeypatch):
     calib = zd.save_npz(tmp_path / "calib.npz", data.calib)
     model = qdqsurgeon.load(zd.model_path(entry, shared, zd.DEFAULT_CACHE))
     ranges = qdqsurgeon.build_ranges(model, calib=calib, progress=False)
+    # the edit audit (tests/conftest.py) hashes every tensor after every pass, 2/3 of this test on MiniLM: the
+    # pipeline's edits are audited on these models by test_zoo.py, this test is about the check
+    monkeypatch.delenv("QDQSURGEON_AUDIT", raising=False)
     with monkeypatch.context() as m:
         used = _spy_fast_check(m)
         new = qdqsurgeon.optimize(model, ranges=ranges, analyze=False, verify=False)
