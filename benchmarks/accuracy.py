@@ -7,7 +7,9 @@ would. Printed per model: worst-output SQNR (dB) against the float model on the 
 each method, the best fixed method, ``auto`` minus that best, and the calibration wall time of each method
 as a ratio to the current default's, measured in the same run (time spent inside the range provider,
 i.e. onnxruntime collection plus range selection, and in ``bias-correction``'s pass over the calibration data;
-placement and export are the same for every method).
+placement and export are the same for every method). The per-model progress line also gives each method's
+calibration CPU time (this process, all threads: steadier than wall time on a shared machine) and bias
+correction's verdict (applied / not applied, from the change log; the JSON rows have the whole note).
 
 The baselines are columns too, on the same calibration and evaluation data: ``modelopt`` (NVIDIA
 ModelOpt's ONNX INT8 PTQ, entropy calibration, run by ``modelopt_ptq.py`` in the ModelOpt venv given by
@@ -46,6 +48,8 @@ import zoo_data as zd  # noqa: E402
 from common import REPO_DIR, fmt, markdown_table  # noqa: E402
 
 sys.path.insert(0, str(REPO_DIR))
+
+from qdqsurgeon.passes.base import Instrument  # noqa: E402
 
 FIXED = ["max", "percentile", "mse", "entropy"]
 # The PP-OCR MobileNetV3 text-direction classifier of issue 14 (12.4 dB with percentile, 21.2 with mse) is not in
@@ -100,18 +104,21 @@ def ppocr_cls_data(shared: Path, n_calib: int, n_eval: int = 8) -> tuple[dict, d
 
 
 class TimedRanges:
-    """Wraps a range provider and adds up the time spent inside it (collection and range choice)."""
+    """Wraps a range provider and adds up the time spent inside it (collection and range choice): wall and this
+    process's CPU time (all its threads; on a shared machine the CPU time moves less with the other load)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def __call__(self, names):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return self.inner(names)
         finally:
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.process_time() - c0
 
     def calibration_source(self):  # the data bias-correction reads (its time is added in run_method)
         return self.inner.calibration_source()
@@ -144,8 +151,9 @@ def run_baseline(tool: str, src: Path, calib: Path, work: Path, modelopt_python:
     return dst
 
 
-def run_method(model: Any, calib: Path, method: str) -> tuple[Any, float]:
-    """(optimized model, calibration seconds) for one method; ``M@k=v+k=v`` is method M with those Config fields."""
+def run_method(model: Any, calib: Path, method: str, info: dict[str, Any] | None = None) -> tuple[Any, float]:
+    """(optimized model, calibration seconds) for one method; ``M@k=v+k=v`` is method M with those Config fields.
+    ``info`` gets the calibration CPU seconds (``cpu_s``) and bias correction's change-log verdict (``verdict``)."""
     import qdqsurgeon
     from qdqsurgeon.api import prepare_opset
     from qdqsurgeon.config import Config
@@ -155,10 +163,30 @@ def run_method(model: Any, calib: Path, method: str) -> tuple[Any, float]:
     ranges = TimedRanges(qdqsurgeon.build_ranges(model, calib=str(calib), method=method, progress=False))
     fields = dict(kv.split("=", 1) for kv in options.split("+") if kv)
     config = Config(**{k: {"true": True, "false": False}.get(v, v) for k, v in fields.items()}) if fields else None
-    res = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded, config=config)
+    timing = BiasTiming()
+    res = qdqsurgeon.optimize(model, ranges=ranges, mode="ptq", prior_changes=upgraded, config=config, instruments=[timing])
     # Calibration time: inside the range provider, plus bias-correction's pass over the calibration data.
     bias = res.stats.get("bias-correction")
+    if info is not None:
+        info["cpu_s"] = ranges.cpu_seconds + timing.cpu_seconds
+        notes = [c.detail for c in res.changes if c.pass_name == "bias-correction" and c.kind == "note"]
+        info["verdict"] = notes[0] if notes else None
     return res.model, ranges.seconds + (bias.seconds if bias is not None else 0.0)
+
+
+class BiasTiming(Instrument):
+    """An instrument adding up the CPU time of the bias-correction pass (its wall time is in the run's stats)."""
+
+    def __init__(self) -> None:
+        self.cpu_seconds = 0.0
+        self._start = 0.0
+
+    def before_pass(self, pass_, graph, ctx) -> None:
+        self._start = time.process_time()
+
+    def after_pass(self, pass_, result, ctx) -> None:
+        if pass_.name == "bias-correction":
+            self.cpu_seconds += time.process_time() - self._start
 
 
 def augmented(arrays: dict) -> dict:
@@ -199,7 +227,8 @@ def evaluate(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, metho
         data.eval = augmented(data.eval)
     ref = run_outputs(src, data.eval)
     model = qdqsurgeon.load(str(src))
-    row: dict[str, Any] = {"model": m.name if m else PPOCR_CLS[0], "data": data.description, "sqnr": {}, "cosine": {}, "calib_s": {}}
+    row: dict[str, Any] = {"model": m.name if m else PPOCR_CLS[0], "data": data.description, "sqnr": {}, "cosine": {},
+                           "calib_s": {}, "calib_cpu_s": {}, "verdict": {}}
     for method in methods:
         try:
             if method in BASELINES:
@@ -207,7 +236,9 @@ def evaluate(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, metho
                 path = run_baseline(method, src, calib, work, modelopt_python)
                 seconds = time.perf_counter() - t0
             else:
-                out, seconds = run_method(model, calib, method)
+                info: dict[str, Any] = {}
+                out, seconds = run_method(model, calib, method, info)
+                row["calib_cpu_s"][method], row["verdict"][method] = info["cpu_s"], info["verdict"]
                 path = work / f"{method}.onnx"
                 onnx.save(out, str(path))
         except Exception as exc:  # a failing method is a cell, not the end of the run
@@ -404,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", file=sys.stderr, flush=True)
                 continue
             rows.append(row)
-            cells = ", ".join(f"{m} {fmt(row['sqnr'].get(m))} dB/{fmt(row['calib_s'].get(m))} s" for m in methods)
+            cells = ", ".join(f"{m} {fmt(row['sqnr'].get(m))} dB/{fmt(row['calib_s'].get(m))} s "
+                              f"({fmt(row['calib_cpu_s'].get(m))} s CPU"
+                              + (f"; bias correction {row['verdict'][m].split(':')[0]}" if row['verdict'].get(m) else "") + ")"
+                              for m in methods)
             print(f"{name}: {cells} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2, default=str))

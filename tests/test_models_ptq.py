@@ -66,13 +66,42 @@ def _data(name, model, tmp_path, photo_dirs):
     return photo_dirs[0], photo_dirs[1], Preprocess.parse(pre)
 
 
+#: The models both test_ptq_on_shared_model and test_bias_correction_on_shared_model optimize, with the same data.
+SHARED_RUNS = ("mobilenetv2_bottleneck", "efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def ptq_runs(photo_dirs, tmp_path_factory):
+    """``get(name, bias_correction)``: (model, calibration ranges, eval data dir, preprocess, optimize result) with
+    the default Config (``bias_correction`` None) or bias correction off (False), each optimized once per module
+    for the models of ``SHARED_RUNS`` (the default is the explicit --bias-correction where the check passes,
+    test_bias_correction.py::test_on_by_default_where_the_check_passes)."""
+    inputs: dict[str, tuple] = {}  # one calibration per model (the ranges cache what they measured)
+    cache: dict[tuple[str, bool | None], tuple] = {}
+
+    def get(name, bias_correction=None):
+        key = (name, bias_correction)
+        if key in cache:
+            return cache[key]
+        if name not in inputs:
+            pre_spec, opset, _ = PTQ[name]
+            model = qdqsurgeon.load(FP32 / f"{name}.onnx", opset=opset)
+            calib, evald, pre = _data(name, model, tmp_path_factory.mktemp(name), photo_dirs)
+            inputs[name] = (model, qdqsurgeon.build_ranges(model, calib=calib, preprocess=pre_spec, progress=False),
+                            evald, pre)
+        model, ranges, evald, pre = inputs[name]
+        found = (*inputs[name], qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=bias_correction)))
+        if name in SHARED_RUNS:
+            cache[key] = found
+        return found
+
+    return get
+
+
 @pytest.mark.parametrize("name", list(PTQ))
-def test_ptq_on_shared_model(name, tmp_path, photo_dirs):
+def test_ptq_on_shared_model(name, ptq_runs):
     pre_spec, opset, expected_standalone = PTQ[name]
-    model = qdqsurgeon.load(FP32 / f"{name}.onnx", opset=opset)
-    calib, evald, pre = _data(name, model, tmp_path, photo_dirs)
-    ranges = qdqsurgeon.build_ranges(model, calib=calib, preprocess=pre_spec, progress=False)
-    full = qdqsurgeon.optimize(model, ranges=ranges)
+    model, ranges, evald, pre, full = ptq_runs(name)
     naive = qdqsurgeon.optimize(model, passes=["insert-qdq", "fold-qdq-pairs", "dedupe-qdq"], ranges=ranges, analyze=False)
     onnx.checker.check_model(full.model, full_check=True)
     insp = inspect_model(full.model)
@@ -100,7 +129,7 @@ def test_ptq_on_shared_model(name, tmp_path, photo_dirs):
         assert np.isfinite(ours.outputs[out].sqnr_db) and ours.outputs[out].sqnr_db > 5
     # placement against placement: the naive pipeline has no bias correction, so neither does this comparison (the
     # default's correction, applied where its held-out check passes, is measured in README "Bias correction")
-    placed = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=False))
+    placed = ptq_runs(name, bias_correction=False)[-1]
     mine, theirs = compare(model, placed.model, data), compare(model, naive.model, data)
     tolerance = 1.0 if name == "resnet18_cifar10" else 0.5  # see README: residual skip quantization on ResNet-18/CIFAR
     for out in mine.outputs:
@@ -296,15 +325,13 @@ def test_crepe_single_channel_filter_bank_stays_float():
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_bottleneck", "efficientnet_lite0"])
-def test_bias_correction_on_shared_model(name, tmp_path, photo_dirs):
-    """--bias-correction on real photos: one logged correction per INT8 layer with a bias, nothing else changes
-    (same nodes and Q/DQ), checker-valid, the fix path leaves it alone, and the evaluation photos' SQNR rises
-    (README "Bias correction": +2.7 and +1.6 dB on the zoo data)."""
-    model = qdqsurgeon.load(FP32 / f"{name}.onnx")
-    calib, evald, pre = _data(name, model, tmp_path, photo_dirs)
-    ranges = qdqsurgeon.build_ranges(model, calib=calib, preprocess=PTQ[name][0], progress=False)
-    plain = qdqsurgeon.optimize(model, ranges=ranges, analyze=False, config=Config(bias_correction=False))
-    res = qdqsurgeon.optimize(model, ranges=ranges, config=Config(bias_correction=True))
+def test_bias_correction_on_shared_model(name, ptq_runs):
+    """Bias correction (the default) on real photos: one logged correction per INT8 layer with a bias, nothing else
+    changes (same nodes and Q/DQ), checker-valid, the fix path leaves it alone, and the evaluation photos' SQNR rises
+    (README "Bias correction": +2.7 and +1.6 dB on the zoo data). The runs are test_ptq_on_shared_model's."""
+    assert name in SHARED_RUNS
+    model, ranges, evald, pre, res = ptq_runs(name)
+    plain = ptq_runs(name, bias_correction=False)[-1]
     onnx.checker.check_model(res.model, full_check=True)
     assert [(n.op_type, n.name) for n in res.model.graph.node] == [(n.op_type, n.name) for n in plain.model.graph.node]
     d = inspect_model(res.model).to_dict()["weighted_ops"]["details"]

@@ -663,6 +663,7 @@ def collect_stats(
     progress: bool = True,
     observe: Callable[[str, np.ndarray], None] | None = None,
     accumulate: bool = True,
+    outputs: bool = False,
 ) -> dict[str, TensorStats]:
     """Stream ``data`` through ``model`` and accumulate statistics of ``tensors``.
 
@@ -670,7 +671,9 @@ def collect_stats(
     Tensors that are not floating point are skipped with a warning (absent from the result).
     ``observe(name, value)``, when given, also sees every batch's value of each tensor (``auto``
     keeps small samples with it). ``accumulate=False`` leaves the statistics empty (only ``observe`` sees
-    the values; bias correction needs no ranges).
+    the values; bias correction needs no ranges). ``outputs=True``: ``observe`` also sees the model's float graph
+    outputs (bias correction's check compares with them), where the run is one session: they are outputs already,
+    so asking for them changes nothing in it; a model run in slices (:class:`_Segments`) does not give them.
     """
     model = inline_constant_ifs(model)
     bf16 = has_bfloat16(model)
@@ -718,8 +721,13 @@ def collect_stats(
             segments = _Segments(model, run_names, full_types, payload=payload)
         except KeyError as exc:  # a tensor crossing a cut has no inferred type: one session after all
             logger.debug("calibrating in one session: no type for %s", exc)
-    if run_names and segments is None:
-        session = make_session(model, outputs=run_names, types=full_types)
+    extra = []  # graph outputs only observe sees (``outputs``)
+    if outputs and observe is not None and segments is None:
+        extra = [o.name for o in model.graph.output if o.name in produced and o.name not in stats
+                 and types.get(o.name) in _FLOAT_TYPES]
+    fetch = run_names + extra
+    if fetch and segments is None:
+        session = make_session(model, outputs=fetch, types=full_types)
 
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     bar, task = progress_bar(progress, "calibrating", total)
@@ -734,8 +742,8 @@ def collect_stats(
                 if observe is not None:
                     observe(name, batch[name])
             if session is not None:
-                for name, value in zip(run_names, _run(session, run_names, _feed_for(session, batch))):
-                    if accumulate:
+                for name, value in zip(fetch, _run(session, fetch, _feed_for(session, batch))):
+                    if accumulate and name in stats:
                         stats[name].update(value)
                     if observe is not None:
                         observe(name, value)
