@@ -1061,36 +1061,38 @@ def cleanup_graph(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
+def _levels_in_order(nodes: list[gs.Node]) -> dict[int, int] | None:
+    """gs's toposort levels of ``nodes`` when they are already in a topological order, else None.
+
+    gs's recursion then finishes the nodes in their own order, and each node's level follows from its
+    producers' in one forward pass. (A named tensor with a producer in the graph is local to it; a later
+    producer, a cycle or a producer outside the graph returns None: the full walk handles those.)
+    """
+    levels: dict[int, int] = {}
+    for node in nodes:
+        top = -1
+        for t in node.inputs:
+            if t.name == "":
+                continue
+            for p in t.inputs:
+                level = levels.get(id(p))
+                if level is None:
+                    return None
+                top = max(top, level)
+        levels[id(node)] = top + 1
+    return levels
+
+
 def toposort_graph(graph: gs.Graph) -> gs.Graph:
     """``graph.toposort()`` without recursion: the same order (levels, ties in gs's visiting order)."""
     if not _flat(graph):
         return graph.toposort()
     nodes = graph.nodes
-    levels: dict[int, int] = {}
-    # The common case, a graph already in topological order: gs's recursion then finishes the nodes in
-    # their order, and each node's level follows from its producers' in one forward pass. (A named tensor
-    # with a producer in the graph is local to it; any other producer sends the graph to the full walk.)
-    for node in nodes:
-        top = -1
-        for t in node.inputs:
-            if t.name != "":
-                for p in t.inputs:
-                    level = levels.get(id(p))
-                    if level is None:  # a later producer, a cycle or one outside the graph: the full walk
-                        break
-                    if level > top:
-                        top = level
-                else:
-                    continue
-                break
-        else:
-            levels[id(node)] = top + 1
-            continue
-        levels.clear()
-        break
-    if levels:
+    levels = _levels_in_order(nodes)
+    if levels is not None:
         graph.nodes = sorted(nodes, key=lambda n: levels[id(n)])
         return graph
+    levels = {}
     index = {id(n) for n in nodes}
     local = _local_names(graph)
     order: list[gs.Node] = []  # in the order gs's recursion finishes nodes

@@ -181,7 +181,7 @@ def _data_shape(node: gs.Node) -> list[int] | None:
         return None
     out = []
     for d in shape:
-        if type(d) is not int and not isinstance(d, (int, np.integer)) or d < 0:
+        if not isinstance(d, (int, np.integer)) or d < 0:
             return None
         out.append(int(d))
     return out
@@ -275,7 +275,7 @@ def blocked_problem(node: gs.Node, qp: QParams | None = None) -> str | None:
         return None
     if qp.scale.ndim > 2:
         return f"block-quantized {qp.scale.ndim}-D tensor: TensorRT takes block quantization on 2-D weights only"
-    if np.dtype(qp.qdtype).name == "int4" and not behind_constant(node.inputs[0]):
+    if dtype_name(qp.qdtype) == "int4" and not behind_constant(node.inputs[0]):
         return "INT4 block quantization of an activation: TensorRT supports INT4 as weight-only quantization"
     return None
 

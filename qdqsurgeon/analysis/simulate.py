@@ -79,9 +79,8 @@ def _take_over(graph: gs.Graph, model: onnx.ModelProto) -> gs.Graph | None:
         if vi.name not in infos:
             infos[vi.name] = value_info_type(vi)
     none = (None, None)
-    variable = gs.Variable
     for t in tensors:
-        if type(t) is variable or isinstance(t, variable):
+        if isinstance(t, gs.Variable):
             t.dtype, t.shape = infos.get(t.name, none)
         if len(t.outputs) > 1:  # the import links readers in node order; the passes, in edit order
             list.sort(t.outputs, key=lambda n: order[id(n)])
