@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 
 from .errors import DataError, ModelError, UsageError
+from .io import infer_missing_shapes
 
 __all__ = ["QuantGroup", "GroupResult", "SensitivityReport", "find_groups", "switch_model", "analyze", "check_ray",
            "render_html"]
@@ -213,7 +214,7 @@ def switch_model(model: onnx.ModelProto, groups: Sequence[QuantGroup]) -> onnx.M
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
     try:  # element types of every tensor: a Q's input and its DQ's output may differ (float16 regions)
-        typed = onnx.shape_inference.infer_shapes(model).graph
+        typed = infer_missing_shapes(model).graph
     except Exception:  # noqa: BLE001 - inference is a help here, not a requirement
         typed = g
     elem = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input, *typed.output]}

@@ -49,6 +49,7 @@ from .graph import (
     qparams,
     weight_input_index,
 )
+from .io import infer_missing_shapes
 from .quant import _bshape, dequantize
 from .trt_rules import weight_axis
 
@@ -382,7 +383,7 @@ def sparsity_report(model: onnx.ModelProto | gs.Graph) -> SparsityReport:
     """2:4 state of every Conv/ConvTranspose/Gemm/MatMul with a constant weight; nothing is modified."""
     if isinstance(model, onnx.ModelProto):
         try:  # shapes only feed the MAC counts
-            model = onnx.shape_inference.infer_shapes(model)
+            model = infer_missing_shapes(model)
         except Exception as exc:
             logger.debug("shape inference failed: %s", exc)
         model = import_model(model)

@@ -277,3 +277,40 @@ def test_calibration_slices_half_in_a_forked_child_give_the_same_ranges(monkeypa
     forked = col.calibrate(model, names, data, "percentile", progress=False)
     assert started and started[0] >= 2  # half of the slices went to the child
     assert forked == whole
+
+
+def test_shape_inference_adds_nothing_to_a_model_with_complete_types():
+    """``types_complete`` lets the analysis, calibration and load skip ONNX shape inference: on every
+    shared model as loaded, and on its PTQ export, inference must then return the very same types."""
+    import qdqsurgeon
+    from qdqsurgeon.graph import export_model
+    from qdqsurgeon.io import load, types_complete
+
+    need_shared()
+    checked = 0
+    for path in sorted(FP32.glob("*.onnx")) + sorted(QDQ.glob("*.onnx")):
+        loaded = load(path)
+        models = [loaded, export_model(import_model(loaded))]
+        if path.parent == FP32 and "minilm" not in path.name:
+            ranges = qdqsurgeon.build_ranges(loaded, calib_random=1, progress=False)
+            models.append(qdqsurgeon.optimize(loaded, ranges=ranges, analyze=False, verify=False).model)
+        for model in models:
+            if not types_complete(model):
+                continue
+            checked += 1
+            inferred = onnx.shape_inference.infer_shapes(model)
+            for field in ("input", "output", "value_info"):
+                assert [v.SerializeToString() for v in getattr(inferred.graph, field)] == \
+                       [v.SerializeToString() for v in getattr(model.graph, field)], (path.name, field)
+    assert checked >= 8  # (models with a symbolic batch dim are not complete)
+    # a missing type, a symbolic dim or a subgraph means inference has work to do
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])
+    relu = onnx.helper.make_node("Relu", ["x"], ["y"])
+    assert not types_complete(onnx.helper.make_model(onnx.helper.make_graph([relu], "g", [x], [y])))
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])
+    two = onnx.helper.make_graph([relu, onnx.helper.make_node("Relu", ["y"], ["z"])], "g", [x],
+                                 [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2, 3])])
+    assert not types_complete(onnx.helper.make_model(two))
+    two.value_info.append(y)
+    assert types_complete(onnx.helper.make_model(two))

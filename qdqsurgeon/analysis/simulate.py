@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
-from ..io import heavy, without_weight_bytes
+from ..io import heavy, types_complete, without_weight_bytes
 from ..graph import _all_tensors, _flat_model, const_value, dtype_name, export_graph, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph, value_info_type
 from ..qdq import agreed_dq_sources, agreed_q_readers, cancels, duplicates
 from ..rewriter import Rewriter
@@ -45,12 +45,13 @@ def _working_graph(model_or_graph: onnx.ModelProto | gs.Graph, own: gs.Graph | N
         raise TypeError(f"predict() takes an onnx.ModelProto or a gs.Graph, not {type(model_or_graph).__name__}")
     originals = None
     flat = _flat_model(model)
-    if flat and heavy(model):
-        model, originals = without_weight_bytes(model)
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception as exc:  # shapes only feed MAC counts; a model ONNX cannot infer still gets a prediction
-        logger.debug("shape inference failed: %s", exc)
+    if not types_complete(model):  # (else inference would add nothing)
+        if flat and heavy(model):
+            model, originals = without_weight_bytes(model)
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception as exc:  # shapes only feed MAC counts; a model ONNX cannot infer still gets a prediction
+            logger.debug("shape inference failed: %s", exc)
     if own is not None and flat:
         graph = _take_over(own, model)
         if graph is not None:

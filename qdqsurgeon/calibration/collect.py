@@ -35,7 +35,7 @@ from qdqsurgeon.calibration.methods import (
 )
 from qdqsurgeon.background import can_fork
 from qdqsurgeon.errors import DataError, ModelError, QdqError, UsageError
-from qdqsurgeon.io import copy_fields, heavy, is_plugin_domain, raw_nbytes, tensor_payload, without_weight_bytes
+from qdqsurgeon.io import copy_fields, heavy, is_plugin_domain, raw_nbytes, tensor_payload, types_complete, without_weight_bytes
 
 __all__ = [
     "tensor_elem_types",
@@ -181,7 +181,9 @@ def _inferred_types(model: onnx.ModelProto, payload: int | None = None) -> dict[
     """Type (with shape where known) of every tensor after shape inference (``payload``: the model's
     :func:`tensor_payload`, when the caller has it)."""
     payload = tensor_payload(model) if payload is None else payload
-    if _too_big(model, payload=payload):
+    if types_complete(model):  # inference would add nothing
+        inferred = model
+    elif _too_big(model, payload=payload):
         # The in-memory API serializes the model; big ones go through a file with external data.
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = _write_external(model, Path(tmp), data=False), Path(tmp) / "inferred.onnx"

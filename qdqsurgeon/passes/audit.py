@@ -8,17 +8,23 @@ pass and after it, and raises when
 * a node was added, removed or changed but no logged edit names it, or
 * the graph's inputs, outputs or opset changed and the pass logged no edit at all.
 
-It hashes constant contents, so it costs a pass over the weights each time: on under ``--debug``
-and in the test suite (``QDQSURGEON_AUDIT=1``), off in normal runs.
+It checksums constant contents (CRC-32 over the raw bytes, without a copy: any change of up to 32
+consecutive bits is always caught, which is what an edit check needs), so it costs a pass over the
+loaded weights each time; a constant still held lazily by onnx-graphsurgeon is checksummed once and
+not loaded into the graph. On under ``--debug`` and in the test suite (``QDQSURGEON_AUDIT=1``), off
+in normal runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
+import zlib
 from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .base import Instrument, Pass, PassContext, PassResult
 
@@ -29,12 +35,25 @@ class EscapedEdit(AssertionError):
     """A pass changed the graph without logging the change."""
 
 
+# digests of constants not yet loaded, by their LazyValues (immutable until loaded)
+_LAZY_DIGESTS: weakref.WeakKeyDictionary[LazyValues, str] = weakref.WeakKeyDictionary()
+
+
 def _value_digest(values: Any) -> str:
     arr = np.asarray(values)
-    h = hashlib.blake2b(digest_size=12)
-    h.update(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
+    head = f"{arr.dtype.str}{arr.shape}"
+    if arr.dtype.hasobject:  # strings: no fixed-size bytes to view
+        return f"{head}:{hashlib.blake2b(repr(arr.tolist()).encode(), digest_size=8).hexdigest()}"
+    return f"{head}:{zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)):08x}"
+
+
+def _constant_digest(t: gs.Constant) -> str:
+    lazy = t._values  # not t.values, which would load the constant into the graph for good
+    if isinstance(lazy, LazyValues):
+        if lazy not in _LAZY_DIGESTS:
+            _LAZY_DIGESTS[lazy] = _value_digest(lazy.load())
+        return _LAZY_DIGESTS[lazy]
+    return _value_digest(t.values)
 
 
 def _tensor_sig(t: gs.Tensor | None, digests: dict[int, str]) -> str:
@@ -43,7 +62,7 @@ def _tensor_sig(t: gs.Tensor | None, digests: dict[int, str]) -> str:
     if isinstance(t, gs.Constant):
         key = id(t)
         if key not in digests:
-            digests[key] = _value_digest(t.values)
+            digests[key] = _constant_digest(t)
         return f"{t.name}={digests[key]}"
     return f"{t.name}:{t.dtype}"
 

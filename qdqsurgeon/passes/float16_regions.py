@@ -81,6 +81,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
 from ..graph import DQ_OP, Q_OP, export_model, opset_version, producer
+from ..io import infer_missing_shapes
 from ..rewriter import Rewriter
 from .base import Pass, PassContext
 
@@ -185,7 +186,7 @@ def _known_dtypes(graph: gs.Graph) -> dict[str, np.dtype]:
     """Element type of every tensor: the graph's own annotations, completed by onnx shape inference."""
     out: dict[str, np.dtype] = {}
     try:
-        model = onnx.shape_inference.infer_shapes(export_model(graph), strict_mode=False)
+        model = infer_missing_shapes(export_model(graph))
         vis = [*model.graph.value_info, *model.graph.input, *model.graph.output]
         for vi in vis:
             elem = vi.type.tensor_type.elem_type

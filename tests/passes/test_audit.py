@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 
 import qdqsurgeon
@@ -64,3 +66,22 @@ def test_every_pipeline_pass_logs_its_edits():
     res = qdqsurgeon.optimize(model, ranges=ranges, instruments=[AuditInstrument()])
     fixed = qdqsurgeon.optimize(res.model, instruments=[AuditInstrument()])
     assert fixed.mode == "fix"
+
+
+def test_fingerprint_leaves_lazy_constants_unloaded_and_sees_in_place_edits():
+    """Checksumming must not pull every weight into memory (a debug run would then differ from a
+    normal one in memory), and a one-element edit of a loaded constant changes the fingerprint."""
+    from onnx import numpy_helper
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from qdqsurgeon.passes.audit import fingerprint
+
+    graph = _graph()
+    weights = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.values.ndim == 4]
+    for t in weights:  # re-wrap as import does for large initializers
+        t.values = LazyValues(numpy_helper.from_array(t.values, t.name))
+    first = fingerprint(graph)[1]
+    assert all(isinstance(t._values, LazyValues) for t in weights)
+    assert fingerprint(graph)[1] == first
+    weights[0].values[0, 0, 0, 0] += np.float32(1e-6)
+    assert fingerprint(graph)[1] != first
