@@ -430,6 +430,9 @@ def _set_attribute(node: onnx.NodeProto, key: str, value: object) -> None:
         node.attribute.extend(OnnxExporter.export_attributes({key: value}))
 
 
+_VI_TYPES: dict[tuple, bytes] = {}  # (dtype, dim types, dims) -> the TypeProto's bytes: a graph has few distinct
+
+
 def _set_value_info(vi: onnx.ValueInfoProto, t: gs.Tensor) -> None:
     """gs's ``export_value_info_proto`` (no type check) into ``vi``."""
     vi.name = t.name
@@ -437,9 +440,23 @@ def _set_value_info(vi: onnx.ValueInfoProto, t: gs.Tensor) -> None:
         return
     if not isinstance(t, gs.Constant) and t.type != "tensor_type":
         raise _NotFlat("sequence or sparse value info")
-    tt = vi.type.tensor_type
-    tt.elem_type = _onnx_type(t.dtype)
     shape = t.shape
+    try:
+        key = (t.dtype, None, None) if shape is None else (t.dtype, tuple(map(type, shape)), tuple(shape))
+        found = _VI_TYPES.get(key)
+    except TypeError:  # unhashable
+        key, found = None, None
+    if found is None:
+        tp = onnx.TypeProto()
+        _write_tensor_type(tp.tensor_type, t.dtype, shape)
+        found = tp.SerializeToString()
+        if key is not None and len(_VI_TYPES) < 16384:
+            _VI_TYPES[key] = found
+    vi.type.MergeFromString(found)
+
+
+def _write_tensor_type(tt: onnx.TypeProto.Tensor, dtype: object, shape: object) -> None:
+    tt.elem_type = _onnx_type(dtype)
     if shape is not None:
         dims = tt.shape.dim
         dims.extend([])  # an empty (scalar) shape is written as present, as onnx.helper does
