@@ -68,7 +68,7 @@ from qdqsurgeon.calibration.methods import (
     hist_sq_error,
 )
 
-__all__ = ["AutoSelector", "AUTO_PERCENTILES", "candidate_ranges", "gate", "layer_error"]
+__all__ = ["AutoSelector", "AUTO_PERCENTILES", "candidate_ranges", "gate", "layer_error", "pick_end_to_end"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,76 @@ def gate(labels: Sequence[str], errors: np.ndarray, baseline: str) -> tuple[str,
     i = min(passing, key=lambda j: (errors[j].sum(), j))
     gain = float(mean[i] * folds / max(errors[b].sum(), 1e-30))
     return labels[i], {"folds": folds, "reason": "consistent gain", "t": float(t[i]), "relative_gain": gain}
+
+
+#: At most this many calibration batches are run end to end per fixed method (the first ones, in their folds).
+_E2E_BATCHES = 32
+#: Larger graphs (calibrated in slices, :mod:`.collect`) are not scored end to end: the per-layer gate decides.
+_E2E_MAX_NODES = 4000
+#: A fixed method replaces the baseline as the model's method only with this much more held-out worst-output SQNR.
+E2E_MARGIN_DB = 0.1
+
+
+def pick_end_to_end(labels: Sequence[str], noise: np.ndarray, signal: np.ndarray, baseline: str,
+                    margin_db: float = E2E_MARGIN_DB) -> tuple[str, dict]:
+    """The fixed method with the highest held-out worst-output SQNR (errors summed over the folds, per output, as
+    ``benchmarks/accuracy.py`` scores evaluation data), ``baseline`` unless another beats it by ``margin_db``.
+    ``noise`` [labels, folds, outputs], ``signal`` [folds, outputs] (:meth:`AutoSelector._end_to_end`)."""
+    from qdqsurgeon.check import sqnr_db
+
+    labels = list(labels)
+    sig = signal.sum(axis=0)
+    live = sig > 0
+    err = noise.sum(axis=1)
+    worst = [min((sqnr_db(float(s), float(e)) for s, e, ok in zip(sig, row, live) if ok), default=0.0) for row in err]
+    b = labels.index(baseline)
+    i = int(np.argmax(worst))
+    # per fold, the worst output's relative error: how many folds the winner wins on (for the log)
+    rel = noise[:, :, live] / np.maximum(signal[:, live], 1e-30)
+    wins = int(np.sum(rel[i].max(axis=1) < rel[b].max(axis=1)))
+    evidence = {"folds": noise.shape[1], "sqnr": dict(zip(labels, worst)), "wins": wins}
+    if i == b or worst[i] - worst[b] <= margin_db:
+        return baseline, {**evidence, "reason": "end to end: no better method" if i == b else
+                          f"end to end: {labels[i]} within {margin_db:g} dB"}
+    return labels[i], {**evidence, "reason": f"end to end: {worst[i] - worst[b]:+.2f} dB held out"}
+
+
+def _fake_quant_copy(model: onnx.ModelProto, tensors: Sequence[str],
+                     weights: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` with QuantizeLinear/DequantizeLinear (int8, symmetric) on ``tensors``, their scales graph
+    inputs (returned, in order), and the initializers in ``weights`` replaced by those values."""
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for init in g.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    zero = "__auto_e2e_zero_point"
+    g.initializer.append(numpy_helper.from_array(np.zeros((), np.int8), zero))
+    scales = {t: f"__auto_e2e_scale_{i}" for i, t in enumerate(tensors)}
+    renamed = {t: f"{t}__auto_e2e_dq" for t in tensors}
+
+    def pair(t: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("QuantizeLinear", [t, scales[t], zero], [f"{t}__auto_e2e_q"]),
+                helper.make_node("DequantizeLinear", [f"{t}__auto_e2e_q", scales[t], zero], [renamed[t]])]
+
+    produced = {o for n in g.node for o in n.output}
+    nodes = [n for t in tensors if t not in produced for n in pair(t)]  # graph inputs first
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name in renamed:
+                node.input[k] = renamed[name]
+        nodes.append(node)
+        nodes += [n for o in node.output if o in scales for n in pair(o)]
+    new = [onnx.NodeProto() for _ in nodes]
+    for a, b in zip(new, nodes):
+        a.CopyFrom(b)
+    del g.node[:]
+    g.node.extend(new)
+    g.input.extend(helper.make_tensor_value_info(scales[t], onnx.TensorProto.FLOAT, []) for t in tensors)
+    return out, [scales[t] for t in tensors]
 
 
 def _check_finite(stats: TensorStats, graph_input: bool) -> None:
@@ -417,6 +487,11 @@ class AutoSelector:
         self.model_evidence: dict = {}
         self._scores: dict = {}
         self._held: dict = {}
+        self._first_request: list[str] | None = None  # the tensors the placement quantizes for sure (weighted inputs)
+        self._data = None
+        self._reference: dict[str, list[np.ndarray]] | None = None  # float outputs per calibration batch
+        self._outputs: list[str] = []
+        self._runnable: onnx.ModelProto = model
         self.convtranspose_axis = convtranspose_axis
         try:
             graph = import_model(model)
@@ -472,6 +547,8 @@ class AutoSelector:
         """
         todo = [n for n in dict.fromkeys(tensors) if n not in self.decided]
         fresh = [n for n in todo if n not in self._pending]
+        if self._first_request is None:
+            self._first_request = list(todo)
         if fresh:
             wanted = list(fresh)
             if not self._prefetched:
@@ -520,8 +597,17 @@ class AutoSelector:
         fold_stats = {m: [TensorStats(m, histogram=True, num_bins=num_bins) for _ in range(folds)]
                       for m in wanted if folds > 1}
         seen = dict.fromkeys(fold_stats, 0)
+        reference = None
+        if self._reference is None and folds >= MIN_FOLDS:  # the first pass keeps them for the end-to-end score
+            self._data = data
+            reference = self._reference = {}
+            self._outputs = self._runnable_outputs()
 
         def observe(name: str, value: np.ndarray) -> None:
+            if reference is not None and name in self._outputs:
+                kept = reference.setdefault(name, [])
+                if len(kept) < _E2E_BATCHES:
+                    kept.append(np.asarray(value))
             for r in readers.get(name, ()):
                 r.observe(value, batch_rng, max(1, math.ceil(r.rows_wanted / max(1, n_batches))), folds)
             if name in fold_stats:
@@ -531,7 +617,7 @@ class AutoSelector:
         # The per-fold histograms are the data: a tensor's whole histogram is their merge (exact, and the
         # same as one accumulated in one go: bin widths are powers of two), so none is computed twice.
         stats = collect_stats(self.model, wanted, data, histogram=True, num_bins=num_bins, progress=progress,
-                              observe=observe, accumulate=not fold_stats)
+                              observe=observe, accumulate=not fold_stats, outputs=reference is not None)
         for name, st in list(stats.items()):
             parts = fold_stats.get(name)
             if parts is not None and st.count == 0:  # initializers are read whole, not per batch
@@ -565,28 +651,132 @@ class AutoSelector:
     def _first_choice(self) -> None:
         """The fixed method the model's tensors keep without evidence of their own, from every tensor collected.
 
-        Each tensor's evidence alone is weak with a few folds; summed over the model's tensors it is not:
-        the fixed method the model keeps is chosen by the same gate on the summed per-layer errors, proposed on
-        the errors of candidates found on all the data and confirmed on held-out errors (:meth:`_held_out`).
+        Chosen end to end where that can run (:meth:`_end_to_end`): each fixed method's ranges, found on the other
+        folds, put on the placement's first request in a fake-quantized copy of the model, and scored by the
+        worst-output error on each held-out fold (:func:`pick_end_to_end`). Else by the gate on the per-layer errors
+        summed over the model's tensors, proposed on the errors of candidates found on all the data and confirmed
+        on held-out errors (:meth:`_held_out`).
         """
         pend = self._pending
         firsts = {self._group_of.get(n, n): n for n in reversed(list(pend)) if n not in self.decided}
         scored = {n: self._scored(n) for n in firsts.values()}
         labels = max((sc[2] for sc in scored.values()), key=len, default=[self.baseline])
         full = [sc for sc in scored.values() if sc[2] == labels]
-        total = sum((sc[4] for sc in full), np.zeros((len(labels), self.folds)))
-        self.model_choice, self.model_evidence = gate(labels, total, self.baseline) if full else (self.baseline, {})
-        if self.model_choice != self.baseline:  # confirmed held out, or not at all
-            pair = [self.baseline, self.model_choice]
-            held = sum((self._held_out(n, pair) for n, sc in scored.items() if sc[2] == labels),
-                       np.zeros((2, self.folds)))
-            choice, evidence = gate(pair, held, self.baseline)
-            self.model_evidence = {**evidence, "in_sample": self.model_evidence}
-            self.model_choice = choice
+        fixed = [k for k in ("max", self.baseline, "mse", "entropy") if k in labels]
+        e2e = self._end_to_end(fixed) if full and self.folds >= MIN_FOLDS and self.baseline in fixed else None
+        if e2e is not None:
+            self.model_choice, self.model_evidence = pick_end_to_end(fixed, *e2e, self.baseline)
+        else:
+            total = sum((sc[4] for sc in full), np.zeros((len(labels), self.folds)))
+            self.model_choice, self.model_evidence = gate(labels, total, self.baseline) if full else (self.baseline, {})
+            if self.model_choice != self.baseline:  # confirmed held out, or not at all
+                pair = [self.baseline, self.model_choice]
+                held = sum((self._held_out(n, pair) for n, sc in scored.items() if sc[2] == labels),
+                           np.zeros((2, self.folds)))
+                choice, evidence = gate(pair, held, self.baseline)
+                self.model_evidence = {**evidence, "in_sample": self.model_evidence}
+                self.model_choice = choice
         ev = self.model_evidence
         logger.info("auto calibration: the model keeps %s (%s; %d calibration folds%s)", self.model_choice,
                     ev.get("reason", "no evidence"), self.folds,
-                    f", {ev.get('best_other', self.model_choice)} t = {ev['t']:.2f}" if "t" in ev else "")
+                    f", {ev.get('best_other', self.model_choice)} t = {ev['t']:.2f}" if "t" in ev else
+                    "".join(f", {k} {v:.2f} dB" for k, v in ev.get("sqnr", {}).items()))
+
+    def _runnable_outputs(self) -> list[str]:
+        """The float outputs of the model onnxruntime runs in calibration (constant Ifs inlined, cut at plugins)."""
+        from qdqsurgeon.calibration.collect import cut_at_plugins, has_bfloat16, inline_constant_ifs
+
+        if self._graph is None or has_bfloat16(self.model) or len(self.model.graph.node) > _E2E_MAX_NODES:
+            return []
+        try:
+            self._runnable = cut_at_plugins(inline_constant_ifs(self.model))[0]
+        except Exception as exc:  # noqa: BLE001 - no end-to-end score, the per-layer one decides
+            logger.debug("auto calibration: no end-to-end score (%s)", exc)
+            return []
+        produced = {o for n in self._runnable.graph.node for o in n.output}
+        return [o.name for o in self._runnable.graph.output
+                if o.name in produced and o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+
+    def _end_to_end(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Held-out error at the model's outputs of each fixed method (``labels``): (noise [labels, folds, outputs],
+        signal [folds, outputs]), or None where it cannot run.
+
+        A copy of the float model gets Q/DQ on the tensors the placement asked for first (the weighted layers'
+        inputs) and those layers' weights fake-quantized as insert-qdq quantizes them; its scales are inputs, so one
+        session runs every method. Calibration batch *i* (of the first :data:`_E2E_BATCHES`) runs with the ranges
+        each method finds on the folds other than *i* mod k, and is compared with the float outputs the statistics
+        pass kept: a method that fits the batches it was found on and not the next pays for it, as on new data.
+        """
+        from qdqsurgeon.calibration.collect import make_session
+        from qdqsurgeon.quant import scale_from_amax
+
+        ref, outs = self._reference or {}, [o for o in self._outputs if (self._reference or {}).get(o)]
+        counts = {len(ref[o]) for o in outs}
+        tensors = [t for t in dict.fromkeys(self._first_request or []) if t in self._pending and self._is_float32(t)]
+        if not outs or len(counts) != 1 or not tensors or self._data is None:
+            return None
+        n = counts.pop()
+        folds = self.folds
+        try:
+            copy, scale_names = _fake_quant_copy(self._runnable, tensors, self._fake_quant_weights(set(tensors)))
+            session = make_session(copy)
+            feeds = [i.name for i in session.get_inputs() if i.name not in set(scale_names)]
+            found: dict = {}  # group -> [folds, labels] amax found without each fold
+            amax = np.zeros((len(tensors), folds, len(labels)))
+            for j, t in enumerate(tensors):
+                key = self._group_of.get(t, t)
+                if key not in found:
+                    group = self._scored(t)[0]
+                    found[key] = np.array([self._fold_candidates(group, labels, f) for f in range(folds)])
+                amax[j] = found[key]
+            scales = scale_from_amax(amax)
+            noise = np.zeros((len(labels), folds, len(outs)))
+            signal = np.zeros((folds, len(outs)))
+            for i, batch in enumerate(self._data):
+                if i >= n:
+                    break
+                f = i % folds
+                feed = {k: batch[k] for k in feeds}
+                want = [np.asarray(ref[o][i], dtype=np.float64) for o in outs]
+                signal[f] += [float(np.sum(r * r)) for r in want]
+                for c in range(len(labels)):
+                    got = session.run(outs, {**feed, **{s: np.asarray(scales[j, f, c]) for j, s in enumerate(scale_names)}})
+                    noise[c, f] += [float(np.sum(np.square(r - g, dtype=np.float64))) for r, g in zip(want, got)]
+        except Exception as exc:  # noqa: BLE001 - onnxruntime cannot run the copy: the per-layer score decides
+            logger.debug("auto calibration: the end-to-end score could not run", exc_info=True)
+            logger.info("auto calibration: no end-to-end score (%s)", str(exc).splitlines()[0][:160] if str(exc) else
+                        type(exc).__name__)
+            return None
+        return noise, signal
+
+    def _is_float32(self, name: str) -> bool:
+        # collected, so float; untyped (no shape inference on the analysis graph) taken as float32: a float16
+        # tensor's Q/DQ then fails in onnxruntime and the per-layer score decides
+        t = self._graph.tensors().get(name) if self._graph is not None else None
+        return t is not None and (t.dtype is None or np.dtype(t.dtype) == np.float32)
+
+    def _fake_quant_weights(self, quantized: set[str]) -> dict[str, np.ndarray]:
+        """{initializer: fake-quantized value} of the weights of the weighted layers reading ``quantized`` tensors."""
+        import onnx_graphsurgeon as gs
+
+        from qdqsurgeon.graph import activation_input_index, weight_input_index
+        from qdqsurgeon.trt_rules import is_weighted, weight_axis
+
+        inits = {t.name for t in self._runnable.graph.initializer}
+        out: dict[str, np.ndarray] = {}
+        clash: set[str] = set()
+        for node in self._graph.nodes if self._graph is not None else ():
+            if not is_weighted(node) or node.inputs[activation_input_index(node)].name not in quantized:
+                continue
+            widx = weight_input_index(node)
+            w = node.inputs[widx] if widx is not None else None
+            if not isinstance(w, gs.Constant) or w.name not in inits or np.dtype(w.values.dtype) != np.float32:
+                continue
+            wq = _fake_quant_weight(np.asarray(w.values), weight_axis(node, convtranspose_axis=self.convtranspose_axis))
+            if w.name in out and not np.array_equal(out[w.name], wq):
+                clash.add(w.name)  # shared by layers quantized on different axes: left float
+            out[w.name] = wq.astype(np.float32)
+        return {k: v for k, v in out.items() if k not in clash}
 
     def _pick(self, name: str, base: str) -> tuple[str, dict]:
         """``name``'s candidate: proposed by the gate on the per-fold errors of candidates found on all the data,

@@ -151,8 +151,8 @@ def test_consistent_winner_is_chosen_on_real_data():
     sel = AutoSelector(_conv_reader_model(0.0))
     got = sel.select(["r"], data, progress=False)
     assert sel.chosen["r"] != sel.baseline
-    # the model's only tensor: the evidence that moves the model's method is this tensor's
-    assert sel.model_choice == sel.chosen["r"] and sel.model_evidence["reason"] == "consistent gain"
+    # the model's only tensor: end to end (the model's output is that layer's) the model's method moves too
+    assert sel.model_choice != sel.baseline and sel.model_evidence["reason"].startswith("end to end")
     assert got["r"] < calibrate(_conv_reader_model(0.0), ["r"], data, "percentile", progress=False)["r"]
 
 
@@ -171,13 +171,14 @@ def _three_readers_model() -> onnx.ModelProto:
 
 
 def test_model_method_moves_on_summed_evidence():
-    # Every tensor prefers a narrower range on every fold: the model's method moves (confirmed held out) and the
+    # Every tensor prefers a narrower range on every fold: the model's method moves (end to end, held out) and the
     # tensors keep it, each at its own value, as that fixed method would give.
     data = [{f"x{i}": d["x"] * (i + 1) for i in range(3)} for d in _outlier_data()]
     model = _three_readers_model()
     sel = AutoSelector(model)
     got = sel.select(["r0", "r1", "r2"], data, progress=False)
-    assert sel.model_choice != sel.baseline and "in_sample" in sel.model_evidence
+    assert sel.model_choice != sel.baseline and sel.model_evidence["sqnr"][sel.model_choice] > \
+        sel.model_evidence["sqnr"][sel.baseline]
     assert all(sel.chosen[t] == sel.model_choice or sel.evidence[t]["reason"] == "consistent gain" for t in got)
     method = sel.model_choice.split()[0]
     if method in ("mse", "entropy", "max"):
@@ -381,3 +382,56 @@ def test_conv_rows_are_im2col_patches():
         expected.append(xp[b, :, yi * 2:yi * 2 + 3, xi:xi + 5:2].ravel())
     assert rows.shape == (1, 50, 27)
     np.testing.assert_array_equal(rows[0], np.array(expected))
+
+
+def test_end_to_end_score_is_the_held_out_fake_quantized_model():
+    # The model's method is scored by running a fake-quantized copy: each calibration batch with the ranges found on
+    # the other folds, against the float outputs. Recomputed here in numpy for max: Relu -> Conv(1x1) is an einsum.
+    from qdqsurgeon.quant import fake_quant, scale_from_amax, weight_scales
+
+    model, data = _conv_reader_model(3.0), _outlier_data()
+    sel = AutoSelector(model)
+    sel._first_request = ["r"]
+    sel._collect(["r"], data, 2048, False)
+    labels = ["max", sel.baseline]
+    noise, signal = sel._end_to_end(labels)
+    assert noise.shape == (2, 8, 1) and signal.shape == (8, 1)
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0])[:, :, 0, 0]
+    wq = fake_quant(w, weight_scales(w, 0), 0)
+    for f, d in enumerate(data):
+        r = np.maximum(d["x"], 0)
+        amax = max(float(np.maximum(o["x"], 0).max()) for i, o in enumerate(data) if i != f)
+        s = scale_from_amax(amax)
+        got = np.einsum("oc,nchw->nohw", wq, np.clip(np.rint(r / s), -128, 127) * s)
+        ref = np.einsum("oc,nchw->nohw", w, r)
+        assert signal[f, 0] == pytest.approx(float(np.sum(ref.astype(np.float64) ** 2)), rel=1e-4)
+        assert noise[0, f, 0] == pytest.approx(float(np.sum((got - ref).astype(np.float64) ** 2)), rel=1e-3)
+    # the model's method is the end-to-end pick, and a tensor kept at it gets that fixed method's range
+    sel = AutoSelector(model)
+    sel.select(["r"], data, progress=False)
+    assert "sqnr" in sel.model_evidence and sel.model_evidence["reason"].startswith("end to end")
+    if sel.chosen["r"] == sel.model_choice and sel.model_choice == "max":
+        assert sel.decided["r"] == pytest.approx(max(float(np.maximum(d["x"], 0).max()) for d in data))
+
+
+def test_end_to_end_pick_needs_a_margin_over_the_baseline():
+    from qdqsurgeon.calibration.auto import pick_end_to_end
+
+    labels = ["max", "percentile 99.99", "mse"]
+    signal = np.ones((8, 2))
+    noise = np.full((3, 8, 2), 1e-3)  # 30 dB each
+    noise[0, :, 1] = 0.5e-3  # max better on output 1 only: the worst output (0) is the same, no departure
+    assert pick_end_to_end(labels, noise, signal, "percentile 99.99")[0] == "percentile 99.99"
+    noise[2] *= 10 ** (-0.05 / 10)  # mse 0.05 dB better on both outputs: within the margin
+    assert pick_end_to_end(labels, noise, signal, "percentile 99.99")[0] == "percentile 99.99"
+    noise[2] *= 10 ** (-0.5 / 10)  # 0.55 dB better: the model moves
+    got, why = pick_end_to_end(labels, noise, signal, "percentile 99.99")
+    assert got == "mse" and why["wins"] == 8 and why["sqnr"]["mse"] == pytest.approx(30.55, abs=0.01)
+
+
+def test_end_to_end_falls_back_to_the_per_layer_gate():
+    # A bfloat16-free model whose copy cannot be scored (no float output kept): the per-layer gate decides, as before.
+    sel = AutoSelector(_conv_reader_model(0.0))
+    sel._runnable_outputs = lambda: []  # noqa: E731 - what a model over _E2E_MAX_NODES or with bfloat16 gets
+    sel.select(["r"], _outlier_data(), progress=False)
+    assert "sqnr" not in sel.model_evidence and sel.model_evidence["reason"] == "consistent gain"
