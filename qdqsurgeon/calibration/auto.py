@@ -151,23 +151,44 @@ def gate(labels: Sequence[str], errors: np.ndarray, baseline: str) -> tuple[str,
 
 #: At most this many calibration batches are run end to end per fixed method (the first ones, in their folds).
 _E2E_BATCHES = 16
+#: The methods that do no better than the baseline on this many first batches are not run end to end on the rest.
+_E2E_SCREEN = 3
 #: Larger graphs (calibrated in slices, :mod:`.collect`) are not scored end to end: the per-layer gate decides.
 _E2E_MAX_NODES = 4000
+def _worst_relative(noise: np.ndarray, signal: np.ndarray) -> np.ndarray:
+    """[labels, folds]: each fold's relative error at its worst output (outputs without signal left out)."""
+    live = signal.sum(axis=0) > 0
+    if not live.any():
+        return noise[:, :, 0]
+    return (noise[:, :, live] / np.maximum(signal[:, live], 1e-30)).max(axis=2)
+
+
 def pick_end_to_end(labels: Sequence[str], noise: np.ndarray, signal: np.ndarray, baseline: str) -> tuple[str, dict]:
     """The model's fixed method from its held-out error at the outputs (:meth:`AutoSelector._end_to_end`: ``noise``
-    [labels, folds, outputs], ``signal`` [folds, outputs]): :func:`gate` on each fold's worst-output relative error,
-    so a method replaces ``baseline`` only where it does better on the folds consistently. The evidence carries
-    each method's held-out worst-output SQNR (errors summed over the folds, as ``benchmarks/accuracy.py`` scores
-    evaluation data)."""
+    [labels, folds, outputs], NaN where a method was not run; ``signal`` [folds, outputs]): :func:`gate` on each
+    fold's worst-output relative error among the methods run on every fold the baseline ran on, so a method
+    replaces ``baseline`` only where it does better on the folds consistently. The evidence has each method's
+    held-out worst-output SQNR gain over the baseline on the folds it ran on (errors summed over them, as
+    ``benchmarks/accuracy.py`` scores evaluation data)."""
     from qdqsurgeon.check import sqnr_db
 
-    live = signal.sum(axis=0) > 0
-    per_fold = (noise[:, :, live] / np.maximum(signal[:, live], 1e-30)).max(axis=2) if live.any() else noise[:, :, 0]
-    total_s, total_n = signal.sum(axis=0)[live], noise.sum(axis=1)[:, live]
-    sqnr = {k: min((sqnr_db(float(s), float(e)) for s, e in zip(total_s, row)), default=0.0)
-            for k, row in zip(labels, total_n)}
-    choice, evidence = gate(labels, per_fold, baseline)
-    return choice, {**evidence, "reason": f"end to end: {evidence['reason']}", "sqnr": sqnr}
+    labels = list(labels)
+    b = labels.index(baseline)
+    done = ~np.isnan(noise[:, :, 0])
+    folds = done[b]
+    live = signal[folds].sum(axis=0) > 0
+
+    def worst(c: int, on: np.ndarray) -> float:
+        return min((sqnr_db(float(s), float(e)) for s, e in
+                    zip(signal[on].sum(axis=0)[live], noise[c][on].sum(axis=0)[live])), default=0.0)
+
+    gain = {k: worst(c, done[c]) - worst(b, done[c]) for c, k in enumerate(labels) if c != b and done[c].any()}
+    full = [c for c in range(len(labels)) if done[c][folds].all()]
+    if full == [b]:
+        return baseline, {"folds": int(folds.sum()), "reason": "end to end: no method better on the first folds",
+                          "gain_db": gain}
+    choice, evidence = gate([labels[c] for c in full], _worst_relative(noise[full][:, folds], signal[folds]), baseline)
+    return choice, {**evidence, "reason": f"end to end: {evidence['reason']}", "gain_db": gain}
 
 
 def _fake_quant_copy(model: onnx.ModelProto, tensors: Sequence[str],
@@ -673,8 +694,7 @@ class AutoSelector:
             # The per-layer gate, as without the end-to-end score; its pick stands unless the held-out outputs say it is
             # worse than the baseline (the per-layer error undervalues clipping, whose error the next layers add up).
             layer, layer_evidence = self._per_layer_choice(labels, scored)
-            sqnr = evidence.get("sqnr", {})
-            if layer != self.baseline and sqnr.get(layer, math.inf) < sqnr.get(self.baseline, -math.inf):
+            if layer != self.baseline and evidence.get("gain_db", {}).get(layer, math.inf) < 0:
                 evidence = {**evidence, "reason": f"per-layer pick {layer} worse end to end", "per_layer": layer_evidence}
             elif layer != self.baseline or not evidence:
                 choice, evidence = layer, {**layer_evidence, **({"end_to_end": evidence} if evidence else {})}
@@ -683,7 +703,7 @@ class AutoSelector:
         logger.info("auto calibration: the model keeps %s (%s; %d calibration folds%s)", self.model_choice,
                     ev.get("reason", "no evidence"), self.folds,
                     f", {ev.get('best_other', self.model_choice)} t = {ev['t']:.2f}" if "t" in ev else
-                    "".join(f", {k} {v:.2f} dB" for k, v in ev.get("sqnr", {}).items()))
+                    "".join(f", {k} {v:+.2f} dB" for k, v in ev.get("gain_db", {}).items()))
 
     def _per_layer_choice(self, labels: list[str], scored: dict) -> tuple[str, dict]:
         """The gate on the per-layer errors summed over the model's tensors, confirmed on held-out errors."""
@@ -713,14 +733,18 @@ class AutoSelector:
                 if o.name in produced and o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
 
     def _end_to_end(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
-        """Held-out error at the model's outputs of each fixed method (``labels``): (noise [labels, folds, outputs],
-        signal [folds, outputs]), or None where it cannot run.
+        """Held-out error at the model's outputs of each fixed method (``labels``, the baseline among them):
+        (noise [labels, folds, outputs], NaN where a method was not run; signal [folds, outputs]), or None where it
+        cannot run.
 
         A copy of the float model gets Q/DQ on the tensors the placement asked for first (the weighted layers'
         inputs) and those layers' weights fake-quantized as insert-qdq quantizes them; its scales are inputs, so one
         session runs every method. Calibration batch *i* (of the first :data:`_E2E_BATCHES`) runs with the ranges
         each method finds on the folds other than *i* mod k, and is compared with the float outputs the statistics
         pass kept: a method that fits the batches it was found on and not the next pays for it, as on new data.
+        After the first :data:`_E2E_SCREEN` batches, a method with no less error than the baseline on them (on
+        average, worst output per batch) is not run further: it cannot pass the gate but by a rare fluke, and each
+        method run costs a pass of the model over the data.
         """
         from qdqsurgeon.calibration.collect import make_session
         from qdqsurgeon.quant import scale_from_amax
@@ -732,38 +756,49 @@ class AutoSelector:
             return None
         n = counts.pop()
         folds = self.folds
+        base = labels.index(self.baseline)
         try:
             copy, scale_names = _fake_quant_copy(self._runnable, tensors, self._fake_quant_weights(set(tensors)))
             # Without graph optimizations: with them, Q/DQ whose scales are inputs came out far from the Q/DQ arithmetic
             # (8 dB against 17.7 on EfficientNet-Lite0's calibration data). One thread: a second one mostly spins.
             session = make_session(copy, optimize=False, threads=1)
             feeds = [i.name for i in session.get_inputs() if i.name not in set(scale_names)]
-            found: dict = {}  # group -> [folds, labels] amax found without each fold
-            amax = np.zeros((len(tensors), folds, len(labels)))
-            for j, t in enumerate(tensors):
-                key = self._group_of.get(t, t)
-                if key not in found:
-                    group = self._scored(t)[0]
-                    found[key] = np.array([self._fold_candidates(group, labels, f) for f in range(folds)])
-                amax[j] = found[key]
-            scales = scale_from_amax(amax)
+            groups = [self._scored(t)[0] for t in tensors]
+            scales: dict[tuple[int, int], np.ndarray] = {}  # (fold, method) -> scale of each tensor, found without it
+
+            def fold_scales(f: int, methods: list[int]) -> None:
+                missing = [c for c in methods if (f, c) not in scales]
+                if missing:
+                    amax = np.array([self._fold_candidates(g, [labels[c] for c in missing], f) for g in groups])
+                    scales.update({(f, c): scale_from_amax(amax[:, k]) for k, c in enumerate(missing)})
+
             noise = np.zeros((len(labels), folds, len(outs)))
             signal = np.zeros((folds, len(outs)))
+            ran = np.zeros((len(labels), folds), dtype=bool)
+            alive = list(range(len(labels)))
             for i, batch in enumerate(self._data):
                 if i >= n:
                     break
                 f = i % folds
+                fold_scales(f, alive)
                 feed = {k: batch[k] for k in feeds}
                 want = [np.asarray(ref[o][i], dtype=np.float64) for o in outs]
                 signal[f] += [float(np.sum(r * r)) for r in want]
-                for c in range(len(labels)):
-                    got = session.run(outs, {**feed, **{s: np.asarray(scales[j, f, c]) for j, s in enumerate(scale_names)}})
+                for c in alive:
+                    got = session.run(outs, {**feed, **{s: np.asarray(v) for s, v in zip(scale_names, scales[f, c])}})
                     noise[c, f] += [float(np.sum(np.square(r - g, dtype=np.float64))) for r, g in zip(want, got)]
+                    ran[c, f] = True
+                if i + 1 == _E2E_SCREEN and folds > _E2E_SCREEN:
+                    rel = _worst_relative(noise[:, :_E2E_SCREEN], signal[:_E2E_SCREEN])
+                    alive = [c for c in alive if c == base or np.mean(rel[base] - rel[c]) > 0]
+                    if alive == [base]:
+                        break
         except Exception as exc:  # noqa: BLE001 - onnxruntime cannot run the copy: the per-layer score decides
             logger.debug("auto calibration: the end-to-end score could not run", exc_info=True)
             logger.info("auto calibration: no end-to-end score (%s)", str(exc).splitlines()[0][:160] if str(exc) else
                         type(exc).__name__)
             return None
+        noise[~ran] = np.nan
         return noise, signal
 
     def _is_float32(self, name: str) -> bool:
