@@ -54,10 +54,10 @@ each fixed method (it favoured wide ranges on the data it was fitted to), and as
 departures (on the five models where it ran it never vetoed one, openWakeWord's included, whose
 in-sample departures cost 1.2 dB on the evaluation data). Held out, the total end-to-end error alone
 (the method of highest held-out SQNR, without the gate) moved the PP-OCR classifier to max (+7.1 dB
-held out, from 3 of 8 folds), BlazeFace to max and openWakeWord to MSE, each 0.6-3.2 dB worse than the percentile on the
-evaluation data by jittered means: the gate over the folds is what keeps them. On EasyOCR, where max
-is best on the evaluation data, the held-out outputs do not favour it (33.3 dB against the percentile's
-33.1 and MSE's 34.3): the calibration crops hold no evidence for it.
+held out, from 3 of 8 folds), BlazeFace to max and openWakeWord to MSE, each 0.6-3.2 dB worse than
+the percentile on the evaluation data by jittered means: the gate over the folds is what keeps them.
+On EasyOCR, where max is best on the evaluation data, the held-out outputs do not favour it (33.3 dB
+against the percentile's 33.1 and MSE's 34.3): the calibration crops hold no evidence for it.
 Random choices use a fixed seed: the same data gives the same ranges.
 """
 
@@ -155,6 +155,8 @@ _E2E_BATCHES = 16
 _E2E_SCREEN = 3
 #: Larger graphs (calibrated in slices, :mod:`.collect`) are not scored end to end: the per-layer gate decides.
 _E2E_MAX_NODES = 4000
+
+
 def _worst_relative(noise: np.ndarray, signal: np.ndarray) -> np.ndarray:
     """[labels, folds]: each fold's relative error at its worst output (outputs without signal left out)."""
     live = signal.sum(axis=0) > 0
@@ -751,7 +753,11 @@ class AutoSelector:
 
         ref, outs = self._reference or {}, [o for o in self._outputs if (self._reference or {}).get(o)]
         counts = {len(ref[o]) for o in outs}
-        tensors = [t for t in dict.fromkeys(self._first_request or []) if t in self._pending and self._is_float32(t)]
+        tensors = [t for t in dict.fromkeys(self._first_request or []) if t in self._pending]
+        known = self._graph.tensors() if self._graph is not None else {}
+        # collected, so float; untyped (no shape inference on the analysis graph) taken as float32: a float16 tensor's
+        # Q/DQ then fails in onnxruntime, and the per-layer score decides
+        tensors = [t for t in tensors if t in known and (known[t].dtype is None or np.dtype(known[t].dtype) == np.float32)]
         if not outs or len(counts) != 1 or not tensors or self._data is None:
             return None
         n = counts.pop()
@@ -800,12 +806,6 @@ class AutoSelector:
             return None
         noise[~ran] = np.nan
         return noise, signal
-
-    def _is_float32(self, name: str) -> bool:
-        # collected, so float; untyped (no shape inference on the analysis graph) taken as float32: a float16
-        # tensor's Q/DQ then fails in onnxruntime and the per-layer score decides
-        t = self._graph.tensors().get(name) if self._graph is not None else None
-        return t is not None and (t.dtype is None or np.dtype(t.dtype) == np.float32)
 
     def _fake_quant_weights(self, quantized: set[str]) -> dict[str, np.ndarray]:
         """{initializer: fake-quantized value} of the weights of the weighted layers reading ``quantized`` tensors."""

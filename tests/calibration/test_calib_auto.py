@@ -481,7 +481,7 @@ def test_end_to_end_copy_scores_what_the_placement_gives(tmp_path):
     assert "gain_db" in sel.model_evidence  # chosen end to end
     fixed = qdqsurgeon.build_ranges(model, calib=tmp_path, preprocess=pre, method="percentile", progress=False)
     placed = qdqsurgeon.optimize(model, ranges=fixed, mode="ptq", config=Config(bias_correction=False)).model
-    tensors = [t for t in sel._first_request if sel._is_float32(t)]
+    tensors = list(sel._first_request)
     amax = fixed(tensors)
     copy, names = _fake_quant_copy(sel._runnable, tensors, sel._fake_quant_weights(set(tensors)))
 
