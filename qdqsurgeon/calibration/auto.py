@@ -165,13 +165,14 @@ def _worst_relative(noise: np.ndarray, signal: np.ndarray) -> np.ndarray:
     return (noise[:, :, live] / np.maximum(signal[:, live], 1e-30)).max(axis=2)
 
 
-def pick_end_to_end(labels: Sequence[str], noise: np.ndarray, signal: np.ndarray, baseline: str) -> tuple[str, dict]:
+def pick_end_to_end(labels: Sequence[str], noise: np.ndarray, signal: np.ndarray, screened: Sequence[str],
+                    baseline: str) -> tuple[str, dict]:
     """The model's fixed method from its held-out error at the outputs (:meth:`AutoSelector._end_to_end`: ``noise``
-    [labels, folds, outputs], NaN where a method was not run; ``signal`` [folds, outputs]): :func:`gate` on each
-    fold's worst-output relative error among the methods run on every fold the baseline ran on, so a method
-    replaces ``baseline`` only where it does better on the folds consistently. The evidence has each method's
-    held-out worst-output SQNR gain over the baseline on the folds it ran on (errors summed over them, as
-    ``benchmarks/accuracy.py`` scores evaluation data)."""
+    [labels, folds, outputs], NaN where a method was not run; ``signal`` [folds, outputs]; ``screened``: the methods
+    not run past the first batches): :func:`gate` on each fold's worst-output relative error of the others, on the
+    folds the baseline ran on, so a method replaces ``baseline`` only where it does better on the folds
+    consistently. The evidence has each method's held-out worst-output SQNR gain over the baseline on the folds it
+    ran on (errors summed over them, as ``benchmarks/accuracy.py`` scores evaluation data)."""
     from qdqsurgeon.check import sqnr_db
 
     labels = list(labels)
@@ -185,11 +186,12 @@ def pick_end_to_end(labels: Sequence[str], noise: np.ndarray, signal: np.ndarray
                     zip(signal[on].sum(axis=0)[live], noise[c][on].sum(axis=0)[live])), default=0.0)
 
     gain = {k: worst(c, done[c]) - worst(b, done[c]) for c, k in enumerate(labels) if c != b and done[c].any()}
-    full = [c for c in range(len(labels)) if done[c][folds].all()]
-    if full == [b]:
+    compared = [c for c, k in enumerate(labels) if k not in screened and done[c][folds].all()]
+    if compared == [b]:
         return baseline, {"folds": int(folds.sum()), "reason": "end to end: no method better on the first folds",
                           "gain_db": gain}
-    choice, evidence = gate([labels[c] for c in full], _worst_relative(noise[full][:, folds], signal[folds]), baseline)
+    errors = _worst_relative(noise[compared][:, folds], signal[folds])
+    choice, evidence = gate([labels[c] for c in compared], errors, baseline)
     return choice, {**evidence, "reason": f"end to end: {evidence['reason']}", "gain_db": gain}
 
 
@@ -734,10 +736,10 @@ class AutoSelector:
         return [o.name for o in self._runnable.graph.output
                 if o.name in produced and o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
 
-    def _end_to_end(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    def _end_to_end(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
         """Held-out error at the model's outputs of each fixed method (``labels``, the baseline among them):
-        (noise [labels, folds, outputs], NaN where a method was not run; signal [folds, outputs]), or None where it
-        cannot run.
+        (noise [labels, folds, outputs], NaN where a method was not run; signal [folds, outputs]; the methods
+        screened out), or None where it cannot run.
 
         A copy of the float model gets Q/DQ on the tensors the placement asked for first (the weighted layers'
         inputs) and those layers' weights fake-quantized as insert-qdq quantizes them; its scales are inputs, so one
@@ -805,7 +807,7 @@ class AutoSelector:
                         type(exc).__name__)
             return None
         noise[~ran] = np.nan
-        return noise, signal
+        return noise, signal, [labels[c] for c in range(len(labels)) if c not in alive]
 
     def _fake_quant_weights(self, quantized: set[str]) -> dict[str, np.ndarray]:
         """{initializer: fake-quantized value} of the weights of the weighted layers reading ``quantized`` tensors."""

@@ -395,7 +395,8 @@ def test_end_to_end_score_is_the_held_out_fake_quantized_model(monkeypatch):
     sel._first_request = ["r"]
     sel._collect(["r"], data, 2048, False)
     labels = ["max", sel.baseline]
-    noise, signal = sel._end_to_end(labels)
+    noise, signal, screened = sel._end_to_end(labels)
+    assert screened == []
     assert noise.shape == (2, 8, 1) and signal.shape == (8, 1)
     w = onnx.numpy_helper.to_array(model.graph.initializer[0])[:, :, 0, 0]
     wq = fake_quant(w, weight_scales(w, 0), 0)
@@ -424,26 +425,27 @@ def test_end_to_end_pick_is_gated_on_the_worst_output():
     noise = np.stack([1e-3 * (1 + 0.2 * rng.random((8, 2))) for _ in labels])
     noise[:, :, 1] *= 0.1  # output 0 is the worst for every method
     noise[0, :, 1] *= 0.5  # max better on output 1 only: the worst output is the same, no departure
-    assert pick_end_to_end(labels, noise, signal, "percentile 99.99")[0] == "percentile 99.99"
+    assert pick_end_to_end(labels, noise, signal, [], "percentile 99.99")[0] == "percentile 99.99"
     moved = noise.copy()
     moved[2, :, 0] = 0.7 * noise[1, :, 0]  # mse 1.5 dB better on the worst output, on every fold: the model moves
-    got, why = pick_end_to_end(labels, moved, signal, "percentile 99.99")
+    got, why = pick_end_to_end(labels, moved, signal, [], "percentile 99.99")
     assert got == "mse" and why["reason"] == "end to end: consistent gain"
     assert why["gain_db"]["mse"] == pytest.approx(1.55, abs=0.01)
     lucky = noise.copy()
     lucky[2, 3, 0] = 0.0  # a large gain on one fold only: more held-out SQNR in total, not consistently
-    got, why = pick_end_to_end(labels, lucky, signal, "percentile 99.99")
+    got, why = pick_end_to_end(labels, lucky, signal, [], "percentile 99.99")
     assert why["gain_db"]["mse"] > 0 and got == "percentile 99.99"
     # screened: max and mse worse on the first three folds, not run further; the baseline stopped there too
     screened = noise.copy()
     screened[[0, 2]] = 2.0 * noise[1]
     screened[:, 3:] = np.nan
-    got, why = pick_end_to_end(labels, screened, signal, "percentile 99.99")
-    assert got == "percentile 99.99" and why["folds"] == 3 and why["gain_db"]["mse"] == pytest.approx(-3.01, abs=0.01)
+    got, why = pick_end_to_end(labels, screened, signal, ["max", "mse"], "percentile 99.99")
+    assert got == "percentile 99.99" and why["folds"] == 3 and why["reason"] == "end to end: no method better on the first folds"
+    assert why["gain_db"]["mse"] == pytest.approx(-3.01, abs=0.01)
     # one method screened out, one run on: the gate compares the baseline with the survivor on every fold
     partly = moved.copy()
     partly[0, 3:] = np.nan
-    got, why = pick_end_to_end(labels, partly, signal, "percentile 99.99")
+    got, why = pick_end_to_end(labels, partly, signal, ["max"], "percentile 99.99")
     assert got == "mse" and why["folds"] == 8
 
 
