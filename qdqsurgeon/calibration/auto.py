@@ -806,6 +806,8 @@ class AutoSelector:
             logger.info("auto calibration: no end-to-end score (%s)", str(exc).splitlines()[0][:160] if str(exc) else
                         type(exc).__name__)
             return None
+        if not ran[base].any():  # data that cannot be read twice (a generator): nothing to score
+            return None
         noise[~ran] = np.nan
         return noise, signal, [labels[c] for c in range(len(labels)) if c not in alive]
 

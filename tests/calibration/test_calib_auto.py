@@ -504,3 +504,11 @@ def test_end_to_end_copy_scores_what_the_placement_gives(tmp_path):
 
     copied = worst_sqnr(copy, {n: np.asarray(scale_from_amax(amax[t])) for n, t in zip(names, tensors)})
     assert copied == pytest.approx(worst_sqnr(placed, {}), abs=1.0)
+
+
+def test_data_read_once_is_scored_per_layer():
+    # A generator cannot be run again for the end-to-end score: the per-layer gate decides, as before.
+    sel = AutoSelector(_conv_reader_model(0.0))
+    data = _outlier_data()
+    got = sel.select(["r"], (d for d in data), progress=False)
+    assert "gain_db" not in sel.model_evidence and got["r"] > 0
