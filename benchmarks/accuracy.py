@@ -153,7 +153,8 @@ def run_baseline(tool: str, src: Path, calib: Path, work: Path, modelopt_python:
 
 def run_method(model: Any, calib: Path, method: str, info: dict[str, Any] | None = None) -> tuple[Any, float]:
     """(optimized model, calibration seconds) for one method; ``M@k=v+k=v`` is method M with those Config fields.
-    ``info`` gets the calibration CPU seconds (``cpu_s``) and bias correction's change-log verdict (``verdict``)."""
+    ``info`` gets the calibration CPU seconds (``cpu_s``), bias correction's change-log verdict (``verdict``) and, for
+    ``auto``, the fixed method the model keeps and why (``model_method``)."""
     import qdqsurgeon
     from qdqsurgeon.api import prepare_opset
     from qdqsurgeon.config import Config
@@ -171,6 +172,9 @@ def run_method(model: Any, calib: Path, method: str, info: dict[str, Any] | None
         info["cpu_s"] = ranges.cpu_seconds + timing.cpu_seconds
         notes = [c.detail for c in res.changes if c.pass_name == "bias-correction" and c.kind == "note"]
         info["verdict"] = notes[0] if notes else None
+        selector = getattr(ranges.inner, "_auto", None)  # auto's AutoSelector, once it has chosen
+        info["model_method"] = (f"{selector.model_choice} ({selector.model_evidence.get('reason', 'no evidence')})"
+                                if selector is not None and selector.model_choice else None)
     return res.model, ranges.seconds + (bias.seconds if bias is not None else 0.0)
 
 
@@ -228,7 +232,7 @@ def evaluate(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, metho
     ref = run_outputs(src, data.eval)
     model = qdqsurgeon.load(str(src))
     row: dict[str, Any] = {"model": m.name if m else PPOCR_CLS[0], "data": data.description, "sqnr": {}, "cosine": {},
-                           "calib_s": {}, "calib_cpu_s": {}, "verdict": {}}
+                           "calib_s": {}, "calib_cpu_s": {}, "verdict": {}, "model_method": {}}
     for method in methods:
         try:
             if method in BASELINES:
@@ -239,6 +243,7 @@ def evaluate(m: zd.ZooModel | None, shared: Path, cache: Path, work: Path, metho
                 info: dict[str, Any] = {}
                 out, seconds = run_method(model, calib, method, info)
                 row["calib_cpu_s"][method], row["verdict"][method] = info["cpu_s"], info["verdict"]
+                row["model_method"][method] = info["model_method"]
                 path = work / f"{method}.onnx"
                 onnx.save(out, str(path))
         except Exception as exc:  # a failing method is a cell, not the end of the run
@@ -437,18 +442,20 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             cells = ", ".join(f"{m} {fmt(row['sqnr'].get(m))} dB/{fmt(row['calib_s'].get(m))} s "
                               f"({fmt(row['calib_cpu_s'].get(m))} s CPU"
-                              + (f"; bias correction {row['verdict'][m].split(':')[0]}" if row['verdict'].get(m) else "") + ")"
+                              + (f"; bias correction {row['verdict'][m].split(':')[0]}" if row['verdict'].get(m) else "")
+                              + (f"; keeps {row['model_method'][m]}" if row['model_method'].get(m) else "") + ")"
                               for m in methods)
             print(f"{name}: {cells} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2, default=str))
     print(summarize(rows, methods))
     if "auto" in methods and "percentile" in methods:
-        ratios = [r["calib_s"]["auto"] / r["calib_s"]["percentile"] for r in rows
-                  if r["calib_s"].get("auto") and r["calib_s"].get("percentile")]
-        if ratios:
-            print(f"\ncalibration time auto / percentile (the old default): max {max(ratios):.2f}x, "
-                  f"median {sorted(ratios)[len(ratios) // 2]:.2f}x over {len(ratios)} models")
+        for kind, key in (("time", "calib_s"), ("CPU time", "calib_cpu_s")):
+            ratios = [r[key]["auto"] / r[key]["percentile"] for r in rows
+                      if r[key].get("auto") and r[key].get("percentile")]
+            if ratios:
+                print(f"\ncalibration {kind} auto / percentile (the default): max {max(ratios):.2f}x, "
+                      f"median {sorted(ratios)[len(ratios) // 2]:.2f}x over {len(ratios)} models")
     for r in rows:
         for method, err in r.get("errors", {}).items():
             print(f"- {r['model']} {method}: {err}")

@@ -26,25 +26,38 @@ scores candidate ranges where the error lands:
 5. **The gate.** With a few calibration samples most differences between candidates are noise, so
    the errors are kept per fold (calibration batch *i* in fold *i* mod 8) and a candidate replaces the
    baseline only when it has less error *consistently*: a paired one-sided t-test over the folds at
-   1 % (:func:`gate`). First for the model as a whole: the errors of every tensor summed per fold pick
-   the fixed method the model keeps (the configured percentile unless another method passes). Then per
-   tensor or group, against that method. Each departure, proposed on the errors of candidates found on
-   all the data, is kept only if the gate also passes on held-out errors: each fold scored with the
-   candidates found on the other folds (a range that fits the data it was found on, and not the next
-   batch, pays for it there). A tensor kept at the model's method gets exactly that fixed method's
-   range (tied groups: each member its own, as align-scales expects), so with no consistent evidence
-   anywhere ``auto`` gives the ranges of ``--method percentile``.
+   1 % (:func:`gate`). First for the model as a whole, end to end (:meth:`AutoSelector._end_to_end`):
+   a copy of the float model with Q/DQ on the tensors the placement asks for first (the weighted
+   layers' inputs) and those layers' weights fake-quantized runs every calibration batch once per
+   fixed method (max, the configured percentile, MSE, entropy), with the ranges that method finds on
+   the *other* folds, and each fold's worst-output error against the float outputs goes through the
+   gate (:func:`pick_end_to_end`): that picks the fixed method the model keeps (the configured
+   percentile unless another passes). Where none passes (or the copy cannot run: bfloat16, over
+   :data:`_E2E_MAX_NODES` nodes, onnxruntime refuses it), the gate on the per-layer errors summed over
+   the model's tensors, confirmed on held-out errors, may still move it, unless the held-out outputs
+   put its pick below the baseline (the per-layer error undervalues clipping, a coherent error the next
+   layers add up). Then per tensor or group, against the model's method. Each departure, proposed on
+   the errors of candidates found on all the data, is kept only if the gate also passes on held-out
+   errors: each fold scored with the candidates found on the other folds (a range that fits the data
+   it was found on, and not the next batch, pays for it there). A tensor kept at the model's method
+   gets exactly that fixed method's range (tied groups: each member its own, as align-scales expects),
+   so with no consistent evidence anywhere ``auto`` gives the ranges of ``--method percentile``.
 
 The first request also collects the tensors the later placement passes ask for (Add inputs,
 pooling/pointwise inputs), so their ranges are chosen without another pass over the data.
 Tried before the gate and dropped: choosing on one half of the batches and scoring on the other
 (two folds of four samples), and choosing the candidate of least error outright (ResNet-18, YOLOv8n,
 the PP-OCR classifier, BlazeFace, openWakeWord and EasyOCR lost 0.4-8.5 dB against the best fixed
-method in one run: the choices followed noise). An end-to-end check (a copy of the float model with Q/DQ on the weighted
-layers' inputs and fake-quantized weights, run on the calibration batches) was tried twice: to choose
-among the per-tensor choice and each fixed method (it favoured wide ranges on the data it was fitted
-to), and as a veto on the gate's departures (on the five models where it ran it never vetoed one,
-openWakeWord's included, whose in-sample departures cost 1.2 dB on the evaluation data).
+method in one run: the choices followed noise). An end-to-end check on the calibration batches with
+the ranges found on all of them (in sample) was tried twice: to choose among the per-tensor choice and
+each fixed method (it favoured wide ranges on the data it was fitted to), and as a veto on the gate's
+departures (on the five models where it ran it never vetoed one, openWakeWord's included, whose
+in-sample departures cost 1.2 dB on the evaluation data). Held out, the total end-to-end error alone
+(the method of highest held-out SQNR, without the gate) moved the PP-OCR classifier to max (+7.1 dB
+held out, from 3 of 8 folds), BlazeFace to max and openWakeWord to MSE, each 0.6-3.2 dB worse than
+the percentile on the evaluation data by jittered means: the gate over the folds is what keeps them.
+On EasyOCR, where max is best on the evaluation data, the held-out outputs do not favour it (33.3 dB
+against the percentile's 33.1 and MSE's 34.3): the calibration crops hold no evidence for it.
 Random choices use a fixed seed: the same data gives the same ranges.
 """
 
@@ -68,7 +81,7 @@ from qdqsurgeon.calibration.methods import (
     hist_sq_error,
 )
 
-__all__ = ["AutoSelector", "AUTO_PERCENTILES", "candidate_ranges", "gate", "layer_error"]
+__all__ = ["AutoSelector", "AUTO_PERCENTILES", "candidate_ranges", "gate", "layer_error", "pick_end_to_end"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +147,90 @@ def gate(labels: Sequence[str], errors: np.ndarray, baseline: str) -> tuple[str,
     i = min(passing, key=lambda j: (errors[j].sum(), j))
     gain = float(mean[i] * folds / max(errors[b].sum(), 1e-30))
     return labels[i], {"folds": folds, "reason": "consistent gain", "t": float(t[i]), "relative_gain": gain}
+
+
+#: At most this many calibration batches are run end to end per fixed method (the first ones, in their folds).
+_E2E_BATCHES = 16
+#: The methods that do no better than the baseline on this many first batches are not run end to end on the rest.
+_E2E_SCREEN = 3
+#: Larger graphs (calibrated in slices, :mod:`.collect`) are not scored end to end: the per-layer gate decides.
+_E2E_MAX_NODES = 4000
+
+
+def _worst_relative(noise: np.ndarray, signal: np.ndarray) -> np.ndarray:
+    """[labels, folds]: each fold's relative error at its worst output (outputs without signal left out)."""
+    live = signal.sum(axis=0) > 0
+    if not live.any():
+        return noise[:, :, 0]
+    return (noise[:, :, live] / np.maximum(signal[:, live], 1e-30)).max(axis=2)
+
+
+def pick_end_to_end(labels: Sequence[str], noise: np.ndarray, signal: np.ndarray, screened: Sequence[str],
+                    baseline: str) -> tuple[str, dict]:
+    """The model's fixed method from its held-out error at the outputs (:meth:`AutoSelector._end_to_end`: ``noise``
+    [labels, folds, outputs], NaN where a method was not run; ``signal`` [folds, outputs]; ``screened``: the methods
+    not run past the first batches): :func:`gate` on each fold's worst-output relative error of the others, on the
+    folds the baseline ran on, so a method replaces ``baseline`` only where it does better on the folds
+    consistently. The evidence has each method's held-out worst-output SQNR gain over the baseline on the folds it
+    ran on (errors summed over them, as ``benchmarks/accuracy.py`` scores evaluation data)."""
+    from qdqsurgeon.check import sqnr_db
+
+    labels = list(labels)
+    b = labels.index(baseline)
+    done = ~np.isnan(noise[:, :, 0])
+    folds = done[b]
+    live = signal[folds].sum(axis=0) > 0
+
+    def worst(c: int, on: np.ndarray) -> float:
+        return min((sqnr_db(float(s), float(e)) for s, e in
+                    zip(signal[on].sum(axis=0)[live], noise[c][on].sum(axis=0)[live])), default=0.0)
+
+    gain = {k: worst(c, done[c]) - worst(b, done[c]) for c, k in enumerate(labels) if c != b and done[c].any()}
+    compared = [c for c, k in enumerate(labels) if k not in screened and done[c][folds].all()]
+    if compared == [b]:
+        return baseline, {"folds": int(folds.sum()), "reason": "end to end: no method better on the first folds",
+                          "gain_db": gain}
+    errors = _worst_relative(noise[compared][:, folds], signal[folds])
+    choice, evidence = gate([labels[c] for c in compared], errors, baseline)
+    return choice, {**evidence, "reason": f"end to end: {evidence['reason']}", "gain_db": gain}
+
+
+def _fake_quant_copy(model: onnx.ModelProto, tensors: Sequence[str],
+                     weights: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` with QuantizeLinear/DequantizeLinear (int8, symmetric) on ``tensors``, their scales graph
+    inputs (returned, in order), and the initializers in ``weights`` replaced by those values."""
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for init in g.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    zero = "__auto_e2e_zero_point"
+    g.initializer.append(numpy_helper.from_array(np.zeros((), np.int8), zero))
+    scales = {t: f"__auto_e2e_scale_{i}" for i, t in enumerate(tensors)}
+    renamed = {t: f"{t}__auto_e2e_dq" for t in tensors}
+
+    def pair(t: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("QuantizeLinear", [t, scales[t], zero], [f"{t}__auto_e2e_q"]),
+                helper.make_node("DequantizeLinear", [f"{t}__auto_e2e_q", scales[t], zero], [renamed[t]])]
+
+    produced = {o for n in g.node for o in n.output}
+    nodes = [n for t in tensors if t not in produced for n in pair(t)]  # graph inputs first
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name in renamed:
+                node.input[k] = renamed[name]
+        nodes.append(node)
+        nodes += [n for o in node.output if o in scales for n in pair(o)]
+    new = [onnx.NodeProto() for _ in nodes]
+    for a, b in zip(new, nodes):
+        a.CopyFrom(b)
+    del g.node[:]
+    g.node.extend(new)
+    g.input.extend(helper.make_tensor_value_info(scales[t], onnx.TensorProto.FLOAT, []) for t in tensors)
+    return out, [scales[t] for t in tensors]
 
 
 def _check_finite(stats: TensorStats, graph_input: bool) -> None:
@@ -417,6 +514,12 @@ class AutoSelector:
         self.model_evidence: dict = {}
         self._scores: dict = {}
         self._held: dict = {}
+        self._fold_found: dict[tuple[str, int], dict[str, float]] = {}  # (tensor, fold) -> candidates found without it
+        self._first_request: list[str] | None = None  # the tensors the placement quantizes for sure (weighted inputs)
+        self._data = None
+        self._reference: dict[str, list[np.ndarray]] | None = None  # float outputs per calibration batch
+        self._outputs: list[str] = []
+        self._runnable: onnx.ModelProto = model
         self.convtranspose_axis = convtranspose_axis
         try:
             graph = import_model(model)
@@ -472,6 +575,8 @@ class AutoSelector:
         """
         todo = [n for n in dict.fromkeys(tensors) if n not in self.decided]
         fresh = [n for n in todo if n not in self._pending]
+        if self._first_request is None:
+            self._first_request = list(todo)
         if fresh:
             wanted = list(fresh)
             if not self._prefetched:
@@ -520,8 +625,17 @@ class AutoSelector:
         fold_stats = {m: [TensorStats(m, histogram=True, num_bins=num_bins) for _ in range(folds)]
                       for m in wanted if folds > 1}
         seen = dict.fromkeys(fold_stats, 0)
+        reference = None
+        if self._reference is None and folds >= MIN_FOLDS:  # the first pass keeps them for the end-to-end score
+            self._data = data
+            reference = self._reference = {}
+            self._outputs = self._runnable_outputs()
 
         def observe(name: str, value: np.ndarray) -> None:
+            if reference is not None and name in self._outputs:
+                kept = reference.setdefault(name, [])
+                if len(kept) < _E2E_BATCHES:
+                    kept.append(np.asarray(value))
             for r in readers.get(name, ()):
                 r.observe(value, batch_rng, max(1, math.ceil(r.rows_wanted / max(1, n_batches))), folds)
             if name in fold_stats:
@@ -531,7 +645,7 @@ class AutoSelector:
         # The per-fold histograms are the data: a tensor's whole histogram is their merge (exact, and the
         # same as one accumulated in one go: bin widths are powers of two), so none is computed twice.
         stats = collect_stats(self.model, wanted, data, histogram=True, num_bins=num_bins, progress=progress,
-                              observe=observe, accumulate=not fold_stats)
+                              observe=observe, accumulate=not fold_stats, outputs=reference is not None)
         for name, st in list(stats.items()):
             parts = fold_stats.get(name)
             if parts is not None and st.count == 0:  # initializers are read whole, not per batch
@@ -565,28 +679,160 @@ class AutoSelector:
     def _first_choice(self) -> None:
         """The fixed method the model's tensors keep without evidence of their own, from every tensor collected.
 
-        Each tensor's evidence alone is weak with a few folds; summed over the model's tensors it is not:
-        the fixed method the model keeps is chosen by the same gate on the summed per-layer errors, proposed on
-        the errors of candidates found on all the data and confirmed on held-out errors (:meth:`_held_out`).
+        First end to end where that can run (:meth:`_end_to_end`): each fixed method's ranges, found on the other
+        folds, put on the placement's first request in a fake-quantized copy of the model, scored by the
+        worst-output error on each held-out fold, and the gate over the folds decides (:func:`pick_end_to_end`).
+        Where no method passes there (or the copy cannot run), the gate on the per-layer errors summed over the
+        model's tensors, proposed on the errors of candidates found on all the data and confirmed on held-out errors
+        (:meth:`_per_layer_choice`); its pick stands unless the held-out outputs put it below the baseline.
         """
         pend = self._pending
         firsts = {self._group_of.get(n, n): n for n in reversed(list(pend)) if n not in self.decided}
         scored = {n: self._scored(n) for n in firsts.values()}
         labels = max((sc[2] for sc in scored.values()), key=len, default=[self.baseline])
         full = [sc for sc in scored.values() if sc[2] == labels]
-        total = sum((sc[4] for sc in full), np.zeros((len(labels), self.folds)))
-        self.model_choice, self.model_evidence = gate(labels, total, self.baseline) if full else (self.baseline, {})
-        if self.model_choice != self.baseline:  # confirmed held out, or not at all
-            pair = [self.baseline, self.model_choice]
-            held = sum((self._held_out(n, pair) for n, sc in scored.items() if sc[2] == labels),
-                       np.zeros((2, self.folds)))
-            choice, evidence = gate(pair, held, self.baseline)
-            self.model_evidence = {**evidence, "in_sample": self.model_evidence}
-            self.model_choice = choice
+        fixed = [k for k in ("max", self.baseline, "mse", "entropy") if k in labels]
+        e2e = self._end_to_end(fixed) if full and self.folds >= MIN_FOLDS and self.baseline in fixed else None
+        choice, evidence = pick_end_to_end(fixed, *e2e, self.baseline) if e2e is not None else (self.baseline, {})
+        if choice == self.baseline and full:
+            # The per-layer gate, as without the end-to-end score; its pick stands unless the held-out outputs say it is
+            # worse than the baseline (the per-layer error undervalues clipping, whose error the next layers add up).
+            layer, layer_evidence = self._per_layer_choice(labels, scored)
+            if layer != self.baseline and evidence.get("gain_db", {}).get(layer, math.inf) < 0:
+                evidence = {**evidence, "reason": f"per-layer pick {layer} worse end to end", "per_layer": layer_evidence}
+            elif layer != self.baseline or not evidence:
+                choice, evidence = layer, {**layer_evidence, **({"end_to_end": evidence} if evidence else {})}
+        self.model_choice, self.model_evidence = choice, evidence
         ev = self.model_evidence
         logger.info("auto calibration: the model keeps %s (%s; %d calibration folds%s)", self.model_choice,
                     ev.get("reason", "no evidence"), self.folds,
-                    f", {ev.get('best_other', self.model_choice)} t = {ev['t']:.2f}" if "t" in ev else "")
+                    f", {ev.get('best_other', self.model_choice)} t = {ev['t']:.2f}" if "t" in ev else
+                    "".join(f", {k} {v:+.2f} dB" for k, v in ev.get("gain_db", {}).items()))
+
+    def _per_layer_choice(self, labels: list[str], scored: dict) -> tuple[str, dict]:
+        """The gate on the per-layer errors summed over the model's tensors, confirmed on held-out errors."""
+        full = [sc for sc in scored.values() if sc[2] == labels]
+        total = sum((sc[4] for sc in full), np.zeros((len(labels), self.folds)))
+        choice, evidence = gate(labels, total, self.baseline)
+        if choice == self.baseline:
+            return choice, evidence
+        pair = [self.baseline, choice]
+        held = sum((self._held_out(n, pair) for n, sc in scored.items() if sc[2] == labels), np.zeros((2, self.folds)))
+        confirmed, held_evidence = gate(pair, held, self.baseline)
+        return confirmed, {**held_evidence, "in_sample": evidence}
+
+    def _runnable_outputs(self) -> list[str]:
+        """The float outputs of the model onnxruntime runs in calibration (constant Ifs inlined, cut at plugins)."""
+        from qdqsurgeon.calibration.collect import cut_at_plugins, has_bfloat16, inline_constant_ifs
+
+        if self._graph is None or has_bfloat16(self.model) or len(self.model.graph.node) > _E2E_MAX_NODES:
+            return []
+        try:
+            self._runnable = cut_at_plugins(inline_constant_ifs(self.model))[0]
+        except Exception as exc:  # noqa: BLE001 - no end-to-end score, the per-layer one decides
+            logger.debug("auto calibration: no end-to-end score (%s)", exc)
+            return []
+        produced = {o for n in self._runnable.graph.node for o in n.output}
+        return [o.name for o in self._runnable.graph.output
+                if o.name in produced and o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+
+    def _end_to_end(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+        """Held-out error at the model's outputs of each fixed method (``labels``, the baseline among them):
+        (noise [labels, folds, outputs], NaN where a method was not run; signal [folds, outputs]; the methods
+        screened out), or None where it cannot run.
+
+        A copy of the float model gets Q/DQ on the tensors the placement asked for first (the weighted layers'
+        inputs) and those layers' weights fake-quantized as insert-qdq quantizes them; its scales are inputs, so one
+        session runs every method. Calibration batch *i* (of the first :data:`_E2E_BATCHES`) runs with the ranges
+        each method finds on the folds other than *i* mod k, and is compared with the float outputs the statistics
+        pass kept: a method that fits the batches it was found on and not the next pays for it, as on new data.
+        After the first :data:`_E2E_SCREEN` batches, a method with no less error than the baseline on them (on
+        average, worst output per batch) is not run further: it cannot pass the gate but by a rare fluke, and each
+        method run costs a pass of the model over the data.
+        """
+        from qdqsurgeon.calibration.collect import make_session
+        from qdqsurgeon.quant import scale_from_amax
+
+        ref, outs = self._reference or {}, [o for o in self._outputs if (self._reference or {}).get(o)]
+        counts = {len(ref[o]) for o in outs}
+        tensors = [t for t in dict.fromkeys(self._first_request or []) if t in self._pending]
+        known = self._graph.tensors() if self._graph is not None else {}
+        # collected, so float; untyped (no shape inference on the analysis graph) taken as float32: a float16 tensor's
+        # Q/DQ then fails in onnxruntime, and the per-layer score decides
+        tensors = [t for t in tensors if t in known and (known[t].dtype is None or np.dtype(known[t].dtype) == np.float32)]
+        if not outs or len(counts) != 1 or not tensors or self._data is None:
+            return None
+        n = counts.pop()
+        folds = self.folds
+        base = labels.index(self.baseline)
+        try:
+            copy, scale_names = _fake_quant_copy(self._runnable, tensors, self._fake_quant_weights(set(tensors)))
+            # Without graph optimizations: with them, Q/DQ whose scales are inputs came out far from the Q/DQ arithmetic
+            # (8 dB against 17.7 on EfficientNet-Lite0's calibration data). One thread: a second one mostly spins.
+            session = make_session(copy, optimize=False, threads=1)
+            feeds = [i.name for i in session.get_inputs() if i.name not in set(scale_names)]
+            groups = [self._scored(t)[0] for t in tensors]
+            scales: dict[tuple[int, int], np.ndarray] = {}  # (fold, method) -> scale of each tensor, found without it
+
+            def fold_scales(f: int, methods: list[int]) -> None:
+                missing = [c for c in methods if (f, c) not in scales]
+                if missing:
+                    amax = np.array([self._fold_candidates(g, [labels[c] for c in missing], f) for g in groups])
+                    scales.update({(f, c): scale_from_amax(amax[:, k]) for k, c in enumerate(missing)})
+
+            noise = np.zeros((len(labels), folds, len(outs)))
+            signal = np.zeros((folds, len(outs)))
+            ran = np.zeros((len(labels), folds), dtype=bool)
+            alive = list(range(len(labels)))
+            for i, batch in enumerate(self._data):
+                if i >= n:
+                    break
+                f = i % folds
+                fold_scales(f, alive)
+                feed = {k: batch[k] for k in feeds}
+                want = [np.asarray(ref[o][i], dtype=np.float64) for o in outs]
+                signal[f] += [float(np.sum(r * r)) for r in want]
+                for c in alive:
+                    got = session.run(outs, {**feed, **{s: np.asarray(v) for s, v in zip(scale_names, scales[f, c])}})
+                    noise[c, f] += [float(np.sum(np.square(r - g, dtype=np.float64))) for r, g in zip(want, got)]
+                    ran[c, f] = True
+                if i + 1 == _E2E_SCREEN and folds > _E2E_SCREEN:
+                    rel = _worst_relative(noise[:, :_E2E_SCREEN], signal[:_E2E_SCREEN])
+                    alive = [c for c in alive if c == base or np.mean(rel[base] - rel[c]) > 0]
+                    if alive == [base]:
+                        break
+        except Exception as exc:  # noqa: BLE001 - onnxruntime cannot run the copy: the per-layer score decides
+            logger.debug("auto calibration: the end-to-end score could not run", exc_info=True)
+            logger.info("auto calibration: no end-to-end score (%s)", str(exc).splitlines()[0][:160] if str(exc) else
+                        type(exc).__name__)
+            return None
+        if not ran[base].any():  # data that cannot be read twice (a generator): nothing to score
+            return None
+        noise[~ran] = np.nan
+        return noise, signal, [labels[c] for c in range(len(labels)) if c not in alive]
+
+    def _fake_quant_weights(self, quantized: set[str]) -> dict[str, np.ndarray]:
+        """{initializer: fake-quantized value} of the weights of the weighted layers reading ``quantized`` tensors."""
+        import onnx_graphsurgeon as gs
+
+        from qdqsurgeon.graph import activation_input_index, weight_input_index
+        from qdqsurgeon.trt_rules import is_weighted, weight_axis
+
+        inits = {t.name for t in self._runnable.graph.initializer}
+        out: dict[str, np.ndarray] = {}
+        clash: set[str] = set()
+        for node in self._graph.nodes if self._graph is not None else ():
+            if not is_weighted(node) or node.inputs[activation_input_index(node)].name not in quantized:
+                continue
+            widx = weight_input_index(node)
+            w = node.inputs[widx] if widx is not None else None
+            if not isinstance(w, gs.Constant) or w.name not in inits or np.dtype(w.values.dtype) != np.float32:
+                continue
+            wq = _fake_quant_weight(np.asarray(w.values), weight_axis(node, convtranspose_axis=self.convtranspose_axis))
+            if w.name in out and not np.array_equal(out[w.name], wq):
+                clash.add(w.name)  # shared by layers quantized on different axes: left float
+            out[w.name] = wq.astype(np.float32)
+        return {k: v for k, v in out.items() if k not in clash}
 
     def _pick(self, name: str, base: str) -> tuple[str, dict]:
         """``name``'s candidate: proposed by the gate on the per-fold errors of candidates found on all the data,
@@ -643,17 +889,24 @@ class AutoSelector:
         return err
 
     def _fold_candidates(self, group: list[str], labels: list[str], fold: int) -> list[float]:
-        """The group's candidates (``labels``) found on every fold but ``fold``."""
+        """The group's candidates (``labels``) found on every fold but ``fold``. Each member's are remembered: the
+        end-to-end score and the held-out checks of departures ask for the same ones (the MSE and KL searches cost
+        the most)."""
         own = {}
         for m in group:
+            found = own[m] = self._fold_found.setdefault((m, fold), {})
+            missing = [k for k in labels if k not in found]
+            if not missing:
+                continue
             p = self._pending[m]
             rest = [st for g, st in enumerate(p.folds or []) if g != fold and st.width > 0]
             merged = rest[0] if rest else p.stats
             for st in rest[1:]:
                 merged = merged.merged(st)
-            own[m] = candidate_ranges(merged, only=labels, extra=(self.percentile,))
-        return [max(own[m].get(k, own[m]["max"] if "max" in own[m] else amax_max(self._pending[m].stats))
-                    for m in group) for k in labels]
+            got = candidate_ranges(merged, only=missing, extra=(self.percentile,))
+            for k in missing:  # a dead tensor has one candidate, its max
+                found[k] = got[k] if k in got else got.get("max", amax_max(p.stats))
+        return [max(own[m][k] for m in group) for k in labels]
 
     def _held_out(self, name: str, labels: list[str]) -> np.ndarray:
         """The errors of ``labels`` [len(labels), folds] as :meth:`_scored`'s, but each fold scored with the

@@ -151,8 +151,8 @@ def test_consistent_winner_is_chosen_on_real_data():
     sel = AutoSelector(_conv_reader_model(0.0))
     got = sel.select(["r"], data, progress=False)
     assert sel.chosen["r"] != sel.baseline
-    # the model's only tensor: the evidence that moves the model's method is this tensor's
-    assert sel.model_choice == sel.chosen["r"] and sel.model_evidence["reason"] == "consistent gain"
+    # the model's only tensor: end to end (the model's output is that layer's) the model's method moves too
+    assert sel.model_choice != sel.baseline and sel.model_evidence["reason"].startswith("end to end")
     assert got["r"] < calibrate(_conv_reader_model(0.0), ["r"], data, "percentile", progress=False)["r"]
 
 
@@ -171,13 +171,13 @@ def _three_readers_model() -> onnx.ModelProto:
 
 
 def test_model_method_moves_on_summed_evidence():
-    # Every tensor prefers a narrower range on every fold: the model's method moves (confirmed held out) and the
+    # Every tensor prefers a narrower range on every fold: the model's method moves (end to end, held out) and the
     # tensors keep it, each at its own value, as that fixed method would give.
     data = [{f"x{i}": d["x"] * (i + 1) for i in range(3)} for d in _outlier_data()]
     model = _three_readers_model()
     sel = AutoSelector(model)
     got = sel.select(["r0", "r1", "r2"], data, progress=False)
-    assert sel.model_choice != sel.baseline and "in_sample" in sel.model_evidence
+    assert sel.model_choice != sel.baseline and sel.model_evidence["gain_db"][sel.model_choice] > 0
     assert all(sel.chosen[t] == sel.model_choice or sel.evidence[t]["reason"] == "consistent gain" for t in got)
     method = sel.model_choice.split()[0]
     if method in ("mse", "entropy", "max"):
@@ -381,3 +381,134 @@ def test_conv_rows_are_im2col_patches():
         expected.append(xp[b, :, yi * 2:yi * 2 + 3, xi:xi + 5:2].ravel())
     assert rows.shape == (1, 50, 27)
     np.testing.assert_array_equal(rows[0], np.array(expected))
+
+
+def test_end_to_end_score_is_the_held_out_fake_quantized_model(monkeypatch):
+    # The model's method is scored by running a fake-quantized copy: each calibration batch with the ranges found on
+    # the other folds, against the float outputs. Recomputed here in numpy for max: Relu -> Conv(1x1) is an einsum.
+    from qdqsurgeon.calibration import auto
+    from qdqsurgeon.quant import fake_quant, scale_from_amax, weight_scales
+
+    monkeypatch.setattr(auto, "_E2E_SCREEN", 8)  # every method on every fold
+    model, data = _conv_reader_model(3.0), _outlier_data()
+    sel = AutoSelector(model)
+    sel._first_request = ["r"]
+    sel._collect(["r"], data, 2048, False)
+    labels = ["max", sel.baseline]
+    noise, signal, screened = sel._end_to_end(labels)
+    assert screened == []
+    assert noise.shape == (2, 8, 1) and signal.shape == (8, 1)
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0])[:, :, 0, 0]
+    wq = fake_quant(w, weight_scales(w, 0), 0)
+    for f, d in enumerate(data):
+        r = np.maximum(d["x"], 0)
+        amax = max(float(np.maximum(o["x"], 0).max()) for i, o in enumerate(data) if i != f)
+        s = scale_from_amax(amax)
+        got = np.einsum("oc,nchw->nohw", wq, np.clip(np.rint(r / s), -128, 127) * s)
+        ref = np.einsum("oc,nchw->nohw", w, r)
+        assert signal[f, 0] == pytest.approx(float(np.sum(ref.astype(np.float64) ** 2)), rel=1e-4)
+        assert noise[0, f, 0] == pytest.approx(float(np.sum((got - ref).astype(np.float64) ** 2)), rel=1e-3)
+    # the model's method is the end-to-end pick, and a tensor kept at it gets that fixed method's range
+    sel = AutoSelector(model)
+    sel.select(["r"], data, progress=False)
+    assert "gain_db" in sel.model_evidence and sel.model_evidence["reason"].startswith("end to end")
+    if sel.chosen["r"] == sel.model_choice and sel.model_choice == "max":
+        assert sel.decided["r"] == pytest.approx(max(float(np.maximum(d["x"], 0).max()) for d in data))
+
+
+def test_end_to_end_pick_is_gated_on_the_worst_output():
+    from qdqsurgeon.calibration.auto import pick_end_to_end
+
+    labels = ["max", "percentile 99.99", "mse"]
+    rng = np.random.default_rng(13)
+    signal = np.ones((8, 2))
+    noise = np.stack([1e-3 * (1 + 0.2 * rng.random((8, 2))) for _ in labels])
+    noise[:, :, 1] *= 0.1  # output 0 is the worst for every method
+    noise[0, :, 1] *= 0.5  # max better on output 1 only: the worst output is the same, no departure
+    assert pick_end_to_end(labels, noise, signal, [], "percentile 99.99")[0] == "percentile 99.99"
+    moved = noise.copy()
+    moved[2, :, 0] = 0.7 * noise[1, :, 0]  # mse 1.5 dB better on the worst output, on every fold: the model moves
+    got, why = pick_end_to_end(labels, moved, signal, [], "percentile 99.99")
+    assert got == "mse" and why["reason"] == "end to end: consistent gain"
+    assert why["gain_db"]["mse"] == pytest.approx(1.55, abs=0.01)
+    lucky = noise.copy()
+    lucky[2, 3, 0] = 0.0  # a large gain on one fold only: more held-out SQNR in total, not consistently
+    got, why = pick_end_to_end(labels, lucky, signal, [], "percentile 99.99")
+    assert why["gain_db"]["mse"] > 0 and got == "percentile 99.99"
+    # screened: max and mse worse on the first three folds, not run further; the baseline stopped there too
+    screened = noise.copy()
+    screened[[0, 2]] = 2.0 * noise[1]
+    screened[:, 3:] = np.nan
+    got, why = pick_end_to_end(labels, screened, signal, ["max", "mse"], "percentile 99.99")
+    assert got == "percentile 99.99" and why["folds"] == 3 and why["reason"] == "end to end: no method better on the first folds"
+    assert why["gain_db"]["mse"] == pytest.approx(-3.01, abs=0.01)
+    # one method screened out, one run on: the gate compares the baseline with the survivor on every fold
+    partly = moved.copy()
+    partly[0, 3:] = np.nan
+    got, why = pick_end_to_end(labels, partly, signal, ["max"], "percentile 99.99")
+    assert got == "mse" and why["folds"] == 8
+
+
+def test_end_to_end_falls_back_to_the_per_layer_gate():
+    # A bfloat16-free model whose copy cannot be scored (no float output kept): the per-layer gate decides, as before.
+    sel = AutoSelector(_conv_reader_model(0.0))
+    sel._runnable_outputs = lambda: []  # noqa: E731 - what a model over _E2E_MAX_NODES or with bfloat16 gets
+    sel.select(["r"], _outlier_data(), progress=False)
+    assert "gain_db" not in sel.model_evidence and sel.model_evidence["reason"] == "consistent gain"
+
+
+@pytest.mark.slow
+def test_end_to_end_copy_scores_what_the_placement_gives(tmp_path):
+    # The copy the model's method is chosen on (Q/DQ on the first request, weights fake-quantized, scales fed) must
+    # score a method as the placed model does: ResNet-18 with the percentile ranges, on the calibration photos.
+    import onnxruntime as ort
+
+    import qdqsurgeon
+    from qdqsurgeon.calibration.auto import _fake_quant_copy
+    from qdqsurgeon.check import sqnr_db
+    from qdqsurgeon.config import Config
+    from qdqsurgeon.quant import scale_from_amax
+
+    from tests.helpers import FP32, MODELS, need_shared
+
+    need_shared()
+    photos = sorted(p for p in (MODELS / "images").iterdir() if p.suffix.lower() in (".jpg", ".png"))[:8]
+    for p in photos:
+        (tmp_path / p.name).symlink_to(p)
+    pre = "size=32,scale=1/255,mean=0.5/0.5/0.5,std=0.5/0.5/0.5"
+    model = qdqsurgeon.load(FP32 / "resnet18_cifar10.onnx", opset=13)
+    auto_ranges = qdqsurgeon.build_ranges(model, calib=tmp_path, preprocess=pre, method="auto", progress=False)
+    qdqsurgeon.optimize(model, ranges=auto_ranges, mode="ptq")
+    sel = auto_ranges._auto
+    assert "gain_db" in sel.model_evidence  # chosen end to end
+    fixed = qdqsurgeon.build_ranges(model, calib=tmp_path, preprocess=pre, method="percentile", progress=False)
+    placed = qdqsurgeon.optimize(model, ranges=fixed, mode="ptq", config=Config(bias_correction=False)).model
+    tensors = list(sel._first_request)
+    amax = fixed(tensors)
+    copy, names = _fake_quant_copy(sel._runnable, tensors, sel._fake_quant_weights(set(tensors)))
+
+    def worst_sqnr(m: onnx.ModelProto, extra: dict) -> float:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        s = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = list(sel._reference)
+        feeds = [i.name for i in s.get_inputs() if i.name not in extra]
+        sig, err = np.zeros(len(outs)), np.zeros(len(outs))
+        for i, batch in enumerate(sel._data):
+            got = s.run(outs, {**{k: batch[k] for k in feeds}, **extra})
+            for j, o in enumerate(outs):
+                r = sel._reference[o][i].astype(np.float64)
+                sig[j] += np.sum(r * r)
+                err[j] += np.sum((r - got[j]) ** 2)
+        return min(sqnr_db(a, b) for a, b in zip(sig, err))
+
+    copied = worst_sqnr(copy, {n: np.asarray(scale_from_amax(amax[t])) for n, t in zip(names, tensors)})
+    assert copied == pytest.approx(worst_sqnr(placed, {}), abs=1.0)
+
+
+def test_data_read_once_is_scored_per_layer():
+    # A generator cannot be run again for the end-to-end score: the per-layer gate decides, as before.
+    sel = AutoSelector(_conv_reader_model(0.0))
+    data = _outlier_data()
+    got = sel.select(["r"], (d for d in data), progress=False)
+    assert "gain_db" not in sel.model_evidence and got["r"] > 0
