@@ -115,12 +115,13 @@ class AlignScales(Pass):
         # A quantized Concat output wants every input quantized (P4); insert first, so the new
         # pairs are unified with the rest of their group below.
         self._fill_concat_inputs(graph, rw)
-        groups = [(g, qs) for g in tied_groups(graph) if (qs := [n for t in g for n in t.outputs if is_q(n)])
-                  and all(_plain_int8(q) for q in qs)]
-        # One request for every part, so calibration runs once for the pass, not once per group. The
-        # fix path keeps the model's own scales (calibration there only fills missing pairs; ranges
+        # The fix path keeps the model's own scales (calibration there only fills missing pairs; ranges
         # calibrated on the Q/DQ model would move its scales on every run).
         parts = _mixture_parts(graph) if ctx.config.align == "max" and ctx.pipeline != "fix" else set()
+        # A group with one Q and no Concat/Split part has nothing to align (most groups of a plain CNN).
+        groups = [(g, qs) for g in tied_groups(graph) if (qs := [n for t in g for n in t.outputs if is_q(n)])
+                  and (len(qs) > 1 or any(id(t) in parts for t in g)) and all(_plain_int8(q) for q in qs)]
+        # One request for every part, so calibration runs once for the pass, not once per group.
         amax = ctx.amax([t.name for g, _ in groups for t in g if id(t) in parts])
         for group, qs in groups:
             scales = [_scale(q) for q in qs]
