@@ -21,8 +21,7 @@ from .errors import ModelError, UsageError
 
 __all__ = ["load", "save", "same_file", "check_readable", "check_output_path", "is_large", "check_opset", "PROTOBUF_LIMIT",
            "MIN_PER_CHANNEL_OPSET", "KNOWN_DOMAINS", "PLUGIN_DOMAINS", "is_plugin_domain", "heavy", "HEAVY_PAYLOAD",
-           "without_weight_bytes", "raw_nbytes", "tensor_payload", "check_model", "copy_fields", "types_complete",
-           "infer_missing_shapes"]
+           "without_weight_bytes", "raw_nbytes", "tensor_payload", "check_model", "copy_fields"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,51 +222,6 @@ def heavy(model: onnx.ModelProto, payload: int | None = None) -> bool:
     """Whether the model's in-memory tensors exceed :data:`HEAVY_PAYLOAD` (256 MB): copies of it must be avoided.
     ``payload``: :func:`tensor_payload` of ``model``, when the caller has it."""
     return (tensor_payload(model) if payload is None else payload) > HEAVY_PAYLOAD
-
-
-_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-_STATIC: dict[bytes, bool] = {}  # by a TypeProto's bytes: a model has few distinct types
-
-
-def _static(tp: onnx.TypeProto) -> bool:
-    key = tp.SerializeToString()
-    found = _STATIC.get(key)
-    if found is None:
-        tt = tp.tensor_type if tp.HasField("tensor_type") else None
-        found = (tt is not None and bool(tt.elem_type) and tt.HasField("shape")
-                 and all(d.HasField("dim_value") for d in tt.shape.dim))
-        if len(_STATIC) < 16384:
-            _STATIC[key] = found
-    return found
-
-
-def types_complete(model: onnx.ModelProto) -> bool:
-    """Whether every input, output and node output of ``model`` (a graph without subgraphs or functions)
-    is declared with an element type and a static shape.
-
-    ONNX's shape inference (not strict) keeps a declared type as it is and only fills in what is
-    missing, so on such a model it returns the same types: a model this tool loaded or exported
-    (``tests/test_scale.py`` checks that on every shared model). On a 100k-node graph inference
-    took about 4 s, and it ran up to four times per optimize.
-    """
-    g = model.graph
-    if model.functions or g.sparse_initializer:
-        return False
-    declared = set()
-    for vi in (*g.input, *g.output, *g.value_info):
-        if not _static(vi.type):
-            return False
-        declared.add(vi.name)
-    return all(o in declared for n in g.node for o in n.output if o) and not any(
-        a.type in _GRAPH_ATTRS for n in g.node for a in n.attribute)
-
-
-def infer_missing_shapes(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes(model, **kwargs)`` (not strict), or ``model`` itself when
-    :func:`types_complete` says inference would add nothing."""
-    if kwargs.get("strict_mode") or not types_complete(model):
-        return shape_inference.infer_shapes(model, **kwargs)
-    return model
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
@@ -531,6 +485,8 @@ def _convert_opset(model: onnx.ModelProto, target: int, where: str) -> onnx.Mode
 
 
 def _infer_shapes(model: onnx.ModelProto, where: str, payload: int | None = None) -> onnx.ModelProto:
+    from .graph import types_complete  # (graph imports this module)
+
     if types_complete(model):
         return model
     payload = tensor_payload(model) if payload is None else payload

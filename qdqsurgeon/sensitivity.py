@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from .errors import DataError, ModelError, UsageError
-from .io import infer_missing_shapes
+from .graph import infer_missing_shapes
 
 __all__ = ["QuantGroup", "GroupResult", "SensitivityReport", "find_groups", "switch_model", "analyze", "check_ray",
            "render_html"]

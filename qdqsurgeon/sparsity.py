@@ -49,7 +49,7 @@ from .graph import (
     qparams,
     weight_input_index,
 )
-from .io import infer_missing_shapes
+from .graph import infer_missing_shapes
 from .quant import _bshape, dequantize
 from .trt_rules import weight_axis
 

@@ -283,8 +283,8 @@ def test_shape_inference_adds_nothing_to_a_model_with_complete_types():
     """``types_complete`` lets the analysis, calibration and load skip ONNX shape inference: on every
     shared model as loaded, and on its PTQ export, inference must then return the very same types."""
     import qdqsurgeon
-    from qdqsurgeon.graph import export_model
-    from qdqsurgeon.io import load, types_complete
+    from qdqsurgeon.graph import export_model, types_complete
+    from qdqsurgeon.io import load
 
     need_shared()
     checked = 0

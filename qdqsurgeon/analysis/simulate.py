@@ -15,8 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import trt_rules as R
-from ..io import heavy, types_complete, without_weight_bytes
-from ..graph import _all_tensors, _flat_model, const_value, dtype_name, export_graph, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph, value_info_type
+from ..io import heavy, without_weight_bytes
+from ..graph import _all_tensors, _flat_model, const_value, dtype_name, export_graph, import_graph, is_constant, is_dq, is_q, new_variable, producer, qparams, qparams_key, toposort_graph, types_complete, value_info_type
 from ..qdq import agreed_dq_sources, agreed_q_readers, cancels, duplicates
 from ..rewriter import Rewriter
 

@@ -35,7 +35,8 @@ from qdqsurgeon.calibration.methods import (
 )
 from qdqsurgeon.background import can_fork
 from qdqsurgeon.errors import DataError, ModelError, QdqError, UsageError
-from qdqsurgeon.io import copy_fields, heavy, is_plugin_domain, raw_nbytes, tensor_payload, types_complete, without_weight_bytes
+from qdqsurgeon.io import copy_fields, heavy, is_plugin_domain, raw_nbytes, tensor_payload, without_weight_bytes
+from qdqsurgeon.graph import types_complete
 
 __all__ = [
     "tensor_elem_types",

@@ -80,8 +80,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
-from ..graph import DQ_OP, Q_OP, export_model, opset_version, producer
-from ..io import infer_missing_shapes
+from ..graph import DQ_OP, Q_OP, export_model, infer_missing_shapes, opset_version, producer
 from ..rewriter import Rewriter
 from .base import Pass, PassContext
 
