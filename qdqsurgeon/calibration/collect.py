@@ -181,10 +181,9 @@ def _too_big(model: onnx.ModelProto, limit: int | None = None, payload: int | No
 def _inferred_types(model: onnx.ModelProto, payload: int | None = None) -> dict[str, onnx.TypeProto]:
     """Type (with shape where known) of every tensor after shape inference (``payload``: the model's
     :func:`tensor_payload`, when the caller has it)."""
-    payload = tensor_payload(model) if payload is None else payload
     if types_complete(model):  # inference would add nothing
         inferred = model
-    elif _too_big(model, payload=payload):
+    elif _too_big(model, payload=(payload := tensor_payload(model) if payload is None else payload)):
         # The in-memory API serializes the model; big ones go through a file with external data.
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = _write_external(model, Path(tmp), data=False), Path(tmp) / "inferred.onnx"
